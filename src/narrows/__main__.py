@@ -1,0 +1,3 @@
+from narrows.cli import run
+
+run()

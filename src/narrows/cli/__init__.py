@@ -1,0 +1,32 @@
+"""``narrows``: the command line. Parses, calls the API, prints, exits.
+
+User mistakes print ``error: <what> — <fix>`` on one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code instead of exiting (for tests and embedding)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from the CLI
+    from narrows.cli.app import UsageError, parse
+    from narrows.errors import UserError
+
+    try:
+        command, cfg = parse(argv)
+        return command.run(cfg)
+    except (UserError, UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted — rerun the same command to resume where it stopped", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Options every command has, and setting up the process from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from narrows.config import non_negative, option
+
+if TYPE_CHECKING:
+    import torch
+
+    from narrows.runs import RunDir
+    from narrows.runtime import Distributed
+
+COMMON = "common options"
+
+
+@dataclass
+class CommonOptions:
+    """Mixed into every command's config (dataclass inheritance)."""
+
+    out: str | None = option(None, "output directory (re-running on it resumes) "
+                             "[default: runs/COMMAND/...]", metavar="DIR", affects_result=False,
+                             group=COMMON)
+    overwrite: bool = option(False, "start afresh in --out even if it holds a run made with "
+                             "other options", affects_result=False, group=COMMON)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", affects_result=False,
+                         group=COMMON)
+    threads: int = option(0, "torch CPU threads; 0 = the cores available, split among torchrun "
+                          "processes", affects_result=False, check=non_negative, group=COMMON)
+    seed: int = option(0, "random seed: data order, augmentation, initialisation", group=COMMON)
+    progress: bool = option(True, "show progress bars", affects_result=False, group=COMMON)
+
+
+@dataclass
+class Session:
+    """What a command runs with."""
+
+    device: torch.device
+    dist: Distributed
+    threads: int
+
+
+def start(cfg: CommonOptions) -> Session:
+    """Pick the device, join torchrun's process group if any, set threads and the base seed."""
+    from narrows.runtime import init_distributed, resolve_device, seed_everything, set_threads
+
+    device = resolve_device(cfg.device)
+    dist = init_distributed(device)
+    threads = set_threads(cfg.threads, dist.local_world_size)
+    seed_everything(cfg.seed)
+    return Session(device=device, dist=dist, threads=threads)
+
+
+def open_run(cfg: Any, command: str, default: Path, session: Session) -> RunDir:
+    """Open ``cfg.out`` (or ``default``) for ``command``.
+
+    Under torchrun, rank 0 checks and writes; its verdict is broadcast so every rank either
+    proceeds or fails with the same message (no rank is left waiting at a barrier).
+    """
+    from narrows import config as cfgmod
+    from narrows.errors import UserError
+    from narrows.runs import RunDir
+
+    out = Path(cfg.out) if cfg.out else default
+
+    def open_() -> RunDir:
+        return RunDir.open(out, command, cfgmod.to_dict(cfg), cfgmod.result_fields(cfg),
+                           overwrite=cfg.overwrite)
+
+    if not session.dist.enabled:
+        return open_()
+    import torch.distributed as tdist
+
+    verdict: list[Any] = [None]
+    if session.dist.is_main:
+        try:
+            open_()
+        except UserError as exc:
+            verdict[0] = (exc.what, exc.fix)
+    tdist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise UserError(*verdict[0])
+    return RunDir(out, writer=session.dist.is_main)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)

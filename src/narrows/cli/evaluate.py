@@ -1,0 +1,80 @@
+"""``narrows evaluate``: top-1/top-5 of a checkpoint on a data set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from narrows.cli.app import Command, register
+from narrows.cli.common import CommonOptions, open_run, start
+from narrows.cli.train import DATA_HELP
+from narrows.config import non_negative, option, positive
+
+
+@dataclass
+class EvaluateConfig(CommonOptions):
+    checkpoint: str | None = option(None, "weights to evaluate (.pt/.pth/.safetensors); a "
+                                    "narrows checkpoint rebuilds its own model", metavar="FILE")
+    data: str | None = option(None, DATA_HELP + " [default: the data the checkpoint was "
+                              "trained on]", short="-d")
+    model: str | None = option(None, "architecture, for checkpoints not written by narrows",
+                               short="-m")
+    split: Literal["test", "train"] = option("test", "which split to evaluate")
+    image_size: int | None = option(None, "served image size for imagenet:/folder: data",
+                                    check=positive)
+    batch_size: int = option(256, "images per batch", check=positive, affects_result=False)
+    workers: int = option(0, "data-loading worker processes", check=non_negative,
+                          affects_result=False)
+
+
+def execute(cfg: EvaluateConfig) -> int:
+    from narrows.data import load
+    from narrows.errors import UserError
+    from narrows.models import load_model
+    from narrows.runs import default_out
+    from narrows.training import Normalizer, evaluate
+
+    if not cfg.checkpoint:
+        raise UserError("narrows evaluate needs --checkpoint", "pass --checkpoint FILE")
+    session = start(cfg)
+    loaded = load_model(cfg.checkpoint, name=cfg.model)
+    card = loaded.card
+    spec = cfg.data or (card.data_spec if card else None)
+    if not spec:
+        raise UserError(f"{cfg.checkpoint} does not say which data it was trained on",
+                        "pass --data SPEC")
+    data = load(spec, image_size=cfg.image_size)
+    classes = getattr(loaded.model, "num_classes", data.info.num_classes)
+    if classes != data.info.num_classes:
+        raise UserError(f"{cfg.checkpoint} predicts {classes} classes but {spec} has "
+                        f"{data.info.num_classes}", "evaluate on the data set it was trained for")
+    mean, std = (card.mean, card.std) if card else (data.info.mean, data.info.std)
+    name = Path(cfg.checkpoint).parent.name + "-" + Path(cfg.checkpoint).stem
+    run = open_run(cfg, "evaluate", default_out("evaluate", name, spec, cfg.split), session)
+    dataset = data.split(cfg.split)
+    result = evaluate(loaded.model.to(session.device), dataset, Normalizer(mean, std),
+                      session.device, batch_size=cfg.batch_size, workers=cfg.workers,
+                      dist=session.dist, progress=cfg.progress and session.dist.is_main)
+    record = {"checkpoint": str(cfg.checkpoint), "data": spec, "split": cfg.split,
+              **result.to_dict()}
+    run.write_json("results.json", record)
+    if session.dist.is_main:
+        print(f"{cfg.checkpoint} on {spec} ({cfg.split}, {result.n} images): "
+              f"top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
+              f"loss {result.loss:.4f} → {run.file('results.json')}")
+    return 0
+
+
+register(Command(
+    words=("evaluate",),
+    summary="top-1/top-5 accuracy of a checkpoint on a data set",
+    description="Evaluate a checkpoint. A checkpoint written by narrows carries its model card "
+    "(architecture, classes, normalisation, data), so --checkpoint alone is enough; for other "
+    "checkpoints give --model and --data. Prints and saves results.json.",
+    config=EvaluateConfig,
+    target="narrows.cli.evaluate:execute",
+    epilog="examples:\n  narrows evaluate --checkpoint runs/quickstart/train/best.pt\n"
+    "  narrows evaluate --checkpoint resnet20-12fca82f.th --model resnet20_cifar "
+    "--data cifar10:data",
+))

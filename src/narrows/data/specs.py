@@ -1,0 +1,62 @@
+"""Parsing data spec strings and dispatching to the loader of each kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from narrows.data.base import DataBundle
+from narrows.errors import UserError
+
+SPEC_HELP = (
+    "digits | shapes[:classes=4,size=64,train=2000,test=500,seed=0] | cifar10:PATH | "
+    "cifar100:PATH | imagenet:PATH | folder:PATH"
+)
+KINDS = ("digits", "shapes", "cifar10", "cifar100", "imagenet", "folder")
+NEEDS_PATH = ("cifar10", "cifar100", "imagenet", "folder")
+
+
+@dataclass(frozen=True)
+class ParsedSpec:
+    kind: str
+    argument: str  # a path, or "k=v,..." options, or "" for none
+
+
+def parse_spec(spec: str) -> ParsedSpec:
+    """Split ``kind:argument``; an unknown kind or a missing path is a :class:`UserError`."""
+    kind, _, argument = spec.strip().partition(":")
+    kind = kind.lower()
+    if kind not in KINDS:
+        raise UserError(f"unknown data spec '{spec}'", f"use one of: {SPEC_HELP}")
+    if kind in NEEDS_PATH and not argument:
+        raise UserError(f"data spec '{spec}' needs a path", f"write it as {kind}:PATH")
+    if kind == "digits" and argument:
+        raise UserError(f"data spec '{spec}' takes no argument", "write it as: digits")
+    return ParsedSpec(kind, argument)
+
+
+def load(spec: str, *, download: bool = False, image_size: int | None = None) -> DataBundle:
+    """Load the data set named by ``spec``.
+
+    ``image_size`` overrides the served size of file-backed data sets (ImageNet, folders);
+    ``download`` lets CIFAR fetch its archive when it is missing and the network allows it.
+    """
+    parsed = parse_spec(spec)
+    if parsed.kind == "digits":
+        from narrows.data.digits import load_digits_bundle
+
+        return load_digits_bundle(spec)
+    if parsed.kind == "shapes":
+        from narrows.data.shapes import load_shapes_bundle
+
+        return load_shapes_bundle(spec, parsed.argument)
+    if parsed.kind in ("cifar10", "cifar100"):
+        from narrows.data.cifar import load_cifar_bundle
+
+        return load_cifar_bundle(spec, parsed.kind, parsed.argument, download=download)
+    if parsed.kind == "imagenet":
+        from narrows.data.imagenet import load_imagenet_bundle
+
+        return load_imagenet_bundle(spec, parsed.argument, image_size=image_size)
+    from narrows.data.imagenet import load_folder_bundle
+
+    return load_folder_bundle(spec, parsed.argument, image_size=image_size)

@@ -1,0 +1,36 @@
+"""Models: narrows' CIFAR architectures (registered with timm), cards and checkpoints.
+
+Importing this package registers ``resnet{20,32,44,56,110}_cifar`` and ``alexnet_cifar`` with
+timm, so ``timm.create_model("resnet20_cifar")`` works afterwards.
+
+* :func:`create` builds any timm model by name, optionally with strictly loaded weights.
+* :func:`load_model` rebuilds a model from a checkpoint (from its :class:`ModelCard` when it has one).
+* :func:`save_model` writes weights and card (``.pt`` or ``.safetensors``), atomically.
+* :func:`read_checkpoint` and :func:`load_state_dict_strict` are the lower-level pieces.
+* :func:`list_models` lists model names, narrows' own first.
+"""
+
+from narrows.models.card import ModelCard
+from narrows.models.checkpoints import Checkpoint, read_checkpoint, save_model
+from narrows.models.cifar_alexnet import CifarAlexNet
+from narrows.models.cifar_resnet import CifarResNet
+from narrows.models.factory import LoadedModel, create, infer_sizes, load_model
+from narrows.models.registry import NARROWS_MODELS, check_name, list_models
+from narrows.models.strict import load_state_dict_strict
+
+__all__ = [
+    "NARROWS_MODELS",
+    "Checkpoint",
+    "CifarAlexNet",
+    "CifarResNet",
+    "LoadedModel",
+    "ModelCard",
+    "check_name",
+    "create",
+    "infer_sizes",
+    "list_models",
+    "load_model",
+    "load_state_dict_strict",
+    "read_checkpoint",
+    "save_model",
+]

@@ -1,0 +1,195 @@
+"""The CIFAR ResNets of He et al. (2016) with the parameter-free "option A" shortcut.
+
+Module names follow the widely shared akamaster checkpoints (``conv1, bn1,
+layer{1,2,3}.{i}.{conv1,bn1,conv2,bn2,shortcut}, linear``), so their state dicts load strictly
+once the ``module.`` prefix is stripped. ``fc`` is an alias of ``linear`` that adds no keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models import generate_default_cfgs, register_model
+from torch import nn
+
+from narrows.models.cifar_common import check_int, cifar_cfg, entry_kwargs, instance_cfg
+
+DEPTHS = (20, 32, 44, 56, 110)
+WIDTHS = (16, 32, 64)
+_BASE_CFG = cifar_cfg(first_conv="conv1", classifier="linear", pool_size=(8, 8))
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: take every second pixel, then zero-pad channels equally on both sides.
+
+    It has no parameters. Going from ``in_planes`` to ``planes = 2 * in_planes`` channels it pads
+    ``planes // 4`` zero channels before and after the input's channels.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        if planes != in_planes + 2 * (planes // 4):
+            raise ValueError(f"option-A shortcut cannot map {in_planes} to {planes} channels")
+        self.stride = stride
+        self.pad = planes // 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad, self.pad))
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, pad={self.pad}"
+
+
+class BasicBlock(nn.Module):
+    """conv3×3 → BN → ReLU → conv3×3 → BN, plus the shortcut, then ReLU."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module
+        if stride != 1 or in_planes != planes:
+            self.shortcut = PadShortcut(in_planes, planes, stride)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-``depth`` for small images (``depth = 6n + 2``) with timm's model interface.
+
+    ``forward_features`` returns the last block's output after its ReLU (``B×64×H/4×W/4``);
+    ``forward_head`` average-pools it and applies ``linear``. ``num_classes=0`` gives no head.
+    ``drop_rate`` adds dropout before ``linear`` (0 by default, as upstream; it has no weights).
+    """
+
+    def __init__(
+        self,
+        depth: int = 20,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        blocks = (depth - 2) // 6
+        self.depth = depth
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.num_features = self.head_hidden_size = WIDTHS[-1]
+
+        self.conv1 = nn.Conv2d(in_chans, WIDTHS[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(WIDTHS[0])
+        in_planes = WIDTHS[0]
+        stages = []
+        for index, planes in enumerate(WIDTHS):
+            layers = []
+            for b in range(blocks):
+                stride = 2 if index > 0 and b == 0 else 1
+                layers.append(BasicBlock(in_planes, planes, stride))
+                in_planes = planes
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.head_drop = nn.Dropout(drop_rate)
+        self.linear: nn.Module = self._make_head(num_classes)
+        self.apply(_kaiming_init)
+        self.pretrained_cfg = self.default_cfg = instance_cfg(
+            _BASE_CFG,
+            architecture=f"resnet{depth}_cifar",
+            num_classes=num_classes,
+            in_chans=in_chans,
+        )
+
+    # ``fc`` is a view of ``linear``: reading or assigning it uses ``linear``; no extra state keys.
+    @property
+    def fc(self) -> nn.Module:
+        return self.linear
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__("linear" if name == "fc" else name, value)
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        return self.linear
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head by a freshly initialised one (``global_pool`` must be avg or None)."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"CIFAR ResNet only pools by average, got global_pool={global_pool!r}")
+        self.num_classes = num_classes
+        self.linear = self._make_head(num_classes)
+        self.linear.apply(_kaiming_init)
+        self.pretrained_cfg = self.default_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(x.mean(dim=(2, 3)))
+        return x if pre_logits else self.linear(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _kaiming_init(module: nn.Module) -> None:
+    """Kaiming-normal (fan_in, ReLU gain) on conv and linear weights; biases keep their default."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight)
+
+
+default_cfgs = generate_default_cfgs({f"resnet{d}_cifar": dict(_BASE_CFG) for d in DEPTHS})
+
+_ACCEPTED = ("num_classes", "in_chans", "drop_rate")
+
+
+def _create(depth: int, pretrained: bool, kwargs: dict[str, Any]) -> CifarResNet:
+    name = f"resnet{depth}_cifar"
+    args = entry_kwargs(name, pretrained, kwargs, _ACCEPTED)
+    num_classes = check_int(name, "num_classes", args.get("num_classes", 10), 0)
+    in_chans = check_int(name, "in_chans", args.get("in_chans", 3), 1)
+    return CifarResNet(depth, num_classes, in_chans, float(args.get("drop_rate", 0.0)))
+
+
+@register_model
+def resnet20_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-20 for CIFAR (option A), 269,722 parameters with 10 classes."""
+    return _create(20, pretrained, kwargs)
+
+
+@register_model
+def resnet32_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-32 for CIFAR (option A), 464,154 parameters with 10 classes."""
+    return _create(32, pretrained, kwargs)
+
+
+@register_model
+def resnet44_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-44 for CIFAR (option A), 658,586 parameters with 10 classes."""
+    return _create(44, pretrained, kwargs)
+
+
+@register_model
+def resnet56_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-56 for CIFAR (option A), 853,018 parameters with 10 classes."""
+    return _create(56, pretrained, kwargs)
+
+
+@register_model
+def resnet110_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-110 for CIFAR (option A), 1,727,962 parameters with 10 classes."""
+    return _create(110, pretrained, kwargs)

@@ -1,0 +1,41 @@
+"""Figures shared by commands. matplotlib is imported here only, on first use, headless."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def pyplot():
+    """matplotlib's pyplot with the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(rows: Sequence[dict[str, Any]], ax: Any = None):
+    """Loss (left) and top-1 accuracy (right) per epoch; returns ``(fig, axes)``."""
+    plt = pyplot()
+    if ax is None:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    else:
+        axes = ax
+        fig = axes[0].figure
+    epochs = [r["epoch"] for r in rows]
+    axes[0].plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
+    axes[0].plot(epochs, [r["test_loss"] for r in rows], marker="o", label="test")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("cross-entropy")
+    axes[0].legend()
+    axes[1].plot(epochs, [100 * r["train_top1"] for r in rows], marker="o", label="train")
+    axes[1].plot(epochs, [100 * r["test_top1"] for r in rows], marker="o", label="test")
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("top-1 accuracy (%)")
+    axes[1].legend()
+    for a in axes:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig, axes

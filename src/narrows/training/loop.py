@@ -1,0 +1,300 @@
+"""The one supervised training loop: checkpoint every epoch, exact resume, torchrun-aware.
+
+Exact resume: every epoch draws its data order, augmentations and dropout from RNGs seeded
+by ``(seed, epoch, rank)`` and the learning rate is a pure function of progress, so the state
+at an epoch boundary (weights, optimizer buffers, epoch) is all that must be saved. A run
+killed at any point and restarted ends with the same weights as an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from narrows.data.base import DataBundle
+from narrows.errors import UserError
+from narrows.runs.run import RunDir
+from narrows.runtime import Distributed, derive_seed
+from narrows.training.batches import Normalizer
+from narrows.training.evaluate import EvalResult, evaluate
+from narrows.training.settings import TrainSettings, learning_rate
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+LAST, BEST = "last.pt", "best.pt"
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or already finished) run reports."""
+
+    epochs: int
+    resumed_from: int
+    best_top1: float
+    final: EvalResult | None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    last_checkpoint: str | None = None
+    best_checkpoint: str | None = None
+
+
+def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
+    def loss_fn(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor):
+        logits = model(inputs)
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
+
+    return loss_fn
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """SGD (Nesterov off) or AdamW; weight decay is not applied to biases and norm weights."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": settings.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr)
+    raise UserError(f"unknown optimizer '{settings.optimizer}'", "use sgd or adamw")
+
+
+def epoch_loader(
+    dataset: Dataset, settings: TrainSettings, epoch: int, dist: Distributed, pin: bool
+) -> DataLoader:
+    """The shuffled loader of one epoch; its order depends only on (seed, epoch)."""
+    if dist.enabled:
+        sampler: Any = DistributedSampler(
+            dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=settings.seed
+        )
+        sampler.set_epoch(epoch)
+        per_rank = len(sampler)
+    else:
+        generator = torch.Generator().manual_seed(derive_seed(settings.seed, epoch))
+        sampler = RandomSampler(dataset, generator=generator)
+        per_rank = len(dataset)
+    # BatchNorm cannot train on a last batch of one image: drop it in that case only.
+    drop_last = per_rank % settings.batch_size == 1
+    loader_gen = torch.Generator().manual_seed(derive_seed(settings.seed, epoch, dist.rank, 1))
+    return DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        sampler=sampler,
+        num_workers=settings.workers,
+        drop_last=drop_last,
+        pin_memory=pin,
+        generator=loader_gen,
+        persistent_workers=False,
+    )
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    settings: TrainSettings,
+    epoch: int,
+    normalizer: Normalizer,
+    device: torch.device,
+    loss_fn: LossFn,
+    *,
+    progress: bool = False,
+) -> EpochStats:
+    """One pass over ``loader``; the learning rate follows the schedule every step."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    steps = max(len(loader), 1)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{settings.epochs}", leave=False, disable=not progress)
+    for step, (images, labels) in enumerate(bar):
+        lr = learning_rate(settings, epoch + step / steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs = normalizer(images.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
+        loss, logits = loss_fn(model, inputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = labels.shape[0]
+        loss_sum += loss.detach().double() * n
+        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        seen += n
+        if progress and step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+    seconds = time.perf_counter() - start
+    return EpochStats(float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1), seen, seconds)
+
+
+def fit(
+    model: nn.Module,
+    data: DataBundle,
+    settings: TrainSettings,
+    *,
+    card: Any,
+    device: torch.device,
+    run: RunDir | None = None,
+    dist: Distributed = Distributed(),
+    loss_fn: LossFn | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``data`` and evaluate on its test split after every epoch.
+
+    With ``run``, writes ``last.pt`` (everything needed to resume), ``best.pt`` (weights and
+    model card of the best test top-1), ``metrics.jsonl`` and ``curves.png`` every epoch, and
+    resumes from ``last.pt`` when it is there. ``card`` is the model card (``narrows.models.
+    ModelCard``) stored in each checkpoint. ``loss_fn(model, inputs, labels) -> (loss, logits)``
+    replaces the cross-entropy (order losses, CSG, ...).
+    """
+    loss_fn = loss_fn or cross_entropy(settings.label_smoothing)
+    model.to(device)
+    normalizer = Normalizer(card.mean, card.std)
+    train_set = data.train(settings.augment)
+    test_set = data.test()
+    optimizer = make_optimizer(model, settings)
+    start_epoch, best_top1, rows = 0, float("-inf"), []
+    if run is not None and run.exists(LAST):
+        start_epoch, best_top1, rows = _resume(run, model, optimizer)
+        if start_epoch < settings.epochs:
+            log(f"resuming {run.path} after epoch {start_epoch}")
+    resumed_from = start_epoch
+    trained = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    final: EvalResult | None = None
+    show = progress and dist.is_main
+    for epoch in range(start_epoch, settings.epochs):
+        torch.manual_seed(derive_seed(settings.seed, epoch, dist.rank, 2))
+        loader = epoch_loader(train_set, settings, epoch, dist, pin=device.type == "cuda")
+        stats = train_one_epoch(trained, loader, optimizer, settings, epoch, normalizer, device,
+                                loss_fn, progress=show)
+        stats = _reduce_stats(stats, dist, device)
+        final = evaluate(model, test_set, normalizer, device, batch_size=settings.eval_batch_size,
+                         workers=settings.workers, dist=dist)
+        row = {
+            "epoch": epoch + 1,
+            "lr": learning_rate(settings, epoch + 1 - 1e-9),
+            "train_loss": stats.loss,
+            "train_top1": stats.accuracy,
+            "test_loss": final.loss,
+            "test_top1": final.top1,
+            "test_top5": final.top5,
+            "seconds": stats.seconds,
+            "images_per_second": stats.images_per_second,
+        }
+        rows.append(row)
+        improved = final.top1 > best_top1
+        best_top1 = max(best_top1, final.top1)
+        if run is not None and run.writer:
+            _save_epoch(run, model, optimizer, card, epoch + 1, best_top1, rows, improved)
+        if dist.is_main:
+            log(_epoch_line(row, settings.epochs))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, row)
+    if final is None and rows:
+        final = EvalResult(rows[-1]["test_top1"], rows[-1]["test_top5"], rows[-1]["test_loss"],
+                           len(test_set))
+    return TrainResult(
+        epochs=settings.epochs,
+        resumed_from=resumed_from,
+        best_top1=best_top1,
+        final=final,
+        metrics=rows,
+        last_checkpoint=str(run.file(LAST)) if run else None,
+        best_checkpoint=str(run.file(BEST)) if run else None,
+    )
+
+
+def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    return (
+        f"epoch {row['epoch']:>3}/{epochs}  loss {row['train_loss']:.4f}  "
+        f"train {100 * row['train_top1']:.2f}%  test {100 * row['test_top1']:.2f}% "
+        f"(top-5 {100 * row['test_top5']:.2f}%)  {row['seconds']:.1f}s "
+        f"{row['images_per_second']:.0f} img/s"
+    )
+
+
+def _reduce_stats(stats: EpochStats, dist: Distributed, device: torch.device) -> EpochStats:
+    if not dist.enabled:
+        return stats
+    import torch.distributed as tdist
+
+    t = torch.tensor([stats.loss * stats.images, stats.accuracy * stats.images, stats.images],
+                     dtype=torch.float64, device=device)
+    tdist.all_reduce(t)
+    n = max(t[2].item(), 1.0)
+    return EpochStats(t[0].item() / n, t[1].item() / n, int(t[2].item()), stats.seconds)
+
+
+def _save_epoch(run: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer, card: Any,
+                epoch: int, best_top1: float, rows: list[dict[str, Any]], improved: bool) -> None:
+    from narrows.runs.files import atomic_torch_save
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if improved:
+        atomic_torch_save(run.file(BEST), {"state_dict": state, "narrows_card": card.to_dict(),
+                                           "epoch": epoch, "test_top1": best_top1})
+    # metrics first, then the checkpoint: a kill in between leaves metrics one epoch ahead,
+    # which _resume trims to the checkpoint's epoch.
+    run.write_metrics(rows)
+    atomic_torch_save(run.file(LAST), {
+        "state_dict": state,
+        "narrows_card": card.to_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "best_top1": best_top1,
+    })
+    try:
+        from narrows.plotting import plot_training_curves
+
+        fig, _ = plot_training_curves(rows)
+        run.save_figure("curves.png", fig)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    except ImportError:  # pragma: no cover - matplotlib is a dependency; stay robust
+        pass
+
+
+def _resume(run: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer):
+    from narrows.models import load_state_dict_strict
+
+    try:
+        state = torch.load(run.file(LAST), map_location="cpu", weights_only=True)
+        load_state_dict_strict(model, state["state_dict"], str(run.file(LAST)))
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, best = int(state["epoch"]), float(state["best_top1"])
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot resume from {run.file(LAST)} ({type(exc).__name__})",
+                        "pass --overwrite to start the run afresh") from None
+    rows = [r for r in run.read_metrics() if r.get("epoch", 0) <= epoch]
+    return epoch, best, rows
