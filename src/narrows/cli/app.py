@@ -87,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: Sequence[str] | None) -> tuple[Command, object]:
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args, extras = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     command: Command | None = getattr(args, "_target", None)
+    if extras:
+        where = "narrows " + " ".join(command.words) if command else "narrows"
+        raise UsageError(f"unrecognized arguments: {' '.join(extras)} — run '{where} --help' "
+                         "for the options")
     if command is None:
         # 'narrows' or 'narrows GROUP' alone: show what there is.
         words = [v for k, v in vars(args).items() if k.startswith("_group_") or k == "_command"]

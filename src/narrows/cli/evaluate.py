@@ -20,6 +20,9 @@ class EvaluateConfig(CommonOptions):
                               "trained on]", short="-d")
     model: str | None = option(None, "architecture, for checkpoints not written by narrows",
                                short="-m")
+    num_classes: int | None = option(None, "classes of a checkpoint not written by narrows "
+                                     "[default: read from its classifier weights]",
+                                     check=positive)
     split: Literal["test", "train"] = option("test", "which split to evaluate")
     image_size: int | None = option(None, "served image size for imagenet:/folder: data",
                                     check=positive)
@@ -38,7 +41,7 @@ def execute(cfg: EvaluateConfig) -> int:
     if not cfg.checkpoint:
         raise UserError("narrows evaluate needs --checkpoint", "pass --checkpoint FILE")
     session = start(cfg)
-    loaded = load_model(cfg.checkpoint, name=cfg.model)
+    loaded = load_model(cfg.checkpoint, name=cfg.model, num_classes=cfg.num_classes)
     card = loaded.card
     spec = cfg.data or (card.data_spec if card else None)
     if not spec:

@@ -196,6 +196,7 @@ def fit(
         stats = train_one_epoch(trained, loader, optimizer, settings, epoch, normalizer, device,
                                 loss_fn, progress=show)
         stats = _reduce_stats(stats, dist, device)
+        _sync_buffers(model, dist)
         final = evaluate(model, test_set, normalizer, device, batch_size=settings.eval_batch_size,
                          workers=settings.workers, dist=dist)
         row = {
@@ -239,6 +240,20 @@ def _epoch_line(row: dict[str, Any], epochs: int) -> str:
         f"(top-5 {100 * row['test_top5']:.2f}%)  {row['seconds']:.1f}s "
         f"{row['images_per_second']:.0f} img/s"
     )
+
+
+def _sync_buffers(model: nn.Module, dist: Distributed) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics), which is what rank 0 saves.
+
+    DDP broadcasts buffers at the start of each forward, so after the last step of an epoch
+    each rank holds its own running statistics; evaluation and checkpoints need one model.
+    """
+    if not dist.enabled:
+        return
+    import torch.distributed as tdist
+
+    for buffer in model.buffers():
+        tdist.broadcast(buffer, src=0)
 
 
 def _reduce_stats(stats: EpochStats, dist: Distributed, device: torch.device) -> EpochStats:
