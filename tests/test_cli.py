@@ -132,3 +132,36 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert single["loss"] == pytest.approx(results["final"]["loss"], rel=1e-5)
     assert sorted(p.name for p in Path(out).iterdir() if not p.name.startswith(".")) == [
         "best.pt", "config.yaml", "curves.png", "last.pt", "metrics.jsonl", "results.json"]
+
+
+@pytest.mark.slow
+def test_sigkill_after_epoch_2_then_resume_equals_uninterrupted(tmp_path):
+    """The acceptance check: `narrows train --epochs 4`, killed -9 after epoch 2, resumed."""
+    import signal
+    import time
+
+    data = "shapes:classes=3,size=32,train=300,test=60"
+    base = ["train", "--data", data, "--epochs", "4", "--batch-size", "32", "--no-progress",
+            "--threads", "2"]
+    assert narrows(*base, "--out", str(tmp_path / "full")).returncode == 0
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "narrows", *base, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(metrics.read_text().splitlines()) < 4
+
+    resumed = narrows(*base, "--out", str(out))
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["state_dict"]
+    again = torch.load(out / "last.pt", weights_only=True)["state_dict"]
+    assert full.keys() == again.keys()
+    assert all(torch.equal(full[k], again[k]) for k in full)
