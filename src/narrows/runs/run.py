@@ -1,0 +1,173 @@
+"""A run directory: the resolved config, ``metrics.jsonl``, results and figures.
+
+Re-running the same command on the same directory resumes it; a config that differs in any
+option that affects results is refused unless ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from narrows import __version__
+from narrows.errors import UserError
+from narrows.runs.files import atomic_write_json, atomic_write_text
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+def default_out(command: str, *parts: str) -> Path:
+    """``runs/<command>/<part>-<part>``, with each part reduced to safe file-name characters."""
+    name = "-".join(re.sub(r"[^A-Za-z0-9_.=]+", "_", p).strip("_") for p in parts if p) or "run"
+    return Path("runs") / command / name
+
+
+class RunDir:
+    """Owns one output directory for one command.
+
+    Only rank 0 of a distributed job writes (``writer=False`` elsewhere); the others can still
+    read what is there.
+    """
+
+    def __init__(self, path: str | Path, *, writer: bool = True) -> None:
+        self.path = Path(path)
+        self.writer = writer
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        command: str,
+        config: dict[str, Any],
+        result_config: dict[str, Any],
+        *,
+        overwrite: bool = False,
+        writer: bool = True,
+    ) -> RunDir:
+        """Create or reopen ``path`` for ``command``; returns the run, resumed when possible."""
+        run = cls(path, writer=writer)
+        saved = run.read_config()
+        if saved is not None:
+            if saved.get("command") != command and not overwrite:
+                raise UserError(
+                    f"{run.path} holds a '{saved.get('command')}' run, not '{command}'",
+                    "choose another --out, or pass --overwrite to replace it",
+                )
+            diff = _differences(saved.get("result_options", {}), _plain(result_config))
+            if diff and not overwrite:
+                raise UserError(
+                    f"{run.path} was made with different options ({diff})",
+                    "rerun with the same options to resume, choose another --out, or pass --overwrite",
+                )
+            if overwrite and writer:
+                run.clear()
+        elif run.path.exists() and any(run.path.iterdir()):
+            if not overwrite:
+                raise UserError(
+                    f"{run.path} exists and is not a narrows run directory",
+                    "choose another --out (an empty or new directory)",
+                )
+            raise UserError(
+                f"refusing to --overwrite {run.path}: it is not a narrows run directory",
+                "choose another --out",
+            )
+        if writer:
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.write_config(command, config, result_config)
+        return run
+
+    def clear(self) -> None:
+        """Delete everything in a narrows run directory (only called on ``--overwrite``)."""
+        for child in self.path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    # -- config ----------------------------------------------------------------------------
+    def read_config(self) -> dict[str, Any] | None:
+        import yaml
+
+        file = self.path / CONFIG_FILE
+        if not file.is_file():
+            return None
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            data = None
+        if not isinstance(data, dict) or "command" not in data:
+            raise UserError(f"{file} is damaged", "delete the directory or pass --overwrite")
+        return data
+
+    def write_config(self, command: str, config: dict[str, Any], result_config: dict[str, Any]) -> None:
+        import yaml
+
+        doc = {
+            "command": command,
+            "narrows_version": __version__,
+            "options": _plain(config),
+            "result_options": _plain(result_config),
+        }
+        self.write_text(CONFIG_FILE, yaml.safe_dump(doc, sort_keys=False))
+
+    # -- files -----------------------------------------------------------------------------
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def exists(self, name: str) -> bool:
+        return (self.path / name).exists()
+
+    def write_text(self, name: str, text: str) -> Path | None:
+        return atomic_write_text(self.path / name, text) if self.writer else None
+
+    def write_json(self, name: str, obj: Any) -> Path | None:
+        return atomic_write_json(self.path / name, _plain(obj)) if self.writer else None
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text(encoding="utf-8"))
+
+    def save_figure(self, name: str, fig: Any) -> Path | None:
+        from narrows.runs.files import atomic_savefig
+
+        return atomic_savefig(self.path / name, fig, dpi=120, bbox_inches="tight") if self.writer else None
+
+    # -- metrics ---------------------------------------------------------------------------
+    def read_metrics(self) -> list[dict[str, Any]]:
+        file = self.path / METRICS_FILE
+        if not file.is_file():
+            return []
+        rows = []
+        for line in file.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+        return rows
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite ``metrics.jsonl`` atomically (it stays consistent with the last checkpoint)."""
+        self.write_text(METRICS_FILE, "".join(json.dumps(_plain(r)) + "\n" for r in rows))
+
+
+def _plain(obj: Any) -> Any:
+    """Convert tuples, paths and numpy/torch scalars into YAML/JSON-friendly values."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    return obj
+
+
+def _differences(saved: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(set(saved) | set(new))
+    changed = [f"{k}: {saved.get(k)!r} → {new.get(k)!r}" for k in keys if saved.get(k) != new.get(k)]
+    if len(changed) > 3:
+        changed = changed[:3] + [f"and {len(changed) - 3} more"]
+    return "; ".join(changed)
