@@ -87,6 +87,15 @@ def test_config_file_then_flags_then_resume_and_evaluate(tmp_path, capsys):
     assert evaluated["top1"] == pytest.approx(results["best_top1"])
     assert evaluated["n"] == 24
 
+    # fine-tuning from a narrows checkpoint needs no --model: the card names the architecture
+    ft = tmp_path / "ft"
+    assert main(["train", "--checkpoint", str(out / "best.pt"), "--data", TINY, "--epochs", "1",
+                 "--out", str(ft), "--no-progress"]) == 0
+    assert json.loads((ft / "results.json").read_text())["model"] == "resnet20_cifar"
+    assert main(["train", "--checkpoint", str(out / "best.pt"), "--model", "resnet32_cifar",
+                 "--data", TINY, "--out", str(tmp_path / "x")]) == 2
+    assert "was saved with --model resnet20_cifar" in capsys.readouterr().err
+
 
 def test_wrong_head_size_lists_the_mismatched_keys(tmp_path, capsys):
     from narrows.models import create

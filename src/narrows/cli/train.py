@@ -15,9 +15,10 @@ DATA_HELP = ("data spec: digits, shapes[:k=v,...], cifar10:PATH, cifar100:PATH, 
 
 @dataclass
 class TrainConfig(CommonOptions):
-    model: str = option("resnet20_cifar", "any timm model name or a narrows one "
-                        "(resnet20_cifar ... resnet110_cifar, alexnet_cifar); list: narrows models",
-                        short="-m")
+    model: str | None = option(None, "any timm model name or a narrows one (resnet20_cifar ... "
+                               "resnet110_cifar, alexnet_cifar); list: narrows models "
+                               "[default: resnet20_cifar, or the architecture of --checkpoint]",
+                               short="-m")
     data: str = option("digits", DATA_HELP, short="-d")
     checkpoint: str | None = option(None, "start from these weights (.pt/.pth/.safetensors)",
                                     metavar="FILE")
@@ -60,25 +61,32 @@ def settings_from(cfg: TrainConfig):
     )
 
 
+DEFAULT_MODEL = "resnet20_cifar"
+
+
 def build_model(cfg: TrainConfig, info):
     """The model to train and its card: fresh from timm, or from ``--checkpoint``."""
     from narrows.errors import UserError
     from narrows.models import ModelCard, create, load_model
 
+    model_kwargs: dict = {}
     if cfg.checkpoint:
         loaded = load_model(cfg.checkpoint, name=cfg.model)
         model = loaded.model
+        architecture = loaded.card.architecture if loaded.card else cfg.model
+        model_kwargs = dict(loaded.card.model_kwargs) if loaded.card else {}
     else:
-        model = create(cfg.model, num_classes=info.num_classes, in_chans=info.in_chans)
+        architecture = cfg.model or DEFAULT_MODEL
+        model = create(architecture, num_classes=info.num_classes, in_chans=info.in_chans)
     classes = getattr(model, "num_classes", info.num_classes)
     if classes != info.num_classes:
         raise UserError(
-            f"{cfg.checkpoint or cfg.model} has {classes} classes but {info.spec} has "
+            f"{cfg.checkpoint or architecture} has {classes} classes but {info.spec} has "
             f"{info.num_classes}", "train from a checkpoint of the same classes, or without one")
     card = ModelCard(
-        architecture=cfg.model, num_classes=info.num_classes, in_chans=info.in_chans,
+        architecture=architecture, num_classes=info.num_classes, in_chans=info.in_chans,
         input_size=info.image_size, mean=tuple(info.mean), std=tuple(info.std),
-        class_names=tuple(info.class_names), data_spec=info.spec,
+        class_names=tuple(info.class_names), data_spec=info.spec, model_kwargs=model_kwargs,
     )
     return model, card
 
@@ -92,19 +100,19 @@ def execute(cfg: TrainConfig) -> int:
     session = start(cfg)
     data = load(cfg.data, download=cfg.download, image_size=cfg.image_size)
     model, card = build_model(cfg, data.info)
-    run = open_run(cfg, "train", default_out("train", cfg.model, cfg.data), session)
+    run = open_run(cfg, "train", default_out("train", card.architecture, cfg.data), session)
     if cfg.resume and not run.exists(LAST):
         raise UserError(f"--resume given but {run.path} has no checkpoint to resume from",
                         "drop --resume to start a new run")
     say = print if session.dist.is_main else (lambda *_: None)
-    say(f"training {cfg.model} on {cfg.data} ({len(data.train())} train / {len(data.test())} "
+    say(f"training {card.architecture} on {cfg.data} ({len(data.train())} train / {len(data.test())} "
         f"test images) on {session.device}, {session.threads} threads"
         + (f", {session.dist.world_size} processes" if session.dist.enabled else "")
         + f" → {run.path}")
     result = fit(model, data, settings_from(cfg), card=card, device=session.device, run=run,
                  dist=session.dist, progress=cfg.progress, log=say)
     summary = {
-        "model": cfg.model,
+        "model": card.architecture,
         "data": cfg.data,
         "epochs": result.epochs,
         "best_top1": result.best_top1,
