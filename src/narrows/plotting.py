@@ -29,6 +29,7 @@ def plot_training_curves(rows: Sequence[dict[str, Any]], ax: Any = None):
     axes[0].plot(epochs, [r["test_loss"] for r in rows], marker="o", label="test")
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("cross-entropy")
+    axes[0].set_yscale("log")  # the first epochs' test loss would flatten everything else
     axes[0].legend()
     axes[1].plot(epochs, [100 * r["train_top1"] for r in rows], marker="o", label="train")
     axes[1].plot(epochs, [100 * r["test_top1"] for r in rows], marker="o", label="test")

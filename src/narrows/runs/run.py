@@ -22,8 +22,8 @@ METRICS_FILE = "metrics.jsonl"
 
 def default_out(command: str, *parts: str) -> Path:
     """``runs/<command>/<part>-<part>``, with each part reduced to safe file-name characters."""
-    name = "-".join(re.sub(r"[^A-Za-z0-9_.=]+", "_", p).strip("_") for p in parts if p) or "run"
-    return Path("runs") / command / name
+    name = "-".join(re.sub(r"[^A-Za-z0-9_.=]+", "_", p).strip("_") for p in parts if p)
+    return Path("runs") / command / name if name else Path("runs") / command
 
 
 class RunDir:

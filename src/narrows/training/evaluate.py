@@ -44,7 +44,8 @@ def evaluate(
     subset = Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
-    for images, labels in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
+    bar = tqdm(loader, desc="evaluate", leave=False, disable=None if progress else True)
+    for images, labels in bar:
         images = normalizer(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
         logits = model(images)

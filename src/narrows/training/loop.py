@@ -128,7 +128,9 @@ def train_one_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{settings.epochs}", leave=False, disable=not progress)
+    # disable=None: bars on a terminal, none in logs and pipes
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{settings.epochs}", leave=False,
+               disable=None if progress else True)
     for step, (images, labels) in enumerate(bar):
         lr = learning_rate(settings, epoch + step / steps)
         for group in optimizer.param_groups:
