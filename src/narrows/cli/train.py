@@ -92,6 +92,15 @@ def build_model(cfg: TrainConfig, info):
 
 
 def execute(cfg: TrainConfig) -> int:
+    return run_training(cfg, "train")
+
+
+def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str = "") -> int:
+    """Train as ``narrows train`` does, optionally with another ``loss_fn`` (see ``fit``).
+
+    Method commands that train (order losses, CSG, ...) subclass :class:`TrainConfig` and call
+    this with their loss; ``default_name`` is added to the default output directory name.
+    """
     from narrows.data import load
     from narrows.errors import UserError
     from narrows.runs import default_out
@@ -100,17 +109,18 @@ def execute(cfg: TrainConfig) -> int:
     session = start(cfg)
     data = load(cfg.data, download=cfg.download, image_size=cfg.image_size)
     model, card = build_model(cfg, data.info)
-    run = open_run(cfg, "train", default_out("train", card.architecture, cfg.data), session)
+    default = default_out(command.replace(" ", "-"), card.architecture, cfg.data, default_name)
+    run = open_run(cfg, command, default, session)
     if cfg.resume and not run.exists(LAST):
         raise UserError(f"--resume given but {run.path} has no checkpoint to resume from",
                         "drop --resume to start a new run")
     say = print if session.dist.is_main else (lambda *_: None)
-    say(f"training {card.architecture} on {cfg.data} ({len(data.train())} train / {len(data.test())} "
-        f"test images) on {session.device}, {session.threads} threads"
+    say(f"training {card.architecture} on {cfg.data} ({len(data.train())} train / "
+        f"{len(data.test())} test images) on {session.device}, {session.threads} threads"
         + (f", {session.dist.world_size} processes" if session.dist.enabled else "")
         + f" → {run.path}")
     result = fit(model, data, settings_from(cfg), card=card, device=session.device, run=run,
-                 dist=session.dist, progress=cfg.progress, log=say)
+                 dist=session.dist, progress=cfg.progress, log=say, loss_fn=loss_fn)
     summary = {
         "model": card.architecture,
         "data": cfg.data,

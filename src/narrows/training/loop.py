@@ -212,6 +212,9 @@ def fit(
             "seconds": stats.seconds,
             "images_per_second": stats.images_per_second,
         }
+        epoch_metrics = getattr(loss_fn, "epoch_metrics", None)
+        if callable(epoch_metrics):  # a loss may report its own per-epoch figures
+            row.update(epoch_metrics())
         rows.append(row)
         improved = final.top1 > best_top1
         best_top1 = max(best_top1, final.top1)
