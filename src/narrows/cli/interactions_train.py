@@ -1,0 +1,127 @@
+"""``narrows interactions train``: training with a loss that encourages or penalises orders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from narrows.cli.app import GROUPS, Command, register
+from narrows.cli.train import TrainConfig, run_training
+from narrows.config import non_negative, option, positive
+from narrows.errors import UserError
+
+ORDER = "order loss"
+
+
+def _rate(value: float | None) -> str | None:
+    return None if value is None or 0 <= value <= 1 else "must be between 0 and 1"
+
+
+@dataclass
+class OrderTrainConfig(TrainConfig):
+    recipe: Literal["custom", "normal", "high", "mid", "low"] = option(
+        "custom", "upstream recipe: normal = plain cross-entropy; high = penalize 0-0.5 "
+        "(keeps high orders); mid = encourage 0.3-0.7; low = penalize 0.7-1 (keeps low "
+        "orders); custom = give --loss, --r1 and --r2", group=ORDER)
+    loss: Literal["encourage", "penalize"] | None = option(
+        None, "encourage (cross-entropy of softmax Δu) or penalize (its negative entropy) the "
+        "orders between r1·n and r2·n [default: from --recipe]", group=ORDER)
+    r1: float | None = option(None, "smaller kept-player rate, 0 <= r1 < r2 (upstream "
+                              "--preserve_rate2) [default: from --recipe]", check=_rate,
+                              group=ORDER)
+    r2: float | None = option(None, "larger kept-player rate, r2 <= 1 (upstream "
+                              "--preserve_rate1) [default: from --recipe]", check=_rate,
+                              group=ORDER)
+    grid: int = option(8, "players grid: the image is cut into grid×grid patches; must divide "
+                       "the image size (upstream 16 on CIFAR)", check=positive, group=ORDER)
+    baseline: Literal["mean", "zero"] = option(
+        "mean", "value of masked patches: mean = the data set's mean colour (upstream), zero = "
+        "black", group=ORDER)
+    lam_cls: float = option(1.0, "weight of the classification cross-entropy (upstream --lam1)",
+                            check=non_negative, group=ORDER)
+    lam_order: float = option(1.0, "weight of the order loss (upstream --lam2)",
+                              check=non_negative, group=ORDER)
+    bn_mode: Literal["eval_for_masked", "train"] = option(
+        "eval_for_masked", "BatchNorm in the two masked passes: eval_for_masked keeps running "
+        "statistics free of masked images; train = upstream (updates them)", group=ORDER)
+    n_draws: int = option(1, "mask draws per image and step, averaged (upstream 1)",
+                          check=positive, group=ORDER)
+
+
+def resolve_recipe(cfg: OrderTrainConfig) -> tuple[str, float, float] | None:
+    """``(kind, r1, r2)`` from ``--recipe`` or ``--loss/--r1/--r2``; ``None`` for ``normal``."""
+    from narrows.interactions.order_loss import RECIPES
+
+    given = {"loss": cfg.loss, "r1": cfg.r1, "r2": cfg.r2}
+    if cfg.recipe == "custom":
+        missing = [k for k, v in given.items() if v is None]
+        if missing:
+            raise UserError(f"--recipe custom needs --{missing[0]}",
+                            "give --loss, --r1 and --r2, or a --recipe (normal, high, mid, low)")
+        return cfg.loss, float(cfg.r1), float(cfg.r2)
+    recipe = RECIPES[cfg.recipe]
+    if recipe is None:
+        extra = [k for k, v in given.items() if v is not None]
+        if extra:
+            raise UserError(f"--recipe normal trains without an order loss but --{extra[0]} "
+                            "was given", f"drop --{extra[0]} or use --recipe custom")
+        return None
+    for (name, value), wanted in zip(given.items(), recipe, strict=True):
+        if value is not None and value != wanted:
+            raise UserError(f"--{name} {value} contradicts --recipe {cfg.recipe} "
+                            f"(loss {recipe[0]}, r1 {recipe[1]}, r2 {recipe[2]})",
+                            f"drop --{name}, or use --recipe custom")
+    return recipe
+
+
+def run_name(cfg: OrderTrainConfig, recipe: tuple[str, float, float] | None) -> str:
+    """The default output name: the recipe, or ``loss_r1_r2`` for a custom one."""
+    if cfg.recipe != "custom" or recipe is None:
+        return cfg.recipe
+    kind, r1, r2 = recipe
+    return f"{kind}_{r1:g}_{r2:g}"
+
+
+def build_loss(cfg: OrderTrainConfig, recipe: tuple[str, float, float]):
+    """The :class:`OrderLoss` for ``cfg``; checks the grid against the data set's image size."""
+    from narrows.data import load
+    from narrows.interactions.order_loss import OrderLoss
+    from narrows.interactions.players import PlayerGrid
+
+    info = load(cfg.data, download=cfg.download, image_size=cfg.image_size).info
+    PlayerGrid(cfg.grid, info.image_size, info.image_size)  # fail before training starts
+    kind, r1, r2 = recipe
+    return OrderLoss(kind, r1, r2, cfg.grid, baseline=cfg.baseline, mean=tuple(info.mean),
+                     std=tuple(info.std), n_draws=cfg.n_draws, bn_mode=cfg.bn_mode,
+                     lam_cls=cfg.lam_cls, lam_order=cfg.lam_order,
+                     label_smoothing=cfg.label_smoothing)
+
+
+def execute(cfg: OrderTrainConfig) -> int:
+    recipe = resolve_recipe(cfg)
+    loss_fn = build_loss(cfg, recipe) if recipe is not None else None
+    return run_training(cfg, "interactions train", loss_fn=loss_fn,
+                        default_name=run_name(cfg, recipe))
+
+
+GROUPS.setdefault("interactions", "multi-order interactions: measure them, train with order losses")
+register(Command(
+    words=("interactions", "train"),
+    summary="train with a loss that encourages or penalises interactions of some orders",
+    description="Train as 'narrows train' does, adding the order loss of Deng et al. (ICLR "
+    "2022): for each image two nested random sets of grid patches S1 ⊂ S2 keep r1·n and r2·n "
+    "of the n = grid² patches (the rest set to the baseline), and Δu = u(S2) − (r2/r1)·u(S1) "
+    "(u = logits; coefficient 1 when r1 = 0). 'encourage' adds the cross-entropy of softmax(Δu), "
+    "'penalize' its negative entropy. metrics.jsonl gains order_loss, cls_loss and "
+    "delta_u_top1 (accuracy of argmax Δu) per epoch. By default BatchNorm layers run in eval "
+    "mode for the masked passes so that masked images do not enter their running statistics "
+    "(--bn-mode train = upstream).",
+    config=OrderTrainConfig,
+    target="narrows.cli.interactions_train:execute",
+    epilog="examples:\n"
+    "  narrows interactions train --data digits --recipe high --epochs 15\n"
+    "  narrows interactions train -d digits --loss encourage --r1 0.3 --r2 0.7 --grid 8\n"
+    "  # upstream CIFAR-10 mid-order model:\n"
+    "  narrows interactions train --model alexnet_cifar --data cifar10:data --recipe mid "
+    "--grid 16 --epochs 200 --lr 0.01 --batch-size 128",
+))

@@ -1,0 +1,191 @@
+"""The result of a multi-order interaction run: Δv per image, ratio, pair and context.
+
+Derived quantities (spec §1.3): I = mean of Δv over contexts; A(r) = mean |I| over images and
+pairs; J(r) = A(r) / normaliser, with ``normalize="sampled"`` (upstream: the mean of A over the
+evaluated ratios) or ``"uniform"`` (the trapezoid integral of A over r ∈ [0, 1]). Standard errors
+are jackknife estimates over images (for A this equals std/√N exactly; for J it includes the
+normaliser's own noise).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from narrows.errors import UserError
+
+Normalize = Literal["sampled", "uniform"]
+
+
+@dataclass
+class InteractionResult:
+    dv: np.ndarray  # (images, ratios, pairs, contexts) float32
+    pairs: np.ndarray  # (images, pairs, 2) int16
+    ratios: tuple[float, ...]
+    orders: tuple[int, ...]
+    grid: int
+    image_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # -- the estimates ---------------------------------------------------------------------
+    @property
+    def I(self) -> np.ndarray:  # noqa: E743 - the paper's name
+        """I^(m)(i, j) per image, ratio and pair: the mean of Δv over the K contexts."""
+        return self.dv.astype(np.float64).mean(axis=-1)
+
+    def strength_per_image(self, debiased: bool = False) -> np.ndarray:
+        """Mean |I| over pairs, per image and ratio ``(images, ratios)``.
+
+        ``debiased`` (spec §8 A3) replaces |Î| by sqrt(max(0, Î² − s²/K)) with s² the sample
+        variance of Δv over the K contexts, removing the noise floor of |mean| for small K.
+        """
+        dv = self.dv.astype(np.float64)
+        i_hat = dv.mean(axis=-1)
+        if not debiased:
+            return np.abs(i_hat).mean(axis=-1)
+        k = dv.shape[-1]
+        var = dv.var(axis=-1, ddof=1) if k > 1 else np.zeros_like(i_hat)
+        return np.sqrt(np.maximum(0.0, i_hat**2 - var / k)).mean(axis=-1)
+
+    def A(self, debiased: bool = False) -> np.ndarray:
+        """A(r): mean |I| over images and pairs (each pair weighs the same), per ratio."""
+        return self.strength_per_image(debiased).mean(axis=0)
+
+    def J(self, normalize: Normalize = "sampled", debiased: bool = False) -> np.ndarray:
+        return _normalise(self.A(debiased), self.ratios, normalize)
+
+    def stderr(self, what: Literal["A", "J"] = "J", normalize: Normalize = "sampled",
+               debiased: bool = False) -> np.ndarray:
+        """Jackknife standard error over images (NaN with fewer than two images)."""
+        per_image = self.strength_per_image(debiased)
+        n = per_image.shape[0]
+        if n < 2:
+            return np.full(len(self.ratios), np.nan)
+        loo = (per_image.sum(axis=0, keepdims=True) - per_image) / (n - 1)  # leave-one-out A
+        if what == "J":
+            loo = np.stack([_normalise(a, self.ratios, normalize) for a in loo])
+        return np.sqrt((n - 1) / n * ((loo - loo.mean(axis=0)) ** 2).sum(axis=0))
+
+    # -- tables ----------------------------------------------------------------------------
+    def curve_rows(self) -> list[dict[str, float]]:
+        a, a_se = self.A(), self.stderr("A")
+        js, js_se = self.J("sampled"), self.stderr("J", "sampled")
+        ju = self.J("uniform")
+        jd = self.J("sampled", debiased=True)
+        return [
+            {"ratio": r, "order": m, "A": a[k], "A_stderr": a_se[k], "J_sampled": js[k],
+             "J_sampled_stderr": js_se[k], "J_uniform": ju[k], "J_sampled_debiased": jd[k]}
+            for k, (r, m) in enumerate(zip(self.ratios, self.orders, strict=True))
+        ]
+
+    def curve_csv(self) -> str:
+        rows = self.curve_rows()
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        return buffer.getvalue()
+
+    # -- files -----------------------------------------------------------------------------
+    def save(self, directory: str | Path, *, figure: bool = True) -> Path:
+        """Write ``dv.npy``, ``pairs.npy``, ``meta.json``, ``curve.csv`` (and ``curve.png``)."""
+        from narrows.runs.files import atomic_write, atomic_write_json, atomic_write_text
+
+        directory = Path(directory)
+        atomic_write(directory / "dv.npy", lambda fh: np.save(fh, self.dv.astype(np.float32)))
+        atomic_write(directory / "pairs.npy", lambda fh: np.save(fh, self.pairs.astype(np.int16)))
+        atomic_write_json(directory / "meta.json", self.meta_document())
+        atomic_write_text(directory / "curve.csv", self.curve_csv())
+        if figure:
+            from narrows.plotting import pyplot
+            from narrows.runs.files import atomic_savefig
+
+            fig, _ = self.plot()
+            atomic_savefig(directory / "curve.png", fig, dpi=120, bbox_inches="tight")
+            pyplot().close(fig)
+        return directory
+
+    def meta_document(self) -> dict[str, Any]:
+        return {**self.meta, "ratios": list(self.ratios), "orders": list(self.orders),
+                "grid": self.grid, "image_ids": list(self.image_ids), "labels": list(self.labels),
+                "shape": {"images": int(self.dv.shape[0]), "ratios": int(self.dv.shape[1]),
+                          "pairs": int(self.dv.shape[2]), "contexts": int(self.dv.shape[3])}}
+
+    @classmethod
+    def load(cls, directory: str | Path) -> InteractionResult:
+        directory = Path(directory)
+        missing = [f for f in ("dv.npy", "pairs.npy", "meta.json") if not (directory / f).is_file()]
+        if missing:
+            raise UserError(f"{directory} is not a finished interactions run (no {missing[0]})",
+                            "give the --out directory of a finished 'narrows interactions run'")
+        meta = json.loads((directory / "meta.json").read_text())
+        return cls(
+            dv=np.load(directory / "dv.npy"),
+            pairs=np.load(directory / "pairs.npy"),
+            ratios=tuple(meta.pop("ratios")),
+            orders=tuple(meta.pop("orders")),
+            grid=int(meta.pop("grid")),
+            image_ids=list(meta.pop("image_ids")),
+            labels=list(meta.pop("labels")),
+            meta={k: v for k, v in meta.items() if k != "shape"},
+        )
+
+    # -- figures ---------------------------------------------------------------------------
+    def plot(self, ax: Any = None, *, normalize: Normalize = "sampled", label: str | None = None,
+             debiased: bool = False, errorbars: bool = True):
+        """J against the ratio r (x axis "0.0n … 1.0n"); returns ``(fig, ax)``."""
+        return plot_curves([self], [label] if label else None, ax=ax, normalize=normalize,
+                           debiased=debiased, errorbars=errorbars)
+
+
+def plot_curves(results: Sequence[InteractionResult], labels: Sequence[str] | None = None, *,
+                ax: Any = None, normalize: Normalize = "sampled", debiased: bool = False,
+                errorbars: bool = True, title: str | None = None):
+    """Overlay the J curves of several results, with a legend; returns ``(fig, ax)``."""
+    from narrows.plotting import pyplot
+
+    plt = pyplot()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    else:
+        fig = ax.figure
+    for k, result in enumerate(results):
+        name = labels[k] if labels else result.meta.get("label") or f"run {k + 1}"
+        j = result.J(normalize, debiased)
+        se = result.stderr("J", normalize, debiased) if errorbars else None
+        ax.plot(result.ratios, j, marker="o", label=name)
+        if se is not None and np.isfinite(se).all():
+            ax.fill_between(result.ratios, j - se, j + se, alpha=0.2)
+    ax.set_xlabel("order m / n")
+    ax.set_ylabel(f"interaction strength J ({normalize}{', debiased' if debiased else ''})")
+    ax.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_xticklabels([f"{t:.1f}n" for t in (0, 0.2, 0.4, 0.6, 0.8, 1.0)])
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "multi-order interaction strength")
+    if len(results) > 1 or labels:
+        ax.legend()
+    fig.tight_layout()
+    return fig, ax
+
+
+def _normalise(a: np.ndarray, ratios: Sequence[float], normalize: Normalize) -> np.ndarray:
+    if normalize == "sampled":
+        denominator = a.mean(axis=-1, keepdims=True)
+    elif normalize == "uniform":
+        r = np.asarray(ratios, dtype=np.float64)
+        trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
+        denominator = trapezoid(a, r, axis=-1)[..., None] / (r[-1] - r[0])
+    else:
+        raise UserError(f"unknown normaliser '{normalize}'", "use sampled or uniform")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return a / denominator

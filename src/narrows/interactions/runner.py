@@ -1,0 +1,249 @@
+"""Running the estimator over a data set: selection, cost estimate, resume, rank sharding.
+
+Each image's Δv is written to ``images/<id>.npz`` as soon as it is finished; a rerun skips the
+images already there. Under torchrun, rank r takes every world-th selected image and rank 0
+merges them in selection order. Because an image's pairs and contexts are drawn from
+``(seed, image id)`` alone, the merged result equals a single-process run.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from narrows.errors import UserError
+from narrows.interactions.estimator import estimate_image, planned_forwards, upstream_forwards
+from narrows.interactions.model_value import ModelValue, predict
+from narrows.interactions.players import PlayerGrid, normalised_baseline
+from narrows.interactions.result import InteractionResult
+from narrows.interactions.rewards import Reward
+from narrows.interactions.sampling import UPSTREAM_RATIOS, PairSampling, max_pairs, order_of
+from narrows.interactions.selection import per_class_first
+from narrows.runtime import Distributed
+
+
+@dataclass
+class InteractionSettings:
+    grid: int = 8
+    pairs: int = 20
+    contexts: int = 20
+    ratios: tuple[float, ...] = UPSTREAM_RATIOS
+    images: int = 10
+    pair_sampling: PairSampling = "neighbour"
+    radius: int = 2
+    reward: Reward = "logodds"
+    baseline: Literal["mean", "zero"] = "mean"
+    only_correct: bool = True
+    batch_size: int = 64
+    seed: int = 0
+    extra_meta: dict = field(default_factory=dict)
+
+    def check(self, n: int) -> None:
+        if not self.ratios or any(not 0 <= r <= 1 for r in self.ratios):
+            raise UserError("ratios must lie in [0, 1]", "e.g. --ratios 0 0.1 0.5 0.9 1")
+        if list(self.ratios) != sorted(self.ratios):
+            raise UserError("ratios must be increasing", "sort the values given to --ratios")
+        for name in ("pairs", "contexts", "images", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1", "give a positive count")
+        if n < 3:
+            raise UserError(f"a {self.grid}×{self.grid} grid has too few players", "use --grid 2 or more")
+        limit = max_pairs(self.grid, self.pair_sampling, self.radius)
+        if self.pairs > limit:
+            raise UserError(f"{self.pairs} pairs asked for, only {limit} distinct "
+                            f"{self.pair_sampling} pairs exist on a {self.grid}×{self.grid} grid",
+                            f"use --pairs {limit} or fewer")
+
+
+@dataclass
+class Plan:
+    image_ids: list[int]
+    labels: list[int]
+    forwards_per_image: int
+    upstream_per_image: int
+    candidates: int
+
+    @property
+    def forwards(self) -> int:
+        return self.forwards_per_image * len(self.image_ids)
+
+
+def select(model: nn.Module, dataset: Dataset, num_classes: int, settings: InteractionSettings,
+           normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+           ) -> tuple[list[int], list[int], int]:
+    """The official selection: first images of each class, then (optionally) only correct ones."""
+    labels = list(getattr(dataset, "targets", None) or [int(dataset[i][1]) for i in
+                                                         range(len(dataset))])
+    candidates = per_class_first(labels, num_classes, settings.images)
+    if not candidates:
+        raise UserError("the data set has no images to explain", "check --data and --split")
+    if settings.only_correct:
+        images = torch.stack([dataset[i][0] for i in candidates])
+        predicted = predict(model, normalize(images), device)
+        kept = [i for i, p in zip(candidates, predicted.tolist(), strict=True) if p == labels[i]]
+    else:
+        kept = candidates
+    return kept, [labels[i] for i in kept], len(candidates)
+
+
+def plan(model: nn.Module, dataset: Dataset, num_classes: int, settings: InteractionSettings,
+         normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+         image_ids: Sequence[int] | None = None) -> Plan:
+    n = settings.grid**2
+    settings.check(n)
+    if image_ids is None:
+        ids, labels, count = select(model, dataset, num_classes, settings, normalize, device)
+    else:
+        ids = list(image_ids)
+        labels = [int(dataset[i][1]) for i in ids]
+        count = len(ids)
+    return Plan(ids, labels, planned_forwards(n, settings.ratios, settings.pairs, settings.contexts),
+                upstream_forwards(settings.ratios, settings.pairs, settings.contexts), count)
+
+
+def measure_speed(model: nn.Module, grid: PlayerGrid, image: torch.Tensor, batch_size: int,
+                  device: torch.device) -> float:
+    """Masked forwards per second, from two timed batches (for the printed estimate)."""
+    value = ModelValue(model, grid, torch.zeros_like(image), "logit", device).bind(image, 0)
+    masks = torch.rand(batch_size, grid.n) < 0.5
+    value(masks)  # warm-up
+    start = time.perf_counter()
+    value(masks)
+    value(masks)
+    return 2 * batch_size / max(time.perf_counter() - start, 1e-9)
+
+
+def image_file(directory: Path, image_id: int) -> Path:
+    return directory / f"{image_id:07d}.npz"
+
+
+def run(model: nn.Module, dataset: Dataset, plan_: Plan, settings: InteractionSettings, *,
+        mean: Sequence[float], std: Sequence[float], device: torch.device,
+        images_dir: Path | None = None, dist: Distributed = Distributed(), progress: bool = True,
+        log: Callable[[str], None] = print) -> InteractionResult:
+    """Estimate every planned image (skipping those already in ``images_dir``) and merge."""
+    from tqdm.auto import tqdm
+
+    from narrows.training import Normalizer
+
+    normalizer = Normalizer(mean, std)
+    first = dataset[plan_.image_ids[0]][0] if plan_.image_ids else None
+    if first is None:
+        raise UserError("no image is left to explain (none was classified correctly)",
+                        "pass --no-only-correct, or use more --images")
+    c, h, w = first.shape
+    grid = PlayerGrid(settings.grid, h, w)
+    baseline = normalised_baseline(settings.baseline, tuple(mean), tuple(std), (c, h, w))
+    value = ModelValue(model.to(device), grid, baseline, settings.reward, device)
+    mine = plan_.image_ids[dist.rank::dist.world_size]
+    done: dict[int, dict] = {}
+    for position, image_id in enumerate(mine):
+        path = image_file(images_dir, image_id) if images_dir else None
+        if path is not None and path.is_file():
+            continue
+        image, label = dataset[image_id]
+        bar = tqdm(total=plan_.forwards_per_image, unit="fwd", leave=False,
+                   desc=f"image {position + 1}/{len(mine)} (#{image_id})",
+                   disable=None if progress and dist.is_main else True)
+        start = time.perf_counter()
+        est = estimate_image(value.bind(normalizer(image[None])[0], int(label)), grid.n,
+                             settings.ratios, settings.pairs, settings.contexts, seed=settings.seed,
+                             image_id=image_id, grid=settings.grid,
+                             pair_sampling=settings.pair_sampling, radius=settings.radius,
+                             batch_size=settings.batch_size, on_batch=bar.update)
+        bar.close()
+        record = {"dv": est.dv, "pairs": est.pairs.astype(np.int16), "label": int(label),
+                  "forwards": est.forwards, "seconds": time.perf_counter() - start}
+        if path is not None:
+            _save_npz(path, record)
+        else:
+            done[image_id] = record
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+    return merge(plan_, settings, images_dir, done)
+
+
+def merge(plan_: Plan, settings: InteractionSettings, images_dir: Path | None,
+          in_memory: dict[int, dict] | None = None) -> InteractionResult:
+    records = []
+    for image_id in plan_.image_ids:
+        if in_memory and image_id in in_memory:
+            records.append(in_memory[image_id])
+        else:
+            with np.load(image_file(images_dir, image_id)) as data:
+                records.append({k: data[k] for k in data.files})
+    n = settings.grid**2
+    meta = {**{k: v for k, v in asdict(settings).items() if k != "extra_meta"},
+            **settings.extra_meta,
+            "forwards": int(sum(int(r["forwards"]) for r in records)),
+            "forwards_upstream": plan_.upstream_per_image * len(records),
+            "compute_seconds": float(sum(float(r["seconds"]) for r in records)),
+            "candidates": plan_.candidates,
+            "versions": _versions()}
+    return InteractionResult(
+        dv=np.stack([r["dv"] for r in records]),
+        pairs=np.stack([r["pairs"] for r in records]),
+        ratios=tuple(settings.ratios),
+        orders=tuple(order_of(n, r) for r in settings.ratios),
+        grid=settings.grid,
+        image_ids=list(plan_.image_ids),
+        labels=[int(r["label"]) for r in records],
+        meta=meta,
+    )
+
+
+def multi_order(model: nn.Module, images: torch.Tensor, labels: Sequence[int], *,
+                mean: Sequence[float], std: Sequence[float],
+                settings: InteractionSettings | None = None, device: torch.device | str = "cpu",
+                progress: bool = False) -> InteractionResult:
+    """Interactions of ``images (B,C,H,W)`` in [0, 1] with their true ``labels``, in memory.
+
+    All images are used (no selection); image ids are their positions 0..B−1.
+    """
+    settings = settings or InteractionSettings()
+    dataset = _FloatDataset(images, labels)
+    p = Plan(list(range(len(labels))), list(map(int, labels)),
+             planned_forwards(settings.grid**2, settings.ratios, settings.pairs, settings.contexts),
+             upstream_forwards(settings.ratios, settings.pairs, settings.contexts), len(labels))
+    settings.check(settings.grid**2)
+    return run(model, dataset, p, settings, mean=mean, std=std, device=torch.device(device),
+               progress=progress, log=lambda _: None)
+
+
+class _FloatDataset(Dataset):
+    def __init__(self, images: torch.Tensor, labels: Sequence[int]) -> None:
+        self.images, self.targets = images.float(), [int(v) for v in labels]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.targets[index]
+
+
+def _save_npz(path: Path, record: dict) -> None:
+    from narrows.runs.files import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **record)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    from narrows import __version__
+
+    return {"narrows": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": np.__version__}
