@@ -140,7 +140,8 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert single["top1"] == pytest.approx(results["final"]["top1"])
     assert single["loss"] == pytest.approx(results["final"]["loss"], rel=1e-5)
     assert sorted(p.name for p in Path(out).iterdir() if not p.name.startswith(".")) == [
-        "best.pt", "config.yaml", "curves.png", "last.pt", "metrics.jsonl", "results.json"]
+        "best.pt", "config.yaml", "curves.png", "init.pt", "last.pt", "metrics.jsonl",
+        "results.json"]
 
 
 @pytest.mark.slow

@@ -107,5 +107,6 @@ def parse(argv: Sequence[str] | None) -> tuple[Command, object]:
 def _load_commands() -> None:
     if COMMANDS:
         return
-    for module in ("train", "evaluate", "models_cmd", "quickstart"):
+    for module in ("train", "evaluate", "models_cmd", "quickstart", "interactions",
+                   "interactions_train"):
         importlib.import_module(f"narrows.cli.{module}")

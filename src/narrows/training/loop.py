@@ -27,7 +27,7 @@ from narrows.training.evaluate import EvalResult, evaluate
 from narrows.training.settings import TrainSettings, learning_rate
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, INIT = "last.pt", "best.pt", "init.pt"
 
 
 @dataclass
@@ -190,6 +190,12 @@ def fit(
         from torch.nn.parallel import DistributedDataParallel
 
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if run is not None and run.writer and start_epoch == 0 and not run.exists(INIT):
+        from narrows.runs.files import atomic_torch_save
+
+        # the weights before training: "the same network at initialisation" for analyses
+        atomic_torch_save(run.file(INIT), {"state_dict": model.state_dict(),
+                                           "narrows_card": card.to_dict(), "epoch": 0})
     final: EvalResult | None = None
     show = progress and dist.is_main
     for epoch in range(start_epoch, settings.epochs):

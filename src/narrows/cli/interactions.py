@@ -1,0 +1,309 @@
+"""``narrows interactions run | plot | compare``: multi-order interaction strength."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from narrows.cli.app import GROUPS, Command, register
+from narrows.cli.common import CommonOptions, open_run, start
+from narrows.config import option, positive
+
+GROUPS["interactions"] = ("multi-order interaction strength (representation bottleneck) and "
+                          "training with order losses")
+PRESET_NAMES = Literal["paper-cifar", "fork-imagenet", "cpu-small", "smoke"]
+
+
+@dataclass
+class EstimateOptions:
+    """What every estimate takes: the preset and its overrides."""
+
+    preset: PRESET_NAMES = option("cpu-small", "settings: paper-cifar (grid 16, 200 pairs, 100 "
+                                  "contexts, 50 images), fork-imagenet (14/50/50/500), cpu-small "
+                                  "(8/20/20/10), smoke (4/4/4/2, plumbing only)")
+    grid: int | None = option(None, "players on a GRID×GRID patch grid [preset]", check=positive)
+    pairs: int | None = option(None, "pairs per image [preset]", check=positive)
+    contexts: int | None = option(None, "contexts K per pair and order [preset]", check=positive)
+    ratios: list[float] | None = option(None, "orders as fractions r of n − 2 [preset: the 13 "
+                                        "upstream ratios]")
+    images: int | None = option(None, "images to explain: the first of each class [preset]",
+                                check=positive)
+    pair_sampling: Literal["neighbour", "uniform"] = option(
+        "neighbour", "neighbour: j within --radius of i (upstream); uniform: any two players")
+    radius: int = option(2, "neighbourhood radius (Chebyshev) for neighbour pairs",
+                         check=positive)
+    reward: Literal["logodds", "logprob", "logit"] = option(
+        "logodds", "v(S): log-odds (upstream), log-probability or logit of the true class")
+    baseline: Literal["mean", "zero"] = option("mean", "masked patches become the data set's "
+                                               "mean colour (upstream) or black")
+    only_correct: bool = option(True, "keep only images the model classifies correctly "
+                                "(upstream)")
+    split: Literal["train", "test"] = option("train", "split the images come from (upstream: "
+                                             "train)")
+    batch_size: int = option(64, "masked images per forward pass", check=positive,
+                             affects_result=False)
+    image_size: int | None = option(None, "served image size for imagenet:/folder: data",
+                                    check=positive)
+
+
+@dataclass
+class RunConfig(EstimateOptions, CommonOptions):
+    checkpoint: str | None = option(None, "model weights; a narrows checkpoint carries its "
+                                    "architecture, classes, normalisation and data", metavar="FILE")
+    model: str | None = option(None, "architecture (timm name); without --checkpoint: random "
+                               "initial weights from --seed", short="-m")
+    data: str | None = option(None, "data spec [default: the checkpoint's data]", short="-d")
+    label: str | None = option(None, "name of this curve in plots [default: the model]",
+                               affects_result=False)
+
+
+def settings_for(cfg: EstimateOptions, seed: int, extra: dict):
+    from narrows.interactions.presets import PRESETS
+    from narrows.interactions.runner import InteractionSettings
+
+    preset = PRESETS[cfg.preset]
+
+    def pick(name: str):
+        value = getattr(cfg, name)
+        return preset[name] if value is None else value
+
+    return InteractionSettings(
+        grid=pick("grid"), pairs=pick("pairs"), contexts=pick("contexts"),
+        ratios=tuple(pick("ratios")), images=pick("images"), pair_sampling=cfg.pair_sampling,
+        radius=cfg.radius, reward=cfg.reward, baseline=cfg.baseline,
+        only_correct=cfg.only_correct, batch_size=cfg.batch_size, seed=seed,
+        extra_meta={"preset": cfg.preset, "split": cfg.split, **extra},
+    )
+
+
+def load_subject(checkpoint: str | None, model: str | None, data: str | None,
+                 image_size: int | None):
+    """(model, card-or-None, data bundle, mean, std, description) for a run."""
+    from narrows.data import load
+    from narrows.errors import UserError
+    from narrows.models import create, load_model
+
+    if checkpoint:
+        loaded = load_model(checkpoint, name=model)
+        net, card = loaded.model, loaded.card
+    elif model:
+        net, card = None, None
+    else:
+        raise UserError("no model given", "pass --checkpoint FILE, or --model NAME for random "
+                        "initial weights")
+    spec = data or (card.data_spec if card else None)
+    if not spec:
+        raise UserError("no data given", "pass --data SPEC (e.g. digits)")
+    bundle = load(spec, image_size=image_size)
+    if net is None:
+        net = create(model, num_classes=bundle.info.num_classes, in_chans=bundle.info.in_chans)
+    classes = getattr(net, "num_classes", bundle.info.num_classes)
+    if classes != bundle.info.num_classes:
+        raise UserError(f"the model predicts {classes} classes but {spec} has "
+                        f"{bundle.info.num_classes}", "use the data set the model was trained on")
+    mean, std = (card.mean, card.std) if card else (bundle.info.mean, bundle.info.std)
+    name = (card.architecture if card else model) + (f" ({checkpoint})" if checkpoint else " (init)")
+    return net, bundle, mean, std, name
+
+
+def estimate_into(run, net, dataset, num_classes: int, settings, mean, std, session, progress,
+                  image_ids=None, say=print):
+    """Plan (printing the cost), run with per-image resume, save the result in ``run``."""
+    from narrows.interactions.players import PlayerGrid
+    from narrows.interactions.runner import measure_speed, plan
+    from narrows.interactions.runner import run as run_images
+    from narrows.training import Normalizer
+
+    normalizer = Normalizer(mean, std)
+    p = plan(net.to(session.device), dataset, num_classes, settings, normalizer, session.device,
+             image_ids)
+    if not p.image_ids:
+        from narrows.errors import UserError
+
+        raise UserError(f"none of the {p.candidates} candidate images is classified correctly",
+                        "pass --no-only-correct, or use more --images")
+    images_dir = run.file("images")
+    finished = sum((images_dir / f"{i:07d}.npz").is_file() for i in p.image_ids)
+    image = dataset[p.image_ids[0]][0]
+    speed = measure_speed(net, PlayerGrid(settings.grid, *image.shape[1:]),
+                          normalizer(image[None])[0], settings.batch_size, session.device)
+    todo = (len(p.image_ids) - finished) * p.forwards_per_image
+    say(f"{len(p.image_ids)} images (of {p.candidates} candidates), {p.forwards_per_image:,} "
+        f"forward passes each ({p.upstream_per_image:,} without the exact shortcuts); "
+        f"{finished} already done; {todo:,} to go ≈ {_duration(todo / speed)} at "
+        f"{speed:,.0f} forwards/s")
+    result = run_images(net, dataset, p, settings, mean=mean, std=std, device=session.device,
+                        images_dir=images_dir, dist=session.dist, progress=progress, log=say)
+    if run.writer:
+        result.save(run.path)
+    return result
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def execute_run(cfg: RunConfig) -> int:
+    from narrows.runs import default_out
+
+    session = start(cfg)
+    net, bundle, mean, std, name = load_subject(cfg.checkpoint, cfg.model, cfg.data,
+                                                cfg.image_size)
+    settings = settings_for(cfg, cfg.seed, {"model": name, "checkpoint": cfg.checkpoint,
+                                            "data": bundle.info.spec,
+                                            "label": cfg.label or name})
+    stem = Path(cfg.checkpoint).parent.name + "-" + Path(cfg.checkpoint).stem if cfg.checkpoint \
+        else f"{cfg.model}-init"
+    run = open_run(cfg, "interactions run", default_out("interactions", stem, cfg.preset), session)
+    say = print if session.dist.is_main else (lambda *_: None)
+    result = estimate_into(run, net, bundle.split(cfg.split), bundle.info.num_classes, settings,
+                           mean, std, session, cfg.progress, say=say)
+    if session.dist.is_main:
+        j = result.J()
+        say("J (sampled): " + " ".join(f"{r:g}:{v:.2f}" for r, v in zip(result.ratios, j,
+                                                                        strict=True)))
+        say(f"→ {run.file('curve.csv')}, {run.file('curve.png')}, {run.file('meta.json')}")
+    _shutdown(session)
+    return 0
+
+
+def _shutdown(session) -> None:
+    if session.dist.enabled:
+        from narrows.runtime import shutdown_distributed
+
+        shutdown_distributed()
+
+
+@dataclass
+class PlotConfig:
+    runs: list[str] = option([], "directories of finished 'interactions run's", positional=True,
+                             metavar="DIR")
+    out: str = option("interactions.png", "figure file (.png, .pdf, .svg)", metavar="FILE")
+    labels: list[str] | None = option(None, "one legend label per DIR [default: each run's label]")
+    normalize: Literal["sampled", "uniform"] = option(
+        "sampled", "J's normaliser: mean of A over the evaluated ratios (upstream) or the "
+        "integral of A over r")
+    debiased: bool = option(False, "plot the debiased estimate sqrt(max(0, I² − s²/K))")
+    title: str | None = option(None, "figure title")
+
+
+def execute_plot(cfg: PlotConfig) -> int:
+    from narrows.errors import UserError
+    from narrows.interactions.result import InteractionResult, plot_curves
+    from narrows.plotting import pyplot
+    from narrows.runs import atomic_savefig
+
+    if not cfg.runs:
+        raise UserError("no run directories given", "narrows interactions plot DIR [DIR ...]")
+    if cfg.labels and len(cfg.labels) != len(cfg.runs):
+        raise UserError(f"{len(cfg.labels)} labels for {len(cfg.runs)} runs",
+                        "give one --labels entry per DIR")
+    results = [InteractionResult.load(d) for d in cfg.runs]
+    fig, _ = plot_curves(results, cfg.labels, normalize=cfg.normalize, debiased=cfg.debiased,
+                         title=cfg.title)
+    atomic_savefig(cfg.out, fig, dpi=150, bbox_inches="tight")
+    pyplot().close(fig)
+    print(f"→ {cfg.out}")
+    return 0
+
+
+@dataclass
+class CompareConfig(EstimateOptions, CommonOptions):
+    models: list[str] = option([], "LABEL=CHECKPOINT or LABEL=MODEL_NAME (random init) entries; "
+                               "the images are chosen once, with the first model")
+    data: str | None = option(None, "data spec [default: the first checkpoint's data]",
+                              short="-d")
+
+
+def execute_compare(cfg: CompareConfig) -> int:
+    from narrows.errors import UserError
+    from narrows.interactions.result import plot_curves
+    from narrows.interactions.runner import select
+    from narrows.plotting import pyplot
+    from narrows.runs import RunDir, default_out
+    from narrows.training import Normalizer
+
+    if len(cfg.models) < 1:
+        raise UserError("no models to compare", "list them under 'models:' in --config, as "
+                        "LABEL=CHECKPOINT or LABEL=MODEL_NAME")
+    entries = [_entry(text) for text in cfg.models]
+    session = start(cfg)
+    run = open_run(cfg, "interactions compare", default_out("interactions", "compare"), session)
+    say = print if session.dist.is_main else (lambda *_: None)
+    results, image_ids, data = [], None, cfg.data
+    for label, checkpoint, model in entries:
+        net, bundle, mean, std, name = load_subject(checkpoint, model, data, cfg.image_size)
+        data = bundle.info.spec
+        settings = settings_for(cfg, cfg.seed, {"model": name, "checkpoint": checkpoint,
+                                                "data": data, "label": label})
+        dataset = bundle.split(cfg.split)
+        if image_ids is None:
+            image_ids, _, _ = select(net.to(session.device), dataset, bundle.info.num_classes,
+                                     settings, Normalizer(mean, std), session.device)
+        say(f"\n== {label}: {name}")
+        result_options = {"checkpoint": checkpoint, "model": model, "images": list(image_ids),
+                          "settings": repr(settings)}
+        sub = (RunDir.open(run.path / label, "interactions run", {"label": label}, result_options)
+               if session.dist.is_main else RunDir(run.path / label, writer=False))
+        results.append(estimate_into(sub, net, dataset, bundle.info.num_classes, settings, mean,
+                                     std, session, cfg.progress, image_ids, say))
+    if run.writer:
+        fig, _ = plot_curves(results, [e[0] for e in entries], title="multi-order interactions")
+        run.save_figure("compare.png", fig)
+        pyplot().close(fig)
+        say(f"\n→ {run.file('compare.png')}")
+    _shutdown(session)
+    return 0
+
+
+def _entry(text: str) -> tuple[str, str | None, str | None]:
+    from narrows.errors import UserError
+
+    label, sep, target = text.partition("=")
+    if not sep or not label or not target:
+        raise UserError(f"model entry '{text}' is not LABEL=CHECKPOINT or LABEL=MODEL_NAME",
+                        "e.g. trained=runs/train/resnet20_cifar-digits/best.pt")
+    is_file = Path(target).suffix in (".pt", ".pth", ".th", ".tar", ".bin", ".safetensors")
+    return (label, target, None) if is_file else (label, None, target)
+
+
+register(Command(
+    words=("interactions", "run"),
+    summary="measure the multi-order interaction strength J(m) of a model",
+    description="Estimate the multi-order interactions I^(m)(i,j) of a classifier on images of a "
+    "data set and the relative strength J of each order (Deng et al., ICLR 2022). Prints the "
+    "planned forward passes and an estimated time first; each finished image is saved, so a "
+    "killed run resumes where it stopped. Writes meta.json, dv.npy, pairs.npy, curve.csv and "
+    "curve.png to --out.",
+    config=RunConfig,
+    target="narrows.cli.interactions:execute_run",
+    epilog="examples:\n  narrows interactions run --checkpoint runs/train/resnet20_cifar-digits/"
+    "best.pt --preset cpu-small\n  narrows interactions run --model resnet20_cifar --data digits "
+    "--preset cpu-small   # at initialisation\n  narrows interactions run --checkpoint "
+    "alexnet.pt --model alexnet_cifar --data cifar10:data --preset paper-cifar --device cuda",
+))
+register(Command(
+    words=("interactions", "plot"),
+    summary="overlay the J curves of finished runs in one figure",
+    description="Overlay the interaction curves of one or more 'interactions run' directories.",
+    config=PlotConfig,
+    target="narrows.cli.interactions:execute_plot",
+    epilog="example:\n  narrows interactions plot runs/interactions/a runs/interactions/b "
+    "--labels trained init --out fig.png",
+))
+register(Command(
+    words=("interactions", "compare"),
+    summary="run several models on the same images, pairs and contexts and overlay them",
+    description="Compare models on identical images, pairs and contexts (the upstream "
+    "interaction_in1k.sh use). Give the models in --config FILE.yaml:\n\n"
+    "  data: digits\n  preset: cpu-small\n  models:\n    - trained=runs/train/resnet20_cifar-digits/"
+    "best.pt\n    - init=runs/train/resnet20_cifar-digits/init.pt\n\nEach model's run is kept in "
+    "--out/LABEL (resumable); the overlay is --out/compare.png.",
+    config=CompareConfig,
+    target="narrows.cli.interactions:execute_compare",
+))
