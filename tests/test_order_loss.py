@@ -185,15 +185,13 @@ def test_gradients_reach_every_parameter_through_the_order_term():
 
 
 # -- BatchNorm and dropout modes ------------------------------------------------------------
-def test_eval_for_masked_keeps_bn_statistics_of_a_clean_step():
+@pytest.mark.parametrize("bn_mode", ["freeze_stats", "eval_for_masked"])
+def test_protective_modes_keep_bn_statistics_of_a_clean_step(bn_mode):
     x, y = torch.randn(6, 3, SIZE, SIZE), torch.arange(6) % C
     clean, keep, upstream = bn_net(), bn_net(), bn_net()
-    for m in (clean, keep, upstream):
-        m.train()
     torch.manual_seed(0)
     clean(x)
-    torch.manual_seed(0)
-    OrderLoss("encourage", 0.3, 0.7, G)(keep, x, y)
+    OrderLoss("encourage", 0.3, 0.7, G, bn_mode=bn_mode)(keep, x, y)
     OrderLoss("encourage", 0.3, 0.7, G, bn_mode="train")(upstream, x, y)
     bn_c, bn_k, bn_u = clean[1], keep[1], upstream[1]
     assert torch.equal(bn_k.running_mean, bn_c.running_mean)
@@ -202,7 +200,22 @@ def test_eval_for_masked_keeps_bn_statistics_of_a_clean_step():
     assert not torch.allclose(bn_u.running_mean, bn_c.running_mean)
 
 
+def test_freeze_stats_trains_exactly_as_upstream():
+    x, y = torch.randn(6, 3, SIZE, SIZE), torch.arange(6) % C
+    grads = []
+    for bn_mode in ("train", "freeze_stats"):
+        model = bn_net()
+        torch.manual_seed(4)
+        loss, _ = OrderLoss("penalize", 0.0, 0.5, G, bn_mode=bn_mode)(model, x, y)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (l_up, g_up), (l_fr, g_fr) = grads
+    assert torch.equal(l_up, l_fr)
+    assert all(torch.equal(a, b) for a, b in zip(g_up, g_fr, strict=True))
+
+
 @pytest.mark.parametrize("bn_mode, seen", [("eval_for_masked", [True, False, False]),
+                                           ("freeze_stats", [True, True, True]),
                                            ("train", [True, True, True])])
 def test_modes_during_and_after_the_masked_passes(bn_mode, seen):
     x, y = torch.randn(4, 3, SIZE, SIZE), torch.arange(4) % C
@@ -210,17 +223,24 @@ def test_modes_during_and_after_the_masked_passes(bn_mode, seen):
     OrderLoss("penalize", 0.0, 0.5, G, bn_mode=bn_mode)(model, x, y)
     assert model.bn_training == seen
     assert all(m.training for m in model.modules())  # dropout and BN back in train mode
+    assert model.inner[1].track_running_stats
 
 
-def test_modes_restored_after_an_exception_and_mixed_modes_kept():
+def state_of(model: nn.Module) -> dict[str, tuple[bool, bool]]:
+    return {name: (m.training, getattr(m, "track_running_stats", True))
+            for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("bn_mode", ["freeze_stats", "eval_for_masked"])
+def test_modes_restored_after_an_exception_and_mixed_modes_kept(bn_mode):
     x, y = torch.randn(4, 3, SIZE, SIZE), torch.arange(4) % C
     model = Recorder(bn_net(), fail_at=2).train()
     model.inner[3].eval()  # a mixed state must come back as it was
-    before = {name: m.training for name, m in model.named_modules()}
+    before = state_of(model)
     with pytest.raises(RuntimeError, match="boom"):
-        OrderLoss("encourage", 0.3, 0.7, G)(model, x, y)
-    assert model.bn_training == [True, False]
-    assert {name: m.training for name, m in model.named_modules()} == before
+        OrderLoss("encourage", 0.3, 0.7, G, bn_mode=bn_mode)(model, x, y)
+    assert model.bn_training == [True, bn_mode == "freeze_stats"]
+    assert state_of(model) == before
 
 
 # -- validation and metrics -----------------------------------------------------------------

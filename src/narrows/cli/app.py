@@ -104,9 +104,11 @@ def parse(argv: Sequence[str] | None) -> tuple[Command, object]:
     return command, config.from_args(command.config, args)
 
 
+COMMAND_MODULES = ("train", "evaluate", "models_cmd", "quickstart", "interactions",
+                   "interactions_train")
+
+
 def _load_commands() -> None:
-    if COMMANDS:
-        return
-    for module in ("train", "evaluate", "models_cmd", "quickstart", "interactions",
-                   "interactions_train"):
+    """Import every command module (each registers its commands once, when first imported)."""
+    for module in COMMAND_MODULES:
         importlib.import_module(f"narrows.cli.{module}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from narrows.cli.app import GROUPS, Command, register
+from narrows.cli.app import Command, register
 from narrows.cli.train import TrainConfig, run_training
 from narrows.config import non_negative, option, positive
 from narrows.errors import UserError
@@ -41,9 +41,11 @@ class OrderTrainConfig(TrainConfig):
                             check=non_negative, group=ORDER)
     lam_order: float = option(1.0, "weight of the order loss (upstream --lam2)",
                               check=non_negative, group=ORDER)
-    bn_mode: Literal["eval_for_masked", "train"] = option(
-        "eval_for_masked", "BatchNorm in the two masked passes: eval_for_masked keeps running "
-        "statistics free of masked images; train = upstream (updates them)", group=ORDER)
+    bn_mode: Literal["freeze_stats", "eval_for_masked", "train"] = option(
+        "freeze_stats", "BatchNorm in the two masked passes: freeze_stats = batch statistics "
+        "as upstream, running statistics untouched; eval_for_masked = running statistics "
+        "(can diverge when training from scratch); train = upstream (masked images enter the "
+        "running statistics)", group=ORDER)
     n_draws: int = option(1, "mask draws per image and step, averaged (upstream 1)",
                           check=positive, group=ORDER)
 
@@ -104,7 +106,6 @@ def execute(cfg: OrderTrainConfig) -> int:
                         default_name=run_name(cfg, recipe))
 
 
-GROUPS.setdefault("interactions", "multi-order interactions: measure them, train with order losses")
 register(Command(
     words=("interactions", "train"),
     summary="train with a loss that encourages or penalises interactions of some orders",
@@ -113,8 +114,8 @@ register(Command(
     "of the n = grid² patches (the rest set to the baseline), and Δu = u(S2) − (r2/r1)·u(S1) "
     "(u = logits; coefficient 1 when r1 = 0). 'encourage' adds the cross-entropy of softmax(Δu), "
     "'penalize' its negative entropy. metrics.jsonl gains order_loss, cls_loss and "
-    "delta_u_top1 (accuracy of argmax Δu) per epoch. By default BatchNorm layers run in eval "
-    "mode for the masked passes so that masked images do not enter their running statistics "
+    "delta_u_top1 (accuracy of argmax Δu) per epoch. By default the masked passes do not "
+    "update BatchNorm running statistics, so that masked images do not distort evaluation "
     "(--bn-mode train = upstream).",
     config=OrderTrainConfig,
     target="narrows.cli.interactions_train:execute",

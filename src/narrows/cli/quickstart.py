@@ -52,7 +52,22 @@ def evaluate_step(cfg: QuickstartConfig, out: Path) -> str:
             f"{out / 'evaluate' / 'results.json'}")
 
 
-STEPS: list[Step] = [Step("train", train_step), Step("evaluate", evaluate_step)]
+def interactions_step(cfg: QuickstartConfig, out: Path) -> str:
+    from narrows.cli.interactions import CompareConfig, execute_compare
+
+    train = out / "train"
+    execute_compare(CompareConfig(
+        models=[f"trained={train / 'best.pt'}", f"init={train / 'init.pt'}"],
+        preset="cpu-small", **_sub(cfg, out, "interactions")))
+    return (f"interaction curves, trained vs initialisation (cpu-small): "
+            f"{out / 'interactions' / 'compare.png'}")
+
+
+STEPS: list[Step] = [
+    Step("train", train_step),
+    Step("evaluate", evaluate_step),
+    Step("interactions", interactions_step),
+]
 
 
 def execute(cfg: QuickstartConfig) -> int:
@@ -73,10 +88,11 @@ def execute(cfg: QuickstartConfig) -> int:
 
 register(Command(
     words=("quickstart",),
-    summary="train ResNet-20 on the embedded digits, evaluate it, and show where results are",
+    summary="train ResNet-20 on the embedded digits, evaluate it, measure its interactions",
     description="The first thing to run: trains a CIFAR ResNet-20 on scikit-learn's digits "
-    "(3×32×32), evaluates it and prints where each result is. Needs no download. Re-running "
-    "resumes any unfinished step.",
+    "(3×32×32), evaluates it, measures its multi-order interaction curve against the same "
+    "network at initialisation, and prints where each result is. Needs no download. "
+    "Re-running resumes any unfinished step.",
     config=QuickstartConfig,
     target="narrows.cli.quickstart:execute",
 ))
