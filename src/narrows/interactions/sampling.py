@@ -6,6 +6,7 @@ image gets the same pairs and contexts whichever other images, ranks or models s
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -30,6 +31,7 @@ def context_rng(seed: int, image_id: int, ratio_index: int) -> np.random.Generat
     return np.random.default_rng([seed, image_id, ratio_index + 1])
 
 
+@lru_cache(maxsize=64)
 def max_pairs(grid: int, sampling: PairSampling, radius: int) -> int:
     """How many distinct unordered pairs the sampler can produce."""
     n = grid * grid
