@@ -58,8 +58,8 @@ def interactions_step(cfg: QuickstartConfig, out: Path) -> str:
     train = out / "train"
     execute_compare(CompareConfig(
         models=[f"trained={train / 'best.pt'}", f"init={train / 'init.pt'}"],
-        preset="cpu-small", **_sub(cfg, out, "interactions")))
-    return (f"interaction curves, trained vs initialisation (cpu-small): "
+        preset="cpu-small", images=5, pairs=10, **_sub(cfg, out, "interactions")))
+    return (f"interaction curves, trained vs initialisation (cpu-small, 5 images, 10 pairs): "
             f"{out / 'interactions' / 'compare.png'}")
 
 

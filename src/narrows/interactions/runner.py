@@ -111,9 +111,10 @@ def plan(model: nn.Module, dataset: Dataset, num_classes: int, settings: Interac
 
 
 def measure_speed(model: nn.Module, grid: PlayerGrid, image: torch.Tensor, batch_size: int,
-                  device: torch.device) -> float:
+                  device: torch.device, channels_last: bool = False) -> float:
     """Masked forwards per second, from two timed batches (for the printed estimate)."""
-    value = ModelValue(model, grid, torch.zeros_like(image), "logit", device).bind(image, 0)
+    value = ModelValue(model, grid, torch.zeros_like(image), "logit", device,
+                       channels_last).bind(image, 0)
     masks = torch.rand(batch_size, grid.n) < 0.5
     value(masks)  # warm-up
     start = time.perf_counter()
@@ -129,7 +130,7 @@ def image_file(directory: Path, image_id: int) -> Path:
 def run(model: nn.Module, dataset: Dataset, plan_: Plan, settings: InteractionSettings, *,
         mean: Sequence[float], std: Sequence[float], device: torch.device,
         images_dir: Path | None = None, dist: Distributed = Distributed(), progress: bool = True,
-        log: Callable[[str], None] = print) -> InteractionResult:
+        log: Callable[[str], None] = print, channels_last: bool = False) -> InteractionResult:
     """Estimate every planned image (skipping those already in ``images_dir``) and merge."""
     from tqdm.auto import tqdm
 
@@ -143,7 +144,7 @@ def run(model: nn.Module, dataset: Dataset, plan_: Plan, settings: InteractionSe
     c, h, w = first.shape
     grid = PlayerGrid(settings.grid, h, w)
     baseline = normalised_baseline(settings.baseline, tuple(mean), tuple(std), (c, h, w))
-    value = ModelValue(model.to(device), grid, baseline, settings.reward, device)
+    value = ModelValue(model.to(device), grid, baseline, settings.reward, device, channels_last)
     mine = plan_.image_ids[dist.rank::dist.world_size]
     done: dict[int, dict] = {}
     for position, image_id in enumerate(mine):
