@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,10 @@ def test_cosine_step_and_warmup_schedules():
     s = TrainSettings(epochs=10, lr=1.0, schedule="step", milestones=[3, 6], gamma=0.1)
     assert [learning_rate(s, e) for e in (0, 2.9, 3, 5.5, 6, 9)] == pytest.approx(
         [1, 1, 0.1, 0.1, 0.01, 0.01])
+    # upstream np.logspace(log10(0.01), log10(0.01) - 1, 5): one value per epoch
+    s = TrainSettings(epochs=5, lr=0.01, schedule="log", log_decades=1.0)
+    assert [learning_rate(s, e + 0.5) for e in range(5)] == pytest.approx(
+        list(np.logspace(-2, -3, 5)))
     s = TrainSettings(epochs=10, lr=1.0, schedule="cosine", warmup_epochs=2)
     assert learning_rate(s, 1) == pytest.approx(0.5)
     assert learning_rate(s, 2) == pytest.approx(1.0)

@@ -124,5 +124,5 @@ register(Command(
     "  narrows interactions train -d digits --loss encourage --r1 0.3 --r2 0.7 --grid 8\n"
     "  # upstream CIFAR-10 mid-order model:\n"
     "  narrows interactions train --model alexnet_cifar --data cifar10:data --recipe mid "
-    "--grid 16 --epochs 200 --lr 0.01 --batch-size 128",
+    "--grid 16 --epochs 200 --lr 0.01 --schedule log --batch-size 128 --bn-mode train",
 ))

@@ -32,9 +32,13 @@ class TrainConfig(CommonOptions):
     momentum: float = option(0.9, "SGD momentum", check=non_negative)
     weight_decay: float = option(5e-4, "weight decay (not on biases and norm weights)",
                                  check=non_negative)
-    schedule: Literal["cosine", "step", "constant"] = option("cosine", "learning-rate schedule")
+    schedule: Literal["cosine", "step", "log", "constant"] = option(
+        "cosine", "learning-rate schedule: cosine to 0; step (--milestones, --gamma); log "
+        "(geometric per epoch, --log-decades powers of ten over the run); constant")
     milestones: list[int] = option([], "epochs where the step schedule multiplies lr by --gamma")
     gamma: float = option(0.1, "step-schedule factor", check=positive)
+    log_decades: float = option(1.0, "log schedule: powers of ten the lr falls over the run",
+                                check=non_negative)
     warmup_epochs: float = option(0.0, "linear warm-up length in epochs", check=non_negative)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy",
                                     check=non_negative)
@@ -55,7 +59,8 @@ def settings_from(cfg: TrainConfig):
     return TrainSettings(
         epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-        milestones=list(cfg.milestones), gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs,
+        milestones=list(cfg.milestones), gamma=cfg.gamma, log_decades=cfg.log_decades,
+        warmup_epochs=cfg.warmup_epochs,
         label_smoothing=cfg.label_smoothing, augment=cfg.augment, workers=cfg.workers,
         eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
     )
