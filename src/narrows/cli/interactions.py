@@ -136,7 +136,7 @@ def estimate_into(run, net, dataset, num_classes: int, settings, mean, std, sess
         f"{finished} already done; {todo:,} to go ≈ {_duration(todo / speed)} at "
         f"{speed:,.0f} forwards/s")
     result = run_images(net, dataset, p, settings, mean=mean, std=std, device=session.device,
-                        images_dir=images_dir, dist=session.dist, progress=progress, log=say,
+                        images_dir=images_dir, dist=session.dist, progress=progress,
                         channels_last=channels_last)
     if run.writer:
         result.save(run.path)

@@ -130,7 +130,7 @@ def image_file(directory: Path, image_id: int) -> Path:
 def run(model: nn.Module, dataset: Dataset, plan_: Plan, settings: InteractionSettings, *,
         mean: Sequence[float], std: Sequence[float], device: torch.device,
         images_dir: Path | None = None, dist: Distributed = Distributed(), progress: bool = True,
-        log: Callable[[str], None] = print, channels_last: bool = False) -> InteractionResult:
+        channels_last: bool = False) -> InteractionResult:
     """Estimate every planned image (skipping those already in ``images_dir``) and merge."""
     from tqdm.auto import tqdm
 
@@ -219,7 +219,7 @@ def multi_order(model: nn.Module, images: torch.Tensor, labels: Sequence[int], *
              upstream_forwards(settings.ratios, settings.pairs, settings.contexts), len(labels))
     settings.check(settings.grid**2)
     return run(model, dataset, p, settings, mean=mean, std=std, device=torch.device(device),
-               progress=progress, log=lambda _: None)
+               progress=progress)
 
 
 class _FloatDataset(Dataset):
