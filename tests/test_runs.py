@@ -22,6 +22,17 @@ def test_atomic_write_keeps_old_content_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temp file left
 
 
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = atomic_write_json(tmp_path / "r.json", {})
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_reopen_same_options_resumes_and_different_options_refuse(tmp_path):
     out = tmp_path / "run"
     run = RunDir.open(out, "train", {"lr": 0.1, "device": "cpu"}, {"lr": 0.1})
