@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--contexts", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--contiguous", action="store_true",
                         help="keep the contiguous memory format (default: channels_last on both "
