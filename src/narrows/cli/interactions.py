@@ -48,7 +48,9 @@ class EstimateOptions:
 
 
 @dataclass
-class RunConfig(EstimateOptions, CommonOptions):
+class SubjectOptions:
+    """Which model, on which data (listed first in --help)."""
+
     checkpoint: str | None = option(None, "model weights; a narrows checkpoint carries its "
                                     "architecture, classes, normalisation and data", metavar="FILE")
     model: str | None = option(None, "architecture (timm name); without --checkpoint: random "
@@ -56,6 +58,11 @@ class RunConfig(EstimateOptions, CommonOptions):
     data: str | None = option(None, "data spec [default: the checkpoint's data]", short="-d")
     label: str | None = option(None, "name of this curve in plots [default: the model]",
                                affects_result=False)
+
+
+@dataclass
+class RunConfig(EstimateOptions, SubjectOptions, CommonOptions):
+    pass
 
 
 def settings_for(cfg: EstimateOptions, seed: int, extra: dict):
