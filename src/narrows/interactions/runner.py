@@ -136,6 +136,8 @@ def run(model: nn.Module, dataset: Dataset, plan_: Plan, settings: InteractionSe
 
     from narrows.training import Normalizer
 
+    if dist.enabled and images_dir is None:
+        raise ValueError("a distributed run merges the ranks' images through images_dir: give one")
     normalizer = Normalizer(mean, std)
     first = dataset[plan_.image_ids[0]][0] if plan_.image_ids else None
     if first is None:
