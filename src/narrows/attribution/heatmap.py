@@ -1,0 +1,139 @@
+"""From capacity (nats per feature element) to heatmaps in bits per input pixel (spec §4)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from narrows.errors import UserError
+
+
+def bits_per_cell(cap: torch.Tensor) -> torch.Tensor:
+    """Capacity shaped S → bits per feature cell shaped (h, w).
+
+    ``(C, h, w)``: NaN-safe sum over channels. ``(N, D)`` tokens: sum over D, then the leading
+    ``N − g²`` tokens (class / register tokens) are dropped and the rest reshaped to g×g.
+    """
+    if cap.dim() == 3:
+        cells = torch.nansum(cap, dim=0)
+    elif cap.dim() == 2:
+        per_token = torch.nansum(cap, dim=1)
+        side = math.isqrt(per_token.shape[0])
+        if side == 0:
+            raise UserError("a token map with no tokens", "choose a layer with tokens")
+        cells = per_token[per_token.shape[0] - side * side:].reshape(side, side)
+    else:
+        raise UserError(f"cannot make a heatmap from features shaped {tuple(cap.shape)}",
+                        "use a layer with (C, h, w) maps or (N, D) token maps")
+    return cells / math.log(2)
+
+
+def heatmap_from_capacity(cap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Capacity shaped S → (H, W) bits per input pixel: cell bits × (h·w)/(H·W), bilinear."""
+    cells = bits_per_cell(cap.detach().float())
+    h, w = cells.shape
+    height, width = size
+    scaled = cells * (h * w) / (height * width)
+    resized = F.interpolate(scaled[None, None], size=(height, width), mode="bilinear",
+                            align_corners=False)[0, 0]
+    return resized.clamp(min=0)
+
+
+@dataclass
+class AttributionResult:
+    """Heatmaps (N, H, W) in bits per input pixel, not normalised (comparable across images).
+
+    ``capacity`` (N, *S) nats, ``step_heatmaps`` (N, T, H, W) and ``targets`` are optional;
+    ``targets`` is None when the target was a loss closure.
+    """
+
+    heatmaps: np.ndarray
+    targets: list[int] | None = None
+    capacity: np.ndarray | None = None
+    step_heatmaps: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``arrays.npz`` and ``meta.json`` into ``directory``."""
+        from narrows.runs.files import atomic_write, atomic_write_json
+
+        directory = Path(directory)
+        arrays = {"heatmaps": self.heatmaps.astype(np.float32)}
+        if self.capacity is not None:
+            arrays["capacity"] = self.capacity.astype(np.float32)
+        if self.step_heatmaps is not None:
+            arrays["step_heatmaps"] = self.step_heatmaps.astype(np.float32)
+        atomic_write(directory / "arrays.npz", lambda fh: np.savez_compressed(fh, **arrays))
+        atomic_write_json(directory / "meta.json", {"targets": self.targets, "meta": self.meta})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> AttributionResult:
+        directory = Path(directory)
+        missing = [f for f in ("arrays.npz", "meta.json") if not (directory / f).is_file()]
+        if missing:
+            raise UserError(f"{directory} is not a saved attribution result (no {missing[0]})",
+                            "give a directory written by AttributionResult.save")
+        doc = json.loads((directory / "meta.json").read_text())
+        with np.load(directory / "arrays.npz") as arrays:
+            return cls(heatmaps=arrays["heatmaps"], targets=doc.get("targets"),
+                       capacity=arrays["capacity"] if "capacity" in arrays else None,
+                       step_heatmaps=arrays["step_heatmaps"] if "step_heatmaps" in arrays else None,
+                       meta=doc.get("meta", {}))
+
+    def plot(self, index: int = 0, image: Any = None, ax: Any = None):
+        """Overlay heatmap ``index`` on a grey-scale ``image`` (CHW or HWC, display range [0, 1]).
+
+        Upper half of ``seismic`` with an alpha ramp, colour bar "bits / pixel", vmin 0.
+        Returns ``(fig, ax)``.
+        """
+        from narrows.plotting import pyplot
+
+        plt = pyplot()
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(4.2, 3.6))
+        else:
+            fig = ax.figure
+        heat = self.heatmaps[index]
+        if image is not None:
+            ax.imshow(_greyscale(image), cmap="gray", vmin=0, vmax=1)
+        vmax = float(np.nanmax(heat)) if np.nanmax(heat) > 0 else 1.0
+        shown = ax.imshow(heat, cmap=_bits_colormap(), vmin=0, vmax=vmax,
+                          alpha=0.7 if image is not None else None)
+        fig.colorbar(shown, ax=ax, label="bits / pixel")
+        ax.set_axis_off()
+        target = self.targets[index] if self.targets else None
+        ax.set_title(f"{self.meta.get('method', 'IBA')}" + (f" · class {target}" if target is not None else ""))
+        return fig, ax
+
+
+def _bits_colormap():
+    from matplotlib.colors import ListedColormap
+
+    from narrows.plotting import pyplot
+
+    colours = pyplot().get_cmap("seismic")(np.linspace(0.5, 1.0, 256))
+    colours[:, 3] = np.linspace(0.2, 1.0, 256)
+    return ListedColormap(colours, name="seismic_upper_alpha")
+
+
+def _greyscale(image: Any) -> np.ndarray:
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    array = array.astype(np.float64)
+    if array.ndim == 4:
+        array = array[0]
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3:
+        array = array.mean(axis=-1)
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 1:  # e.g. a normalised image: stretch to [0, 1] for display
+        array = (array - low) / (high - low if high > low else 1.0)
+    return array

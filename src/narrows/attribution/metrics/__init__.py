@@ -1,0 +1,33 @@
+"""Evaluation metrics for attribution heatmaps: degradation, bounding-box ratio, sensitivity-n.
+
+All work on images already in the model's input space (normalised), ``N×H×W`` heatmaps and
+batched forwards; they are model-agnostic (any ``nn.Module`` returning ``N×classes`` logits).
+"""
+
+from narrows.attribution.metrics.bbox import BBoxResult, bbox_ratio, boxes_to_mask
+from narrows.attribution.metrics.degradation import (
+    DegradationResult,
+    degradation,
+    removal_steps,
+    tile_grid,
+)
+from narrows.attribution.metrics.sensitivity import (
+    SensitivityNResult,
+    default_ns,
+    pearson,
+    sensitivity_n,
+)
+
+__all__ = [
+    "BBoxResult",
+    "DegradationResult",
+    "SensitivityNResult",
+    "bbox_ratio",
+    "boxes_to_mask",
+    "default_ns",
+    "degradation",
+    "pearson",
+    "removal_steps",
+    "sensitivity_n",
+    "tile_grid",
+]
