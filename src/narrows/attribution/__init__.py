@@ -1,7 +1,8 @@
 """Attribution: Information Bottleneck Attribution (IBA), baselines and their evaluation.
 
 * IBA (Schulz et al., ICLR 2020): :class:`FeatureStatistics` / :func:`estimate_statistics`,
-  :class:`Bottleneck`, :class:`IBA` (per-sample), :class:`AttributionResult` (heatmaps in bits).
+  :class:`Bottleneck`, :class:`IBA` (per-sample), :class:`AttributionResult` (heatmaps in bits);
+  the readout bottleneck: :class:`ReadoutBottleneck`, :func:`train_readout`, :class:`ReadoutIBA`.
 * Baselines through Captum (optional extra ``narrows[baselines]``): :func:`make_method`,
   :func:`available_methods`; captum is imported only when a method is built.
 * Evaluation: :func:`degradation`, :func:`bbox_ratio`, :func:`sensitivity_n`.
@@ -15,6 +16,13 @@ from narrows.attribution.heatmap import AttributionResult, bits_per_cell, heatma
 from narrows.attribution.layers import default_layer, get_layer, run_to_layer
 from narrows.attribution.metrics import bbox_ratio, degradation, sensitivity_n
 from narrows.attribution.per_sample import IBA
+from narrows.attribution.readout import (
+    ReadoutBottleneck,
+    ReadoutIBA,
+    default_readout_layers,
+    estimate_readout_statistics,
+    train_readout,
+)
 from narrows.attribution.statistics import FeatureStatistics, estimate_statistics
 
 __all__ = [
@@ -23,12 +31,16 @@ __all__ = [
     "Bottleneck",
     "FeatureStatistics",
     "IBA",
+    "ReadoutBottleneck",
+    "ReadoutIBA",
     "available_methods",
     "bbox_ratio",
     "bits_per_cell",
     "capacity",
     "default_layer",
+    "default_readout_layers",
     "degradation",
+    "estimate_readout_statistics",
     "estimate_statistics",
     "gaussian_kernel",
     "get_layer",
@@ -36,4 +48,5 @@ __all__ = [
     "make_method",
     "run_to_layer",
     "sensitivity_n",
+    "train_readout",
 ]
