@@ -197,3 +197,10 @@ def test_missing_captum_names_the_extra(monkeypatch: pytest.MonkeyPatch, resnet:
     with pytest.raises(MissingExtraError, match=r"narrows\[baselines\]"):
         make_method("saliency", resnet)
     assert make_method("random", resnet) is not None  # random needs no captum
+
+
+def test_gradcam_default_layer_of_cifar_resnets() -> None:
+    from narrows.attribution.baselines import default_cam_layer
+    from narrows.models import create
+
+    assert default_cam_layer(create("resnet20_cifar", num_classes=10)) == "layer3"

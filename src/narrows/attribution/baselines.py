@@ -95,6 +95,8 @@ def default_cam_layer(model: nn.Module) -> str:
         return f"blocks.{index}"
     if "layer4" in children:
         return "layer4"
+    if "layer3" in children and "layer1" in children:  # three-stage CIFAR ResNets
+        return "layer3"
     stages = children.get("stages")
     if isinstance(stages, nn.Sequential | nn.ModuleList) and len(stages) > 0:
         return f"stages.{len(stages) - 1}"
