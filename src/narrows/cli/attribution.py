@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from narrows.cli.app import GROUPS, Command, register
-from narrows.cli.common import CommonOptions, open_run, start
+from narrows.cli.common import CommonOptions, SubjectOptions, load_subject, open_run, start
 from narrows.config import option, positive
 
 if TYPE_CHECKING:
@@ -21,18 +21,11 @@ METRICS = ("degradation", "bbox", "sensitivity-n")
 
 
 @dataclass
-class SubjectOptions:
+class LayerSubject(SubjectOptions):
     """Which model, on which data, at which layer (listed first in --help)."""
 
-    checkpoint: str | None = option(None, "model weights; a narrows checkpoint carries its "
-                                    "architecture, classes, normalisation and data", metavar="FILE")
-    model: str | None = option(None, "architecture (timm name); without --checkpoint: random "
-                               "initial weights from --seed", short="-m")
-    data: str | None = option(None, "data spec [default: the checkpoint's data]", short="-d")
     layer: str | None = option(None, "IBA bottleneck layer [default: the stride-8 stage, e.g. "
                                "layer2 of a ResNet]")
-    image_size: int | None = option(None, "served image size for imagenet:/folder: data",
-                                    check=positive)
 
 
 @dataclass
@@ -57,12 +50,12 @@ class IBAOptions:
 
 
 @dataclass
-class StatsConfig(StatisticsOptions, SubjectOptions, CommonOptions):
+class StatsConfig(StatisticsOptions, LayerSubject, CommonOptions):
     split: Literal["train", "test"] = option("train", "split the images come from")
 
 
 @dataclass
-class ExplainConfig(IBAOptions, StatisticsOptions, SubjectOptions, CommonOptions):
+class ExplainConfig(IBAOptions, StatisticsOptions, LayerSubject, CommonOptions):
     method: str = option("iba", "iba or a baseline: " + "saliency, gradcam, random, ... "
                          "(see narrows.attribution.available_methods)")
     images: int = option(8, "explain the first N test images", check=positive)
@@ -72,7 +65,7 @@ class ExplainConfig(IBAOptions, StatisticsOptions, SubjectOptions, CommonOptions
 
 
 @dataclass
-class EvaluateConfig(IBAOptions, StatisticsOptions, SubjectOptions, CommonOptions):
+class EvaluateConfig(IBAOptions, StatisticsOptions, LayerSubject, CommonOptions):
     methods: str = option("iba,saliency,gradcam,random", "comma-separated methods; each one's "
                           "heatmaps are cached in heatmaps_<method>.npz", affects_result=False)
     metrics: str = option("degradation,bbox", "comma-separated: degradation, bbox (needs boxes), "
@@ -88,40 +81,13 @@ class EvaluateConfig(IBAOptions, StatisticsOptions, SubjectOptions, CommonOption
 
 # -- shared ----------------------------------------------------------------------------------
 
-def _subject(cfg: SubjectOptions):
-    """(model in eval mode, data bundle, normaliser, description)."""
-    from narrows.data import load
-    from narrows.errors import UserError
-    from narrows.models import create, load_model
+def _subject(cfg: LayerSubject):
+    """(model in eval mode, data bundle, normaliser, description, output stem)."""
     from narrows.training import Normalizer
 
-    card = None
-    if cfg.checkpoint:
-        loaded = load_model(cfg.checkpoint, name=cfg.model)
-        net, card = loaded.model, loaded.card
-    elif not cfg.model:
-        raise UserError("no model given", "pass --checkpoint FILE, or --model NAME for random "
-                        "initial weights")
-    spec = cfg.data or (card.data_spec if card else None)
-    if not spec:
-        raise UserError("no data given", "pass --data SPEC (e.g. digits)")
-    bundle = load(spec, image_size=cfg.image_size)
-    if card is None and not cfg.checkpoint:
-        net = create(cfg.model, num_classes=bundle.info.num_classes, in_chans=bundle.info.in_chans)
-    classes = getattr(net, "num_classes", bundle.info.num_classes)
-    if classes != bundle.info.num_classes:
-        raise UserError(f"the model predicts {classes} classes but {spec} has "
-                        f"{bundle.info.num_classes}", "use the data set the model was trained on")
-    mean, std = (card.mean, card.std) if card else (bundle.info.mean, bundle.info.std)
-    name = (card.architecture if card else cfg.model or "model") + (
-        f" ({cfg.checkpoint})" if cfg.checkpoint else " (init)")
-    return net.eval(), bundle, Normalizer(mean, std), name
-
-
-def _stem(cfg: SubjectOptions) -> str:
-    if cfg.checkpoint:
-        return Path(cfg.checkpoint).parent.name + "-" + Path(cfg.checkpoint).stem
-    return f"{cfg.model}-init"
+    subject = load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
+    return (subject.model.eval(), subject.bundle, Normalizer(subject.mean, subject.std),
+            subject.name, subject.stem)
 
 
 def _statistics(cfg, net, bundle, normalizer, session, path: Path, split: str = "train"):
@@ -199,8 +165,8 @@ def execute_stats(cfg: StatsConfig) -> int:
     from narrows.runs import default_out
 
     session = start(cfg)
-    net, bundle, normalizer, name = _subject(cfg)
-    run = open_run(cfg, "attribution stats", default_out("attribution", "stats", _stem(cfg)),
+    net, bundle, normalizer, name, stem = _subject(cfg)
+    run = open_run(cfg, "attribution stats", default_out("attribution", "stats", stem),
                    session)
     path = run.file("statistics.pt")
     reused = path.is_file()
@@ -228,7 +194,7 @@ def execute_explain(cfg: ExplainConfig) -> int:
     if cfg.gif and cfg.method != "iba":
         raise UserError("--gif shows IBA's optimisation steps", "use --method iba, or drop --gif")
     session = start(cfg)
-    net, bundle, normalizer, name = _subject(cfg)
+    net, bundle, normalizer, name, stem = _subject(cfg)
     dataset = bundle.split("test")
     indices = list(cfg.indices) if cfg.indices else list(range(min(cfg.images, len(dataset))))
     bad = [i for i in indices if not 0 <= i < len(dataset)]
@@ -236,7 +202,7 @@ def execute_explain(cfg: ExplainConfig) -> int:
         raise UserError(f"image index {bad[0]} is outside the {len(dataset)} test images",
                         f"give --indices between 0 and {len(dataset) - 1}")
     run = open_run(cfg, "attribution explain",
-                   default_out("attribution", "explain", _stem(cfg), cfg.method), session)
+                   default_out("attribution", "explain", stem, cfg.method), session)
     net.to(session.device)
     stats = (_statistics(cfg, net, bundle, normalizer, session, run.file("statistics.pt"))
              if cfg.method == "iba" else None)
@@ -309,14 +275,14 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
     methods = _split_names(cfg.methods, "methods", _method_names())
     metrics = _split_names(cfg.metrics, "metrics", METRICS)
     session = start(cfg)
-    net, bundle, normalizer, name = _subject(cfg)
+    net, bundle, normalizer, name, stem = _subject(cfg)
     if "bbox" in metrics and not bundle.info.has_boxes:
         raise UserError(f"{bundle.info.spec} has no bounding boxes for the bbox metric",
                         "drop bbox from --metrics, or use data with boxes (e.g. shapes)")
     dataset = bundle.split("test")
     indices = list(range(min(cfg.images, len(dataset))))
     run = open_run(cfg, "attribution evaluate",
-                   default_out("attribution", "evaluate", _stem(cfg)), session)
+                   default_out("attribution", "evaluate", stem), session)
     net.to(session.device)
     images, labels = _batch(dataset, indices)
     inputs = normalizer(images.to(session.device))

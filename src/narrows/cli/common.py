@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from narrows.config import non_negative, option
+from narrows.config import non_negative, option, positive
 
 if TYPE_CHECKING:
     import torch
@@ -89,3 +89,66 @@ def open_run(cfg: Any, command: str, default: Path, session: Session) -> RunDir:
 
 def replace(cfg: Any, **changes: Any) -> Any:
     return dataclasses.replace(cfg, **changes)
+
+
+@dataclass
+class SubjectOptions:
+    """Which model, on which data: the options of commands that analyse a trained model."""
+
+    checkpoint: str | None = option(None, "model weights; a narrows checkpoint carries its "
+                                    "architecture, classes, normalisation and data", metavar="FILE")
+    model: str | None = option(None, "architecture (timm name); without --checkpoint: random "
+                               "initial weights from --seed", short="-m")
+    data: str | None = option(None, "data spec [default: the checkpoint's data]", short="-d")
+    image_size: int | None = option(None, "served image size for imagenet:/folder: data",
+                                    check=positive)
+
+
+@dataclass
+class Subject:
+    """A model to analyse with its data, normalisation and names for outputs."""
+
+    model: Any
+    bundle: Any
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str  # "architecture (checkpoint)" or "architecture (init)"
+    stem: str  # a directory-name-friendly identifier
+
+
+def load_subject(checkpoint: str | None, model: str | None, data: str | None,
+                 image_size: int | None = None) -> Subject:
+    """The model of ``checkpoint`` (or a fresh ``model``), the data set and normalisation.
+
+    The data and normalisation default to the checkpoint's card; a class-count mismatch between
+    model and data is a :class:`UserError`.
+    """
+    from narrows.data import load
+    from narrows.errors import UserError
+    from narrows.models import create, load_model
+
+    card = None
+    if checkpoint:
+        loaded = load_model(checkpoint, name=model)
+        net, card = loaded.model, loaded.card
+    elif not model:
+        raise UserError("no model given", "pass --checkpoint FILE, or --model NAME for random "
+                        "initial weights")
+    spec = data or (card.data_spec if card else None)
+    if not spec:
+        raise UserError("no data given", "pass --data SPEC (e.g. digits)")
+    bundle = load(spec, image_size=image_size)
+    if not checkpoint:
+        net = create(model, num_classes=bundle.info.num_classes, in_chans=bundle.info.in_chans)
+    classes = getattr(net, "num_classes", bundle.info.num_classes)
+    if classes != bundle.info.num_classes:
+        raise UserError(f"the model predicts {classes} classes but {spec} has "
+                        f"{bundle.info.num_classes}", "use the data set the model was trained on")
+    mean, std = (card.mean, card.std) if card else (bundle.info.mean, bundle.info.std)
+    architecture = card.architecture if card else (model or "model")
+    if checkpoint:
+        name = f"{architecture} ({checkpoint})"
+        stem = Path(checkpoint).parent.name + "-" + Path(checkpoint).stem
+    else:
+        name, stem = f"{architecture} (init)", f"{model}-init"
+    return Subject(net, bundle, tuple(mean), tuple(std), name, stem)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from narrows.cli.app import GROUPS, Command, register
-from narrows.cli.common import CommonOptions, open_run, start
+from narrows.cli.common import CommonOptions, SubjectOptions, load_subject, open_run, start
 from narrows.config import option, positive
 
 GROUPS["interactions"] = ("multi-order interaction strength (representation bottleneck) and "
@@ -43,25 +43,16 @@ class EstimateOptions:
                                              "train)")
     batch_size: int = option(64, "masked images per forward pass", check=positive,
                              affects_result=False)
-    image_size: int | None = option(None, "served image size for imagenet:/folder: data",
-                                    check=positive)
 
 
 @dataclass
-class SubjectOptions:
-    """Which model, on which data (listed first in --help)."""
-
-    checkpoint: str | None = option(None, "model weights; a narrows checkpoint carries its "
-                                    "architecture, classes, normalisation and data", metavar="FILE")
-    model: str | None = option(None, "architecture (timm name); without --checkpoint: random "
-                               "initial weights from --seed", short="-m")
-    data: str | None = option(None, "data spec [default: the checkpoint's data]", short="-d")
+class CurveSubject(SubjectOptions):
     label: str | None = option(None, "name of this curve in plots [default: the model]",
                                affects_result=False)
 
 
 @dataclass
-class RunConfig(EstimateOptions, SubjectOptions, CommonOptions):
+class RunConfig(EstimateOptions, CurveSubject, CommonOptions):
     pass
 
 
@@ -82,36 +73,6 @@ def settings_for(cfg: EstimateOptions, seed: int, extra: dict):
         only_correct=cfg.only_correct, batch_size=cfg.batch_size, seed=seed,
         extra_meta={"preset": cfg.preset, "split": cfg.split, **extra},
     )
-
-
-def load_subject(checkpoint: str | None, model: str | None, data: str | None,
-                 image_size: int | None):
-    """(model, card-or-None, data bundle, mean, std, description) for a run."""
-    from narrows.data import load
-    from narrows.errors import UserError
-    from narrows.models import create, load_model
-
-    if checkpoint:
-        loaded = load_model(checkpoint, name=model)
-        net, card = loaded.model, loaded.card
-    elif model:
-        net, card = None, None
-    else:
-        raise UserError("no model given", "pass --checkpoint FILE, or --model NAME for random "
-                        "initial weights")
-    spec = data or (card.data_spec if card else None)
-    if not spec:
-        raise UserError("no data given", "pass --data SPEC (e.g. digits)")
-    bundle = load(spec, image_size=image_size)
-    if net is None:
-        net = create(model, num_classes=bundle.info.num_classes, in_chans=bundle.info.in_chans)
-    classes = getattr(net, "num_classes", bundle.info.num_classes)
-    if classes != bundle.info.num_classes:
-        raise UserError(f"the model predicts {classes} classes but {spec} has "
-                        f"{bundle.info.num_classes}", "use the data set the model was trained on")
-    mean, std = (card.mean, card.std) if card else (bundle.info.mean, bundle.info.std)
-    name = (card.architecture if card else model) + (f" ({checkpoint})" if checkpoint else " (init)")
-    return net, bundle, mean, std, name
 
 
 def estimate_into(run, net, dataset, num_classes: int, settings, mean, std, session, progress,
@@ -162,17 +123,16 @@ def execute_run(cfg: RunConfig) -> int:
     from narrows.runs import default_out
 
     session = start(cfg)
-    net, bundle, mean, std, name = load_subject(cfg.checkpoint, cfg.model, cfg.data,
-                                                cfg.image_size)
-    settings = settings_for(cfg, cfg.seed, {"model": name, "checkpoint": cfg.checkpoint,
+    subject = load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
+    bundle = subject.bundle
+    settings = settings_for(cfg, cfg.seed, {"model": subject.name, "checkpoint": cfg.checkpoint,
                                             "data": bundle.info.spec,
-                                            "label": cfg.label or name})
-    stem = Path(cfg.checkpoint).parent.name + "-" + Path(cfg.checkpoint).stem if cfg.checkpoint \
-        else f"{cfg.model}-init"
-    run = open_run(cfg, "interactions run", default_out("interactions", stem, cfg.preset), session)
+                                            "label": cfg.label or subject.name})
+    run = open_run(cfg, "interactions run",
+                   default_out("interactions", subject.stem, cfg.preset), session)
     say = print if session.dist.is_main else (lambda *_: None)
-    result = estimate_into(run, net, bundle.split(cfg.split), bundle.info.num_classes, settings,
-                           mean, std, session, cfg.progress, say=say)
+    result = estimate_into(run, subject.model, bundle.split(cfg.split), bundle.info.num_classes,
+                           settings, subject.mean, subject.std, session, cfg.progress, say=say)
     if session.dist.is_main:
         j = result.J()
         say("J (sampled): " + " ".join(f"{r:g}:{v:.2f}" for r, v in zip(result.ratios, j,
@@ -228,6 +188,8 @@ class CompareConfig(EstimateOptions, CommonOptions):
                                "the images are chosen once, with the first model")
     data: str | None = option(None, "data spec [default: the first checkpoint's data]",
                               short="-d")
+    image_size: int | None = option(None, "served image size for imagenet:/folder: data",
+                                    check=positive)
 
 
 def execute_compare(cfg: CompareConfig) -> int:
@@ -247,7 +209,9 @@ def execute_compare(cfg: CompareConfig) -> int:
     say = print if session.dist.is_main else (lambda *_: None)
     results, image_ids, data = [], None, cfg.data
     for label, checkpoint, model in entries:
-        net, bundle, mean, std, name = load_subject(checkpoint, model, data, cfg.image_size)
+        subject = load_subject(checkpoint, model, data, cfg.image_size)
+        net, bundle, mean, std, name = (subject.model, subject.bundle, subject.mean, subject.std,
+                                        subject.name)
         data = bundle.info.spec
         settings = settings_for(cfg, cfg.seed, {"model": name, "checkpoint": checkpoint,
                                                 "data": data, "label": label})
