@@ -75,13 +75,13 @@ class IBA:
         ``target``: a class index for all images, a tensor with one class per image, or a
         callable ``target(logits) -> scalar loss`` used instead of the cross-entropy.
         """
-        x = _as_batch(inputs)
-        targets = _targets(target, x.shape[0])
+        x = as_batch(inputs)
+        targets = per_image_targets(target, x.shape[0])
         device = x.device
         bottleneck = self._bottleneck(device)
         size = (int(x.shape[-2]), int(x.shape[-1]))
         heatmaps, caps, step_maps, seconds = [], [], [], []
-        with _frozen(self.model), bottleneck.attached(self.model, self.layer):
+        with frozen(self.model), bottleneck.attached(self.model, self.layer):
             for i in range(x.shape[0]):
                 start = time.perf_counter()
                 cap, history = self._fit_one(bottleneck, x[i : i + 1], targets[i])
@@ -143,14 +143,14 @@ class IBA:
         }
 
 
-def _as_batch(inputs: torch.Tensor) -> torch.Tensor:
+def as_batch(inputs: torch.Tensor) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor) or inputs.dim() not in (3, 4):
         raise UserError("inputs must be an image tensor (C, H, W) or a batch (N, C, H, W)",
                         "pass normalised images as a float tensor")
     return inputs[None] if inputs.dim() == 3 else inputs
 
 
-def _targets(target: Target, n: int) -> list[Any]:
+def per_image_targets(target: Target, n: int) -> list[Any]:
     if callable(target) and not isinstance(target, torch.Tensor):
         return [target] * n
     if isinstance(target, torch.Tensor):
@@ -182,7 +182,7 @@ def _task_loss(logits: torch.Tensor, target: int | Callable[[torch.Tensor], torc
 
 
 @contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
+def frozen(model: nn.Module) -> Iterator[None]:
     """Eval mode and no weight gradients inside the block; both restored afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training

@@ -41,12 +41,12 @@ from torch import nn
 from narrows.attribution.bottleneck import Bottleneck
 from narrows.attribution.heatmap import AttributionResult, heatmap_from_capacity
 from narrows.attribution.layers import get_layer
-from narrows.attribution.per_sample import _as_batch, _frozen, _targets
+from narrows.attribution.per_sample import as_batch, frozen, per_image_targets
 from narrows.attribution.statistics import (
     MIN_SAMPLES,
     FeatureStatistics,
     Kind,
-    _images,
+    batch_images,
 )
 from narrows.errors import UserError
 
@@ -116,10 +116,10 @@ def estimate_readout_statistics(model: nn.Module, batches: Iterable[Any], *,
     logits = FeatureStatistics("welford", layer="logits", min_std=min_std)
     captured: dict[str, torch.Tensor] = {}
     names = list(dict.fromkeys([layer, *readout_layers]))
-    with _frozen(model), _capture(model, names, captured):
+    with frozen(model), _capture(model, names, captured):
         for batch in batches:
             captured.clear()
-            out = model(_images(batch).to(device))
+            out = model(batch_images(batch).to(device))
             bottleneck.update(captured[layer])
             for name in readout_layers:
                 readouts[name].update(captured[name])
@@ -362,7 +362,7 @@ def train_readout(model: nn.Module, readout: ReadoutBottleneck,
         if log is not None:
             log(f"resuming readout training from {path} at epoch {start_epoch + 1}/{epochs}")
     readout.train()
-    with _frozen(model):
+    with frozen(model):
         for epoch in range(start_epoch, epochs):
             torch.manual_seed(derive_seed(seed, epoch))
             started = time.perf_counter()
@@ -444,7 +444,7 @@ class ReadoutIBA:
         The maps do not depend on ``target`` (the readout sees the logits, not the label); it
         is recorded in the result (an int or one class per image; None: the predicted class).
         """
-        x = _as_batch(inputs)
+        x = as_batch(inputs)
         readout, model = self.readout, self.readout.model
         size = (int(x.shape[-2]), int(x.shape[-1]))
         heatmaps, caps, predicted = [], [], []
@@ -452,7 +452,7 @@ class ReadoutIBA:
         readout.eval()
         start = time.perf_counter()
         try:
-            with _frozen(model):
+            with frozen(model):
                 for i in range(0, x.shape[0], self.batch_size):
                     logits, cap = readout(x[i:i + self.batch_size])
                     predicted.extend(int(c) for c in logits.argmax(dim=-1).tolist())
@@ -462,7 +462,7 @@ class ReadoutIBA:
         finally:
             readout.train(was_training)
         seconds = time.perf_counter() - start
-        targets = predicted if target is None else [int(t) for t in _targets(target, x.shape[0])]
+        targets = predicted if target is None else [int(t) for t in per_image_targets(target, x.shape[0])]
         meta = {"method": "IBA", "variant": "readout", "layer": readout.layer,
                 "readout_layers": list(readout.readout_layers),
                 "readout_variant": readout.variant, "sigma": readout.sigma,

@@ -162,7 +162,7 @@ class FeatureStatistics:
                 f"n={self.n})")
 
 
-def _images(batch: Any) -> torch.Tensor:
+def batch_images(batch: Any) -> torch.Tensor:
     if isinstance(batch, (tuple, list)):
         batch = batch[0]
     if isinstance(batch, dict):
@@ -192,7 +192,7 @@ def estimate_statistics(model: nn.Module, layer: str | None, batches: Iterable[A
     model.eval()
     try:
         for batch in batches:
-            stats.update(run_to_layer(model, name, _images(batch).to(device)))
+            stats.update(run_to_layer(model, name, batch_images(batch).to(device)))
             if stats.n >= n_samples:
                 break
     finally:

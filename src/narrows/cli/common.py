@@ -43,6 +43,17 @@ class Session:
     dist: Distributed
     threads: int
 
+    def say(self, *args: Any) -> None:
+        """Print on rank 0 only (every process runs the same command under torchrun)."""
+        if self.dist.is_main:
+            print(*args)
+
+    def close(self) -> None:
+        """Leave torchrun's process group, if this process joined one."""
+        from narrows.runtime import shutdown_distributed
+
+        shutdown_distributed()
+
 
 def start(cfg: CommonOptions) -> Session:
     """Pick the device, join torchrun's process group if any, set threads and the base seed."""

@@ -62,10 +62,10 @@ def execute(cfg: EvaluateConfig) -> int:
     record = {"checkpoint": str(cfg.checkpoint), "data": spec, "split": cfg.split,
               **result.to_dict()}
     run.write_json("results.json", record)
-    if session.dist.is_main:
-        print(f"{cfg.checkpoint} on {spec} ({cfg.split}, {result.n} images): "
-              f"top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
-              f"loss {result.loss:.4f} → {run.file('results.json')}")
+    session.say(f"{cfg.checkpoint} on {spec} ({cfg.split}, {result.n} images): "
+                f"top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
+                f"loss {result.loss:.4f} → {run.file('results.json')}")
+    session.close()
     return 0
 
 

@@ -130,7 +130,7 @@ def execute_run(cfg: RunConfig) -> int:
                                             "label": cfg.label or subject.name})
     run = open_run(cfg, "interactions run",
                    default_out("interactions", subject.stem, cfg.preset), session)
-    say = print if session.dist.is_main else (lambda *_: None)
+    say = session.say
     result = estimate_into(run, subject.model, bundle.split(cfg.split), bundle.info.num_classes,
                            settings, subject.mean, subject.std, session, cfg.progress, say=say)
     if session.dist.is_main:
@@ -138,15 +138,9 @@ def execute_run(cfg: RunConfig) -> int:
         say("J (sampled): " + " ".join(f"{r:g}:{v:.2f}" for r, v in zip(result.ratios, j,
                                                                         strict=True)))
         say(f"→ {run.file('curve.csv')}, {run.file('curve.png')}, {run.file('meta.json')}")
-    _shutdown(session)
+    session.close()
     return 0
 
-
-def _shutdown(session) -> None:
-    if session.dist.enabled:
-        from narrows.runtime import shutdown_distributed
-
-        shutdown_distributed()
 
 
 @dataclass
@@ -206,7 +200,7 @@ def execute_compare(cfg: CompareConfig) -> int:
     entries = [_entry(text) for text in cfg.models]
     session = start(cfg)
     run = open_run(cfg, "interactions compare", default_out("interactions", "compare"), session)
-    say = print if session.dist.is_main else (lambda *_: None)
+    say = session.say
     results, image_ids, data = [], None, cfg.data
     for label, checkpoint, model in entries:
         subject = load_subject(checkpoint, model, data, cfg.image_size)
@@ -231,7 +225,7 @@ def execute_compare(cfg: CompareConfig) -> int:
         run.save_figure("compare.png", fig)
         pyplot().close(fig)
         say(f"\n→ {run.file('compare.png')}")
-    _shutdown(session)
+    session.close()
     return 0
 
 

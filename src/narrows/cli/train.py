@@ -119,7 +119,7 @@ def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str
     if cfg.resume and not run.exists(LAST):
         raise UserError(f"--resume given but {run.path} has no checkpoint to resume from",
                         "drop --resume to start a new run")
-    say = print if session.dist.is_main else (lambda *_: None)
+    say = session.say
     say(f"training {card.architecture} on {cfg.data} ({len(data.train())} train / "
         f"{len(data.test())} test images) on {session.device}, {session.threads} threads"
         + (f", {session.dist.world_size} processes" if session.dist.enabled else "")
@@ -139,15 +139,9 @@ def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str
     if result.final is not None:
         say(f"done: test top-1 {100 * result.final.top1:.2f}% (best {100 * result.best_top1:.2f}%)"
             f"; weights in {result.best_checkpoint}; curves in {run.file('curves.png')}")
-    _shutdown(session)
+    session.close()
     return 0
 
-
-def _shutdown(session) -> None:
-    if session.dist.enabled:
-        from narrows.runtime import shutdown_distributed
-
-        shutdown_distributed()
 
 
 register(Command(
