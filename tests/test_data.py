@@ -88,6 +88,17 @@ def test_shape_boxes_are_the_tight_boxes_of_the_masks():
             assert box[0].tolist() == [float(v) for v in expected]
 
 
+def test_shape_size_follows_rmin_rmax_and_defaults_are_unchanged():
+    default = load(SMALL).train("none")
+    explicit = load(SMALL + ",rmin=22,rmax=42").train("none")
+    assert torch.equal(default.images, explicit.images)
+    small = load("shapes:size=64,train=40,test=4,rmin=10,rmax=15").train("none")
+    for mask in small.masks:  # circumradius ≤ 15 % of 64 px: the shape fits a 20 px square
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert int(xs.max() - xs.min()) + 1 <= 20 and int(ys.max() - ys.min()) + 1 <= 20
+    assert small.masks.float().mean() < 0.5 * default.masks.float().mean()
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -97,6 +108,8 @@ def test_shape_boxes_are_the_tight_boxes_of_the_masks():
         ("size=big", "not an integer"),
         ("train", "needs a value"),
         ("train=2", "at least one image per class"),
+        ("rmin=30,rmax=20", "above rmax"),
+        ("rmax=60", "out of range"),
     ],
 )
 def test_bad_shapes_options_are_user_errors(options, message):

@@ -7,6 +7,8 @@ Layers are addressed by their dotted name in ``model.named_modules()`` (``"layer
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -87,3 +89,108 @@ def run_to_layer(model: nn.Module, name: str, inputs: torch.Tensor) -> torch.Ten
         raise UserError(f"layer '{name}' was not called during the forward pass",
                         "choose a layer that the model's forward actually uses")
     return captured[0]
+
+
+class PrefixReplay:
+    """Run the part of a model before layer ``name`` once, then replay it on every call.
+
+    :meth:`record` runs ``model(inputs)`` up to and including the layer, without a graph, and
+    keeps the outputs of the outermost module calls that finished before the layer began (in a
+    ResNet: the stem and ``layer1``; in a ViT: ``patch_embed`` and the earlier blocks) and the
+    layer's own output. While :meth:`active` is entered, those modules return their recorded
+    outputs in call order instead of computing them, so ``model(inputs)`` costs only the
+    glue code between modules plus the layers from ``name`` on. Forward hooks on the layer
+    still fire (a bottleneck hook sees the recorded output).
+
+    Valid when the model is deterministic for the given inputs (eval mode, frozen weights) and
+    is called again with the same inputs; a module called before and after the layer replays
+    only its early calls.
+    """
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        self.model, self.name = model, name
+        self.layer = get_layer(model, name)
+        self.outputs: dict[nn.Module, list[object]] = {}
+
+    @torch.no_grad()
+    def record(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Run the prefix once on ``inputs``; returns the layer's output."""
+        stack: list[int] = []  # ids of the module calls in progress
+        parents: dict[int, int | None] = {}
+        ancestors: set[int] = set()
+        finished: list[tuple[nn.Module, int, object]] = []
+        counter = iter(range(1 << 62))
+        captured: list[torch.Tensor] = []
+
+        def pre(module: nn.Module, args: object) -> None:
+            call = next(counter)
+            parents[call] = stack[-1] if stack else None
+            stack.append(call)
+            if module is self.layer and not ancestors:
+                ancestors.update(stack[:-1])
+
+        def post(module: nn.Module, args: object, output: object) -> None:
+            call = stack.pop()
+            if module is self.layer and ancestors:
+                if not isinstance(output, torch.Tensor):
+                    raise UserError(f"layer '{self.name}' returns {type(output).__name__}, "
+                                    "not a tensor", "choose a layer whose output is a tensor")
+                captured.append(output)
+                raise _Interrupt
+            if not ancestors:
+                finished.append((module, call, output))
+
+        handles = []
+        for module in self.model.modules():
+            # prepended: record what forward() returned, before other hooks change it
+            handles.append(module.register_forward_pre_hook(pre, prepend=True))
+            handles.append(module.register_forward_hook(post, prepend=True))
+        try:
+            self.model(inputs)
+        except _Interrupt:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not captured:
+            raise UserError(f"layer '{self.name}' was not called during the forward pass",
+                            "choose a layer that the model's forward actually uses")
+        self.outputs = {}
+        for module, call, output in finished:
+            if parents[call] in ancestors:  # outermost: its caller was still running
+                self.outputs.setdefault(module, []).append(output)
+        self.outputs.setdefault(self.layer, []).append(captured[0])
+        return captured[0]
+
+    @contextmanager
+    def active(self) -> Iterator[PrefixReplay]:
+        """Inside the block, each ``model(...)`` call replays the recorded prefix."""
+        if not self.outputs:
+            raise RuntimeError("PrefixReplay.record must run before PrefixReplay.active")
+        position: dict[nn.Module, int] = {}
+        patched: list[tuple[nn.Module, object]] = []
+
+        def restart(module: nn.Module, args: object) -> None:
+            position.clear()
+
+        for module, outputs in self.outputs.items():
+            original = module.forward
+
+            def replay(*args: object, _m: nn.Module = module, _o: list[object] = outputs,
+                       _f: object = original, **kwargs: object) -> object:
+                index = position.get(_m, 0)
+                position[_m] = index + 1
+                return _o[index] if index < len(_o) else _f(*args, **kwargs)  # type: ignore[operator]
+
+            patched.append((module, module.__dict__.get("forward")))
+            module.forward = replay  # type: ignore[method-assign]
+        handle = self.model.register_forward_pre_hook(restart)
+        try:
+            yield self
+        finally:
+            handle.remove()
+            for module, own in patched:
+                if own is None:
+                    del module.forward
+                else:
+                    module.forward = own  # type: ignore[method-assign]

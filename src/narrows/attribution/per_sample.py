@@ -1,10 +1,12 @@
 """Per-sample IBA (spec §3): optimise one α per image so that the noisy layer still predicts.
 
-Cost: each optimisation step feeds the model the single image (not B copies); the hook expands
-the layer's output R from 1 to the noise batch B and applies the bottleneck. So the part before
-the layer runs once per step on one image, without an autograd graph (weights are frozen and
-the input needs no grad), and only the part after the layer runs on B samples with gradients.
-It is valid when nothing before the layer mixes samples (eval-mode BatchNorm is fine).
+Cost: the part of the model before the layer runs once per image, on that one image and
+without an autograd graph (:class:`~narrows.attribution.layers.PrefixReplay` records it and
+replays its outputs at every step). Each optimisation step then feeds the model the single
+image; the hook expands the layer's output R from 1 to the noise batch B and applies the
+bottleneck, so only the part after the layer runs, on B samples with gradients. This is valid
+because the weights are frozen and the model is in eval mode (nothing before the layer is
+random or mixes samples).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 
 from narrows.attribution.bottleneck import Bottleneck
 from narrows.attribution.heatmap import AttributionResult, heatmap_from_capacity
-from narrows.attribution.layers import default_layer, get_layer
+from narrows.attribution.layers import PrefixReplay, default_layer, get_layer
 from narrows.attribution.statistics import FeatureStatistics, Kind, estimate_statistics
 from narrows.errors import UserError
 
@@ -106,23 +108,29 @@ class IBA:
         """Optimise a fresh α for one image; returns the capacity (S, nats) and its history."""
         bottleneck.reset_alpha(self.alpha_init)
         optimiser = torch.optim.Adam([bottleneck.alpha], lr=self.lr)
+        bottleneck.active = False
+        prefix = PrefixReplay(self.model, self.layer)
+        prefix.record(x1)
         bottleneck.active, bottleneck.expand_to = True, self.batch_size
         history: list[torch.Tensor] = []
         cap = None
-        for _ in range(self.steps):
-            logits = self.model(x1)
-            loss = _task_loss(logits, target) + self.beta * bottleneck.capacity.mean()
-            (grad,) = torch.autograd.grad(loss, bottleneck.alpha)
-            cap = bottleneck.capacity.detach().mean(dim=0).cpu()
-            if self.record_steps:
-                history.append(cap)
-            bottleneck.alpha.grad = grad
-            optimiser.step()
-        if self.final_eval:
-            with torch.no_grad():
-                self.model(x1)
-            cap = bottleneck.capacity.detach().mean(dim=0).cpu()
-        bottleneck.expand_to = None
+        try:
+            with prefix.active():
+                for _ in range(self.steps):
+                    logits = self.model(x1)
+                    loss = _task_loss(logits, target) + self.beta * bottleneck.capacity.mean()
+                    (grad,) = torch.autograd.grad(loss, bottleneck.alpha)
+                    cap = bottleneck.capacity.detach().mean(dim=0).cpu()
+                    if self.record_steps:
+                        history.append(cap)
+                    bottleneck.alpha.grad = grad
+                    optimiser.step()
+                if self.final_eval:
+                    with torch.no_grad():
+                        self.model(x1)
+                    cap = bottleneck.capacity.detach().mean(dim=0).cpu()
+        finally:
+            bottleneck.expand_to = None
         assert cap is not None
         return cap, history
 
@@ -137,7 +145,7 @@ class IBA:
             "statistics": {"kind": stats.kind, "n": stats.n, "min_std": stats.min_std},
             "feature_shape": list(shape), "units": "bits per input pixel",
             "forwards_per_image": forwards,
-            "prefix_images_per_image": forwards,
+            "prefix_images_per_image": 1,
             "suffix_samples_per_image": forwards * self.batch_size,
             "seconds_per_image": seconds, "seconds_total": float(sum(seconds)),
         }

@@ -24,21 +24,25 @@ from narrows.data.base import DataBundle, DataInfo, TensorImageDataset
 from narrows.errors import UserError
 
 SHAPE_KINDS = ("circle", "square", "triangle", "plus", "ring", "diamond", "star", "ellipse")
-DEFAULTS = {"classes": 4, "size": 64, "train": 2000, "test": 500, "seed": 0}
+DEFAULTS = {"classes": 4, "size": 64, "train": 2000, "test": 500, "seed": 0, "rmin": 22,
+            "rmax": 42}
 LIMITS = {
     "classes": (2, len(SHAPE_KINDS)),
     "size": (16, 256),
     "train": (1, 1_000_000),
     "test": (1, 1_000_000),
     "seed": (0, 2**32 - 1),
+    "rmin": (5, 45),
+    "rmax": (5, 45),
 }
 SPLIT_IDS = {"train": 0, "test": 1}  # part of the data set's definition: never change them
 MAX_TILT = math.radians(15)  # small, so that a square never turns into a diamond
-RADIUS_RANGE = (0.22, 0.42)  # circumradius as a fraction of the image size
+# rmin/rmax: the shape's circumradius in percent of the image size (default 22..42 %; the
+# attribution study uses 10..20 %, so that boxes cover a small part of the image)
 PIXEL_NOISE = 0.03
 OPTIONS_FIX = (
     f"valid options: {', '.join(DEFAULTS)}; write them as "
-    "shapes:classes=4,size=64,train=2000,test=500,seed=0"
+    "shapes:classes=4,size=64,train=2000,test=500,seed=0,rmin=22,rmax=42"
 )
 
 
@@ -66,6 +70,9 @@ def parse_options(options: str) -> dict[str, int]:
                 f"use {low} <= {key} <= {high}",
             )
         values[key] = value
+    if values["rmin"] > values["rmax"]:
+        raise UserError(f"shapes option rmin={values['rmin']} is above rmax={values['rmax']}",
+                        "give rmin <= rmax (circumradius in percent of the image size)")
     for split in ("train", "test"):
         if values[split] < values["classes"]:
             raise UserError(
@@ -191,12 +198,16 @@ def _contrasting_colour(rng: np.random.Generator, palette: np.ndarray) -> np.nda
 
 
 def render(
-    seed: int, split: str, index: int, *, classes: int, size: int
+    seed: int, split: str, index: int, *, classes: int, size: int,
+    radius_range: tuple[float, float] = (0.22, 0.42),
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Image ``index`` of a split: ``(3×size×size uint8, size×size bool mask, label)``."""
+    """Image ``index`` of a split: ``(3×size×size uint8, size×size bool mask, label)``.
+
+    ``radius_range``: the circumradius's range as fractions of ``size``.
+    """
     rng = np.random.default_rng(np.random.SeedSequence([seed, SPLIT_IDS[split], index]))
     label = index % classes
-    radius = rng.uniform(*RADIUS_RANGE) * size
+    radius = rng.uniform(*radius_range) * size
     cx, cy = rng.uniform(radius, size - radius, size=2)
     tilt = rng.uniform(-MAX_TILT, MAX_TILT)
     mask = shape_mask(SHAPE_KINDS[label], size, cx, cy, radius, tilt)
@@ -208,14 +219,16 @@ def render(
 
 
 def generate_split(
-    split: str, count: int, *, classes: int, size: int, seed: int
+    split: str, count: int, *, classes: int, size: int, seed: int,
+    radius_range: tuple[float, float] = (0.22, 0.42),
 ) -> TensorImageDataset:
     """``count`` images of a split, with their boxes (one ``1×4`` tensor each) and masks."""
     images = np.empty((count, 3, size, size), dtype=np.uint8)
     masks = np.empty((count, size, size), dtype=bool)
     labels = np.empty(count, dtype=np.int64)
     for i in range(count):
-        images[i], masks[i], labels[i] = render(seed, split, i, classes=classes, size=size)
+        images[i], masks[i], labels[i] = render(seed, split, i, classes=classes, size=size,
+                                                   radius_range=radius_range)
     boxes = [torch.from_numpy(mask_box(mask))[None] for mask in masks]
     return TensorImageDataset(
         torch.from_numpy(images),
@@ -239,7 +252,8 @@ def load_shapes_bundle(spec: str, options: str) -> DataBundle:
     """The shapes data set of ``options`` (``""`` or ``"k=v,..."``); test is built on first use."""
     opts = parse_options(options)
     make = functools.partial(
-        generate_split, classes=opts["classes"], size=opts["size"], seed=opts["seed"]
+        generate_split, classes=opts["classes"], size=opts["size"], seed=opts["seed"],
+        radius_range=(opts["rmin"] / 100, opts["rmax"] / 100),
     )
     train = make("train", opts["train"])
     mean, std = channel_stats(train.images)

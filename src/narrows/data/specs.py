@@ -8,8 +8,8 @@ from narrows.data.base import DataBundle
 from narrows.errors import UserError
 
 SPEC_HELP = (
-    "digits | shapes[:classes=4,size=64,train=2000,test=500,seed=0] | cifar10:PATH | "
-    "cifar100:PATH | imagenet:PATH | folder:PATH"
+    "digits | shapes[:classes=4,size=64,train=2000,test=500,seed=0,rmin=22,rmax=42] | "
+    "cifar10:PATH | cifar100:PATH | imagenet:PATH | folder:PATH"
 )
 KINDS = ("digits", "shapes", "cifar10", "cifar100", "imagenet", "folder")
 NEEDS_PATH = ("cifar10", "cifar100", "imagenet", "folder")
