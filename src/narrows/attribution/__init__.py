@@ -5,7 +5,8 @@
   the readout bottleneck: :class:`ReadoutBottleneck`, :func:`train_readout`, :class:`ReadoutIBA`.
 * Baselines through Captum (optional extra ``narrows[baselines]``): :func:`make_method`,
   :func:`available_methods`; captum is imported only when a method is built.
-* Evaluation: :func:`degradation`, :func:`bbox_ratio`, :func:`sensitivity_n`.
+* Evaluation: :func:`degradation`, :func:`bbox_ratio`, :func:`sensitivity_n`; the sanity check
+  :func:`cascading_randomisation`.
 
 Importing this package does not import captum.
 """
@@ -14,7 +15,12 @@ from narrows.attribution.baselines import BASELINES, available_methods, make_met
 from narrows.attribution.bottleneck import Bottleneck, capacity, gaussian_kernel
 from narrows.attribution.heatmap import AttributionResult, bits_per_cell, heatmap_from_capacity
 from narrows.attribution.layers import default_layer, get_layer, run_to_layer
-from narrows.attribution.metrics import bbox_ratio, degradation, sensitivity_n
+from narrows.attribution.metrics import (
+    bbox_ratio,
+    cascading_randomisation,
+    degradation,
+    sensitivity_n,
+)
 from narrows.attribution.per_sample import IBA
 from narrows.attribution.readout import (
     ReadoutBottleneck,
@@ -37,6 +43,7 @@ __all__ = [
     "bbox_ratio",
     "bits_per_cell",
     "capacity",
+    "cascading_randomisation",
     "default_layer",
     "default_readout_layers",
     "degradation",

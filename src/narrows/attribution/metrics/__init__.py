@@ -1,4 +1,5 @@
-"""Evaluation metrics for attribution heatmaps: degradation, bounding-box ratio, sensitivity-n.
+"""Evaluation metrics for attribution heatmaps: degradation, bounding-box ratio, sensitivity-n,
+and the cascading model-parameter randomisation check.
 
 All work on images already in the model's input space (normalised), ``N×H×W`` heatmaps and
 batched forwards; they are model-agnostic (any ``nn.Module`` returning ``N×classes`` logits).
@@ -11,6 +12,14 @@ from narrows.attribution.metrics.degradation import (
     removal_steps,
     tile_grid,
 )
+from narrows.attribution.metrics.randomisation import (
+    RandomisationResult,
+    cascade_layers,
+    cascading_randomisation,
+    minmax_normalise,
+    spearman,
+    ssim,
+)
 from narrows.attribution.metrics.sensitivity import (
     SensitivityNResult,
     default_ns,
@@ -21,13 +30,19 @@ from narrows.attribution.metrics.sensitivity import (
 __all__ = [
     "BBoxResult",
     "DegradationResult",
+    "RandomisationResult",
     "SensitivityNResult",
     "bbox_ratio",
     "boxes_to_mask",
+    "cascade_layers",
+    "cascading_randomisation",
     "default_ns",
     "degradation",
+    "minmax_normalise",
     "pearson",
     "removal_steps",
     "sensitivity_n",
+    "spearman",
+    "ssim",
     "tile_grid",
 ]
