@@ -108,6 +108,10 @@ def test_degradation_matches_closed_form_for_a_linear_model():
     assert torch.all(res.lerf - res.morf >= -1e-4)
     positive = total.squeeze(1) > 0
     assert positive.any() and torch.all(res.scores[positive] > 0)
+    # raw score: area between the mean un-normalised curves, here in closed form
+    raw = (removed_after(contrib, True) - removed_after(contrib, False))[:, steps].mean()
+    assert res.raw_score == pytest.approx(float(raw), abs=1e-4)
+    assert res.median_score == pytest.approx(float(expected_scores.median()), abs=1e-4)
 
 
 @torch.no_grad()
@@ -138,6 +142,9 @@ def test_random_heatmap_degradation_is_about_zero_and_antisymmetric():
     # MoRF of -h is LeRF of h when there are no ties, so the score flips sign exactly.
     flipped = degradation(model, images, -heat, targets, tile=2, n_points=20, batch_size=256)
     assert flipped.score == pytest.approx(-res.score, abs=1e-9)
+    assert flipped.raw_score == pytest.approx(-res.raw_score, abs=1e-9)
+    raw_spread = float((res.lerf - res.morf).mean(dim=1).std()) / math.sqrt(64)
+    assert abs(res.raw_score) < 4 * raw_spread + 1e-3
 
 
 @torch.no_grad()

@@ -186,6 +186,22 @@ class DegradationResult:
         valid = self.scores[self.valid]
         return float(valid.mean()) if valid.numel() else float("nan")
 
+    @property
+    def raw_score(self) -> float:
+        """``mean_x(mean LeRF − mean MoRF)`` of the un-normalised curves over all images.
+
+        Upstream's ``GraphDrawer.integrals``: bounded by ±1 for probabilities and not dominated
+        by images whose clean and fully replaced scores are close (where the per-image
+        normalisation of :attr:`score` divides by a small number).
+        """
+        return float((self.lerf.mean(dim=0) - self.morf.mean(dim=0)).mean())
+
+    @property
+    def median_score(self) -> float:
+        """Median over valid images of the per-image normalised score."""
+        valid = self.scores[self.valid]
+        return float(valid.median()) if valid.numel() else float("nan")
+
     def to_rows(self) -> list[dict[str, Any]]:
         """One summary row for CSV/Markdown tables."""
         return [
@@ -197,6 +213,8 @@ class DegradationResult:
                 "n_images": int(self.scores.numel()),
                 "n_degenerate": self.n_degenerate,
                 "score": self.score,
+                "median_score": self.median_score,
+                "raw_score": self.raw_score,
                 "morf_area": float(self.mean_morf.mean()) if self.valid.any() else float("nan"),
                 "lerf_area": float(self.mean_lerf.mean()) if self.valid.any() else float("nan"),
                 "seed": self.seed,
