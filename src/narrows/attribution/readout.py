@@ -22,6 +22,10 @@ at ``layer1`` and read ``layer1..layer4``; the 3-stage CIFAR ResNets of narrows 
 ``layer1`` (stride 1, 16×H×W) and read ``layer1..layer3`` (three maps, there is no fourth
 stage); VGG-like ``features`` models use the paper code's conv3_1 / conv4_1 / conv5_1 / conv5_3.
 The logits are always the model's output.
+
+Files: :func:`save_readout` writes a self-describing readout (net, layers, variant, σ,
+statistics, input shape, fingerprint of the model's weights, model card); :func:`load_readout`
+rebuilds it for a model strictly (any mismatch is a one-line :class:`UserError`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from narrows.errors import UserError
 ALPHA_LIMIT = 5.0
 CHECKPOINT = "readout_last.pt"
 _FORMAT = "narrows.readout-checkpoint/1"
+_STATS_FORMAT = "narrows.readout-statistics/1"
+READOUT_FORMAT = "narrows.readout/1"
 
 
 # -- layers ----------------------------------------------------------------------------------
@@ -97,6 +103,43 @@ class ReadoutStatistics:
     bottleneck: FeatureStatistics
     readouts: dict[str, FeatureStatistics]
     logits: FeatureStatistics
+
+    def state(self) -> dict[str, Any]:
+        """Plain tensors and values (``torch.load(weights_only=True)`` reads them back)."""
+        return {"format": _STATS_FORMAT, "bottleneck": self.bottleneck.state(),
+                "readout_layers": list(self.readouts),
+                "readouts": [self.readouts[name].state() for name in self.readouts],
+                "logits": self.logits.state()}
+
+    @classmethod
+    def from_state(cls, state: Any, source: str = "state") -> ReadoutStatistics:
+        """Rebuild from :meth:`state`; anything inconsistent is a :class:`UserError`."""
+        fix = "re-estimate the readout statistics"
+        if not isinstance(state, dict) or state.get("format") != _STATS_FORMAT:
+            raise UserError(f"{source} holds no readout statistics ({_STATS_FORMAT})", fix)
+        names, states = state.get("readout_layers"), state.get("readouts")
+        if not isinstance(names, list) or not isinstance(states, list) \
+                or len(names) != len(states) or not names:
+            raise UserError(f"{source}: the readout layers and their statistics do not match",
+                            fix)
+        readouts = {str(n): FeatureStatistics.from_state(s, source=f"{source} ({n})")
+                    for n, s in zip(names, states, strict=True)}
+        return cls(FeatureStatistics.from_state(state.get("bottleneck"), source=source),
+                   readouts, FeatureStatistics.from_state(state.get("logits"), source=source))
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`state` atomically."""
+        from narrows.runs.files import atomic_torch_save
+
+        return atomic_torch_save(path, self.state())
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReadoutStatistics:
+        """Read a file written by :meth:`save`."""
+        path = Path(path)
+        state = _read_torch_file(path, "readout statistics file",
+                                 "re-estimate the readout statistics")
+        return cls.from_state(state, source=str(path))
 
 
 @torch.no_grad()
@@ -227,6 +270,8 @@ class ReadoutBottleneck(nn.Module):
                             f"not {statistics.bottleneck.shape}",
                             "choose a convolutional layer for the readout bottleneck")
         self.variant, self.naive, self.sigma = variant, naive, float(sigma)
+        self.statistics = statistics
+        self.input_shape: tuple[int, ...] | None = None  # (C, H, W), set by load_readout
         self.bottleneck = _PredictedBottleneck(statistics.bottleneck, sigma=sigma, relu=relu)
         for i, name in enumerate(self.readout_layers):
             stats = statistics.readouts[name]
@@ -329,7 +374,9 @@ def train_readout(model: nn.Module, readout: ReadoutBottleneck,
                   beta: float = 10.0, lr: float = 1e-5,
                   device: str | torch.device = "cpu", out_dir: Path | str | None = None,
                   seed: int = 0, progress: bool = True,
-                  log: Callable[[str], Any] | None = print) -> list[dict[str, Any]]:
+                  log: Callable[[str], Any] | None = print,
+                  on_epoch: Callable[[list[dict[str, Any]]], Any] | None = None,
+                  ) -> list[dict[str, Any]]:
     """Train the readout net: loss = CE(noisy logits, label) + β·mean(capacity), Adam.
 
     ``data_loader_factory(epoch)`` gives that epoch's (images, labels) batches (normalised
@@ -339,6 +386,7 @@ def train_readout(model: nn.Module, readout: ReadoutBottleneck,
     atomically after every epoch, and a present one is resumed from at the next epoch; a
     resumed run then equals an uninterrupted one (on CPU). Returns the per-epoch metrics of
     all epochs (including resumed ones): loss, ce, capacity (mean nats), samples, seconds.
+    ``on_epoch(history)`` is called after each epoch's checkpoint is written.
     """
     from tqdm.auto import tqdm
 
@@ -359,7 +407,9 @@ def train_readout(model: nn.Module, readout: ReadoutBottleneck,
     path = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     if path is not None and path.is_file():
         start_epoch, history = _resume(path, readout, optimizer, device)
-        if log is not None:
+        if log is not None and start_epoch >= epochs:
+            log(f"readout training in {path} already finished ({start_epoch} epochs)")
+        elif log is not None:
             log(f"resuming readout training from {path} at epoch {start_epoch + 1}/{epochs}")
     readout.train()
     with frozen(model):
@@ -405,6 +455,8 @@ def train_readout(model: nn.Module, readout: ReadoutBottleneck,
             if log is not None:
                 log(f"readout epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.4f} "
                     f"ce {metrics['ce']:.4f} capacity {metrics['capacity']:.4f} nats")
+            if on_epoch is not None:
+                on_epoch(history)
     readout.eval()
     return history
 
@@ -426,6 +478,143 @@ def _resume(path: Path, readout: ReadoutBottleneck, optimizer: torch.optim.Optim
         raise UserError(f"{path} does not fit this readout ({exc})",
                         "use a fresh out_dir or the same model, layers and statistics") from exc
     return int(state["epoch"]) + 1, list(state.get("metrics", []))
+
+
+# -- files -----------------------------------------------------------------------------------
+def _read_torch_file(path: Path, what: str, fix: str) -> Any:
+    if not path.is_file():
+        raise UserError(f"no {what} {path}", fix)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable or tampered file
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise UserError(f"{path} is not a readable {what} ({type(exc).__name__}"
+                        f"{': ' + first if first else ''})", fix) from exc
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's state (names, dtypes, shapes, values): which weights a readout fits."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_readout(path: str | Path, readout: ReadoutBottleneck, *,
+                 input_shape: Sequence[int] | None = None, card: Any = None,
+                 checkpoint: str | None = None,
+                 training: dict[str, Any] | None = None) -> Path:
+    """Write a self-describing readout file atomically (``torch.load(weights_only=True)``-safe).
+
+    It holds the readout net's state dict, the bottleneck and readout layers, variant, σ, ReLU
+    clamp, the statistics, the (C, H, W) input shape, the fingerprint of the model's weights
+    and, when given, the model card (a ``ModelCard`` or its ``to_dict()``), the checkpoint path
+    and training settings. :func:`load_readout` rebuilds the readout from it.
+    """
+    from narrows.runs.files import atomic_torch_save
+
+    if card is not None and hasattr(card, "to_dict"):
+        card = card.to_dict()
+    state = {"format": READOUT_FORMAT, "layer": readout.layer,
+             "readout_layers": list(readout.readout_layers), "variant": readout.variant,
+             "sigma": readout.sigma, "relu": bool(readout.bottleneck.relu),
+             "naive": bool(readout.naive), "statistics": readout.statistics.state(),
+             "state_dict": {k: v.detach().cpu() for k, v in readout.state_dict().items()},
+             "input_shape": None if input_shape is None else [int(v) for v in input_shape],
+             "model_fingerprint": model_fingerprint(readout.model), "card": card,
+             "checkpoint": checkpoint, "training": dict(training or {})}
+    return atomic_torch_save(path, state)
+
+
+def read_readout(path: str | Path) -> dict[str, Any]:
+    """The contents of a :func:`save_readout` file, checked for its format and keys."""
+    path = Path(path)
+    fix = "pass a readout.pt written by 'narrows attribution readout-train'"
+    state = _read_torch_file(path, "readout file", fix)
+    if not isinstance(state, dict) or state.get("format") != READOUT_FORMAT:
+        raise UserError(f"{path} is not a readout file (format {READOUT_FORMAT})", fix)
+    missing = [k for k in ("layer", "readout_layers", "variant", "sigma", "relu", "statistics",
+                           "state_dict") if k not in state]
+    if missing:
+        raise UserError(f"{path} is an incomplete readout file (missing {', '.join(missing)})",
+                        fix)
+    return state
+
+
+def _trained_for(state: dict[str, Any]) -> str:
+    card = state.get("card") or {}
+    parts = [str(card.get("architecture", "")) if isinstance(card, dict) else "",
+             str(state.get("checkpoint") or "")]
+    text = " ".join(p for p in parts if p)
+    return f" ({text})" if text else ""
+
+
+@torch.no_grad()
+def _check_shapes(path: Path, model: nn.Module, readout: ReadoutBottleneck,
+                  input_shape: Sequence[int]) -> None:
+    """One forward of zeros: every layer must give the shapes the statistics were taken at."""
+    stats = readout.statistics
+    expected = {readout.layer: stats.bottleneck.shape,
+                **{n: stats.readouts[n].shape for n in readout.readout_layers}}
+    store: dict[str, torch.Tensor] = {}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with frozen(model), _capture(model, list(expected), store):
+        logits = model(torch.zeros(1, *input_shape, device=device))
+    got = {n: tuple(store[n].shape[1:]) for n in expected}
+    got["logits"], expected["logits"] = tuple(logits.shape[1:]), stats.logits.shape
+    for name, shape in expected.items():
+        if got[name] != tuple(shape or ()):
+            raise UserError(f"{path} does not fit this model: '{name}' gives {got[name]}, the "
+                            f"readout expects {tuple(shape or ())}",
+                            "use the model (and image size) the readout was trained for")
+
+
+def load_readout(path: str | Path, model: nn.Module, *,
+                 check_weights: bool = True) -> ReadoutBottleneck:
+    """Rebuild a readout written by :func:`save_readout` for ``model``, strictly.
+
+    The layers must exist and give the recorded shapes, the state dict must match key for key
+    and shape for shape, and (``check_weights``) the model's weights must be those the readout
+    was trained for; any mismatch is a one-line :class:`UserError`. The readout is returned in
+    eval mode on the model's device.
+    """
+    path = Path(path)
+    state = read_readout(path)
+    stats = ReadoutStatistics.from_state(state["statistics"], source=str(path))
+    if list(stats.readouts) != list(state["readout_layers"]) \
+            or stats.bottleneck.layer != state["layer"]:
+        raise UserError(f"{path}: its statistics are for other layers than its readout",
+                        "train the readout again")
+    fingerprint = state.get("model_fingerprint")
+    if check_weights and fingerprint and fingerprint != model_fingerprint(model):
+        raise UserError(f"{path} was trained for other model weights{_trained_for(state)}",
+                        "use the checkpoint the readout was trained for, or train a readout "
+                        "for this model")
+    try:
+        readout = ReadoutBottleneck(model, stats, variant=str(state["variant"]),
+                                    sigma=float(state["sigma"]), relu=bool(state["relu"]),
+                                    naive=bool(state.get("naive", False)))
+    except UserError as exc:
+        raise UserError(f"{path} does not fit this model: {exc.what}",
+                        "use the model the readout was trained for") from exc
+    try:
+        readout.load_state_dict(state["state_dict"], strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])[:200]
+        raise UserError(f"{path} does not fit its own layers and statistics ({detail})",
+                        "the file is damaged: train the readout again") from exc
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    readout.to(device).eval()
+    input_shape = state.get("input_shape")
+    if input_shape:
+        _check_shapes(path, model, readout, input_shape)
+    readout.input_shape = tuple(int(v) for v in input_shape) if input_shape else None
+    return readout
 
 
 # -- attribution -----------------------------------------------------------------------------

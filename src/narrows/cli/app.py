@@ -105,7 +105,8 @@ def parse(argv: Sequence[str] | None) -> tuple[Command, object]:
 
 
 COMMAND_MODULES = ("train", "evaluate", "models_cmd", "quickstart", "interactions",
-                   "interactions_train", "attribution", "attribution_sanity")
+                   "interactions_train", "attribution", "attribution_readout",
+                   "attribution_sanity")
 
 
 def _load_commands() -> None:

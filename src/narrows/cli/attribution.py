@@ -47,6 +47,9 @@ class IBAOptions:
     statistics: str | None = option(None, "IBA: feature statistics file from 'attribution "
                                     "stats' [default: estimated into --out/statistics.pt from "
                                     "the train split]", metavar="FILE")
+    readout: str | None = option(None, "method readout: the readout.pt written by 'attribution "
+                                 "readout-train' (trained for the same checkpoint)",
+                                 metavar="FILE")
 
 
 @dataclass
@@ -128,7 +131,22 @@ def _split_names(text: str, what: str, allowed: list[str] | tuple[str, ...]) -> 
 def _method_names() -> list[str]:
     from narrows.attribution.baselines import ALIASES, available_methods
 
-    return ["iba", *available_methods(), *sorted(ALIASES)]
+    return ["iba", "readout", *available_methods(), *sorted(ALIASES)]
+
+
+_READOUTS: dict[tuple[str, int, int], Any] = {}
+
+
+def _readout_iba(path: str, net):
+    """The :class:`ReadoutIBA` of the readout file ``path`` for ``net`` (loaded once)."""
+    from narrows.attribution.readout import ReadoutIBA, load_readout
+
+    file = Path(path)
+    key = (str(file.resolve()), file.stat().st_mtime_ns if file.is_file() else 0, id(net))
+    if key not in _READOUTS:
+        _READOUTS.clear()
+        _READOUTS[key] = ReadoutIBA(load_readout(path, net))
+    return _READOUTS[key]
 
 
 def _attribute(method: str, net, inputs: torch.Tensor, targets: torch.Tensor, cfg, stats,
@@ -140,6 +158,16 @@ def _attribute(method: str, net, inputs: torch.Tensor, targets: torch.Tensor, cf
         iba = IBA(net, cfg.layer, stats, beta=cfg.beta, steps=cfg.steps,
                   batch_size=cfg.iba_batch, record_steps=record_steps)
         return iba.attribute(inputs, targets)
+    if method == "readout":
+        from narrows.errors import UserError
+
+        readout = _readout_iba(cfg.readout, net)
+        readout.readout.to(inputs.device)
+        expected = readout.readout.input_shape
+        if expected and tuple(inputs.shape[1:]) != expected:
+            raise UserError(f"the images are {tuple(inputs.shape[1:])} but {cfg.readout} was "
+                            f"trained on {expected}", "use the data the readout was trained on")
+        return readout.attribute(inputs, targets)
     maps = make_method(method, net).attribute(inputs, targets)
     return AttributionResult(heatmaps=maps.cpu().numpy(), targets=targets.tolist(),
                              meta={"method": method})
@@ -193,8 +221,13 @@ def execute_explain(cfg: ExplainConfig) -> int:
                         f"choose from {', '.join(_method_names())}")
     if cfg.gif and cfg.method != "iba":
         raise UserError("--gif shows IBA's optimisation steps", "use --method iba, or drop --gif")
+    if cfg.method == "readout" and not cfg.readout:
+        raise UserError("--method readout needs --readout FILE",
+                        "train one with 'narrows attribution readout-train'")
     session = start(cfg)
     net, bundle, normalizer, name, stem = _subject(cfg)
+    if cfg.method == "readout":
+        _readout_iba(cfg.readout, net)  # a bad file fails before --out is written
     dataset = bundle.split("test")
     indices = list(cfg.indices) if cfg.indices else list(range(min(cfg.images, len(dataset))))
     bad = [i for i in indices if not 0 <= i < len(dataset)]
@@ -274,8 +307,13 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
 
     methods = _split_names(cfg.methods, "methods", _method_names())
     metrics = _split_names(cfg.metrics, "metrics", METRICS)
+    if "readout" in methods and not cfg.readout:
+        raise UserError("--method readout needs --readout FILE",
+                        "train one with 'narrows attribution readout-train'")
     session = start(cfg)
     net, bundle, normalizer, name, stem = _subject(cfg)
+    if "readout" in methods:
+        _readout_iba(cfg.readout, net)  # a bad file fails before --out is written
     if "bbox" in metrics and not bundle.info.has_boxes:
         raise UserError(f"{bundle.info.spec} has no bounding boxes for the bbox metric",
                         "drop bbox from --metrics, or use data with boxes (e.g. shapes)")
