@@ -4,7 +4,7 @@ ours: wall time of ``IBA(model, "layer2", stats).attribute(image, target)`` for 
 image with the defaults (β = 10, 10 steps, noise batch 10): building the bottleneck, freezing
 the weights, 10 optimisation steps (each: the model on the one image, the hook expanding the
 ``layer2`` output to 10 noisy samples, cross-entropy + β·capacity, ``autograd.grad`` w.r.t. α,
-Adam), the heatmap (blur-free capacity → bits → resize).
+Adam), the heatmap (capacity → bits → resize).
 necessary: the passes any per-sample IBA has to make: one forward of the prefix up
 to ``layer2`` on the image (``run_to_layer``, no graph), then 10 × (forward + backward of the
 suffix ``layer3 → layer4 → forward_head`` on a leaf tensor standing in for the ``layer2``
@@ -14,8 +14,8 @@ frozen). No noise, no capacity, no optimiser, no heatmap.
 Random-weight timm ``resnet18`` and ``resnet50`` (statistics from a few random batches; their
 cost is not timed). The two sides run interleaved, several repetitions each, after a warm-up;
 printed: the ratio of the medians and of the best (least disturbed) times. Target ≤ 1.15.
-Note that ``IBA`` re-runs the prefix on the one image at every step (9 prefix forwards beyond
-the necessary one); that is part of the measured overhead.
+``IBA`` runs the prefix once per image too (``PrefixReplay``), so the overhead is the noise,
+capacity and optimiser work and the replay's glue code.
 
 Also printed: evaluation throughput (images/s) of ``degradation`` (tile 8, 100 points, MoRF +
 LeRF) and ``bbox_ratio`` on 64 random 32×32 images with random heatmaps, ``resnet20_cifar``.

@@ -63,10 +63,17 @@ def interactions_step(cfg: QuickstartConfig, out: Path) -> str:
             f"{out / 'interactions' / 'compare.png'}")
 
 
+def attribution_step(cfg: QuickstartConfig, out: Path) -> str:
+    from narrows.cli.attribution import quickstart_step
+
+    return quickstart_step(cfg, out)
+
+
 STEPS: list[Step] = [
     Step("train", train_step),
     Step("evaluate", evaluate_step),
     Step("interactions", interactions_step),
+    Step("attribution", attribution_step),
 ]
 
 
@@ -88,11 +95,14 @@ def execute(cfg: QuickstartConfig) -> int:
 
 register(Command(
     words=("quickstart",),
-    summary="train ResNet-20 on the embedded digits, evaluate it, measure its interactions",
+    summary="train ResNet-20 on the embedded digits, evaluate it, measure its interactions, "
+    "explain a shapes classifier",
     description="The first thing to run: trains a CIFAR ResNet-20 on scikit-learn's digits "
     "(3×32×32), evaluates it, measures its multi-order interaction curve against the same "
-    "network at initialisation, and prints where each result is. Needs no download. "
-    "Re-running resumes any unfinished step.",
+    "network at initialisation; then trains a ResNet-20 on synthetic shapes and compares IBA "
+    "heatmaps with Captum baselines (degradation, bounding boxes), and prints where each result "
+    "is. Needs no download; the baselines need the extra narrows[baselines]. Re-running resumes "
+    "any unfinished step.",
     config=QuickstartConfig,
     target="narrows.cli.quickstart:execute",
 ))

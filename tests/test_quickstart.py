@@ -1,0 +1,31 @@
+"""The quickstart's steps, on tiny settings (the real run takes minutes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from narrows.cli import attribution as attribution_cli
+from narrows.cli.quickstart import STEPS, QuickstartConfig
+
+
+def test_every_system_with_a_cli_has_a_quickstart_step() -> None:
+    assert [s.name for s in STEPS] == ["train", "evaluate", "interactions", "attribution"]
+
+
+def test_attribution_step_trains_explains_and_evaluates(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(attribution_cli, "QUICKSTART_DATA", "shapes:classes=2,size=32,train=64,test=8")
+    monkeypatch.setattr(attribution_cli, "QUICKSTART_EPOCHS", 1)
+    monkeypatch.setattr(attribution_cli, "QUICKSTART_IMAGES", 3)
+    pytest.importorskip("captum")
+    summary = attribution_cli.quickstart_step(QuickstartConfig(progress=False, threads=2), tmp_path)
+    evaluate = tmp_path / "attribution" / "evaluate"
+    table = (evaluate / "results.md").read_text()
+    for method in ("iba", "saliency", "gradcam", "random"):
+        assert f"| {method} |" in table
+    assert (evaluate / "examples.png").stat().st_size > 0
+    assert (evaluate / "degradation.png").is_file()
+    explain = tmp_path / "attribution" / "explain"
+    assert sorted(p.name for p in explain.glob("iba_*.gif")) == [f"iba_{i}.gif" for i in range(4)]
+    assert str(evaluate / "results.md") in summary
