@@ -17,7 +17,7 @@ narrows attribution readout-train --checkpoint "$CKPT" --epochs 5 --beta 1 --lr 
   --out "$OUT/readout"
 narrows attribution evaluate --checkpoint "$CKPT" --statistics "$STATS" \
   --readout "$OUT/readout/readout.pt" \
-  --methods iba,readout,saliency,input_x_gradient,ig,smoothgrad,gradcam,guided_backprop,occlusion_8,random \
+  --methods iba,readout,saliency,input_x_gradient,ig,smoothgrad,gradcam,occlusion_8,random \
   --metrics degradation,bbox,sensitivity-n --images 200 $COMMON --out "$OUT/evaluate"
 narrows attribution sanity --checkpoint "$CKPT" --statistics "$STATS" \
   --methods iba,saliency,gradcam --images 16 $COMMON --out "$OUT/sanity"
