@@ -82,7 +82,9 @@ def test_evaluate_table_one_row_per_method(checkpoint, tmp_path, capsys):
     assert main(more) == 0
     assert (out / "heatmaps_iba.npz").stat().st_mtime_ns == stamp
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(rows) == 2 and all(r["sensitivity_n"] for r in rows)
+    assert len(rows) == 2 and all(r["sensitivity_n"] and r["sensitivity_n_per_image"]
+                                  for r in rows)
+    assert (out / "sensitivity_n.png").stat().st_size > 0 and (out / "examples.png").is_file()
 
 
 @pytest.mark.parametrize("extra, expected", [

@@ -354,6 +354,8 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
             curves[method] = curve
     _write_results(run, rows, curves, cfg.tile)
     _draw_examples(run, methods, images[:EXAMPLES], dataset, indices[:EXAMPLES])
+    if "sensitivity-n" in metrics:
+        _draw_sensitivity(run, methods)
     print(run.file("results.md").read_text())
     print(f"→ {run.file('results.csv')}, {run.file('results.md')}"
           + (f", {run.file('degradation.png')}" if curves else ""))
@@ -443,19 +445,57 @@ def _metrics(run, method, metrics, net, inputs, labels, heatmaps, dataset, indic
         else:
             r = sensitivity_n(net, inputs, maps.to(inputs.device), labels, tile=cfg.tile,
                               n_sets=cfg.n_sets, batch_size=cfg.eval_batch_size, seed=cfg.seed)
-            corr = r.correlation
-            values = {"sensitivity_n": float(corr[~torch.isnan(corr)].mean())
-                      if (~torch.isnan(corr)).any() else float("nan")}
+            values = {"sensitivity_n": _nanmean(r.pooled),
+                      "sensitivity_n_per_image": _nanmean(r.per_image),
+                      "sensitivity": {"n": list(r.ns), "pooled": r.pooled.tolist(),
+                                      "per_image": r.per_image.tolist()}}
         run.write_json(file, values)
         curve = values.pop("curve", curve)
+        values.pop("sensitivity", None)
         row.update(values)
     return row, curve
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    import torch
+
+    finite = values[~torch.isnan(values)]
+    return float(finite.mean()) if finite.numel() else float("nan")
+
+
+def _draw_sensitivity(run, methods: list[str]) -> bool:
+    """sensitivity_n.png: pooled and per-image correlation against n, one line per method."""
+    from narrows.plotting import pyplot
+
+    curves = {m: run.read_json(f"metric_{m}_sensitivity-n.json").get("sensitivity")
+              for m in methods if run.exists(f"metric_{m}_sensitivity-n.json")}
+    curves = {m: c for m, c in curves.items() if c}
+    if not curves:
+        return False
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for index, (method, c) in enumerate(curves.items()):
+        for ax, key in zip(axes, ("pooled", "per_image"), strict=True):
+            ax.plot(c["n"], c[key], marker="o", markersize=3, color=f"C{index % 10}",
+                    label=method)
+    for ax, title in zip(axes, ("pooled over images (upstream)", "mean per image (Ancona et al.)"),
+                         strict=True):
+        ax.set_xscale("log")
+        ax.axhline(0, color="grey", linewidth=0.6)
+        ax.set_xlabel("n (tiles removed)")
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylabel("Pearson r (attribution sum, logit drop)")
+    axes[1].legend(fontsize=7)
+    run.save_figure("sensitivity_n.png", fig)
+    plt.close(fig)
+    return True
 
 
 LABELS = {"degradation_tile": "degradation {t}×{t} (LeRF − MoRF)",
           "degradation_normalised": "normalised: mean", "degradation_median": "normalised: median",
           "morf_area": "MoRF area", "lerf_area": "LeRF area", "bbox_ratio": "bbox ratio",
-          "bbox_images": "bbox images", "sensitivity_n": "sensitivity-n (mean r)"}
+          "bbox_images": "bbox images", "sensitivity_n": "sensitivity-n (pooled r)",
+          "sensitivity_n_per_image": "sensitivity-n (per-image r)"}
 
 
 def _write_results(run, rows: list[dict[str, Any]], curves: dict[str, dict], tile: int) -> None:
@@ -575,7 +615,8 @@ register(Command(
     description="Compute each method's heatmaps on the first --images test images (cached in "
     "heatmaps_<method>.npz), then each metric (cached per method); writes results.csv, "
     "results.md, degradation.png (mean MoRF/LeRF curves) and examples.png (the first images "
-    "with every method's heatmap and the object box) and prints the table. The degradation "
+    "with every method's heatmap and the object box), with sensitivity-n also "
+    "sensitivity_n.png (correlation against n), and prints the table. The degradation "
     "column is the area between the mean LeRF and MoRF curves of the target-class probability "
     "(random ≈ 0); the paper's per-image normalised score is given beside it as mean and "
     "median (the mean is unstable when an image's clean and fully replaced scores are close). "
