@@ -3,17 +3,61 @@
 * :class:`ClassIndices`: each class's influential channel ids; the upstream JSON file and ours;
   ``random`` and ``top_weights`` baselines.
 * :func:`split_head`: a timm model as pooled features ``(N, D)`` plus its final ``nn.Linear``.
+* :func:`extract` (and :func:`extract_fractional`, variant A): the streamed per-class
+  frequency histograms of each image's top-k channels, as an :class:`Extraction` (indices,
+  L1-mass and selectivity Ψ diagnostics, heat map, save/load).
+* :class:`DecomposedLinear`, :func:`decompose`, :func:`load_decomposed`: the decomposed head.
+* :func:`validate`, :func:`accuracy_curve` (:class:`Curve`): decomposed accuracy, at given
+  indices or as a function of k.
+* :func:`finetune`, :func:`finetune_settings`: fine-tuning on the core training loop.
 
 The command line is ``narrows decompose extract | validate | finetune | ...``.
 """
 
+from narrows.decompose.curve import Curve, accuracy_curve, validate
+from narrows.decompose.extract import (
+    DEFAULT_THRESHOLDS,
+    curve_ks,
+    extract,
+    extract_fractional,
+    features_at,
+)
+from narrows.decompose.extraction import Extraction
+from narrows.decompose.finetune import finetune, finetune_settings
+from narrows.decompose.head import (
+    DecomposedLinear,
+    LoadedDecomposed,
+    decompose,
+    decomposed_parts,
+    find_decomposed,
+    load_decomposed,
+)
+from narrows.decompose.histogram import TopKHistogram
 from narrows.decompose.indices import ClassIndices
 from narrows.decompose.parts import check_split, classifier_name, replace_classifier, split_head
 
 __all__ = [
+    "DEFAULT_THRESHOLDS",
     "ClassIndices",
+    "Curve",
+    "DecomposedLinear",
+    "Extraction",
+    "LoadedDecomposed",
+    "TopKHistogram",
+    "accuracy_curve",
     "check_split",
     "classifier_name",
+    "curve_ks",
+    "decompose",
+    "decomposed_parts",
+    "extract",
+    "extract_fractional",
+    "features_at",
+    "find_decomposed",
+    "finetune",
+    "finetune_settings",
+    "load_decomposed",
     "replace_classifier",
     "split_head",
+    "validate",
 ]

@@ -1,0 +1,176 @@
+"""Accuracy of the decomposed model, at one set of indices or as a function of k.
+
+The curve computes each batch's pooled features once and scores every (source, k) head on
+them; each head's weights come from :class:`DecomposedLinear`, so a point of the curve is the
+accuracy :func:`validate` gives for the same indices. At ``k = D`` every source keeps every
+channel and the head is the original layer bit for bit.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from narrows.decompose.head import DecomposedLinear, decompose
+from narrows.decompose.indices import ClassIndices
+from narrows.decompose.parts import split_head
+from narrows.runs.files import atomic_write_json, atomic_write_text
+
+IndexSource = Callable[[int], ClassIndices]
+
+
+def _test_split(data: Any) -> Dataset:
+    """A data set as given, or the test split of a :class:`~narrows.data.DataBundle`."""
+    return data.test() if callable(getattr(data, "test", None)) else data
+
+
+def validate(
+    model: nn.Module,
+    data: Any,
+    indices: ClassIndices | None = None,
+    *,
+    normalizer: Callable[[Tensor], Tensor],
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool = False,
+) -> Any:
+    """Top-1/top-5/loss (:class:`~narrows.training.EvalResult`) of ``model`` on ``data`` (a
+    data set or a bundle's test split), decomposed with ``indices`` when given."""
+    from narrows.training import evaluate
+
+    net = decompose(model, indices) if indices is not None else model
+    return evaluate(net.to(device), _test_split(data), normalizer, torch.device(device),
+                    batch_size=batch_size, workers=workers, progress=progress)
+
+
+@dataclass
+class Curve:
+    """Decomposed top-1 accuracy per source (``histogram``, ``random``, ``top-weights``, ...)
+    and k, beside the full model's top-1 on the same ``n`` images."""
+
+    ks: list[int]
+    top1: dict[str, list[float]]
+    full: float
+    n: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [
+            {"source": source, "k": k, "top1": acc}
+            for source, values in self.top1.items()
+            for k, acc in zip(self.ks, values, strict=True)
+        ]
+
+    def at(self, source: str, k: int) -> float:
+        return self.top1[source][self.ks.index(k)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ks": self.ks, "top1": self.top1, "full_top1": self.full, "n": self.n,
+                "meta": self.meta}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Curve:
+        return cls(list(data["ks"]), dict(data["top1"]), float(data["full_top1"]),
+                   int(data["n"]), dict(data.get("meta", {})))
+
+    def save(self, directory: str | Path) -> None:
+        """``curve.json`` and ``curve.csv`` (one column per source) in ``directory``."""
+        directory = Path(directory)
+        atomic_write_json(directory / "curve.json", self.to_json())
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(["k", *self.top1, "full"])
+        for i, k in enumerate(self.ks):
+            writer.writerow([k, *(f"{v[i]:.6f}" for v in self.top1.values()), f"{self.full:.6f}"])
+        atomic_write_text(directory / "curve.csv", text.getvalue())
+
+    def table(self, ks: Sequence[int] | None = None) -> str:
+        """A Markdown table of top-1 (%) per k (rows) and source (columns)."""
+        ks = [k for k in (ks or self.ks) if k in self.ks]
+        head = "| k | " + " | ".join(self.top1) + " |"
+        lines = [head, "|---" * (len(self.top1) + 1) + "|"]
+        for k in ks:
+            cells = " | ".join(f"{100 * self.at(s, k):.2f}" for s in self.top1)
+            lines.append(f"| {k} | {cells} |")
+        lines.append(f"| full model | {100 * self.full:.2f} |" + " |" * (len(self.top1) - 1))
+        return "\n".join(lines)
+
+    def plot(self, ax: Any = None, title: str | None = None) -> tuple[Any, Any]:
+        """Top-1 (%) against k (log axis), one line per source, the full model dashed."""
+        from narrows.plotting import pyplot
+
+        plt = pyplot()
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(5.6, 3.8))
+        else:
+            fig = ax.figure
+        for source, values in self.top1.items():
+            ax.plot(self.ks, [100 * v for v in values], marker="o", markersize=3, label=source)
+        ax.axhline(100 * self.full, color="black", linestyle="--", linewidth=1,
+                   label="full model")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k (channels per class)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(title or "decomposed final layer: accuracy vs k", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig, ax
+
+
+@torch.no_grad()
+def accuracy_curve(
+    model: nn.Module,
+    data: Any,
+    sources: Mapping[str, IndexSource],
+    ks: Sequence[int],
+    *,
+    normalizer: Callable[[Tensor], Tensor],
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool = False,
+) -> Curve:
+    """Decomposed top-1 of ``model`` (not yet decomposed) on ``data`` for each source and k.
+
+    ``sources[name](k)`` gives the indices of that source at k (e.g. ``extraction.indices``,
+    ``lambda k: ClassIndices.random(C, D, k, seed)``, ``lambda k: top_weights(linear, k)``).
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    model.eval().to(device)
+    features, linear = split_head(model)
+    ks = sorted({int(k) for k in ks if 1 <= int(k) <= linear.in_features})
+    heads = {
+        (name, k): DecomposedLinear(linear, source(k)).to(device).effective_weight()
+        for name, source in sources.items()
+        for k in ks
+    }
+    correct = {key: torch.zeros((), dtype=torch.int64, device=device) for key in heads}
+    full = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    dataset = _test_split(data)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    for images, labels in tqdm(loader, desc="accuracy vs k", leave=False,
+                               disable=None if progress else True):
+        labels = labels.to(device)
+        h = features(normalizer(images.to(device)))
+        full += (linear(h).argmax(1) == labels).sum()
+        for key, weight in heads.items():
+            correct[key] += (F.linear(h, weight, linear.bias).argmax(1) == labels).sum()
+        n += labels.shape[0]
+    top1 = {
+        name: [float(correct[(name, k)]) / max(n, 1) for k in ks] for name in sources
+    }
+    return Curve(ks, top1, float(full) / max(n, 1), n)

@@ -1,0 +1,270 @@
+"""Extraction: one streamed forward pass over a data set fills the per-class histograms.
+
+Nothing of size ``N×D`` is kept: each batch's pooled responses are counted and dropped. With a
+``resume`` file the counts so far are saved every ``save_every`` batches, and a restarted run
+continues after the last saved batch (the order is fixed: no shuffling, no augmentation).
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from narrows.decompose.extraction import Extraction
+from narrows.decompose.histogram import TopKHistogram
+from narrows.decompose.parts import Features, split_head
+from narrows.errors import UserError
+from narrows.runs.files import atomic_torch_save
+
+DEFAULT_THRESHOLDS = (0.5, 0.75, 0.9)
+Say = Callable[[str], None]
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to skip the layers after the one of interest."""
+
+
+def features_at(model: nn.Module, layer: str | None = None) -> Features:
+    """A function ``x -> (N, D)``: the pooled pre-head features, or the named module's output
+    averaged over its spatial dimensions (the forward stops at that module).
+
+    An unknown module name or an output that is neither ``(N, D)`` nor ``(N, D, H, W)`` is a
+    :class:`UserError`.
+    """
+    if not layer:
+        return split_head(model)[0]
+    names = [n for n, _ in model.named_modules() if n]
+    if layer not in names:
+        close = difflib.get_close_matches(layer, names, n=3)
+        raise UserError(
+            f"{type(model).__name__} has no module '{layer}'",
+            f"did you mean {', '.join(close)}?" if close else "leave --layer empty for the "
+            "pooled input of the classifier",
+        )
+    module = model.get_submodule(layer)
+
+    def features(x: Tensor) -> Tensor:
+        captured: list[Any] = []
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+            raise _Stop
+
+        handle = module.register_forward_hook(hook)
+        try:
+            model(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        out = captured[0]
+        if out.ndim == 4:
+            return out.mean(dim=(2, 3))
+        if out.ndim == 2:
+            return out
+        raise UserError(
+            f"module '{layer}' gives outputs of shape {tuple(out.shape)}, not (N, D, H, W) or (N, D)",
+            "choose a convolutional block or leave --layer empty",
+        )
+
+    return features
+
+
+def curve_ks(num_channels: int) -> list[int]:
+    """A default grid of k from 1 to ``D``: 1, 2, 3, 5, 10, 20, 50, ... and the powers of two."""
+    grid = {1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000}
+    grid |= {2**p for p in range(num_channels.bit_length())}
+    return sorted(k for k in grid | {num_channels} if k <= num_channels)
+
+
+def extract(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    num_classes: int,
+    k: int,
+    k_img: int | None = None,
+    ks: Sequence[int] = (),
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    layer: str | None = None,
+    normalizer: Callable[[Tensor], Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool = True,
+    resume: str | Path | None = None,
+    save_every: int = 200,
+    say: Say | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Extraction:
+    """Count the histograms of ``model``'s pooled responses over ``dataset`` (eval mode).
+
+    The indices are each class's ``k`` most frequent channels among its images' top ``k_img``
+    (default ``k``) positive responses. ``ks`` are further per-image k counted in the same pass
+    (for accuracy-vs-k curves); ``thresholds`` the mass fractions of Ψ. ``dataset`` yields
+    ``(image in [0, 1], label)``; ``normalizer`` maps a batch to model inputs.
+    """
+    device = torch.device(device)
+    features = features_at(model, layer)
+    width = _width(model, features, dataset, normalizer, device)
+    k_img = k if k_img is None else k_img
+    for name, value in (("k", k), ("k_img", k_img)):
+        if not 1 <= value <= width:
+            raise UserError(f"{name} must lie in [1, {width}], got {value}", f"pass a valid {name}")
+    hist = TopKHistogram(num_classes, width, {k_img, *[x for x in ks if 1 <= x <= width]},
+                         k_mass=k, thresholds=thresholds, device=device)
+    stream(model, features, dataset, hist, normalizer=normalizer, device=device,
+           batch_size=batch_size, workers=workers, progress=progress, resume=resume,
+           save_every=save_every, say=say)
+    info = {"layer": layer or "pre_logits", "images_seen": int(hist.images.sum()), **(meta or {})}
+    return Extraction.from_state(hist.state_dict(), k, k_img, info)
+
+
+def extract_fractional(
+    model: nn.Module,
+    dataset: Dataset,
+    fraction: float,
+    *,
+    num_classes: int,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    layer: str | None = None,
+    normalizer: Callable[[Tensor], Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool = True,
+    resume: str | Path | None = None,
+    save_every: int = 200,
+    say: Say | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Extraction:
+    """Variant A (see :meth:`Extraction.fractional_indices`): two passes, the first for each
+    class's ``k_c``, the second for the histograms at those ``k_c``."""
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"the fraction must lie in (0, 1), got {fraction}", "pass e.g. 0.5")
+    device = torch.device(device)
+    features = features_at(model, layer)
+    width = _width(model, features, dataset, normalizer, device)
+    levels = sorted({fraction, *thresholds})
+    first = TopKHistogram(num_classes, width, [1], thresholds=levels, device=device)
+    common = {"normalizer": normalizer, "device": device, "batch_size": batch_size,
+              "workers": workers, "progress": progress, "save_every": save_every, "say": say}
+    partial = Path(resume) if resume else None
+    stream(model, features, dataset, first, resume=partial and partial.with_suffix(".pass1.pt"),
+           desc="extract (pass 1/2)", **common)
+    probe = Extraction.from_state(first.state_dict(), 1, 1)
+    per_class = probe.fractional_k(fraction)
+    second = TopKHistogram(num_classes, width, per_class, k_mass=max(per_class),
+                           thresholds=levels, device=device)
+    stream(model, features, dataset, second, resume=partial, desc="extract (pass 2/2)", **common)
+    info = {"layer": layer or "pre_logits", "fraction": fraction, "k_per_class": per_class,
+            "images_seen": int(second.images.sum()), **(meta or {})}
+    kmax = max(per_class)
+    return Extraction.from_state(second.state_dict(), kmax, kmax, info)
+
+
+@torch.no_grad()
+def _width(
+    model: nn.Module,
+    features: Features,
+    dataset: Dataset,
+    normalizer: Callable[[Tensor], Tensor] | None,
+    device: torch.device,
+) -> int:
+    """``D``: the width of the features, from one image (eval mode)."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise UserError("the data set is empty", "choose another split or data spec")
+    model.eval().to(device)
+    image = dataset[0][0][None].to(device)
+    out = features(normalizer(image) if normalizer else image)
+    return int(out.shape[1])
+
+
+@torch.no_grad()
+def stream(
+    model: nn.Module,
+    features: Features,
+    dataset: Dataset,
+    hist: TopKHistogram,
+    *,
+    normalizer: Callable[[Tensor], Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool = True,
+    resume: str | Path | None = None,
+    save_every: int = 200,
+    say: Say | None = None,
+    desc: str = "extract",
+) -> TopKHistogram:
+    """Feed ``dataset`` through ``features`` into ``hist``, in order, resuming from ``resume``.
+
+    Prints (through ``say``) the images to go and, after the first batch, the estimated time.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    model.eval().to(device)
+    total = len(dataset)  # type: ignore[arg-type]
+    done = _restore(hist, resume, total, batch_size)
+    if done >= total:
+        return hist
+    loader = DataLoader(Subset(dataset, range(done, total)), batch_size=batch_size,
+                        shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    if say is not None:
+        batches = -(-(total - done) // batch_size)
+        say(f"{desc}: {total - done} images to go"
+            + (f" (resuming after {done})" if done else "")
+            + f", {batches} batches of {batch_size}, one forward pass each")
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if progress else True, unit="batch")
+    started = time.perf_counter()
+    for step, (images, labels) in enumerate(bar, 1):
+        images = images.to(device, non_blocking=True)
+        h = features(normalizer(images) if normalizer else images)
+        hist.update(h, labels)
+        done += labels.shape[0]
+        if step == 2 and say is not None:  # the first batch carries the warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rate = 2 * batch_size / max(time.perf_counter() - started, 1e-9)
+            say(f"{desc}: ≈ {_duration((total - done) / rate)} to go at {rate:,.0f} images/s")
+        if resume is not None and step % save_every == 0 and done < total:
+            _save_partial(hist, resume, done, total, batch_size)
+    if resume is not None:
+        Path(resume).unlink(missing_ok=True)
+    return hist
+
+
+def _restore(hist: TopKHistogram, resume: str | Path | None, total: int, batch_size: int) -> int:
+    if resume is None or not Path(resume).is_file():
+        return 0
+    try:
+        saved = torch.load(resume, map_location="cpu", weights_only=True)
+        if saved["total"] != total or saved["batch_size"] != batch_size:
+            return 0
+        hist.load_state_dict(saved["histogram"])
+    except (ValueError, KeyError, RuntimeError):  # other settings or a damaged file: start over
+        return 0
+    return int(saved["done"])
+
+
+def _save_partial(
+    hist: TopKHistogram, resume: str | Path, done: int, total: int, batch_size: int
+) -> None:
+    atomic_torch_save(resume, {"histogram": hist.state_dict(), "done": done, "total": total,
+                               "batch_size": batch_size})
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,95 @@
+"""Fine-tuning the decomposed network ("decomposed softmax") on the core training loop.
+
+As upstream: cross-entropy on the decomposed logits with the indices fixed; every parameter
+with ``requires_grad`` trains (the backbone, BatchNorm included, plus ``V`` and ``b'``; the
+original ``W, b`` are frozen and unused); Adam with default betas, no weight decay, a constant
+learning rate, no clipping; the test split is evaluated after every epoch. After fine-tuning the
+original ``W`` no longer matches the backbone, so a fine-tuned model's full-head accuracy means
+nothing and is never reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from narrows.decompose.head import decompose, decomposed_extra, find_decomposed
+from narrows.decompose.indices import ClassIndices
+from narrows.runs.run import RunDir
+from narrows.training import BEST, TrainSettings, fit
+
+DECOMPOSED = "decomposed.pt"
+
+
+def finetune_settings(
+    *,
+    epochs: int = 1,
+    lr: float = 1e-4,
+    batch_size: int = 128,
+    augment: str = "auto",
+    workers: int = 0,
+    eval_batch_size: int = 256,
+    seed: int = 0,
+) -> TrainSettings:
+    """Upstream's recipe as :class:`TrainSettings`: AdamW without weight decay (that is Adam),
+    a constant learning rate; the data set's standard augmentation."""
+    return TrainSettings(
+        epochs=epochs, batch_size=batch_size, optimizer="adamw", lr=lr, momentum=0.0,
+        weight_decay=0.0, schedule="constant", augment=augment, workers=workers,
+        eval_batch_size=eval_batch_size, seed=seed,
+    )
+
+
+def finetune(
+    model: nn.Module,
+    indices: ClassIndices | None,
+    data: Any,
+    settings: TrainSettings,
+    *,
+    card: Any,
+    device: torch.device,
+    run: RunDir | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    dist: Any = None,
+) -> tuple[nn.Module, Any]:
+    """Decompose ``model`` with ``indices`` (``None``: it is decomposed already), train it with
+    :func:`narrows.training.fit`, and return ``(decomposed model, TrainResult)``.
+
+    With ``run``, ``fit`` writes its checkpoints there (each holds the indices as the head's
+    buffers), and ``decomposed.pt`` is written from the best epoch with the indices also
+    recorded as JSON under the ``decompose`` entry.
+    """
+    from narrows.runtime import Distributed
+
+    net = model if indices is None else decompose(model, indices)
+    head = find_decomposed(net)
+    if head is None:
+        raise ValueError("the model is not decomposed and no indices were given")
+    kwargs: dict[str, Any] = {"dist": dist if dist is not None else Distributed()}
+    result = fit(net, data, settings, card=card, device=device, run=run, progress=progress,
+                 log=log, **kwargs)
+    if run is not None and run.writer and run.exists(BEST):
+        write_decomposed(run.file(DECOMPOSED), run.file(BEST), net, card, head.indices)
+    return net, result
+
+
+def write_decomposed(
+    path: str | Path, best: str | Path, net: nn.Module, card: Any, indices: ClassIndices
+) -> Path:
+    """Save the weights of ``best`` (a ``fit`` checkpoint) with the card and the indices."""
+    import copy
+
+    from narrows.models import save_model
+    from narrows.models.strict import load_state_dict_strict
+
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    model = copy.deepcopy(net).cpu()
+    load_state_dict_strict(model, state["state_dict"], str(best))
+    extra = {**decomposed_extra(indices), "epoch": int(state.get("epoch", 0)),
+             "test_top1": float(state.get("test_top1", float("nan")))}
+    return save_model(path, model, card, extra)
