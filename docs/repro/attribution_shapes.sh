@@ -23,3 +23,7 @@ narrows attribution sanity --checkpoint "$CKPT" --statistics "$STATS" \
   --methods iba,saliency,gradcam --images 16 $COMMON --out "$OUT/sanity"
 narrows attribution explain --checkpoint "$CKPT" --statistics "$STATS" --images 8 --gif \
   $COMMON --out "$OUT/explain"
+# the per-n sensitivity figure of the docs (50 images, 30 sets per n; about 15 minutes on CPU)
+narrows attribution evaluate --checkpoint "$CKPT" --statistics "$STATS" \
+  --methods iba,occlusion_8,saliency,random --metrics sensitivity-n --n-sets 30 --images 50 \
+  $COMMON --out "$OUT/sensitivity"

@@ -357,8 +357,9 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
     if "sensitivity-n" in metrics:
         _draw_sensitivity(run, methods)
     print(run.file("results.md").read_text())
-    print(f"→ {run.file('results.csv')}, {run.file('results.md')}"
-          + (f", {run.file('degradation.png')}" if curves else ""))
+    print(f"→ {run.file('results.csv')}, {run.file('results.md')}, {run.file('examples.png')}"
+          + (f", {run.file('degradation.png')}" if curves else "")
+          + (f", {run.file('sensitivity_n.png')}" if "sensitivity-n" in metrics else ""))
     return 0
 
 

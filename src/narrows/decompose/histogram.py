@@ -60,6 +60,7 @@ class TopKHistogram:
             torch.tensor(ks, device=self.device), ranks, right=True
         )
         self._t = torch.tensor(self.thresholds, dtype=self._float, device=self.device)
+        self._t_ids = torch.arange(len(self.thresholds), device=self.device)
 
     @property
     def _float(self) -> torch.dtype:
@@ -73,29 +74,29 @@ class TopKHistogram:
         h = h.detach().to(self.device)
         labels = labels.to(self.device, torch.int64)
         n, d = h.shape
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes})")
+        if self.device.type == "cpu" and labels.numel():  # elsewhere the check would sync
+            if labels.min() < 0 or labels.max() >= self.num_classes:
+                raise ValueError(f"labels must lie in [0, {self.num_classes})")
         values, order = torch.sort(h, dim=1, descending=True, stable=True)
         r = self.ks[-1]
         nk = len(self.ks)
         counted = (values[:, :r] > 0).to(torch.int64)
         flat = ((labels[:, None] * d + order[:, :r]) * nk + self._bucket_of_rank[None, :]).reshape(-1)
         self.buckets.view(-1).index_add_(0, flat, counted.reshape(-1))
-        ones = torch.ones(n, dtype=torch.int64, device=self.device)
-        self.images.index_add_(0, labels, ones)
+        self.images.index_add_(0, labels, torch.ones_like(labels))
 
+        # running normalised mass: nondecreasing, so counts below t come from a binary search
         positive = values.clamp(min=0).to(self._float)
         total = positive.sum(dim=1)
         alive = total > 0
         self.dead.index_add_(0, labels, (~alive).to(torch.int64))
-        share = positive / torch.where(alive, total, torch.ones_like(total))[:, None]
-        top_mass = share[:, : self.k_mass].sum(dim=1)
-        self.mass.index_add_(0, labels, torch.where(alive, top_mass, torch.zeros_like(top_mass)))
+        running = (positive / torch.where(alive, total, 1.0)[:, None]).cumsum(dim=1)
+        top_mass = torch.where(alive, running[:, self.k_mass - 1], 0.0)
+        self.mass.index_add_(0, labels, top_mass)
         if self.thresholds:
-            running = share.cumsum(dim=1)
-            below = (running[:, None, :] < self._t[None, :, None]).sum(dim=2)  # (N, T)
             t = len(self.thresholds)
-            slots = (labels[:, None] * t + torch.arange(t, device=self.device)) * (d + 1) + below
+            below = torch.searchsorted(running, self._t.expand(n, t).contiguous())  # (N, T)
+            slots = (labels[:, None] * t + self._t_ids) * (d + 1) + below
             weight = alive[:, None].expand(n, t).to(torch.int64)
             self.below.view(-1).index_add_(0, slots.reshape(-1), weight.reshape(-1))
 
