@@ -34,7 +34,7 @@ from narrows.decompose.mutual_info import mi_table, mis, overlap_scores, pairwis
 from narrows.errors import UserError
 from narrows.models import ModelCard, create, load_model, save_model
 
-SHAPES = "shapes:classes=2,size=16,train=32,test=16"
+SHAPES = "shapes:classes=2,size=16,train=16,test=16"
 
 
 class Pooled(nn.Module):

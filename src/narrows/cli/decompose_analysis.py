@@ -33,7 +33,8 @@ def _sigmas(values: list[float] | None) -> str | None:
 class CSGOptions:
     csg_checkpoint: str | None = option(
         None, "a CSG-trained network with its gate (the csg.pt of 'narrows decompose "
-        "csg-train') to compare with", metavar="FILE", group=CSG)
+        "csg-train') to compare with", metavar="FILE",
+        short="--csg-weights", group=CSG)
     csg_k: int = option(5, "channels per class taken from the CSG gate", check=positive,
                         group=CSG)
     csg_order: Literal["largest", "upstream", "both"] = option(
@@ -546,8 +547,9 @@ def _draw_gate(run, gate, rows: list[dict[str, Any]]) -> None:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4),
                                       gridspec_kw={"width_ratios": [2, 1]})
-    image = left.imshow(gate.numpy(), aspect="auto", cmap="viridis", vmin=0,
-                        vmax=max(1.0, float(gate.max())))
+    low, high = min(0.0, float(gate.min())), float(gate.max())
+    image = left.imshow(gate.numpy(), aspect="auto", cmap="viridis", vmin=low,
+                        vmax=high if high > low else low + 1.0)
     left.set_xlabel("channel")
     left.set_ylabel("class")
     if gate.shape[0] <= 20:
@@ -556,6 +558,7 @@ def _draw_gate(run, gate, rows: list[dict[str, Any]]) -> None:
     fig.colorbar(image, ax=left)
     epochs = [r["epoch"] for r in rows if "gate_density" in r]
     right.plot(epochs, [r["gate_density"] for r in rows if "gate_density" in r], marker="o")
+    right.xaxis.get_major_locator().set_params(integer=True)
     right.set_xlabel("epoch")
     right.set_ylabel("gate density |G|₁ / (C·D)")
     right.grid(alpha=0.3)
