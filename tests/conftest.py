@@ -1,5 +1,35 @@
-"""Shared test setup: keep torch to two threads."""
+"""Shared test setup: keep torch to two threads; random-init checkpoints with a full card."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory) -> Callable[..., str]:
+    """``make(data_spec, architecture="resnet20_cifar", seed=0) -> path``: a seeded random-init
+    checkpoint whose card carries the data's classes, size, normalisation and spec."""
+    directory = tmp_path_factory.mktemp("random-checkpoints")
+
+    def make(data_spec: str, architecture: str = "resnet20_cifar", seed: int = 0) -> str:
+        from narrows.data import load
+        from narrows.models import ModelCard, create, save_model
+
+        info = load(data_spec).info
+        path = Path(directory) / f"{architecture}-{abs(hash(data_spec))}-{seed}.pt"
+        if not path.is_file():
+            torch.manual_seed(seed)
+            net = create(architecture, num_classes=info.num_classes, in_chans=info.in_chans)
+            card = ModelCard(architecture=architecture, num_classes=info.num_classes,
+                             in_chans=info.in_chans, input_size=info.image_size,
+                             mean=tuple(info.mean), std=tuple(info.std), data_spec=data_spec)
+            save_model(path, net, card)
+        return str(path)
+
+    return make

@@ -12,19 +12,8 @@ TINY = "shapes:classes=2,size=16,train=16,test=8"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    import torch
-
-    from narrows.data import load
-    from narrows.models import ModelCard, create, save_model
-
-    torch.manual_seed(0)
-    info = load(TINY).info
-    net = create("resnet20_cifar", num_classes=2, in_chans=info.in_chans)
-    card = ModelCard(architecture="resnet20_cifar", num_classes=2, in_chans=info.in_chans,
-                     input_size=info.image_size, mean=tuple(info.mean), std=tuple(info.std),
-                     data_spec=TINY)
-    return str(save_model(tmp_path_factory.mktemp("ckpt") / "tiny.pt", net, card))
+def checkpoint(random_checkpoint) -> str:
+    return random_checkpoint(TINY)
 
 
 def test_stats_resumes(checkpoint, tmp_path, capsys):

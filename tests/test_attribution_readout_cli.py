@@ -18,23 +18,9 @@ QUIET = ["--no-progress", "--threads", "1", "--device", "cpu"]  # bitwise resume
 pytestmark = pytest.mark.filterwarnings("ignore:readout statistics from only")
 
 
-def _checkpoint(directory, seed: int, classes: int = 2) -> str:
-    from narrows.data import load
-    from narrows.models import ModelCard, create, save_model
-
-    spec = TINY.replace("classes=2", f"classes={classes}")
-    torch.manual_seed(seed)
-    info = load(spec).info
-    net = create("resnet20_cifar", num_classes=classes, in_chans=info.in_chans)
-    card = ModelCard(architecture="resnet20_cifar", num_classes=classes, in_chans=info.in_chans,
-                     input_size=info.image_size, mean=tuple(info.mean), std=tuple(info.std),
-                     data_spec=spec)
-    return str(save_model(directory / f"net{seed}-{classes}.pt", net, card))
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    return _checkpoint(tmp_path_factory.mktemp("ckpt"), 0)
+def checkpoint(random_checkpoint) -> str:
+    return random_checkpoint(TINY)
 
 
 def _train_args(checkpoint: str, out, epochs: int = 2) -> list[str]:
@@ -178,8 +164,8 @@ def _tampered(trained, tmp_path, change) -> str:
     ("other-weights", "was trained for other model weights (resnet20_cifar"),
     ("no-file", "--method readout needs --readout FILE"),
 ])
-def test_bad_readout_is_one_line_exit_2(checkpoint, trained, tmp_path, capsys, case,
-                                        expected) -> None:
+def test_bad_readout_is_one_line_exit_2(checkpoint, trained, tmp_path, capsys, random_checkpoint,
+                                        case, expected) -> None:
     ckpt, readout = checkpoint, str(trained[0] / "readout.pt")
     if case == "garbage":
         readout = str(tmp_path / "garbage.pt")
@@ -189,7 +175,7 @@ def test_bad_readout_is_one_line_exit_2(checkpoint, trained, tmp_path, capsys, c
     elif case == "missing-key":
         readout = _tampered(trained, tmp_path, lambda s: s["state_dict"].pop("conv2.bias"))
     elif case == "other-weights":
-        ckpt = _checkpoint(tmp_path, 1)
+        ckpt = random_checkpoint(TINY, seed=1)
     extra = [] if case == "no-file" else ["--readout", readout]
     args = ["attribution", "explain", "--checkpoint", ckpt, "--method", "readout", "--images",
             "1", "--out", str(tmp_path / "e"), *QUIET, *extra]
@@ -199,10 +185,10 @@ def test_bad_readout_is_one_line_exit_2(checkpoint, trained, tmp_path, capsys, c
     assert not (tmp_path / "e").exists()  # refused before the run directory is written
 
 
-def test_readout_for_another_class_count_is_refused(trained, tmp_path) -> None:
+def test_readout_for_another_class_count_is_refused(trained, random_checkpoint) -> None:
     from narrows.attribution.readout import load_readout
     from narrows.errors import UserError
 
-    other = _net(_checkpoint(tmp_path, 0, classes=3))
+    other = _net(random_checkpoint(TINY.replace("classes=2", "classes=3")))
     with pytest.raises(UserError, match=r"'logits' gives \(3,\), the readout expects \(2,\)"):
         load_readout(trained[0] / "readout.pt", other, check_weights=False)
