@@ -11,7 +11,8 @@ from narrows.cli.quickstart import STEPS, QuickstartConfig
 
 
 def test_every_system_with_a_cli_has_a_quickstart_step() -> None:
-    assert [s.name for s in STEPS] == ["train", "evaluate", "interactions", "attribution"]
+    assert [s.name for s in STEPS] == ["train", "evaluate", "interactions", "attribution",
+                                        "decompose"]
 
 
 def test_attribution_step_trains_explains_and_evaluates(tmp_path: Path, monkeypatch) -> None:
@@ -29,3 +30,17 @@ def test_attribution_step_trains_explains_and_evaluates(tmp_path: Path, monkeypa
     explain = tmp_path / "attribution" / "explain"
     assert sorted(p.name for p in explain.glob("iba_*.gif")) == [f"iba_{i}.gif" for i in range(4)]
     assert str(evaluate / "results.md") in summary
+
+
+def test_decompose_step_reports_the_curve(tmp_path: Path, random_checkpoint) -> None:
+    import shutil
+
+    from narrows.cli import decompose as decompose_cli
+
+    (tmp_path / "train").mkdir()
+    shutil.copy(random_checkpoint("shapes:classes=3,size=16,train=30,test=12"),
+                tmp_path / "train" / "best.pt")
+    summary = decompose_cli.quickstart_step(QuickstartConfig(progress=False, threads=2), tmp_path)
+    validate = tmp_path / "decompose" / "validate"
+    assert (validate / "accuracy_vs_k.png").is_file() and str(validate) in summary
+    assert (tmp_path / "decompose" / "extract" / "indices.json").is_file()

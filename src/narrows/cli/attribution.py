@@ -551,7 +551,7 @@ QUICKSTART_EPOCHS = 10
 QUICKSTART_IMAGES = 16
 
 
-def quickstart_step(cfg, out: Path) -> str:
+def quickstart_step(cfg: CommonOptions, out: Path) -> str:
     """Train ResNet-20 on shapes, then evaluate IBA against baselines and draw a few heatmaps.
 
     AdamW (lr 2e-3) rather than the SGD default: ResNet-20 learns the shapes in 10 epochs with
@@ -562,12 +562,10 @@ def quickstart_step(cfg, out: Path) -> str:
 
     from narrows.cli.train import TrainConfig, run_training
 
-    common = {"device": cfg.device, "threads": cfg.threads, "seed": cfg.seed,
-              "progress": cfg.progress}
     train = out / "shapes-train"
     run_training(TrainConfig(model="resnet20_cifar", data=QUICKSTART_DATA,
                              epochs=QUICKSTART_EPOCHS, batch_size=64, optimizer="adamw", lr=2e-3,
-                             out=str(train), **common), "train")
+                             **cfg.inherited(train)), "train")
     checkpoint = str(train / "best.pt")
     target = out / "attribution"
     captum = importlib.util.find_spec("captum") is not None
@@ -577,11 +575,11 @@ def quickstart_step(cfg, out: Path) -> str:
               "(pip install 'narrows[baselines]' for saliency and Grad-CAM)")
     execute_evaluate(EvaluateConfig(checkpoint=checkpoint, methods=methods,
                                     metrics="degradation,bbox", images=QUICKSTART_IMAGES,
-                                    points=50, n_samples=2000, out=str(target / "evaluate"),
-                                    **common))
+                                    points=50, n_samples=2000,
+                                    **cfg.inherited(target / "evaluate")))
     execute_explain(ExplainConfig(checkpoint=checkpoint, images=4, gif=True,
                                   statistics=str(target / "evaluate" / "statistics.pt"),
-                                  out=str(target / "explain"), **common))
+                                  **cfg.inherited(target / "explain")))
     return (f"IBA vs {methods.split(',', 1)[1].replace(',', ', ')} on shapes "
             f"({QUICKSTART_IMAGES} images): {target / 'evaluate' / 'results.md'} and "
             f"examples.png; IBA heatmaps and GIFs: {target / 'explain'}")

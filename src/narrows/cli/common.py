@@ -34,6 +34,12 @@ class CommonOptions:
     seed: int = option(0, "random seed: data order, augmentation, initialisation", group=COMMON)
     progress: bool = option(True, "show progress bars", affects_result=False, group=COMMON)
 
+    def inherited(self, out: Path | str | None = None) -> dict[str, Any]:
+        """The options a sub-command started from this one takes over (device, threads, seed,
+        progress), with its own ``out``."""
+        return {"out": None if out is None else str(out), "device": self.device,
+                "threads": self.threads, "seed": self.seed, "progress": self.progress}
+
 
 @dataclass
 class Session:

@@ -385,21 +385,18 @@ def _card(cfg: FinetuneConfig, subject: Any) -> Any:
 
 
 # -- quickstart -------------------------------------------------------------------------------
-def quickstart_step(cfg: Any, out: Path) -> str:
+def quickstart_step(cfg: CommonOptions, out: Path) -> str:
     """Extraction and decomposed accuracy vs k on the quickstart's digits ResNet-20
     (``out/train/best.pt``), into ``out/decompose``."""
     import json
 
-    common = {"device": cfg.device, "threads": cfg.threads, "seed": cfg.seed,
-              "progress": cfg.progress}
     checkpoint = str(out / "train" / "best.pt")
     target = out / "decompose"
-    execute_extract(ExtractConfig(checkpoint=checkpoint, k=5, out=str(target / "extract"),
-                                  **common))
+    execute_extract(ExtractConfig(checkpoint=checkpoint, k=5, **cfg.inherited(target / "extract")))
     execute_validate(ValidateConfig(checkpoint=checkpoint,
                                     indices=str(target / "extract" / "indices.json"),
                                     extraction=str(target / "extract"),
-                                    out=str(target / "validate"), **common))
+                                    **cfg.inherited(target / "validate")))
     results = json.loads((target / "validate" / "results.json").read_text())
     curve = results["curve"]
     at5 = {s: v[curve["ks"].index(5)] for s, v in curve["top1"].items()}

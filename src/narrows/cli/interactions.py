@@ -81,6 +81,7 @@ def estimate_into(run, net, dataset, num_classes: int, settings, mean, std, sess
     from narrows.interactions.players import PlayerGrid
     from narrows.interactions.runner import measure_speed, plan
     from narrows.interactions.runner import run as run_images
+    from narrows.runtime import format_duration
     from narrows.training import Normalizer
 
     normalizer = Normalizer(mean, std)
@@ -101,7 +102,7 @@ def estimate_into(run, net, dataset, num_classes: int, settings, mean, std, sess
     todo = (len(p.image_ids) - finished) * p.forwards_per_image
     say(f"{len(p.image_ids)} images (of {p.candidates} candidates), {p.forwards_per_image:,} "
         f"forward passes each ({p.upstream_per_image:,} without the exact shortcuts); "
-        f"{finished} already done; {todo:,} to go ≈ {_duration(todo / speed)} at "
+        f"{finished} already done; {todo:,} to go ≈ {format_duration(todo / speed)} at "
         f"{speed:,.0f} forwards/s")
     result = run_images(net, dataset, p, settings, mean=mean, std=std, device=session.device,
                         images_dir=images_dir, dist=session.dist, progress=progress,
@@ -111,12 +112,6 @@ def estimate_into(run, net, dataset, num_classes: int, settings, mean, std, sess
     return result
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def execute_run(cfg: RunConfig) -> int:

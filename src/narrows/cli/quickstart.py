@@ -29,8 +29,7 @@ class Step:
 
 def _sub(cfg: QuickstartConfig, out: Path, name: str) -> dict:
     """Options a sub-command inherits from the quickstart."""
-    return {"out": str(out / name), "device": cfg.device, "threads": cfg.threads,
-            "seed": cfg.seed, "progress": cfg.progress}
+    return cfg.inherited(out / name)
 
 
 def train_step(cfg: QuickstartConfig, out: Path) -> str:
@@ -69,11 +68,18 @@ def attribution_step(cfg: QuickstartConfig, out: Path) -> str:
     return quickstart_step(cfg, out)
 
 
+def decompose_step(cfg: QuickstartConfig, out: Path) -> str:
+    from narrows.cli.decompose import quickstart_step
+
+    return quickstart_step(cfg, out)
+
+
 STEPS: list[Step] = [
     Step("train", train_step),
     Step("evaluate", evaluate_step),
     Step("interactions", interactions_step),
     Step("attribution", attribution_step),
+    Step("decompose", decompose_step),
 ]
 
 
@@ -96,12 +102,13 @@ def execute(cfg: QuickstartConfig) -> int:
 register(Command(
     words=("quickstart",),
     summary="train ResNet-20 on the embedded digits, evaluate it, measure its interactions, "
-    "explain a shapes classifier",
+    "explain a shapes classifier, decompose the digits head",
     description="The first thing to run: trains a CIFAR ResNet-20 on scikit-learn's digits "
     "(3×32×32), evaluates it, measures its multi-order interaction curve against the same "
     "network at initialisation; then trains a ResNet-20 on synthetic shapes and compares IBA "
-    "heatmaps with Captum baselines (degradation, bounding boxes), and prints where each result "
-    "is. Needs no download; the baselines need the extra narrows[baselines]. Re-running resumes "
+    "heatmaps with Captum baselines (degradation, bounding boxes); finds each digit's "
+    "influential channels and the decomposed head's accuracy against k; and prints where each "
+    "result is. Needs no download; the baselines need the extra narrows[baselines]. Re-running resumes "
     "any unfinished step.",
     config=QuickstartConfig,
     target="narrows.cli.quickstart:execute",

@@ -22,6 +22,7 @@ from narrows.decompose.histogram import TopKHistogram
 from narrows.decompose.parts import Features, split_head
 from narrows.errors import UserError
 from narrows.runs.files import atomic_torch_save
+from narrows.runtime import format_duration
 
 DEFAULT_THRESHOLDS = (0.5, 0.75, 0.9)
 Say = Callable[[str], None]
@@ -234,7 +235,7 @@ def stream(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             rate = 2 * batch_size / max(time.perf_counter() - started, 1e-9)
-            say(f"{desc}: ≈ {_duration((total - done) / rate)} to go at {rate:,.0f} images/s")
+            say(f"{desc}: ≈ {format_duration((total - done) / rate)} to go at {rate:,.0f} images/s")
         if resume is not None and step % save_every == 0 and done < total:
             _save_partial(hist, resume, done, total, batch_size)
     if resume is not None:
@@ -260,11 +261,3 @@ def _save_partial(
 ) -> None:
     atomic_torch_save(resume, {"histogram": hist.state_dict(), "done": done, "total": total,
                                "batch_size": batch_size})
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
