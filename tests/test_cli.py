@@ -54,8 +54,15 @@ def test_real_process_error_has_no_traceback():
 def test_help_and_import_stay_light():
     code = (
         "import sys, narrows; assert 'torch' not in sys.modules\n"
+        "import contextlib, io\n"
         "from narrows.cli import main\n"
-        "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+        "from narrows.cli.app import COMMANDS, _load_commands\n"
+        "_load_commands()\n"
+        "assert len(COMMANDS) > 10\n"
+        "for command in COMMANDS:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n            main([*command.words, '--help'])\n"
+        "        except SystemExit:\n            pass\n"
         "heavy = [m for m in ('matplotlib', 'captum', 'torch', 'timm', 'sklearn') if m in sys.modules]\n"
         "print(heavy)"
     )
