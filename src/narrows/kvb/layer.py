@@ -33,7 +33,8 @@ def _ordered_keys(dist: Tensor) -> Tensor:
     """int64 keys sorting like ``(dist, index)`` along the last axis, all distinct.
 
     Float32 bits are mapped to an order-preserving signed int32 and shifted above the index, so
-    ``topk`` over the keys is the top-t with ties broken towards the lowest index exactly.
+    ``topk`` over the keys is the top-t with ties broken towards the lowest index exactly
+    (``topk`` itself does not promise an order among equal values).
     """
     bits = (dist + 0.0).contiguous().view(torch.int32).to(torch.int64)  # + 0.0: -0 becomes +0
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
@@ -75,13 +76,13 @@ def nearest_keys(
             base = base.masked_fill(exclude[c0:c1].unsqueeze(1), math.inf)
         for q0 in range(0, num_queries, chunk_queries):
             q1 = min(q0 + chunk_queries, num_queries)
-            dist = torch.baddbmm(base, heads[c0:c1, q0:q1], k_t, alpha=-2.0)
-            if exclude is not None:  # inf - finite stays inf; keep it exactly inf
-                dist.masked_fill_(exclude[c0:c1].unsqueeze(1), math.inf)
+            dist = torch.baddbmm(base, heads[c0:c1, q0:q1], k_t, alpha=-2.0)  # inf stays inf
             if topk == 1:
                 out[c0:c1, q0:q1, 0] = dist.argmin(-1)
+            elif dist.dtype == torch.float64:
+                out[c0:c1, q0:q1] = dist.sort(dim=-1, stable=True).indices[..., :topk]
             else:
-                order = _ordered_keys(dist).topk(topk, dim=-1, largest=False, sorted=True)
+                order = _ordered_keys(dist.float()).topk(topk, dim=-1, largest=False, sorted=True)
                 out[c0:c1, q0:q1] = order.indices
     return out
 
@@ -188,6 +189,7 @@ class KeyValueBottleneck(nn.Module):
         self.register_buffer("usage", torch.zeros(C, J, dtype=torch.int64))
         self.register_buffer("frozen_flag", torch.tensor(False))
         self.values = nn.Parameter(torch.zeros(C, J, V))
+        self._flat_cache: tuple[Tensor, int, Tensor] | None = None
 
         self.dropout = nn.Dropout1d(dropout) if dropout > 0 else None
         self.decoder: nn.Module | None = None
@@ -207,6 +209,11 @@ class KeyValueBottleneck(nn.Module):
 
     # ------------------------------------------------------------------ state
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_flat_cache"] = None  # derived from P; not pickled or deep-copied
+        return state
+
     @property
     def frozen(self) -> bool:
         """Whether the keys are frozen (set by :meth:`freeze`; saved in the state dict)."""
@@ -217,10 +224,19 @@ class KeyValueBottleneck(nn.Module):
         self.frozen_flag.fill_(True)
         self.usage.zero_()
 
-    @property
-    def threshold_per_query(self) -> float:
-        """θ per query in a batch: θ = this · (queries per batch), queries = batch · tokens."""
-        return self.threshold_factor / self.num_pairs
+    @torch.no_grad()
+    def reset_values(self, init: str = "zeros", seed: int | None = None) -> None:
+        """Re-create the values (``"zeros"``, ``"rand"`` U[0, 1) or ``"randn"``, drawn from
+        ``seed``, default the layer's) and reset the usage counter; keys stay as they are."""
+        if init == "zeros":
+            self.values.zero_()
+        elif init in ("rand", "randn"):
+            gen = torch.Generator().manual_seed(self.seed if seed is None else int(seed))
+            draw = torch.rand if init == "rand" else torch.randn
+            self.values.copy_(draw(self.values.shape, generator=gen))
+        else:
+            raise ValueError(f"init must be 'zeros', 'rand' or 'randn', got {init!r}")
+        self.usage.zero_()
 
     def extra_repr(self) -> str:
         return (f"dim_embed={self.dim_embed}, num_codebooks={self.num_codebooks}, "
@@ -246,8 +262,16 @@ class KeyValueBottleneck(nn.Module):
         C, k = self.num_codebooks, self.dim_key
         if self.splitting_mode == "chunk":
             return z.reshape(b, n, C, k)
-        flat = self.projection.permute(1, 0, 2).reshape(self.dim_embed, C * k)
-        return (z.reshape(b * n, self.dim_embed) @ flat).view(b, n, C, k)
+        return (z.reshape(b * n, self.dim_embed) @ self._flat_projection()).view(b, n, C, k)
+
+    def _flat_projection(self) -> Tensor:
+        """P as one ``(D, C·k)`` matrix (one GEMM for all heads), rebuilt when P changes."""
+        p = self.projection
+        cached = self._flat_cache
+        if cached is None or cached[0] is not p or cached[1] != p._version:
+            flat = p.permute(1, 0, 2).reshape(self.dim_embed, -1).contiguous()
+            cached = self._flat_cache = (p, p._version, flat)
+        return cached[2]
 
     def search(self, heads: Tensor, *, prune: bool = False, topk: int | None = None) -> Tensor:
         """Indices ``(B, n, C, t)`` of the t nearest keys of head vectors ``(B, n, C, k)``.

@@ -103,7 +103,7 @@ def logits_from_cache(layer: KeyValueBottleneck, indices: Tensor, *, batch_size:
 
 
 def _sparse_step(layer: KeyValueBottleneck, idx: Tensor, labels: Tensor, *, lr: float,
-                 label_smoothing: float, clip: float | None) -> tuple[Tensor, bool]:
+                 label_smoothing: float, clip: float | None) -> tuple[Tensor, Tensor]:
     """One SGD step that touches only the fetched value rows; returns (loss, clipped)."""
     V = layer.dim_value
     table = layer.values.view(-1, V)
@@ -114,12 +114,12 @@ def _sparse_step(layer: KeyValueBottleneck, idx: Tensor, labels: Tensor, *, lr: 
     rows, inverse = torch.unique(flat.reshape(-1), return_inverse=True)
     row_grad = torch.zeros(rows.numel(), V, dtype=grad.dtype, device=grad.device)
     row_grad.index_add_(0, inverse, grad.reshape(-1, V))
-    clipped = False
+    clipped = torch.zeros((), dtype=torch.bool, device=grad.device)
     if clip is not None and clip > 0:
         norm = torch.linalg.vector_norm(row_grad)
         coef = torch.clamp(clip / (norm + CLIP_EPS), max=1.0)
         row_grad.mul_(coef)
-        clipped = bool(norm > clip)
+        clipped = norm > clip
     with torch.no_grad():
         table.index_add_(0, rows, row_grad, alpha=-lr)
     return loss.detach(), clipped
@@ -181,6 +181,7 @@ def train_values(
         for epoch in range(epochs):
             order = epoch_order(num, seed, epoch, shuffle).to(indices.device)
             total = torch.zeros((), device=device)
+            clipped_total = torch.zeros((), dtype=torch.int64, device=device)
             batches = 0
             for start in range(0, num, batch_size):
                 sel = order[start:start + batch_size]
@@ -194,10 +195,9 @@ def train_values(
                     loss = F.cross_entropy(layer.logits_from_indices(idx), y,
                                            label_smoothing=label_smoothing)
                     loss.backward()
-                    clipped = False
+                    clipped = torch.zeros((), dtype=torch.bool, device=device)
                     if clip is not None and clip > 0:
-                        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                        clipped = bool(norm > clip)
+                        clipped = torch.nn.utils.clip_grad_norm_(params, clip) > clip
                     optimizer.step()
                     loss = loss.detach()
                 if count_usage:
@@ -205,8 +205,9 @@ def train_values(
                 total += loss
                 batches += 1
                 stats.steps += 1
-                stats.clipped_steps += int(clipped)
+                clipped_total += clipped
             stats.loss_per_epoch.append(float(total) / max(batches, 1))
+            stats.clipped_steps += int(clipped_total)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss_per_epoch[-1]:.4g}")
