@@ -177,7 +177,10 @@ def test_pruned_search_answers_with_the_nearest_used_key():
     # cached indices repaired for pruning equal a pruned search
     cached = cache_indices(layer, z, batch_size=50)
     assert torch.equal(cache_indices(layer, z, batch_size=1000), cached)
-    assert torch.equal(pruned_indices(layer, cached, z, batch_size=17), layer.indices(z, prune=True))
+    repaired = pruned_indices(layer, cached, z, batch_size=17)
+    assert torch.equal(repaired, layer.indices(z, prune=True))
+    layer.eval()
+    assert torch.equal(logits_from_cache(layer, repaired, batch_size=100), layer(z))
 
 
 def test_with_pruning_and_no_training_every_prediction_is_class_zero():
@@ -260,6 +263,24 @@ def test_reset_restarts_draw_distinct_samples():
     assert step.restarted == 3
     keys = sorted(tuple(k.tolist()) for k in layer.keys[0])
     assert keys == sorted(tuple(s.tolist()) for s in TOY_BATCH[:, 0])
+
+
+@pytest.mark.parametrize("mode", ["reset", "upstream"])
+def test_short_last_batch_restarts(mode):
+    # every key is dead at every step; the last batch has 2 vectors, a full one 6
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(14, 2, generator=g)
+    layer = KeyValueBottleneck(2, 1, 6, 2, 3, splitting_mode="chunk", threshold_factor=100.0)
+    stats = layer.init_keys([z[:6], z[6:12], z[12:]], epochs=1, restart_mode=mode)
+    assert stats.dead_at_end == 6
+    distinct = {tuple(key.tolist()) for key in layer.keys[0]}
+    samples = {tuple(v.tolist()) for v in z}
+    assert distinct <= samples
+    if mode == "reset":  # the 2 last vectors pooled with 4 of the previous batch: no duplicates
+        assert len(distinct) == 6
+        assert distinct <= {tuple(v.tolist()) for v in z[6:]}
+    else:  # drawn from the last batch alone
+        assert distinct <= {tuple(v.tolist()) for v in z[12:]}
 
 
 def test_threshold_follows_batch_size_and_pairs():

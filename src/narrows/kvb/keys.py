@@ -116,22 +116,23 @@ def ema_step(
     layer.keys.copy_(S / smoothed.unsqueeze(-1))
 
     dead = N < threshold
-    restarted = int(dead.sum())
+    heads_dead, keys_dead = dead.nonzero(as_tuple=True)
+    restarted = int(heads_dead.numel())
     if restarted:
         source = per_head if pool is None else _per_head(pool).to(h.dtype).transpose(0, 1)
         size = source.shape[1]
         if restart_mode == "upstream":
             choice = torch.randint(size, (C, J), generator=generator)
-        else:
+        else:  # the r-th dead key of a head takes the r-th sample of a per-head permutation
             order = torch.rand(C, size, generator=generator).argsort(-1)
             rank = (dead.cpu().cumsum(-1) - 1).clamp(min=0) % size
             choice = order.gather(1, rank)
-        choice = choice.to(h.device)
-        samples = source.gather(1, choice.unsqueeze(-1).expand(C, J, k))
-        layer.keys.copy_(torch.where(dead.unsqueeze(-1), samples, layer.keys))
+        choice = choice.to(h.device)[heads_dead, keys_dead]
+        samples = source[heads_dead, choice]  # (restarted, k)
+        layer.keys[heads_dead, keys_dead] = samples
         if restart_mode == "reset":
-            N.masked_fill_(dead, threshold)
-            S.copy_(torch.where(dead.unsqueeze(-1), threshold * samples, S))
+            N[heads_dead, keys_dead] = threshold
+            S[heads_dead, keys_dead] = threshold * samples
     return StepResult(restarted=restarted, distortion=distortion)
 
 

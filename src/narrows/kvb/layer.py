@@ -9,6 +9,20 @@ parameter, so a gradient step touches only the value rows the batch fetched.
 Shapes used throughout: C heads (``num_codebooks``), J pairs per head (``num_pairs``), k key
 dimension (``dim_key``), V value dimension (``dim_value``), t pairs fetched per head (``topk``),
 K classes (``num_classes``).
+
+Where this differs from the reference code, on purpose:
+
+* the search never builds the full ``(C, B, J)`` distance tensor (chunks of heads and queries)
+  and usage is counted with an index-add, not a ``(C, B, t, J)`` one-hot;
+* pruned pairs get distance +inf (the reference uses the batch's largest distance, which a
+  used key at exactly that distance ties with);
+* usage is counted only in training mode, so an evaluation can never count test data (the
+  reference counts on every forward while a flag is on, whatever the module's mode);
+* keys and P are buffers, frozen by :meth:`KeyValueBottleneck.freeze` and saved with the flag;
+  there is no straight-through path and no key update outside :meth:`init_keys`;
+* key-initialisation restarts keep the EMA statistics consistent (:mod:`narrows.kvb.keys`).
+Not offered: Gumbel sampling of keys, ``learned_projection`` (a frozen random linear map in the
+reference), appending distances to values, the ``kmeans`` key init mode.
 """
 
 from __future__ import annotations
