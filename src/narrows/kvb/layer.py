@@ -71,7 +71,11 @@ def nearest_keys(
     int64, nearest first. ``exclude`` (``(C, J)`` bool) removes pairs from the search (distance
     +inf; a head with fewer than t allowed pairs fills up with excluded ones, lowest index first).
     The squared distance is ranked as ``‖K‖² − 2⟨h, K⟩`` (``‖h‖²`` does not change the order),
-    ``chunk_heads`` heads and as many queries as fit ``chunk_elements`` distances at a time.
+    ``chunk_heads`` heads and as many queries as fit ``chunk_elements`` distances at a time; the
+    chunking changes nothing but memory. "Exact" is the argmin of that float distance: it agrees
+    with a float64 brute force except between keys whose squared distances differ by less than
+    the float rounding, about 1e-7 · (‖h‖² + ‖K‖²) in float32 (near-duplicate keys, e.g. several
+    restarts onto one sample); between such keys CPU and GPU may choose differently.
     """
     num_heads, num_queries, _ = heads.shape
     num_pairs = keys.shape[1]
