@@ -1,0 +1,308 @@
+"""Frozen-backbone embeddings on disk: computed once, named and checked by their metadata.
+
+One file per (backbone, data set, split), ``{backbone}_{data}_{split}.pt`` (upstream named its
+files without the data set, so every data set overwrote the previous one's). The file holds the
+pooled pre-logits features ``(N, D)`` float32, the labels ``(N,)`` int64 and an
+:class:`EmbeddingMeta`: data spec, split, backbone id, architecture, checkpoint and its SHA-256,
+preprocessing (mean, std, input size, resize) and dimension. :func:`load_embeddings` refuses a
+file whose metadata differs from what the caller asks for (a :class:`UserError`).
+
+:func:`compute_embeddings` runs the backbone in eval mode without gradients, batch by batch,
+saving a ``.partial`` file every few batches, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from narrows.errors import UserError
+
+FORMAT = "narrows-kvb-embeddings"
+VERSION = 1
+LAYER = "pre-logits"  # timm's forward_head(forward_features(x), pre_logits=True)
+
+
+@dataclass(frozen=True)
+class EmbeddingMeta:
+    """What an embedding file holds and how it was made."""
+
+    data: str  # the data spec
+    split: str
+    backbone: str  # the id in file names: "arch@sha8" or "arch@init-sN"
+    architecture: str
+    checkpoint: str | None
+    checkpoint_sha256: str | None
+    preprocessing: dict[str, Any] = field(default_factory=dict, hash=False)
+    dim: int = 0
+    count: int = 0
+    layer: str = LAYER
+    class_names: tuple[str, ...] = ()
+
+    @property
+    def data_key(self) -> str:
+        return data_key(self.data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["class_names"] = list(self.class_names)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EmbeddingMeta:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["class_names"] = tuple(values.get("class_names", ()))
+        return cls(**values)
+
+
+@dataclass
+class Embeddings:
+    """Features ``(N, D)``, labels ``(N,)`` and their :class:`EmbeddingMeta`."""
+
+    features: Tensor
+    labels: Tensor
+    meta: EmbeddingMeta
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def save(self, path: str | Path) -> Path:
+        """Write the file atomically (a reader never sees half of it)."""
+        from narrows.runs import atomic_torch_save
+
+        return atomic_torch_save(path, {"format": FORMAT, "version": VERSION,
+                                        "meta": self.meta.to_dict(),
+                                        "features": self.features.contiguous(),
+                                        "labels": self.labels.contiguous()})
+
+
+def data_key(spec: str) -> str:
+    """The data set's part of file names: the spec when it is a plain word (``digits``), else
+    its kind and a hash of the whole spec (``cifar10-1a2b3c4d``), so that no two specs share it."""
+    spec = spec.strip()
+    if re.fullmatch(r"[A-Za-z0-9_.]+", spec):
+        return spec.lower()
+    kind = re.sub(r"[^A-Za-z0-9_.]+", "_", spec.partition(":")[0]).lower() or "data"
+    return f"{kind}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+
+
+def file_name(backbone: str, data: str, split: str) -> str:
+    """``{backbone}_{data}_{split}.pt`` with file-name-safe characters."""
+    safe = re.sub(r"[^A-Za-z0-9_.@=-]+", "_", backbone).strip("_")
+    return f"{safe}_{data_key(data)}_{split}.pt"
+
+
+def embedding_path(directory: str | Path, backbone: str, data: str, split: str) -> Path:
+    return Path(directory) / file_name(backbone, data, split)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_meta(path: str | Path) -> EmbeddingMeta:
+    """The metadata of an embedding file (memory-mapped: the features are not read)."""
+    return _meta_of(path, _read(path, mmap=True))
+
+
+def load_embeddings(path: str | Path, **expect: Any) -> Embeddings:
+    """Read an embedding file, refusing it unless every ``expect`` field matches its metadata.
+
+    ``expect`` takes fields of :class:`EmbeddingMeta` (``data``, ``split``, ``backbone``,
+    ``dim``, ...); ``None`` values are not checked. A missing, foreign or mismatched file is a
+    :class:`UserError`.
+    """
+    raw = _read(path, mmap=False)
+    meta = _meta_of(path, raw)
+    check_meta(meta, path, **expect)
+    features, labels = raw.get("features"), raw.get("labels")
+    if (not isinstance(features, Tensor) or not isinstance(labels, Tensor) or features.ndim != 2
+            or labels.shape != (features.shape[0],) or features.shape[1] != meta.dim):
+        raise UserError(f"{path} is damaged (its tensors do not match its metadata)",
+                        "embed again with 'narrows kvb embed'")
+    return Embeddings(features.float(), labels.long(), meta)
+
+
+def check_meta(meta: EmbeddingMeta, path: str | Path, **expect: Any) -> None:
+    """Raise a :class:`UserError` naming the first field of ``meta`` that differs from ``expect``."""
+    known = {f.name for f in fields(EmbeddingMeta)}
+    for key, wanted in expect.items():
+        if key not in known:
+            raise ValueError(f"unknown embedding metadata field {key!r}")
+        if wanted is None:
+            continue
+        have = getattr(meta, key)
+        if have != wanted:
+            raise UserError(f"{path} holds embeddings with {key} {have!r}, not {wanted!r}",
+                            "embed the data asked for with 'narrows kvb embed', or pass the "
+                            "matching options")
+
+
+def _read(path: str | Path, *, mmap: bool) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no embedding file {path}",
+                        "make it with 'narrows kvb embed --backbone ... --data ...'")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UserError(f"{path} is not a readable embedding file ({type(exc).__name__})",
+                        "make it with 'narrows kvb embed'") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise UserError(f"{path} is not a narrows embedding file",
+                        "make it with 'narrows kvb embed'")
+    return raw
+
+
+def _meta_of(path: str | Path, raw: dict[str, Any]) -> EmbeddingMeta:
+    try:
+        return EmbeddingMeta.from_dict(raw["meta"])
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{path} has damaged metadata ({exc})", "embed again") from None
+
+
+# -- computing ---------------------------------------------------------------------------------
+@dataclass
+class Backbone:
+    """A frozen feature extractor and how to name and feed it."""
+
+    model: nn.Module
+    id: str
+    architecture: str
+    checkpoint: str | None
+    sha256: str | None
+    mean: tuple[float, ...] | None  # the card's normalisation, when the checkpoint has one
+    std: tuple[float, ...] | None
+    data_spec: str | None  # the card's data
+
+
+def load_backbone(backbone: str, *, model: str | None = None, seed: int = 0) -> Backbone:
+    """A checkpoint file (its card, or ``model`` for the architecture) or a timm model name
+    (random initial weights from ``seed``; nothing is downloaded)."""
+    from narrows.models import check_name, create, load_model
+
+    path = Path(backbone)
+    if path.is_file():
+        loaded = load_model(path, name=model)
+        card = loaded.card
+        arch = card.architecture if card else str(model)
+        sha = sha256_file(path)
+        return Backbone(loaded.model, f"{arch}@{sha[:8]}", arch, str(path), sha,
+                        tuple(card.mean) if card else None, tuple(card.std) if card else None,
+                        card.data_spec if card else None)
+    if path.suffix in (".pt", ".pth", ".th", ".tar", ".bin", ".safetensors") or "/" in backbone:
+        raise UserError(f"no checkpoint file {backbone}",
+                        "pass an existing checkpoint or a timm model name")
+    if model is not None and model != backbone:
+        raise UserError(f"--model {model} contradicts --backbone {backbone}", "drop --model")
+    check_name(backbone)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = create(backbone)
+    net.eval()
+    return Backbone(net, f"{backbone}@init-s{seed}", backbone, None, None, None, None, None)
+
+
+def pooled_features(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``x -> (B, D)``: timm's pooled pre-logits (``forward_head(..., pre_logits=True)``)."""
+    for method in ("forward_features", "forward_head"):
+        if not callable(getattr(model, method, None)):
+            raise UserError(f"{type(model).__name__} has no {method}()",
+                            "use a timm model (or one with timm's forward_features/forward_head)")
+
+    def features(x: Tensor) -> Tensor:
+        out = model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+        return out.flatten(1)
+
+    return features
+
+
+@torch.no_grad()
+def compute_embeddings(
+    model: nn.Module,
+    dataset: Any,
+    meta: EmbeddingMeta,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    resize: int | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool = False,
+    partial: str | Path | None = None,
+    save_every: int = 50,
+) -> Embeddings:
+    """Embed every image of ``dataset`` in order; ``meta`` is completed with dim and count.
+
+    With ``partial``, the features computed so far are saved there every ``save_every``
+    batches and a later call with the same ``meta`` starts where that file stops.
+    """
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Subset
+
+    from narrows.runs import atomic_torch_save
+    from narrows.training import Normalizer
+
+    device = torch.device(device)
+    model = model.to(device).eval()
+    features_of = pooled_features(model)
+    normalizer = Normalizer(mean, std)
+    total = len(dataset)
+    done: list[Tensor] = []
+    labels: list[Tensor] = []
+    start = 0
+    key = meta.to_dict()
+    if partial is not None and Path(partial).is_file():
+        saved = torch.load(partial, map_location="cpu", weights_only=True)
+        if saved.get("meta") == key and saved.get("total") == total:
+            done, labels = [saved["features"]], [saved["labels"]]
+            start = int(saved["features"].shape[0])
+    loader = DataLoader(Subset(dataset, range(start, total)), batch_size=batch_size,
+                        shuffle=False, num_workers=workers)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=f"embedding {meta.split}", unit="img",
+                   leave=False)
+    for step, (images, targets) in enumerate(loader, 1):
+        x = images.to(device)
+        if resize is not None and x.shape[-1] != resize:
+            x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False)
+        done.append(features_of(normalizer(x)).float().cpu())
+        labels.append(torch.as_tensor(targets).long())
+        if bar is not None:
+            bar.update(len(images))
+        if partial is not None and step % save_every == 0:
+            done, labels = [torch.cat(done)], [torch.cat(labels)]
+            atomic_torch_save(partial, {"meta": key, "total": total, "features": done[0],
+                                        "labels": labels[0]})
+    if bar is not None:
+        bar.close()
+    feats = torch.cat(done) if done else torch.empty(0, 0)
+    labs = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+    final = EmbeddingMeta.from_dict({**key, "dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
+                                     "count": int(feats.shape[0])})
+    return Embeddings(feats, labs, final)
+
+
+def remove_partial(partial: str | Path | None) -> None:
+    if partial is not None:
+        Path(partial).unlink(missing_ok=True)
