@@ -117,6 +117,8 @@ def test_accuracy_matrix_final_accuracy_and_forgetting_by_hand():
                                           "accuracy": pytest.approx(0.4)}
     csv, md = summary_table([r])
     assert "m,incremental,0.675,0.500,0.400,22" in csv and "| m | incremental |" in md
+    fig, axes = r.plot()
+    assert len(axes) == 2
 
 
 def test_forgetting_takes_the_best_earlier_accuracy_and_result_round_trips(tmp_path):
@@ -277,6 +279,21 @@ def test_cli_embed_then_train_writes_tables_and_resumes(random_checkpoint, tmp_p
     out = capsys.readouterr().out
     assert "keys fitted before" in out and "dkvb, incremental: done before" in out
     assert (run / "results" / "mlp-incremental.json").is_file()
+
+
+def test_cli_fits_keys_on_another_data_set(random_checkpoint, tmp_path, capsys):
+    checkpoint = random_checkpoint(TINY)
+    emb = tmp_path / "emb"
+    other = "shapes:classes=3,size=16,train=24,test=8,seed=7"
+    assert main(["kvb", "embed", "--backbone", checkpoint, "--out", str(emb), *QUIET]) == 0
+    assert main(["kvb", "embed", "--backbone", checkpoint, "--data", other, "--split", "train",
+                 "--out", str(emb), *QUIET]) == 0
+    assert len(list(emb.iterdir())) == 3
+    capsys.readouterr()
+    assert main(["kvb", "train", "--embeddings", str(emb), *SMALL, "--key-data", other,
+                 "--model", "dkvb", "--protocol", "incremental", "--out", str(tmp_path / "run"),
+                 *QUIET]) == 0
+    assert f"on 24 unlabelled embeddings ({other} train)" in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line_with_exit_2(random_checkpoint, tmp_path, capsys):

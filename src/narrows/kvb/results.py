@@ -190,6 +190,7 @@ def plot_comparison(results: list[ContinualResult]) -> Any:
         phases = np.arange(1, a.shape[0] + 1)
         left.plot(phases, np.nanmean(a, 1), marker="o", color=colours[r.model],
                   ls="-" if r.protocol == "incremental" else "--", label=f"{r.model}, {r.protocol}")
+    left.set_xticks(np.arange(1, max((r.num_phases for r in results), default=1) + 1))
     left.set_xlabel("after phase (equal sample visits)")
     left.set_ylabel("mean test accuracy over tasks")
     left.set_ylim(-0.02, 1.02)
