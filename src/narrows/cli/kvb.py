@@ -10,8 +10,8 @@ from narrows.cli.app import GROUPS, Command, register
 from narrows.cli.common import CommonOptions, open_run, start
 from narrows.config import non_negative, option, positive
 
-GROUPS["kvb"] = ("discrete key-value bottleneck: frozen-backbone embeddings, key init, value "
-                 "training, class-incremental protocols against linear/MLP/ridge/VQ baselines")
+GROUPS["kvb"] = ("discrete key-value bottleneck: frozen-backbone embeddings, class-incremental "
+                 "protocols against linear/MLP/ridge/VQ baselines, the 2-D toy, sweeps")
 MODEL_NAMES = ("dkvb", "linear", "lp-no-bias", "mlp", "ridge", "ridge-mlp", "vq")
 DEFAULT_EMBEDDINGS = "embeddings"
 
@@ -430,8 +430,8 @@ def quickstart_step(cfg: CommonOptions, out: Path) -> str:
                               **QUICKSTART, **cfg.inherited(target / "train")))
     rows = {(r["model"], r["protocol"]): r
             for r in json.loads((target / "train" / "results.json").read_text())}
-    parts = [f"{m} {100 * rows[(m, 'incremental')]['final_accuracy']:.0f}% "
-             f"(iid {100 * rows[(m, 'iid')]['final_accuracy']:.0f}%)"
+    parts = [f"{m} {100 * rows[(m, 'incremental')]['final_accuracy']:.1f}% "
+             f"(iid {100 * rows[(m, 'iid')]['final_accuracy']:.1f}%)"
              for m in ("dkvb", "linear", "mlp")]
     return (f"class-incremental digits (5 tasks of 2), final accuracy: {', '.join(parts)}: "
             f"{target / 'train' / 'table.md'}")
