@@ -187,10 +187,10 @@ def run_stream(learner: Learner, stream: Stream, test_labels: Tensor, num_classe
             info[f"{key}_phase{t + 1}"] = value
         if log is not None:
             done = [c for task in stream.tasks[:t + 1] for c in task]
-            seen = [per_class[-1][c] for c in done]
+            seen = _nanmean([per_class[-1][c] for c in done])
             log(f"  {model}, {stream.protocol}: phase {t + 1}/{len(stream.phases)} "
-                f"({phase.visits} visits), accuracy on classes seen so far "
-                f"{sum(seen) / len(seen):.3f}, on all {_nanmean(per_class[-1]):.3f}")
+                f"({phase.visits} visits), accuracy on the classes of tasks 1-{t + 1} "
+                f"{seen:.3f}, on all {_nanmean(per_class[-1]):.3f}")
     return ContinualResult(model=model, protocol=stream.protocol, tasks=stream.tasks,
                            per_class=per_class, visits=visits, meta=info)
 
