@@ -209,3 +209,34 @@ def test_sweep_wandb_without_the_package_is_a_one_line_error(tmp_path, capsys, m
     assert len(err.splitlines()) == 1
     assert "--wandb needs the package 'wandb'" in err and "pip install wandb" in err
     assert not (tmp_path / "w").exists()  # nothing ran
+
+
+def test_sweep_logs_each_new_run_to_wandb_when_asked(tmp_path, monkeypatch):
+    import types
+
+    calls: list[tuple] = []
+
+    class FakeRun:
+        def log(self, row):
+            calls.append(("log", row))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    path = _sweep_file(tmp_path, "wandb_project: toy-project\n")
+    assert main(["kvb", "sweep", str(path), "--out", str(tmp_path / "w"), "--wandb",
+                 "--no-progress"]) == 0
+    inits = [c[1] for c in calls if c[0] == "init"]
+    assert [i["name"] for i in inits] == ["steps=5-train_points=20", "steps=10-train_points=20"]
+    assert inits[0]["project"] == "toy-project" and inits[0]["group"] == "sweep"
+    assert inits[0]["config"]["steps"] == 5 and inits[0]["config"]["command"] == "kvb toy"
+    logged = [c[1] for c in calls if c[0] == "log"]
+    assert "final_mlp" in logged[0] and len([c for c in calls if c[0] == "finish"]) == 2
+    calls.clear()
+    assert main(["kvb", "sweep", str(path), "--out", str(tmp_path / "w"), "--wandb"]) == 0
+    assert calls == []  # finished runs are not logged again

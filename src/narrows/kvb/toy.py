@@ -108,7 +108,7 @@ class ToyModel:
 MODELS: dict[str, ToyModel] = {m.name: m for m in (
     ToyModel("linear", "Linear probe (Adam 1e-2)", "linear", lr=1e-2),
     ToyModel("mlp", "MLP 2-32-8 (Adam 1e-3)", "mlp"),
-    ToyModel("vq-mlp", "VQ 1×400 frozen keys + MLP decoder (Adam 1e-3)", "vq-mlp"),
+    ToyModel("vq-mlp", "VQ 1×400 + MLP decoder (Adam 1e-3)", "vq-mlp"),
     ToyModel("kv-1x400", "KV 1×400 (Adam 1e-3)", "kv", fresh_optimizer=False),
     ToyModel("kv-1x400-sgd", "KV 1×400 (SGD 1e-3)", "kv", optimizer="sgd",
              fresh_optimizer=False),
