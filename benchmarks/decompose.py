@@ -15,7 +15,7 @@ The histogram counts the default curve grid of per-image k (1, 2, 3, 4, 5, 8, ..
 and the three Ψ thresholds, as ``narrows decompose extract`` does.
 
 Memory: ``extract`` over N synthetic 32×32 images generated on the fly (nothing held), in a
-fresh process per N; the peak resident set size (``ru_maxrss``) is printed for each N. The
+fresh process per N; the peak resident set size (``VmHWM``) is printed for each N. The
 histogram state is ``C·D·len(ks) + C·T·(D+1)`` integers whatever N.
 
     python benchmarks/decompose.py [--model resnet20_cifar] [--size 32] [--batch 256]
@@ -143,6 +143,22 @@ def throughput(args: argparse.Namespace, device: torch.device) -> None:
           f"(target ≥ 0.9)")
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set (``VmHWM`` from /proc), in MiB.
+
+    Not ``ru_maxrss``: Linux keeps it across fork and exec, so a child would report its
+    parent's peak whenever that is higher.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def memory_child(n: int, args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     model = build(args.model, device)
@@ -153,7 +169,7 @@ def memory_child(n: int, args: argparse.Namespace) -> None:
                  batch_size=args.batch, progress=False)
     seconds = time.perf_counter() - start
     state = ex.buckets.numel() + ex.below.numel() + 3 * CLASSES
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = peak_rss_mib()
     gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     print(json.dumps({"images": int(ex.images.sum()), "seconds": seconds, "peak_rss_mib": peak,
                       "peak_gpu_mib": gpu, "state_integers": state}))

@@ -12,7 +12,7 @@ from narrows.cli.quickstart import STEPS, QuickstartConfig
 
 def test_every_system_with_a_cli_has_a_quickstart_step() -> None:
     assert [s.name for s in STEPS] == ["train", "evaluate", "interactions", "attribution",
-                                        "decompose"]
+                                        "decompose", "kvb"]
 
 
 def test_attribution_step_trains_explains_and_evaluates(tmp_path: Path, monkeypatch) -> None:

@@ -74,12 +74,20 @@ def decompose_step(cfg: QuickstartConfig, out: Path) -> str:
     return quickstart_step(cfg, out)
 
 
+def kvb_step(cfg: QuickstartConfig, out: Path) -> str:
+    from narrows.cli.kvb import quickstart_step as incremental
+    from narrows.cli.kvb_toy import quickstart_step as toy
+
+    return f"{toy(cfg, out)}; {incremental(cfg, out)}"
+
+
 STEPS: list[Step] = [
     Step("train", train_step),
     Step("evaluate", evaluate_step),
     Step("interactions", interactions_step),
     Step("attribution", attribution_step),
     Step("decompose", decompose_step),
+    Step("kvb", kvb_step),
 ]
 
 
@@ -102,13 +110,15 @@ def execute(cfg: QuickstartConfig) -> int:
 register(Command(
     words=("quickstart",),
     summary="train ResNet-20 on the embedded digits, evaluate it, measure its interactions, "
-    "explain a shapes classifier, decompose the digits head",
+    "explain a shapes classifier, decompose the digits head, learn digits class by class "
+    "through a key-value bottleneck",
     description="The first thing to run: trains a CIFAR ResNet-20 on scikit-learn's digits "
     "(3×32×32), evaluates it, measures its multi-order interaction curve against the same "
     "network at initialisation; then trains a ResNet-20 on synthetic shapes and compares IBA "
     "heatmaps with Captum baselines (degradation, bounding boxes); finds each digit's "
-    "influential channels and the decomposed head's accuracy against k; and prints where each "
-    "result is. Needs no download; the baselines need the extra narrows[baselines]. Re-running resumes "
+    "influential channels and the decomposed head's accuracy against k; runs the key-value "
+    "bottleneck's toy experiment and class-incremental digits through the frozen ResNet-20; and "
+    "prints where each result is. Needs no download; the baselines need the extra narrows[baselines]. Re-running resumes "
     "any unfinished step.",
     config=QuickstartConfig,
     target="narrows.cli.quickstart:execute",
