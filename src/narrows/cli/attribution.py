@@ -342,7 +342,7 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
     print(f"{name}: {len(methods)} methods × {n} images; IBA {cfg.steps} steps × "
           f"{cfg.iba_batch} samples per image; metrics {', '.join(metrics)} ≈ {cost:,} "
           "perturbed forwards")
-    rows, curves = [], {}
+    rows, curves, shown = [], {}, {}
     for method in methods:
         cache = run.file(f"heatmaps_{method}.npz")
         heatmaps = _cached(cache, indices)
@@ -357,10 +357,11 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
         row, curve = _metrics(run, method, metrics, net, inputs, labels, heatmaps, dataset,
                               indices, cfg)
         rows.append(row)
+        shown[method] = heatmaps[:EXAMPLES]
         if curve:
             curves[method] = curve
     write_results(run, rows, curves, cfg.tile)
-    draw_examples(run, methods, images[:EXAMPLES], dataset, indices[:EXAMPLES])
+    draw_examples(run, shown, images[:EXAMPLES], dataset, indices[:EXAMPLES])
     if "sensitivity-n" in metrics:
         draw_sensitivity(run, methods)
     print(run.file("results.md").read_text())

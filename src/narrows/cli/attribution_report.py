@@ -13,21 +13,20 @@ if TYPE_CHECKING:
 EXAMPLES = 6
 
 
-def draw_examples(run, methods: list[str], images: torch.Tensor, dataset,
+def draw_examples(run, maps: dict[str, Any], images: torch.Tensor, dataset,
                   indices: list[int]) -> None:
-    """examples.png: the first images (rows) with each method's heatmap (columns), box drawn."""
+    """examples.png: the first images (rows) with each method's heatmap (columns), box drawn.
+
+    ``maps``: method → its heatmaps of these images (N, H, W), in column order."""
     import numpy as np
 
     from narrows.attribution.heatmap import _greyscale
     from narrows.plotting import pyplot
 
     plt = pyplot()
+    methods = list(maps)
     rows, cols = len(indices), len(methods) + 1
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
-    maps = {}
-    for m in methods:
-        with np.load(run.file(f"heatmaps_{m}.npz")) as data:
-            maps[m] = data["heatmaps"][: len(indices)]
     boxes = getattr(dataset, "boxes", None)
     for r, index in enumerate(indices):
         image = images[r].cpu().numpy()
