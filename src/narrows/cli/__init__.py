@@ -14,10 +14,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code instead of exiting (for tests and embedding)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from the CLI
     from narrows.cli.app import UsageError, parse
+    from narrows.cli.preflight import check
     from narrows.errors import UserError
 
     try:
         command, cfg = parse(argv)
+        check(cfg)  # before torch is imported: a mistake is answered at once
         return command.run(cfg)
     except (UserError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -93,15 +93,16 @@ def open_run(cfg: Any, command: str, default: Path, session: Session) -> RunDir:
     import torch.distributed as tdist
 
     verdict: list[Any] = [None]
+    opened = None  # rank 0's run: it writes the config with its first file
     if session.dist.is_main:
         try:
-            open_()
+            opened = open_()
         except UserError as exc:
             verdict[0] = (exc.what, exc.fix)
     tdist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
         raise UserError(*verdict[0])
-    return RunDir(out, writer=session.dist.is_main)
+    return opened if opened is not None else RunDir(out, writer=False)
 
 
 def replace(cfg: Any, **changes: Any) -> Any:
@@ -134,17 +135,19 @@ class Subject:
 
 
 def load_subject(checkpoint: str | None, model: str | None, data: str | None,
-                 image_size: int | None = None) -> Subject:
+                 image_size: int | None = None, say: Any = print) -> Subject:
     """The model of ``checkpoint`` (or a fresh ``model``), the data set and normalisation.
 
-    The data and normalisation default to the checkpoint's card; a class-count mismatch between
-    model and data is a :class:`UserError`.
+    The data, its served size and the normalisation default to the checkpoint's card (see
+    :func:`narrows.models.inputs.data_for_model`); a class-count mismatch between model and data
+    or a size the model cannot take is a :class:`UserError`.
     """
-    from narrows.data import load
     from narrows.errors import UserError
     from narrows.models import create, load_model
+    from narrows.models.inputs import data_for_model, size_kwargs
 
     card = None
+    net = None
     if checkpoint:
         loaded = load_model(checkpoint, name=model)
         net, card = loaded.model, loaded.card
@@ -154,18 +157,20 @@ def load_subject(checkpoint: str | None, model: str | None, data: str | None,
     spec = data or (card.data_spec if card else None)
     if not spec:
         raise UserError("no data given", "pass --data SPEC (e.g. digits)")
-    bundle = load(spec, image_size=image_size)
-    if not checkpoint:
-        net = create(model, num_classes=bundle.info.num_classes, in_chans=bundle.info.in_chans)
-    classes = getattr(net, "num_classes", bundle.info.num_classes)
-    if classes != bundle.info.num_classes:
-        raise UserError(f"the model predicts {classes} classes but {spec} has "
-                        f"{bundle.info.num_classes}", "use the data set the model was trained on")
-    mean, std = (card.mean, card.std) if card else (bundle.info.mean, bundle.info.std)
+    if checkpoint:
+        served = data_for_model(spec, card, net, image_size=image_size, say=say,
+                                what=str(checkpoint))
+    else:
+        served = data_for_model(spec, None, None, image_size=image_size, say=say)
+        info = served.bundle.info
+        net = create(model, num_classes=info.num_classes, in_chans=info.in_chans,
+                     **size_kwargs(model, info.image_size))
+    bundle = served.bundle
     architecture = card.architecture if card else (model or "model")
     if checkpoint:
         name = f"{architecture} ({checkpoint})"
         stem = Path(checkpoint).parent.name + "-" + Path(checkpoint).stem
     else:
         name, stem = f"{architecture} (init)", f"{model}-init"
-    return Subject(net, bundle, tuple(mean), tuple(std), name, stem)
+    return Subject(net, bundle, served.mean, served.std, name, stem)
+

@@ -24,7 +24,8 @@ class EvaluateConfig(CommonOptions):
                                      "[default: read from its classifier weights]",
                                      check=positive)
     split: Literal["test", "train"] = option("test", "which split to evaluate")
-    image_size: int | None = option(None, "served image size for imagenet:/folder: data",
+    image_size: int | None = option(None, "served image size for imagenet:/folder: data "
+                                    "[default: the checkpoint's input size]",
                                     check=positive)
     batch_size: int = option(256, "images per batch", check=positive, affects_result=False)
     workers: int = option(0, "data-loading worker processes", check=non_negative,
@@ -32,9 +33,9 @@ class EvaluateConfig(CommonOptions):
 
 
 def execute(cfg: EvaluateConfig) -> int:
-    from narrows.data import load
     from narrows.errors import UserError
     from narrows.models import load_model
+    from narrows.models.inputs import data_for_model
     from narrows.runs import default_out
     from narrows.training import Normalizer, evaluate
 
@@ -47,12 +48,9 @@ def execute(cfg: EvaluateConfig) -> int:
     if not spec:
         raise UserError(f"{cfg.checkpoint} does not say which data it was trained on",
                         "pass --data SPEC")
-    data = load(spec, image_size=cfg.image_size)
-    classes = getattr(loaded.model, "num_classes", data.info.num_classes)
-    if classes != data.info.num_classes:
-        raise UserError(f"{cfg.checkpoint} predicts {classes} classes but {spec} has "
-                        f"{data.info.num_classes}", "evaluate on the data set it was trained for")
-    mean, std = (card.mean, card.std) if card else (data.info.mean, data.info.std)
+    served = data_for_model(spec, card, loaded.model, image_size=cfg.image_size,
+                            say=session.say, what=str(cfg.checkpoint))
+    data, mean, std = served.bundle, served.mean, served.std
     name = Path(cfg.checkpoint).parent.name + "-" + Path(cfg.checkpoint).stem
     run = open_run(cfg, "evaluate", default_out("evaluate", name, spec, cfg.split), session)
     dataset = data.split(cfg.split)
@@ -60,6 +58,7 @@ def execute(cfg: EvaluateConfig) -> int:
                       session.device, batch_size=cfg.batch_size, workers=cfg.workers,
                       dist=session.dist, progress=cfg.progress and session.dist.is_main)
     record = {"checkpoint": str(cfg.checkpoint), "data": spec, "split": cfg.split,
+              "image_size": served.image_size,
               **result.to_dict()}
     run.write_json("results.json", record)
     session.say(f"{cfg.checkpoint} on {spec} ({cfg.split}, {result.n} images): "

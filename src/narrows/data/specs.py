@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from narrows.data.base import DataBundle
 from narrows.errors import UserError
+
+if TYPE_CHECKING:  # parsing stays free of torch: the command line checks specs before importing it
+    from narrows.data.base import DataBundle
 
 SPEC_HELP = (
     "digits | shapes[:classes=4,size=64,train=2000,test=500,seed=0,rmin=22,rmax=42] | "

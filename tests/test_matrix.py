@@ -1,0 +1,159 @@
+"""Every command on the data sets and models a user brings (issue 10's matrix).
+
+Data: class folders with a split, a flat folder, an ImageNet tree with box XMLs, the CIFAR-10
+pickles, digits and shapes. Models: narrows' ``resnet20_cifar``, timm's ``resnet18`` at 48 px and
+timm's ``test_vit`` at 64 px (its default is 160), each saved as a random-init checkpoint whose
+card carries the size. Each run asserts that it succeeds, writes its outputs, feeds the model
+images of the card's size only (a global forward pre-hook records every 3-channel image that
+reaches a module), and, where the data can be served at any size, that the same command given
+``--image-size`` explicitly gives the same results.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import userdata
+
+from narrows.cli import main
+
+DATA = ("split", "flat", "imagenet", "cifar10", "digits", "shapes")
+RESIZABLE = ("split", "flat", "imagenet")
+MODELS = {  # name → (architecture, size on resizable data)
+    "resnet20": ("resnet20_cifar", 36),
+    "resnet18": ("resnet18", 48),
+    "vit": ("test_vit", 64),
+}
+QUIET = ["--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="session")
+def specs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("userdata")
+    return {
+        "split": userdata.make_folder_split(root / "split", per_class=5),
+        "flat": userdata.make_flat_folder(root / "flat", per_class=6),
+        "imagenet": userdata.make_imagenet_tree(root / "imagenet", per_class=5),
+        "cifar10": userdata.make_cifar10_tree(root / "cifar10"),
+        "digits": "digits",
+        "shapes": "shapes:classes=3,size=32,train=30,test=15",
+    }
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, specs) -> dict[tuple[str, str], tuple[str, int]]:
+    """(data, model) → (random-init checkpoint with a full card, its input size)."""
+    from narrows.data import load
+    from narrows.models import ModelCard, create, save_model
+    from narrows.models.inputs import size_kwargs
+
+    root = tmp_path_factory.mktemp("matrix-checkpoints")
+    made: dict[tuple[str, str], tuple[str, int]] = {}
+    infos = {}
+    for data in DATA:
+        for model, (arch, size) in MODELS.items():
+            if data not in infos:
+                infos[data] = load(specs[data]).info
+            info = infos[data]
+            if data not in RESIZABLE:
+                size = info.image_size
+            kwargs = size_kwargs(arch, size)
+            torch.manual_seed(0)
+            net = create(arch, num_classes=info.num_classes, in_chans=info.in_chans, **kwargs)
+            card = ModelCard(architecture=arch, num_classes=info.num_classes,
+                             in_chans=info.in_chans, input_size=size, mean=tuple(info.mean),
+                             std=tuple(info.std), class_names=tuple(info.class_names),
+                             data_spec=specs[data], model_kwargs=kwargs)
+            path = root / f"{model}-{data}.pt"
+            save_model(path, net, card)
+            made[data, model] = (str(path), size)
+    return made
+
+
+@contextmanager
+def image_sizes() -> Iterator[set[tuple[int, int]]]:
+    """The spatial sizes of every ``B×3×H×W`` tensor that enters a module meanwhile."""
+    seen: set[tuple[int, int]] = set()
+
+    def hook(module, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4 \
+                and args[0].shape[1] == 3:
+            seen.add(tuple(args[0].shape[-2:]))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def run(argv: list[str]) -> set[tuple[int, int]]:
+    with image_sizes() as seen:
+        code = main([*argv, *QUIET])
+    assert code == 0, f"narrows {' '.join(argv)} exited with {code}"
+    return seen
+
+
+# --- what each analysis command is run with, and the file that holds its result ------------
+
+ANALYSES = {
+    "evaluate": (["evaluate"], "results.json"),
+    "interactions": (["interactions", "run", "--preset", "smoke", "--images", "1",
+                      "--no-only-correct", "--grid", "4"], "dv.npy"),
+    "explain": (["attribution", "explain", "--images", "1", "--steps", "2", "--n-samples", "8",
+                 "--iba-batch", "2"], "heatmaps.npz"),
+    "extract": (["decompose", "extract", "--k", "3"], "indices.json"),
+    "embed": (["kvb", "embed", "--split", "test"], None),
+}
+
+
+def _result(out: Path, name: str | None) -> dict[str, np.ndarray] | dict | bytes:
+    if name is None:  # kvb embed: the one embeddings file
+        (path,) = sorted(out.glob("*.pt"))
+        return {k: v for k, v in torch.load(path, weights_only=True).items()
+                if isinstance(v, torch.Tensor)}
+    path = out / name
+    assert path.is_file(), f"{path} was not written"
+    if name.endswith(".npz"):
+        with np.load(path) as npz:
+            return {k: npz[k] for k in npz.files}
+    if name.endswith(".npy"):
+        return {"value": np.load(path)}
+    record = json.loads(path.read_text())
+    return {k: v for k, v in record.items() if k not in ("checkpoint",)}
+
+
+def _same(a, b) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _same(a[key], b[key])
+    elif isinstance(a, np.ndarray | torch.Tensor) and np.asarray(a).dtype.kind in "fiub":
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("data", DATA)
+@pytest.mark.parametrize("analysis", list(ANALYSES))
+def test_analysis_serves_the_cards_size(analysis, data, model, checkpoints, tmp_path):
+    checkpoint, size = checkpoints[data, model]
+    words, result = ANALYSES[analysis]
+    out = tmp_path / "default"
+    seen = run([*words, "--checkpoint", checkpoint, "--out", str(out)])
+    assert seen == {(size, size)}, f"{analysis} fed the model {seen}, its card says {size}"
+    first = _result(out, result)
+    if data in RESIZABLE:
+        explicit = tmp_path / "explicit"
+        run([*words, "--checkpoint", checkpoint, "--out", str(explicit),
+             "--image-size", str(size)])
+        _same(first, _result(explicit, result))
