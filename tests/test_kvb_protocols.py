@@ -308,10 +308,10 @@ def test_cli_errors_are_one_line_with_exit_2(random_checkpoint, tmp_path, capsys
     (swapped / test_file.name).write_bytes(test_file.read_bytes())
     cases = [
         (["embed", "--out", str(tmp_path / "e1")], "no backbone given"),
-        (["embed", "--backbone", "resnet_nonexistent", "--out", str(tmp_path / "e2"),
+        (["embed", "--model", "resnet_nonexistent", "--out", str(tmp_path / "e2"),
           "--data", "digits"], "unknown model"),
         (["embed", "--backbone", str(tmp_path / "none.pt"), "--out", str(tmp_path / "e3")],
-         "no checkpoint file"),
+         "does not exist"),
         (["train", "--embeddings", str(tmp_path / "nowhere"), *SMALL], "no embedding directory"),
         (["train", "--embeddings", str(emb), *SMALL[:-1], "digits"], "no training embeddings"),
         (["train", "--embeddings", str(emb), *SMALL, "--classes-per-task", "3"], "cannot be cut"),

@@ -7,9 +7,9 @@ set -euo pipefail
 OUT=${OUT:-runs/repro-kvb-digits}
 COMMON="--no-progress --device ${DEVICE:-cpu}"
 narrows train --model resnet20_cifar --data digits --epochs 15 $COMMON --out "$OUT/backbone"
-narrows kvb embed --backbone "$OUT/backbone/best.pt" --data digits --split train test $COMMON \
+narrows kvb embed --checkpoint "$OUT/backbone/best.pt" --data digits --split train test $COMMON \
   --out "$OUT/embeddings-trained"
-narrows kvb embed --backbone resnet20_cifar --data digits --split train test $COMMON \
+narrows kvb embed --model resnet20_cifar --data digits --split train test $COMMON \
   --out "$OUT/embeddings-init"
 for seed in 0 1 2; do
   for backbone in trained init; do

@@ -111,6 +111,11 @@ def _load_indices(path: str, model: Any):
                              num_channels=linear.in_features)
 
 
+def _class_title(c: int, name: str) -> str:
+    """``class 3 (cat)``, or ``class 3`` where the name is only the id."""
+    return f"class {c}" if name == str(c) else f"class {c} ({name})"
+
+
 def _close(fig: Any) -> None:
     from narrows.plotting import pyplot
 
@@ -145,7 +150,8 @@ def execute_extract(cfg: ExtractConfig) -> int:
         return _report_extract(Extraction.load(run.path), run, say, session)
     dataset = subject.bundle.split(cfg.split, "none")
     meta = {"model": subject.name, "checkpoint": cfg.checkpoint,
-            "data": subject.bundle.info.spec, "split": cfg.split}
+            "data": subject.bundle.info.spec, "split": cfg.split,
+            "class_names": list(subject.bundle.info.class_names)}
     say(f"extracting from {subject.name} on {len(dataset)} {cfg.split} images of "
         f"{subject.bundle.info.spec} ({classes} classes, {width} channels) on {session.device}"
         f" → {run.path}")
@@ -174,13 +180,16 @@ def _report_extract(result: Any, run: Any, say: Any, session: Any) -> int:
     chosen = result.chosen()
     say(f"k = {chosen.k or 'per class ' + str([len(r) for r in chosen.indices])} "
         f"(per image: {result.k_img}); union of the classes' channels: {summary['union_size']} "
-        f"of {result.num_channels}; mean top-{result.k_mass} L1 mass "
+        f"of {result.num_channels}; mean top-{result.k_mass} mass "
         f"{summary['mean_mass_overall']:.3f}")
     for t, psi in summary.get("psi", {}).items():
         say(f"selectivity Ψ({t}) = {psi['overall_median']:.3f} (median-based), "
             f"{psi['overall_mean']:.3f} (mean-based)")
+    from narrows.decompose.extraction import class_labels
+
+    names = class_labels(result.meta.get("class_names"), len(chosen.indices))
     for c, row in enumerate(chosen.indices[:10]):
-        say(f"  class {c}: {row}")
+        say(f"  {_class_title(c, names[c])}: {row}")
     if len(chosen.indices) > 10:
         say(f"  ... {len(chosen.indices) - 10} more classes")
     say(f"→ {run.file('indices.json')} (and indices_upstream.json, ranking.json, histogram.pt, "
@@ -296,7 +305,6 @@ def _report_validate(results: dict[str, Any], run: Any, say: Any, session: Any) 
 
 def _validate_decomposed(cfg: ValidateConfig, session: Any) -> int:
     """A fine-tuned decomposed checkpoint: its own accuracy only (its W is stale)."""
-    from narrows.data import load
     from narrows.decompose import load_decomposed
     from narrows.decompose import validate as validate_model
     from narrows.errors import UserError
@@ -311,8 +319,11 @@ def _validate_decomposed(cfg: ValidateConfig, session: Any) -> int:
     spec = cfg.data or (card.data_spec if card else None)
     if not spec:
         raise UserError("no data given", "pass --data SPEC")
-    bundle = load(spec, image_size=cfg.image_size)
-    mean, std = (card.mean, card.std) if card else (bundle.info.mean, bundle.info.std)
+    from narrows.models.inputs import data_for_model
+
+    served = data_for_model(spec, card, loaded.model, image_size=cfg.image_size,
+                            say=session.say, what=str(cfg.checkpoint))
+    bundle, mean, std = served.bundle, served.mean, served.std
     stem = Path(cfg.checkpoint).parent.name + "-" + Path(cfg.checkpoint).stem
     run = open_run(cfg, "decompose validate", default_out("decompose-validate", stem), session)
     result = validate_model(loaded.model, bundle.test(), normalizer=Normalizer(mean, std),
@@ -408,13 +419,14 @@ def quickstart_step(cfg: CommonOptions, out: Path) -> str:
 
 register(Command(
     words=("decompose", "extract"),
-    summary="find each class's influential channels (L1-norm frequency histograms)",
+    summary="find each class's influential channels (frequency histograms of top channels)",
     description="For each class, count how often each channel of the pooled last feature layer "
-    "is among an image's top k_img positive responses, over the images of that class (one "
-    "streamed forward pass, nothing of size images×channels kept), and keep the k most frequent "
+    "(the input of the model's last nn.Linear) is among an image's top k_img positive responses "
+    "(channels ranked by their positive spatial means, not an L1 norm), over the images of that "
+    "class (one streamed forward pass, nothing of size images×channels kept), and keep the k most frequent "
     "channels (ties: lower id first). Writes indices.json (narrows form with provenance), "
     "indices_upstream.json (the upstream {\"0\": [...]} form), ranking.json, histogram.pt, "
-    "histogram.png (heat map) and results.json (L1 mass, selectivity Ψ). A killed run resumes "
+    "histogram.png (heat map) and results.json (top-k mass, selectivity Ψ). A killed run resumes "
     "from its last saved batch.",
     config=ExtractConfig,
     target="narrows.cli.decompose:execute_extract",

@@ -161,8 +161,8 @@ def _truncate(indices: ClassIndices, k: int | None, source: str) -> ClassIndices
 
 def _csg(cfg: Any, data: str | None):
     """(loaded CSG network, its data bundle, normaliser)."""
-    from narrows.data import load
     from narrows.decompose.csg import load_csg
+    from narrows.models.inputs import data_for_model
     from narrows.training import Normalizer
 
     loaded = load_csg(cfg.csg_checkpoint, name=cfg.model)
@@ -170,14 +170,13 @@ def _csg(cfg: Any, data: str | None):
     if not spec:
         raise UserError(f"{cfg.csg_checkpoint} does not say which data it was trained on",
                         "pass --data SPEC")
-    bundle = load(spec, image_size=cfg.image_size)
     classes, _ = _model_shape(loaded.model)
-    if classes != bundle.info.num_classes:
+    served = data_for_model(spec, loaded.card, None, image_size=cfg.image_size,
+                            what=str(cfg.csg_checkpoint))
+    if classes != served.bundle.info.num_classes:
         raise UserError(f"the CSG network predicts {classes} classes but {spec} has "
-                        f"{bundle.info.num_classes}", "use the data set it was trained on")
-    card = loaded.card
-    mean, std = (card.mean, card.std) if card else (bundle.info.mean, bundle.info.std)
-    return loaded, bundle, Normalizer(mean, std)
+                        f"{served.bundle.info.num_classes}", "use the data set it was trained on")
+    return loaded, served.bundle, Normalizer(served.mean, served.std)
 
 
 def _markdown(columns: list[str], rows: list[list[str]]) -> str:
@@ -256,7 +255,8 @@ def execute_essential(cfg: EssentialConfig) -> int:
             item.model, split, item.indices, sigmas=cfg.sigma, mode=cfg.mode, seed=cfg.seed,
             normalizer=item.normalizer, device=session.device, batch_size=cfg.batch_size,
             limit=cfg.images, progress=cfg.progress)
-        result.meta.update(model=item.description, split=cfg.split, index_lists=lists)
+        result.meta.update(model=item.description, split=cfg.split, index_lists=lists,
+                           class_names=list(item.bundle.info.class_names))
         result.save(cache)
         results[item.name] = result
     first = next(iter(results.values()))
@@ -511,7 +511,7 @@ def execute_csg_train(cfg: CSGTrainConfig) -> int:
     indices = csg_topk(gate, cfg.k)
     indices.meta.update(model=card.architecture, data=cfg.data, checkpoint=str(run.file("csg.pt")))
     indices.save(run.file("indices_csg.json"))
-    _draw_gate(run, gate, result.metrics)
+    _draw_gate(run, gate, result.metrics, data.info.class_names)
     summary = {"model": card.architecture, "data": cfg.data, "epochs": result.epochs,
                "std_top1": result.final.top1 if result.final else None,
                "best_top1": result.best_top1, "gate_density": density(gate),
@@ -540,7 +540,7 @@ def _with_data(cfg: CSGTrainConfig) -> CSGTrainConfig:
     return replace(cfg, data=spec or "digits")
 
 
-def _draw_gate(run, gate, rows: list[dict[str, Any]]) -> None:
+def _draw_gate(run, gate, rows: list[dict[str, Any]], class_names: Any = None) -> None:
     """gate.png: the gate matrix and its density per epoch."""
     from narrows.plotting import pyplot
 
@@ -553,7 +553,9 @@ def _draw_gate(run, gate, rows: list[dict[str, Any]]) -> None:
     left.set_xlabel("channel")
     left.set_ylabel("class")
     if gate.shape[0] <= 20:
-        left.set_yticks(range(gate.shape[0]))
+        names = list(class_names or [])
+        shown = names if len(names) == gate.shape[0] else list(range(gate.shape[0]))
+        left.set_yticks(range(gate.shape[0]), [str(n) for n in shown], fontsize=8)
     left.set_title("CSG gate", fontsize=9)
     fig.colorbar(image, ax=left)
     epochs = [r["epoch"] for r in rows if "gate_density" in r]

@@ -22,10 +22,13 @@ def _unit(value: Any) -> str | None:
 
 @dataclass
 class EmbedConfig(CommonOptions):
-    backbone: str | None = option(None, "a checkpoint file, or a timm model name (random initial "
-                                  "weights from --seed; nothing is downloaded)", short="-b")
-    model: str | None = option(None, "architecture of a checkpoint without a narrows card "
-                               "(timm name)", short="-m")
+    checkpoint: str | None = option(None, "the frozen backbone's weights; a narrows checkpoint "
+                                    "carries its architecture, normalisation and data (also "
+                                    "accepted as --backbone, its former name)", metavar="FILE",
+                                    short="--backbone")
+    model: str | None = option(None, "architecture (timm name): of a checkpoint without a "
+                               "narrows card, or without --checkpoint a backbone with random "
+                               "initial weights from --seed (nothing is downloaded)", short="-m")
     data: str | None = option(None, "data spec [default: the checkpoint's data]", short="-d")
     split: list[Literal["train", "test"]] = option(["train", "test"], "splits to embed")
     image_size: int | None = option(None, "served image size for imagenet:/folder: data",
@@ -46,8 +49,9 @@ class EmbedConfig(CommonOptions):
 class TrainConfig(CommonOptions):
     embeddings: str = option(DEFAULT_EMBEDDINGS, "directory of 'narrows kvb embed' files",
                              metavar="DIR")
-    data: str = option("digits", "the task's data spec (its train and test embeddings)",
-                       short="-d")
+    data: str | None = option(None, "the task's data spec (its train and test embeddings) "
+                              "[default: the only data set with both splits in --embeddings]",
+                              short="-d")
     backbone: str | None = option(None, "backbone id of the files (the part of the name before "
                                   "the data) [default: the only one in --embeddings]")
     key_data: str | None = option(None, "data spec whose unlabelled embeddings fit the keys "
@@ -59,22 +63,31 @@ class TrainConfig(CommonOptions):
     model: list[Literal["dkvb", "linear", "lp-no-bias", "mlp", "ridge", "ridge-mlp", "vq"]] = \
         option(["dkvb", "linear", "mlp"], "models to run (each is stored on its own; adding one "
                "later reuses the run)", short="-m", affects_result=False)
-    classes_per_task: int = option(2, "classes per task (upstream --split_size)", check=positive)
+    classes_per_task: int | None = option(None, "classes per task (upstream --split_size) "
+                                          "[default: 2 when that makes at most 10 tasks, else "
+                                          "the smallest divisor of the class count that does; "
+                                          "1 for 2, 3 or a prime number of classes]",
+                                          check=positive)
     class_order: list[int] | None = option(None, "the class order cut into tasks [default: "
                                            "shuffled by --seed]")
-    epochs: int = option(2000, "epochs per task (upstream --cl_epochs); the i.i.d. control "
-                         "runs as many over all classes", check=positive)
+    epochs: int | None = option(None, "epochs per task (upstream --cl_epochs: 2000); the "
+                                "i.i.d. control runs as many over all classes [default: about "
+                                "1000 steps per task, at most 2000 epochs]", check=positive)
     batch_size: int = option(256, "training batch size (all models)", check=positive)
     num_books: int = option(256, "DKVB heads / codebooks C", check=positive)
-    num_pairs: int = option(4096, "DKVB key-value pairs per codebook J", check=positive)
-    dim_key: int = option(14, "DKVB key dimension k", check=positive)
+    num_pairs: int | None = option(None, "DKVB key-value pairs per codebook J [default: half "
+                                   "the key embeddings as a power of two, 16 to 4096]",
+                                   check=positive)
+    dim_key: int | None = option(None, "DKVB key dimension k [default: 14, at most the "
+                                 "embedding's dimension]", check=positive)
     topk: int = option(1, "DKVB pairs fetched per head", check=positive)
     splitting_mode: Literal["random_projection", "chunk"] = option(
         "random_projection", "how the embedding is cut into heads")
     decay: float = option(0.95, "EMA decay of the key initialisation", check=_unit)
     threshold_factor: float = option(0.1, "dead-code threshold factor of the key "
                                      "initialisation", check=non_negative)
-    init_epochs: int = option(10, "key-initialisation epochs", check=positive)
+    init_epochs: int | None = option(None, "key-initialisation epochs [default: 10, more when "
+                                     "that is under 50 EMA steps]", check=positive)
     lr: float = option(0.3, "DKVB value learning rate (plain SGD)", check=positive)
     label_smoothing: float = option(0.1, "label smoothing (all models)", check=_unit)
     gradient_clip: float = option(1.0, "gradient-norm clip (all models; 0 = off)",
@@ -101,16 +114,22 @@ def execute_embed(cfg: EmbedConfig) -> int:
         remove_partial,
     )
 
-    if not cfg.backbone:
-        raise UserError("no backbone given", "pass --backbone CHECKPOINT or --backbone "
-                        "TIMM_NAME")
+    if not cfg.checkpoint and not cfg.model:
+        raise UserError("no backbone given", "pass --checkpoint FILE, or --model NAME for "
+                        "random initial weights")
     session = start(cfg)
     say = session.say
-    backbone = load_backbone(cfg.backbone, model=cfg.model, seed=cfg.seed)
+    backbone = load_backbone(cfg.checkpoint, model=cfg.model, seed=cfg.seed)
     spec = cfg.data or backbone.data_spec
     if not spec:
         raise UserError("no data given", "pass --data SPEC (e.g. digits)")
-    bundle = load(spec, image_size=cfg.image_size)
+    from narrows.data.specs import parse_spec
+    from narrows.models.inputs import RESIZABLE_KINDS
+
+    size = cfg.image_size
+    if size is None and parse_spec(spec).kind in RESIZABLE_KINDS:
+        size = backbone.input_size  # the card's size is the default
+    bundle = load(spec, image_size=size)
     info = bundle.info
     mean, std = _normalisation(cfg.normalize, backbone, info)
     preprocessing = {"mean": list(mean), "std": list(std), "image_size": info.image_size,
@@ -174,26 +193,23 @@ def _differing(have: Any, want: Any) -> str:
 def execute_train(cfg: TrainConfig) -> int:
     import torch
 
-    from narrows.errors import UserError
     from narrows.kvb.embeddings import data_key
-    from narrows.kvb.protocols import make_tasks
     from narrows.kvb.results import ContinualResult
     from narrows.runs import default_out
 
     session = start(cfg)
     say = session.say
-    backbone = _pick_backbone(cfg)
+    cfg, backbone = _pick_sets(cfg, say)
     train, test, keys = _load_sets(cfg, backbone)
     classes = _num_classes(train, test)
-    try:
-        tasks = make_tasks(classes, cfg.classes_per_task, cfg.seed, cfg.class_order)
-    except ValueError as exc:
-        raise UserError(str(exc), "pass --classes-per-task dividing the number of classes, "
-                        "and a --class-order that is a permutation of the class ids") from None
+    cfg, tasks = _resolve(cfg, train, keys, classes, say)
+    names = _class_names(train, classes)
     run = open_run(cfg, "kvb train", default_out("kvb-train", backbone, data_key(cfg.data)),
                    session)
-    say(f"{classes} classes in {len(tasks)} tasks {tasks}; {len(train)} training and "
-        f"{len(test)} test embeddings of dimension {train.dim} ({backbone}) → {run.path}")
+    shown = " ".join("(" + ", ".join(names[c] for c in task) + ")" for task in tasks)
+    say(f"{classes} classes in {len(tasks)} tasks of {cfg.classes_per_task}: {shown}; "
+        f"{len(train)} training and {len(test)} test embeddings of dimension {train.dim} "
+        f"({backbone}) → {run.path}")
     layer = None
     if any(m in ("dkvb", "vq") for m in cfg.model):
         layer = _fitted_layer(cfg, run, keys, classes, train.dim, session)
@@ -208,6 +224,7 @@ def execute_train(cfg: TrainConfig) -> int:
             with torch.random.fork_rng(devices=[]):
                 result = _run_one(cfg, name, protocol, tasks, train, test, layer, classes,
                                   session.device, say)
+            result.meta["class_names"] = list(names)
             if run.writer:
                 result.save(file)
             results.append(result)
@@ -217,26 +234,75 @@ def execute_train(cfg: TrainConfig) -> int:
     return 0
 
 
-def _pick_backbone(cfg: TrainConfig) -> str:
+def _pick_sets(cfg: TrainConfig, say: Any) -> tuple[TrainConfig, str]:
+    """``cfg`` with ``data`` filled in from the embeddings, and the backbone id of the files."""
+    from narrows.cli.common import replace
     from narrows.errors import UserError
-    from narrows.kvb.embeddings import data_key, read_meta
+    from narrows.kvb.embeddings import choose_embeddings
 
     directory = Path(cfg.embeddings)
     if not directory.is_dir():
         raise UserError(f"no embedding directory {directory}",
-                        "make it with 'narrows kvb embed --backbone ... --data ... --out DIR'")
-    if cfg.backbone:
-        return cfg.backbone
-    suffix = f"_{data_key(cfg.data)}_train.pt"
-    found = sorted({read_meta(p).backbone for p in directory.glob(f"*{suffix}")})
-    if not found:
-        raise UserError(f"no training embeddings of {cfg.data} in {directory}",
-                        f"run 'narrows kvb embed --backbone ... --data {cfg.data} --out "
-                        f"{directory}'")
-    if len(found) > 1:
-        raise UserError(f"{directory} holds embeddings of {cfg.data} from {len(found)} "
-                        f"backbones ({', '.join(found)})", "choose one with --backbone")
-    return found[0]
+                        "make it with 'narrows kvb embed --checkpoint FILE --data SPEC --out "
+                        "DIR'")
+    found = choose_embeddings(directory, data=cfg.data, backbone=cfg.backbone)
+    if cfg.data is None:
+        say(f"data: {found.data} (the embeddings in {directory})")
+    return replace(cfg, data=found.data), found.backbone
+
+
+def _resolve(cfg: TrainConfig, train: Any, keys: Any, classes: int,
+             say: Any) -> tuple[TrainConfig, list[list[int]]]:
+    """``cfg`` with the data-dependent defaults filled in (and said), and the tasks."""
+    from narrows.cli.common import replace
+    from narrows.errors import UserError
+    from narrows.kvb.defaults import default_classes_per_task, divisors, scaled_defaults
+    from narrows.kvb.protocols import make_tasks
+
+    chosen: list[str] = []
+    per_task = cfg.classes_per_task
+    if per_task is None:
+        try:
+            per_task = default_classes_per_task(classes)
+        except ValueError as exc:
+            raise UserError(f"the embeddings hold {classes} class: {exc}",
+                            "embed a data set with two or more classes") from None
+        chosen.append(f"--classes-per-task {per_task}")
+    elif classes % per_task:
+        fits = [d for d in divisors(classes) if d < classes] or [classes]
+        raise UserError(f"{classes} classes cannot be cut into tasks of {per_task}",
+                        f"pass --classes-per-task {', '.join(map(str, fits))} (a divisor of "
+                        f"{classes}), or leave it out to have it chosen")
+    try:
+        tasks = make_tasks(classes, per_task, cfg.seed, cfg.class_order)
+    except ValueError as exc:
+        raise UserError(str(exc), "pass a --class-order that is a permutation of the class "
+                        "ids 0..C-1") from None
+    counts = _per_class(train.labels, classes)
+    largest = max(sum(counts[c] for c in task) for task in tasks)
+    scaled = scaled_defaults(per_task=largest, keys=len(keys), dim=train.dim,
+                             batch_size=cfg.batch_size)
+    changes: dict[str, Any] = {"classes_per_task": per_task}
+    for field in ("epochs", "num_pairs", "dim_key", "init_epochs"):
+        if getattr(cfg, field) is None:
+            changes[field] = getattr(scaled, field)
+            chosen.append(f"--{field.replace('_', '-')} {changes[field]}")
+    if chosen:
+        say(f"defaults for {classes} classes, {len(train)} training and {len(keys)} key "
+            f"embeddings: {', '.join(chosen)}")
+    return replace(cfg, **changes), tasks
+
+
+def _per_class(labels: Any, classes: int) -> list[int]:
+    """Images per class."""
+    import torch
+
+    return torch.bincount(labels, minlength=classes).tolist()
+
+
+def _class_names(train: Any, classes: int) -> list[str]:
+    names = list(train.meta.class_names)
+    return [str(n) for n in names] if len(names) == classes else [str(c) for c in range(classes)]
 
 
 def _load_sets(cfg: TrainConfig, backbone: str) -> tuple[Any, Any, Any]:
@@ -395,11 +461,17 @@ def _write_outputs(run: Any, results: list[Any]) -> None:
 
 
 def _long_csv(results: list[Any]) -> str:
+    import csv
+    import io
+
     rows = [row for r in results for row in r.to_rows()]
     header = ["model", "protocol", "after_phase", "task", "classes", "accuracy"]
-    lines = [",".join(header)] + [",".join(f"{row[h]:.4f}" if h == "accuracy" else str(row[h])
-                                           for h in header) for row in rows]
-    return "\n".join(lines) + "\n"
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([f"{row[h]:.4f}" if h == "accuracy" else str(row[h]) for h in header]
+                     for row in rows)
+    return text.getvalue()
 
 
 def _report(results: list[Any], run: Any, say: Any) -> None:
@@ -423,7 +495,7 @@ def quickstart_step(cfg: CommonOptions, out: Path) -> str:
 
     target = out / "kvb"
     embeddings = target / "embeddings"
-    execute_embed(EmbedConfig(backbone=str(out / "train" / "best.pt"),
+    execute_embed(EmbedConfig(checkpoint=str(out / "train" / "best.pt"),
                               **cfg.inherited(embeddings)))
     execute_train(TrainConfig(embeddings=str(embeddings), data="digits",
                               model=["dkvb", "linear", "mlp"], protocol=["incremental", "iid"],
@@ -440,16 +512,18 @@ def quickstart_step(cfg: CommonOptions, out: Path) -> str:
 register(Command(
     words=("kvb", "embed"),
     summary="store a frozen backbone's pooled embeddings of a data set (with their metadata)",
-    description="Run a frozen backbone (a checkpoint, or a timm model name with random initial "
+    description="Run a frozen backbone (--checkpoint FILE, or --model NAME with random initial "
     "weights) over the train and/or test split and store its pooled pre-logits features with the "
-    "labels in DIR/{backbone}_{data}_{split}.pt, where backbone is architecture@sha256-prefix "
+    "labels in DIR/{backbone}_{data}_{split}.pt (the features are the input of the model's last "
+    "nn.Linear, or of the classifier timm names; a decomposed checkpoint works too), where backbone is architecture@sha256-prefix "
     "of the checkpoint. The file records the data spec, split, backbone, checkpoint hash, "
     "preprocessing and dimension; 'kvb train' refuses files whose metadata does not match what "
     "it asks for. Written atomically; a killed run resumes from its partial file.",
     config=EmbedConfig,
     target="narrows.cli.kvb:execute_embed",
-    epilog="examples:\n  narrows kvb embed --backbone runs/train/resnet20_cifar-digits/best.pt "
-    "--out embeddings\n  narrows kvb embed --backbone resnet50.safetensors --model resnet50 "
+    epilog="examples:\n  narrows kvb embed --checkpoint runs/train/resnet20_cifar-digits/best.pt "
+    "--out embeddings\n  narrows kvb embed --model resnet20_cifar --data digits --out emb-init"
+    "\n  narrows kvb embed --checkpoint resnet50.safetensors --model resnet50 "
     "--data cifar10:data --resize 224 --normalize imagenet",
 ))
 register(Command(
@@ -464,10 +538,14 @@ register(Command(
     "and a trainable decoder. Writes per model and protocol the accuracy matrix (results/), "
     "table.md/table.csv (final average accuracy, forgetting), accuracy_matrix.csv and the "
     "figures comparison.png and accuracy_matrices.png. Re-running resumes: finished models are "
-    "read back, the keys are reused.",
+    "read back, the keys are reused. What the embeddings say is the default: the data set (the "
+    "only one with train and test embeddings in --embeddings), its classes and their names, a "
+    "task size that divides the classes, and epochs, key count and key dimension scaled to the "
+    "number and dimension of the embeddings; the choices are printed and saved in config.yaml.",
     config=TrainConfig,
     target="narrows.cli.kvb:execute_train",
-    epilog="examples:\n  narrows kvb train --embeddings embeddings --data digits --epochs 50 "
+    epilog="examples:\n  narrows kvb train --embeddings embeddings\n"
+    "  narrows kvb train --embeddings embeddings --data digits --epochs 50 "
     "--batch-size 32 --num-books 128 --num-pairs 512 --dim-key 8\n  narrows kvb train "
     "--embeddings emb --data cifar10:data --key-data cifar100:data --model dkvb linear mlp "
     "ridge vq",

@@ -2,11 +2,13 @@
 
 * :class:`ClassIndices`: each class's influential channel ids; the upstream JSON file and ours;
   ``random`` and ``top_weights`` baselines.
-* :func:`split_head`: a timm model as pooled features ``(N, D)`` plus its final ``nn.Linear``.
+* :func:`split_head`: any model whose classifier is its last ``nn.Linear`` as the features that
+  layer reads ``(N, D)`` plus the layer (from the core, :mod:`narrows.models.heads`).
 * :func:`extract` (and :func:`extract_fractional`, variant A): the streamed per-class
   frequency histograms of each image's top-k channels, as an :class:`Extraction` (indices,
-  L1-mass and selectivity Ψ diagnostics, heat map, save/load).
-* :class:`DecomposedLinear`, :func:`decompose`, :func:`load_decomposed`: the decomposed head.
+  top-k mass and selectivity Ψ diagnostics, heat map, save/load).
+* :class:`DecomposedLinear` (from the core, :mod:`narrows.models.decomposed`, so that every tool
+  loads a decomposed checkpoint), :func:`decompose`, :func:`load_decomposed`: the decomposed head.
 * :func:`validate`, :func:`accuracy_curve` (:class:`Curve`): decomposed accuracy, at given
   indices or as a function of k.
 * :func:`finetune`, :func:`finetune_settings`: fine-tuning on the core training loop.
@@ -30,6 +32,7 @@ from narrows.decompose.head import (
     decompose,
     decomposed_parts,
     find_decomposed,
+    head_indices,
     load_decomposed,
 )
 from narrows.decompose.histogram import TopKHistogram
@@ -54,6 +57,7 @@ __all__ = [
     "extract_fractional",
     "features_at",
     "find_decomposed",
+    "head_indices",
     "finetune",
     "finetune_settings",
     "load_decomposed",

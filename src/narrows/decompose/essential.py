@@ -82,11 +82,20 @@ class EssentialResult:
                          "clean": int(self.clean[c]), "images": int(self.images[c])}
                 for c in range(self.num_classes)}
 
+    def class_names(self) -> list[str]:
+        """The classes' names (``meta["class_names"]``), else their ids as text."""
+        names = self.meta.get("class_names")
+        if isinstance(names, (list, tuple)) and len(names) == self.num_classes:
+            return [str(n) for n in names]
+        return [str(c) for c in range(self.num_classes)]
+
     def to_rows(self, per_class: bool = True) -> list[dict[str, Any]]:
-        """Rows per noise level: every class (``per_class``) then ``all``; counts and rates."""
+        """Rows per noise level: every class (``per_class``, by name where the names are
+        known) then ``all``; counts and rates."""
         rows = []
         for lv, sigma in enumerate(self.sigmas):
-            groups = [(str(c), [c]) for c in range(self.num_classes)] if per_class else []
+            names = self.class_names()
+            groups = [(names[c], [c]) for c in range(self.num_classes)] if per_class else []
             groups.append(("all", list(range(self.num_classes))))
             for name, classes in groups:
                 n = int(self.images[classes].sum())

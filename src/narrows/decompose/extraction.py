@@ -32,9 +32,10 @@ class Extraction:
     """What :func:`narrows.decompose.extract` counted (see :mod:`narrows.decompose.histogram`).
 
     ``buckets`` is ``(C, D, len(ks))``; ``below`` is ``(C, T, D+1)`` for the ``thresholds``;
-    ``mass`` the per-class sum of each image's top-``k_mass`` L1 mass; ``dead`` the per-class
+    ``mass`` the per-class sum of each image's top-``k_mass`` share of its positive response; ``dead`` the per-class
     number of images with no positive response (left out of the mass and Ψ); ``k`` and
-    ``k_img`` the defaults of :meth:`indices`; ``meta`` provenance (model, layer, data, split).
+    ``k_img`` the defaults of :meth:`indices`; ``meta`` provenance (model, layer, data, split,
+    ``class_names`` for the figures).
     """
 
     buckets: Tensor
@@ -149,7 +150,7 @@ class Extraction:
 
     # -- diagnostics -------------------------------------------------------------------------
     def mean_mass(self) -> Tensor:
-        """``(C,)``: the mean over a class's images of the L1 mass of their top ``k_mass``."""
+        """``(C,)``: the mean over a class's images of the share of their positive response in their top ``k_mass``."""
         alive = (self.images - self.dead).double()
         return self.mass.double() / alive.clamp(min=1)
 
@@ -275,12 +276,21 @@ class Extraction:
                                            edgecolor="white", linewidth=0.8))
         ax.set_xlabel("channel")
         ax.set_ylabel("class")
-        ax.set_yticks(range(c))
+        names = class_labels(self.meta.get("class_names"), c)
+        if c <= 40:
+            ax.set_yticks(range(c), names, fontsize=8 if c <= 20 else 6)
         ax.set_title(f"share of each class's images with the channel in their top {k_img} "
                      f"(outlined: the chosen {chosen.k or 'k'})", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
         fig.tight_layout()
         return fig, ax
+
+
+def class_labels(names: Any, count: int) -> list[str]:
+    """The ``count`` class names when ``names`` has them all, else the class ids as text."""
+    if isinstance(names, (list, tuple)) and len(names) == count:
+        return [str(n) for n in names]
+    return [str(c) for c in range(count)]
 
 
 def _median_of_histogram(counts: Tensor) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from narrows.decompose.head import decompose, decomposed_extra, find_decomposed
+from narrows.decompose.head import decompose, decomposed_extra, find_decomposed, head_indices
 from narrows.decompose.indices import ClassIndices
 from narrows.runs.run import RunDir
 from narrows.training import BEST, TrainSettings, fit
@@ -74,7 +74,7 @@ def finetune(
     result = fit(net, data, settings, card=card, device=device, run=run, progress=progress,
                  log=log, **kwargs)
     if run is not None and run.writer and run.exists(BEST):
-        write_decomposed(run.file(DECOMPOSED), run.file(BEST), net, card, head.indices)
+        write_decomposed(run.file(DECOMPOSED), run.file(BEST), net, card, head_indices(head))
     return net, result
 
 

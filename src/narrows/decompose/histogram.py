@@ -6,9 +6,9 @@ counted into ``n_c``. Several ``k_img`` are counted in one pass: rank ``r`` fall
 ``#{k in ks : k <= r}``, and the histogram at ``ks[i]`` is the sum of buckets ``0..i``.
 
 Also counted per class, for the diagnostics: the images, the images with no positive response,
-the summed L1 mass ``Σ_{top k_mass} h_j / Σ_j h_j`` and, for each threshold ``t``, how many
-images have ``b`` channels whose running normalised mass is still below ``t`` (``b = 0..D``),
-from which the selectivity Ψ and the fractional k are read exactly.
+the summed top-k mass ``Σ_{top k_mass} h⁺_j / Σ_j h⁺_j`` (positive parts ``h⁺`` only) and,
+for each threshold ``t``, how many images have ``b`` channels whose running normalised mass is
+still below ``t`` (``b = 0..D``), from which the selectivity Ψ and the fractional k are read exactly.
 
 The state is ``C·D·len(ks) + C·len(thresholds)·(D+1)`` integers, whatever the data set's size.
 """
@@ -26,7 +26,7 @@ class TopKHistogram:
     """Accumulates the counts of :mod:`this module <narrows.decompose.histogram>` batch by batch.
 
     ``ks`` are the per-image k to count (sorted, distinct, each in ``[1, D]``); ``k_mass`` the k
-    of the L1-mass diagnostic; ``thresholds`` the mass fractions ``t`` in (0, 1] of Ψ.
+    of the top-k-mass diagnostic; ``thresholds`` the mass fractions ``t`` in (0, 1] of Ψ.
     """
 
     def __init__(

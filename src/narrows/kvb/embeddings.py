@@ -27,7 +27,7 @@ from narrows.errors import UserError
 
 FORMAT = "narrows-kvb-embeddings"
 VERSION = 1
-LAYER = "pre-logits"  # timm's forward_head(forward_features(x), pre_logits=True)
+LAYER = "pre-logits"  # the input of the classifier: timm's forward_head(..., pre_logits=True)
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def _read(path: str | Path, *, mmap: bool) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no embedding file {path}",
-                        "make it with 'narrows kvb embed --backbone ... --data ...'")
+                        "make it with 'narrows kvb embed --checkpoint ... --data ...'")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
@@ -177,6 +177,68 @@ def _meta_of(path: str | Path, raw: dict[str, Any]) -> EmbeddingMeta:
         raise UserError(f"{path} has damaged metadata ({exc})", "embed again") from None
 
 
+@dataclass(frozen=True)
+class EmbeddingSet:
+    """The embeddings of one data set through one backbone found in a directory, by split."""
+
+    backbone: str
+    data: str
+    splits: dict[str, EmbeddingMeta] = field(hash=False)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether both the train and the test split are there (a task can run on it)."""
+        return "train" in self.splits and "test" in self.splits
+
+
+def find_embeddings(directory: str | Path) -> list[EmbeddingSet]:
+    """Every (backbone, data set) of the embedding files in ``directory``, read from their
+    metadata (the features are not loaded); files that are not embeddings are skipped."""
+    found: dict[tuple[str, str], dict[str, EmbeddingMeta]] = {}
+    for path in sorted(Path(directory).glob("*.pt")):
+        try:
+            meta = read_meta(path)
+        except UserError:
+            continue
+        expected = file_name(meta.backbone, meta.data, meta.split)
+        if path.name != expected:
+            claimed = path.stem.rpartition("_")[2]
+            what = (f"split {meta.split!r}, not {claimed!r}" if claimed in ("train", "test")
+                    and claimed != meta.split else f"data {meta.data!r} and backbone "
+                    f"{meta.backbone!r}, which its name does not say")
+            raise UserError(f"{path} holds embeddings with {what}",
+                            f"rename it to {expected}, or embed again with 'narrows kvb embed'")
+        found.setdefault((meta.backbone, meta.data), {})[meta.split] = meta
+    return [EmbeddingSet(b, d, splits) for (b, d), splits in found.items()]
+
+
+def choose_embeddings(directory: str | Path, *, data: str | None = None,
+                      backbone: str | None = None) -> EmbeddingSet:
+    """The one labelled set (train and test) in ``directory`` that fits ``data`` and
+    ``backbone`` (either may be ``None``: inferred). None, or several to choose from, is a
+    :class:`UserError` that names them."""
+    sets = [s for s in find_embeddings(directory)
+            if (data is None or s.data == data) and (backbone is None or s.backbone == backbone)]
+    labelled = [s for s in sets if s.labelled]
+    if len(labelled) == 1:
+        return labelled[0]
+    embed = (f"run 'narrows kvb embed --checkpoint FILE --data {data or 'SPEC'} --split train "
+             f"test --out {directory}'")
+    if not labelled:
+        if data is not None and not any("train" in s.splits for s in sets):
+            raise UserError(f"no training embeddings of {data} in {directory}", embed)
+        what = f"of {data}" if data is not None else "with both a train and a test split"
+        by = f" from backbone {backbone}" if backbone is not None else ""
+        raise UserError(f"no embeddings {what}{by} in {directory}", embed)
+    datas = sorted({s.data for s in labelled})
+    if len(datas) > 1:
+        raise UserError(f"{directory} holds embeddings of {len(datas)} data sets "
+                        f"({', '.join(datas)})", "choose one with --data")
+    backbones = sorted({s.backbone for s in labelled})
+    raise UserError(f"{directory} holds embeddings of {datas[0]} from {len(backbones)} "
+                    f"backbones ({', '.join(backbones)})", "choose one with --backbone")
+
+
 # -- computing ---------------------------------------------------------------------------------
 @dataclass
 class Backbone:
@@ -190,27 +252,37 @@ class Backbone:
     mean: tuple[float, ...] | None  # the card's normalisation, when the checkpoint has one
     std: tuple[float, ...] | None
     data_spec: str | None  # the card's data
+    input_size: int | None = None  # the card's input size
 
 
-def load_backbone(backbone: str, *, model: str | None = None, seed: int = 0) -> Backbone:
-    """A checkpoint file (its card, or ``model`` for the architecture) or a timm model name
-    (random initial weights from ``seed``; nothing is downloaded)."""
+def load_backbone(checkpoint: str | None, *, model: str | None = None,
+                  seed: int = 0) -> Backbone:
+    """The checkpoint file ``checkpoint`` (its card, or ``model`` for the architecture), or
+    without one the model ``model`` with random initial weights from ``seed`` (nothing is
+    downloaded). A timm name given as ``checkpoint`` (the old ``--backbone NAME``) means
+    ``model``."""
     from narrows.models import check_name, create, load_model
 
+    if not checkpoint and not model:
+        raise UserError("no backbone given", "pass --checkpoint FILE, or --model NAME for "
+                        "random initial weights")
+    backbone = checkpoint or str(model)
     path = Path(backbone)
-    if path.is_file():
+    if checkpoint and path.is_file():
         loaded = load_model(path, name=model)
         card = loaded.card
         arch = card.architecture if card else str(model)
         sha = sha256_file(path)
         return Backbone(loaded.model, f"{arch}@{sha[:8]}", arch, str(path), sha,
                         tuple(card.mean) if card else None, tuple(card.std) if card else None,
-                        card.data_spec if card else None)
-    if path.suffix in (".pt", ".pth", ".th", ".tar", ".bin", ".safetensors") or "/" in backbone:
-        raise UserError(f"no checkpoint file {backbone}",
-                        "pass an existing checkpoint or a timm model name")
-    if model is not None and model != backbone:
-        raise UserError(f"--model {model} contradicts --backbone {backbone}", "drop --model")
+                        card.data_spec if card else None, card.input_size if card else None)
+    if checkpoint and (path.suffix in (".pt", ".pth", ".th", ".tar", ".bin", ".safetensors")
+                       or "/" in checkpoint):
+        raise UserError(f"no checkpoint file {checkpoint}",
+                        "check the path, or pass --model NAME for random initial weights")
+    if checkpoint and model is not None and model != checkpoint:
+        raise UserError(f"--model {model} contradicts the model name {checkpoint} given as "
+                        "checkpoint", "pass --model NAME alone for random initial weights")
     check_name(backbone)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -220,17 +292,11 @@ def load_backbone(backbone: str, *, model: str | None = None, seed: int = 0) -> 
 
 
 def pooled_features(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """``x -> (B, D)``: timm's pooled pre-logits (``forward_head(..., pre_logits=True)``)."""
-    for method in ("forward_features", "forward_head"):
-        if not callable(getattr(model, method, None)):
-            raise UserError(f"{type(model).__name__} has no {method}()",
-                            "use a timm model (or one with timm's forward_features/forward_head)")
+    """``x -> (B, D)``: the pooled features the model's classifier (its last ``nn.Linear``, or
+    timm's ``get_classifier()``) reads: timm's pre-logits for timm models."""
+    from narrows.models.heads import pooled_features as core_pooled_features
 
-    def features(x: Tensor) -> Tensor:
-        out = model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
-        return out.flatten(1)
-
-    return features
+    return core_pooled_features(model)
 
 
 @torch.no_grad()

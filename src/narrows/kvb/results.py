@@ -80,11 +80,28 @@ class ContinualResult:
                 "visits": int(sum(self.visits)), **{k: v for k, v in self.meta.items()
                                                      if isinstance(v, (int, float, str))}}
 
+    def class_names(self) -> list[str]:
+        """The classes' names (``meta["class_names"]``), else their ids as text."""
+        names = self.meta.get("class_names")
+        count = len(self.per_class[0]) if self.per_class else 0
+        if isinstance(names, (list, tuple)) and len(names) == count:
+            return [str(n) for n in names]
+        return [str(c) for c in range(count)]
+
+    def task_label(self, s: int) -> str:
+        """Task ``s``'s classes by name, e.g. ``cat dog``."""
+        names = self.class_names()
+        return " ".join(names[c] if c < len(names) else str(c) for c in self.tasks[s])
+
+    def task_labels(self) -> list[str]:
+        """Every task's :meth:`task_label`."""
+        return [self.task_label(s) for s in range(len(self.tasks))]
+
     def to_rows(self) -> list[dict[str, Any]]:
-        """Long format: one row per (phase, task) with its accuracy."""
+        """Long format: one row per (phase, task) with its accuracy; classes by name."""
         a = self.matrix()
         return [{"model": self.model, "protocol": self.protocol, "after_phase": t + 1,
-                 "task": s + 1, "classes": " ".join(map(str, self.tasks[s])),
+                 "task": s + 1, "classes": self.task_label(s),
                  "accuracy": float(a[t, s])}
                 for t in range(a.shape[0]) for s in range(a.shape[1])]
 
@@ -125,10 +142,10 @@ class ContinualResult:
             fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
         fig = axes[0].figure
         a = self.matrix()
-        draw_matrix(axes[0], a, f"{self.model}, {self.protocol}")
+        draw_matrix(axes[0], a, f"{self.model}, {self.protocol}", self.task_labels())
         phases = np.arange(1, a.shape[0] + 1)
         for s in range(a.shape[1]):
-            axes[1].plot(phases, a[:, s], marker="o", label=f"task {s + 1} {self.tasks[s]}")
+            axes[1].plot(phases, a[:, s], marker="o", label=f"task {s + 1}: {self.task_label(s)}")
         axes[1].plot(phases, np.nanmean(a, 1), color="black", lw=2, label="mean")
         axes[1].set_xlabel("after phase")
         axes[1].set_ylabel("test accuracy")
@@ -142,15 +159,19 @@ class ContinualResult:
         return fig, axes
 
 
-def draw_matrix(ax: Any, a: np.ndarray, title: str) -> None:
-    """A (phases × tasks) accuracy heat map with the values written in."""
+def draw_matrix(ax: Any, a: np.ndarray, title: str, tasks: list[str] | None = None) -> None:
+    """A (phases × tasks) accuracy heat map with the values written in; ``tasks`` labels the
+    columns (e.g. the tasks' class names)."""
     ax.imshow(a, vmin=0, vmax=1, cmap="viridis")
     for t in range(a.shape[0]):
         for s in range(a.shape[1]):
             if not math.isnan(a[t, s]):
                 ax.text(s, t, f"{a[t, s]:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if a[t, s] < 0.6 else "black")
-    ax.set_xticks(range(a.shape[1]), [str(s + 1) for s in range(a.shape[1])])
+    labels = [str(s + 1) for s in range(a.shape[1])]
+    if tasks is not None and len(tasks) == a.shape[1] and a.shape[1] <= 12:
+        labels = [f"{s + 1}\n{name}" for s, name in enumerate(tasks)]
+    ax.set_xticks(range(a.shape[1]), labels, fontsize=7 if tasks else None)
     ax.set_yticks(range(a.shape[0]), [str(t + 1) for t in range(a.shape[0])])
     ax.set_xlabel("task")
     ax.set_ylabel("after phase")
@@ -171,7 +192,7 @@ def plot_matrices(results: list[ContinualResult]) -> Any:
     for r in results:
         ax = axes[models.index(r.model), protocols.index(r.protocol)]
         ax.set_visible(True)
-        draw_matrix(ax, r.matrix(), f"{r.model}, {r.protocol}")
+        draw_matrix(ax, r.matrix(), f"{r.model}, {r.protocol}", r.task_labels())
     fig.tight_layout()
     return fig
 
