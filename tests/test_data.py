@@ -79,8 +79,9 @@ def test_shapes_are_reproducible_per_seed_and_index():
 def test_shape_boxes_are_the_tight_boxes_of_the_masks():
     bundle = load("shapes:classes=8,size=32,train=24,test=8")
     for split in (bundle.train("none"), bundle.test()):
-        assert len(split.boxes) == len(split)
-        for box, mask in zip(split.boxes, split.masks, strict=True):
+        assert split.has_boxes
+        boxes = [split.boxes(i) for i in range(len(split))]
+        for box, mask in zip(boxes, split.masks, strict=True):
             ys, xs = torch.nonzero(mask, as_tuple=True)
             assert len(xs) > 0
             expected = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
@@ -399,15 +400,16 @@ def write_classes(root: Path, counts: dict[str, int]) -> None:
             write_image(root / name / f"{i}.png", (20 + i, 16))
 
 
-def test_folder_without_splits_serves_one_set_as_both(tmp_path):
+def test_folder_without_splits_holds_out_a_test_split(tmp_path):
     write_classes(tmp_path, {"cat": 2, "dog": 3})
     (tmp_path / "notes.txt").write_text("ignored")
     bundle = load(f"folder:{tmp_path}", image_size=16)
     assert bundle.info.class_names == ("cat", "dog") and bundle.info.name == "folder"
-    assert bundle.train("none").samples == bundle.test().samples
-    assert bundle.test().targets == [0, 0, 1, 1, 1]
+    assert not set(bundle.train("none").samples) & set(bundle.test().samples)
+    assert bundle.test().targets == [0, 1]  # one image of each class held out
+    assert bundle.train("none").targets == [0, 1, 1]
     assert not bundle.info.has_boxes
-    image, _ = bundle.train()[4]
+    image, _ = bundle.train()[2]
     assert image.shape == (3, 16, 16)
 
 

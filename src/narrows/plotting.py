@@ -16,20 +16,31 @@ def pyplot():
     return plt
 
 
-def plot_training_curves(rows: Sequence[dict[str, Any]], ax: Any = None):
-    """Loss (left) and top-1 accuracy (right) per epoch; returns ``(fig, axes)``."""
+def plot_training_curves(rows: Sequence[dict[str, Any]], ax: Any = None, title: str | None = None):
+    """Loss (left) and top-1 accuracy (right) per epoch; returns ``(fig, axes)``.
+
+    Epochs are integer ticks; the loss axis is logarithmic only when the loss spans more than a
+    factor of ten, with plain decimal labels. ``title`` (e.g. model and data) heads the figure.
+    """
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
     plt = pyplot()
     if ax is None:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6 if title else 3.4))
     else:
         axes = ax
         fig = axes[0].figure
     epochs = [r["epoch"] for r in rows]
+    losses = [r[k] for r in rows for k in ("train_loss", "test_loss")]
     axes[0].plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
     axes[0].plot(epochs, [r["test_loss"] for r in rows], marker="o", label="test")
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("cross-entropy")
-    axes[0].set_yscale("log")  # the first epochs' test loss would flatten everything else
+    finite = [v for v in losses if v == v and 0 < v < float("inf")]
+    if finite and max(finite) > 10 * min(finite):
+        axes[0].set_yscale("log")  # the first epochs' loss would flatten everything else
+        axes[0].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axes[0].yaxis.set_minor_formatter(NullFormatter())
     axes[0].legend()
     axes[1].plot(epochs, [100 * r["train_top1"] for r in rows], marker="o", label="train")
     axes[1].plot(epochs, [100 * r["test_top1"] for r in rows], marker="o", label="test")
@@ -38,5 +49,8 @@ def plot_training_curves(rows: Sequence[dict[str, Any]], ax: Any = None):
     axes[1].legend()
     for a in axes:
         a.grid(alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig, axes

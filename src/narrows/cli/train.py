@@ -2,12 +2,79 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from narrows.cli.app import Command, register
 from narrows.cli.common import CommonOptions, open_run, start
 from narrows.config import non_negative, option, positive
+
+RESERVED_KWARGS = ("num_classes", "in_chans", "pretrained", "checkpoint_path")
+MODEL_KWARGS_EXAMPLE = "e.g. --model-kwargs drop_rate=0.1,patch_size=8"
+
+
+def _split_items(text: str) -> list[str]:
+    """Split ``text`` at commas outside brackets and quotes."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def _scalar(text: str) -> Any:
+    """A JSON value where ``text`` is one (``64``, ``0.1``, ``true``, ``[8, 8]``), else the text."""
+    words = {"True": True, "False": False, "None": None}
+    if text in words:
+        return words[text]
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == "'" else text
+
+
+def parse_model_kwargs(text: str | None) -> dict[str, Any]:
+    """``key=value,...`` → a dict; values are JSON scalars (or lists) where they parse, else
+    strings. A malformed item, a repeated key or one narrows sets itself is a :class:`UserError`."""
+    from narrows.errors import UserError
+
+    out: dict[str, Any] = {}
+    for item in _split_items(text or ""):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UserError(f"--model-kwargs item '{item}' is not key=value",
+                            f"write comma-separated key=value pairs, {MODEL_KWARGS_EXAMPLE}")
+        if key in out:
+            raise UserError(f"--model-kwargs gives {key} twice", f"give {key} once")
+        if key in RESERVED_KWARGS:
+            raise UserError(f"--model-kwargs cannot set {key}",
+                            "narrows sets it (classes and channels come from the data; weights "
+                            "from --checkpoint)")
+        out[key] = _scalar(value.strip())
+    return out
+
+
+def _check_model_kwargs(text: str | None) -> str | None:
+    from narrows.errors import UserError
+
+    try:
+        parse_model_kwargs(text)
+    except UserError as exc:
+        return str(exc.what)
+    return None
+
 
 DATA_HELP = ("data spec: digits, shapes[:k=v,...], cifar10:PATH, cifar100:PATH, imagenet:PATH, "
              "folder:PATH")
@@ -16,14 +83,21 @@ DATA_HELP = ("data spec: digits, shapes[:k=v,...], cifar10:PATH, cifar100:PATH, 
 @dataclass
 class TrainConfig(CommonOptions):
     model: str | None = option(None, "any timm model name or a narrows one (resnet20_cifar ... "
-                               "resnet110_cifar, alexnet_cifar); list: narrows models "
+                               "resnet110_cifar, alexnet_cifar; list: narrows models), or your "
+                               "own nn.Module as path/to/file.py:ClassName or module:ClassName "
                                "[default: resnet20_cifar, or the architecture of --checkpoint]",
                                short="-m")
+    model_kwargs: str | None = option(None, "further model constructor arguments, recorded in "
+                                      "the model card (" + MODEL_KWARGS_EXAMPLE + "); values are "
+                                      "read as JSON where they parse. Fixed-size models (ViTs) "
+                                      "get img_size from the data by themselves",
+                                      metavar="K=V,...", check=_check_model_kwargs)
     data: str = option("digits", DATA_HELP, short="-d")
     checkpoint: str | None = option(None, "start from these weights (.pt/.pth/.safetensors)",
                                     metavar="FILE")
     image_size: int | None = option(None, "served image size for imagenet:/folder: data "
-                                    "[default: 224]", check=positive)
+                                    "[default: 224, or the card's size with --checkpoint]",
+                                    check=positive)
     download: bool = option(False, "allow CIFAR to be downloaded when missing (needs network)")
     epochs: int = option(15, "training epochs", check=positive)
     batch_size: int = option(64, "images per step (per process under torchrun)", check=positive)
@@ -69,31 +143,84 @@ def settings_from(cfg: TrainConfig):
 DEFAULT_MODEL = "resnet20_cifar"
 
 
-def build_model(cfg: TrainConfig, info):
-    """The model to train and its card: fresh from timm, or from ``--checkpoint``."""
-    from narrows.errors import UserError
-    from narrows.models import ModelCard, create, load_model
+def load_start(cfg: TrainConfig):
+    """The ``--checkpoint`` to start from (a ``LoadedModel``), or ``None``."""
+    if not cfg.checkpoint:
+        return None
+    from narrows.models import load_model
 
-    model_kwargs: dict = {}
+    return load_model(cfg.checkpoint, name=cfg.model,
+                      model_kwargs=parse_model_kwargs(getattr(cfg, "model_kwargs", None)))
+
+
+def build_model(cfg: TrainConfig, info, loaded=None):
+    """The model to train and its card: fresh from timm (or the user's module), or from
+    ``--checkpoint`` (``loaded``: :func:`load_start`'s result, loaded here when not given).
+
+    The model is built for the data's image size (``img_size`` for fixed-size models) and one
+    image is run through it, so a model that cannot take the data is a :class:`UserError`
+    before anything is written.
+    """
+    from narrows.errors import UserError
+    from narrows.models import ModelCard, canonical_name, create_for_input, is_custom
+    from narrows.models.factory import check_runs_on
+
+    given = parse_model_kwargs(getattr(cfg, "model_kwargs", None))
     if cfg.checkpoint:
-        loaded = load_model(cfg.checkpoint, name=cfg.model)
+        loaded = loaded if loaded is not None else load_start(cfg)
         model = loaded.model
-        architecture = loaded.card.architecture if loaded.card else cfg.model
-        model_kwargs = dict(loaded.card.model_kwargs) if loaded.card else {}
+        card = loaded.card
+        if card is None or (cfg.model and is_custom(cfg.model)):  # a moved file: where it is now
+            architecture = canonical_name(cfg.model)
+        else:
+            architecture = card.architecture
+        model_kwargs = {**(card.model_kwargs if card else {}), **given}
+        classes = getattr(model, "num_classes", info.num_classes)
+        if isinstance(classes, int) and classes != info.num_classes:
+            raise UserError(
+                f"{cfg.checkpoint} has {classes} classes but {info.spec} has "
+                f"{info.num_classes}", "train from a checkpoint of the same classes, or without one")
+        check_runs_on(model, architecture, in_chans=info.in_chans, image_size=info.image_size,
+                      num_classes=info.num_classes, data=info.spec,
+                      took_size="img_size" in model_kwargs)
+        model.train()
     else:
-        architecture = cfg.model or DEFAULT_MODEL
-        model = create(architecture, num_classes=info.num_classes, in_chans=info.in_chans)
-    classes = getattr(model, "num_classes", info.num_classes)
-    if classes != info.num_classes:
-        raise UserError(
-            f"{cfg.checkpoint or architecture} has {classes} classes but {info.spec} has "
-            f"{info.num_classes}", "train from a checkpoint of the same classes, or without one")
+        name = cfg.model or DEFAULT_MODEL
+        model, model_kwargs = create_for_input(
+            name, num_classes=info.num_classes, in_chans=info.in_chans,
+            image_size=info.image_size, model_kwargs=given, data=info.spec)
+        architecture = canonical_name(name)
     card = ModelCard(
         architecture=architecture, num_classes=info.num_classes, in_chans=info.in_chans,
         input_size=info.image_size, mean=tuple(info.mean), std=tuple(info.std),
-        class_names=tuple(info.class_names), data_spec=info.spec, model_kwargs=model_kwargs,
+        class_names=tuple(info.class_names), data_spec=absolute_spec(info.spec),
+        model_kwargs=model_kwargs,
     )
     return model, card
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its path made absolute (``folder:data`` → ``folder:/home/me/data``), so a
+    checkpoint's card finds its data from any directory; other specs are returned as given."""
+    from pathlib import Path
+
+    from narrows.data.specs import NEEDS_PATH, parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed.kind not in NEEDS_PATH:
+        return spec
+    return f"{parsed.kind}:{Path(parsed.argument).expanduser().resolve()}"
+
+
+def test_split_description(spec: str) -> str:
+    """Which images the run's test accuracy is measured on (held out from a flat folder, ...)."""
+    from narrows.data.imagenet import folder_test_split
+    from narrows.data.specs import parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed.kind == "folder":
+        return folder_test_split(parsed.argument)
+    return "the data set's own test split"
 
 
 def execute(cfg: TrainConfig) -> int:
@@ -107,20 +234,33 @@ def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str
     this with their loss; ``default_name`` is added to the default output directory name.
     """
     from narrows.data import load
+    from narrows.data.specs import parse_spec
     from narrows.errors import UserError
+    from narrows.models import display_name
     from narrows.runs import default_out
     from narrows.training import LAST, fit
 
     session = start(cfg)
-    data = load(cfg.data, download=cfg.download, image_size=cfg.image_size)
-    model, card = build_model(cfg, data.info)
-    default = default_out(command.replace(" ", "-"), card.architecture, cfg.data, default_name)
+    if not cfg.checkpoint:
+        from narrows.models import check_name
+
+        check_name(cfg.model or DEFAULT_MODEL)  # a wrong name fails before the data is read
+    loaded = load_start(cfg)
+    size = cfg.image_size
+    if (size is None and loaded is not None and loaded.card is not None
+            and parse_spec(cfg.data).kind in ("imagenet", "folder")):
+        size = loaded.card.input_size  # go on at the size the checkpoint was trained at
+    data = load(cfg.data, download=cfg.download, image_size=size)
+    model, card = build_model(cfg, data.info, loaded)
+    default = default_out(command.replace(" ", "-"), display_name(card.architecture), cfg.data,
+                          default_name)
     run = open_run(cfg, command, default, session)
     if cfg.resume and not run.exists(LAST):
         raise UserError(f"--resume given but {run.path} has no checkpoint to resume from",
                         "drop --resume to start a new run")
     say = session.say
-    say(f"training {card.architecture} on {cfg.data} ({len(data.train())} train / "
+    say(f"training {display_name(card.architecture)} on {cfg.data} at "
+        f"{card.input_size}×{card.input_size} px ({len(data.train())} train / "
         f"{len(data.test())} test images) on {session.device}, {session.threads} threads"
         + (f", {session.dist.world_size} processes" if session.dist.enabled else "")
         + f" → {run.path}")
@@ -129,6 +269,9 @@ def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str
     summary = {
         "model": card.architecture,
         "data": cfg.data,
+        "image_size": card.input_size,
+        "model_kwargs": dict(card.model_kwargs),
+        "test_split": test_split_description(cfg.data),
         "epochs": result.epochs,
         "best_top1": result.best_top1,
         "final": result.final.to_dict() if result.final else None,
@@ -155,5 +298,7 @@ register(Command(
     target="narrows.cli.train:execute",
     epilog="examples:\n  narrows train --model resnet20_cifar --data digits --epochs 15\n"
     "  narrows train -m resnet56_cifar -d cifar10:data --epochs 200 --schedule step "
-    "--milestones 100 150\n  torchrun --nproc_per_node 2 -m narrows train -d digits",
+    "--milestones 100 150\n  narrows train -m vit_tiny_patch16_224 -d folder:pics --image-size 64\n"
+    "  narrows train -m mynets.py:SmallCNN --model-kwargs width=32 -d folder:pics\n"
+    "  torchrun --nproc_per_node 2 -m narrows train -d digits",
 ))

@@ -3,7 +3,9 @@
 Importing this package registers ``resnet{20,32,44,56,110}_cifar`` and ``alexnet_cifar`` with
 timm, so ``timm.create_model("resnet20_cifar")`` works afterwards.
 
-* :func:`create` builds any timm model by name, optionally with strictly loaded weights.
+* :func:`create` builds any timm model by name (or the user's own ``file.py:Class`` /
+  ``module:Class``), optionally with strictly loaded weights; :func:`create_for_input` builds
+  one for a data size (``img_size`` for fixed-size models) and checks that it runs on it.
 * :func:`load_model` rebuilds a model from a checkpoint (from its :class:`ModelCard` when it has one).
 * :func:`save_model` writes weights and card (``.pt`` or ``.safetensors``), atomically.
 * :func:`read_checkpoint` and :func:`load_state_dict_strict` are the lower-level pieces.
@@ -14,8 +16,21 @@ from narrows.models.card import ModelCard
 from narrows.models.checkpoints import Checkpoint, read_checkpoint, save_model
 from narrows.models.cifar_alexnet import CifarAlexNet
 from narrows.models.cifar_resnet import CifarResNet
-from narrows.models.factory import LoadedModel, create, infer_sizes, load_model
-from narrows.models.registry import NARROWS_MODELS, check_name, list_models
+from narrows.models.factory import (
+    LoadedModel,
+    create,
+    create_for_input,
+    infer_sizes,
+    load_model,
+)
+from narrows.models.registry import (
+    NARROWS_MODELS,
+    canonical_name,
+    check_name,
+    display_name,
+    is_custom,
+    list_models,
+)
 from narrows.models.strict import load_state_dict_strict
 
 __all__ = [
@@ -25,9 +40,13 @@ __all__ = [
     "CifarResNet",
     "LoadedModel",
     "ModelCard",
+    "canonical_name",
     "check_name",
     "create",
+    "create_for_input",
+    "display_name",
     "infer_sizes",
+    "is_custom",
     "list_models",
     "load_model",
     "load_state_dict_strict",

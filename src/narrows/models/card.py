@@ -15,11 +15,13 @@ _FIX = "re-save the model with narrows, or pass --model and --num-classes instea
 class ModelCard:
     """How a checkpoint's model was built and which inputs it expects.
 
-    ``architecture`` is a timm model name; ``input_size`` the side of the square input in pixels;
+    ``architecture`` is a timm model name, or a user model as ``/absolute/file.py:ClassName`` or
+    ``package.module:ClassName``; ``input_size`` the side of the square input in pixels;
     ``mean``/``std`` the per-channel normalisation of inputs in [0, 1] (one value per input
     channel); ``class_names`` has ``num_classes`` entries when known; ``data_spec`` is the narrows
     data spec the model was trained on. ``model_kwargs`` are further JSON-serialisable arguments
-    of ``timm.create_model`` (``img_size``, ``patch_size``, ...) that change the weights' shapes.
+    of ``timm.create_model`` (or of the user's class): ``img_size`` of a fixed-size model trained
+    at another size, ``--model-kwargs`` (``patch_size``, ``drop_rate``, ...).
     Invalid values raise :class:`UserError`.
     """
 

@@ -225,7 +225,8 @@ def fit(
         improved = final.top1 > best_top1
         best_top1 = max(best_top1, final.top1)
         if run is not None and run.writer:
-            _save_epoch(run, model, optimizer, card, epoch + 1, best_top1, rows, improved)
+            _save_epoch(run, model, optimizer, card, epoch + 1, best_top1, rows, improved,
+                        title=_curves_title(card, len(train_set), len(test_set)))
         if dist.is_main:
             log(_epoch_line(row, settings.epochs))
         if on_epoch_end is not None:
@@ -242,6 +243,18 @@ def fit(
         last_checkpoint=str(run.file(LAST)) if run else None,
         best_checkpoint=str(run.file(BEST)) if run else None,
     )
+
+
+def _curves_title(card: Any, n_train: int, n_test: int) -> str:
+    """``model on data (N train / M test images, S px)`` for the training curves."""
+    from narrows.models.registry import display_name
+
+    model = display_name(str(getattr(card, "architecture", "model")))
+    data = getattr(card, "data_spec", None)
+    size = getattr(card, "input_size", None)
+    where = f" on {data}" if data else ""
+    px = f", {size} px" if size else ""
+    return f"{model}{where} ({n_train:,} train / {n_test:,} test images{px})"
 
 
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:
@@ -280,7 +293,8 @@ def _reduce_stats(stats: EpochStats, dist: Distributed, device: torch.device) ->
 
 
 def _save_epoch(run: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer, card: Any,
-                epoch: int, best_top1: float, rows: list[dict[str, Any]], improved: bool) -> None:
+                epoch: int, best_top1: float, rows: list[dict[str, Any]], improved: bool,
+                title: str | None = None) -> None:
     from narrows.runs.files import atomic_torch_save
 
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -300,7 +314,7 @@ def _save_epoch(run: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer,
     try:
         from narrows.plotting import plot_training_curves
 
-        fig, _ = plot_training_curves(rows)
+        fig, _ = plot_training_curves(rows, title=title)
         run.save_figure("curves.png", fig)
         import matplotlib.pyplot as plt
 
