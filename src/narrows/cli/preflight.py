@@ -24,7 +24,7 @@ def _flag(name: str) -> str:
 
 def check(cfg: Any) -> None:
     """Raise :class:`UserError` for the first option of ``cfg`` that cannot be right."""
-    from narrows.data.specs import NEEDS_PATH, parse_spec
+    from narrows.data.specs import LAYOUTS, NEEDS_PATH, parse_spec
 
     names = {f.name for f in fields(cfg)}
     for name in FILE_OPTIONS:
@@ -42,7 +42,7 @@ def check(cfg: Any) -> None:
             root = Path(parsed.argument).expanduser()
             if not root.exists():
                 raise UserError(f"{_flag(name)} {value}: no such directory {root}",
-                                "check the path of the data spec")
+                                "expected " + LAYOUTS[parsed.kind].format(root=root))
     out = getattr(cfg, "out", None) if "out" in names else None
     if isinstance(out, str) and out and Path(out).expanduser().is_file():
         raise UserError(f"--out {out} is a file", "pass a directory (new or a run directory)")

@@ -14,6 +14,15 @@ SPEC_HELP = (
     "digits | shapes[:classes=4,size=64,train=2000,test=500,seed=0,rmin=22,rmax=42] | "
     "cifar10:PATH | cifar100:PATH | imagenet:PATH | folder:PATH"
 )
+LAYOUTS = {  # what a missing PATH should hold, for the one-line error
+    "cifar10": "{root}/cifar-10-batches-py/{{data_batch_1..5,test_batch,batches.meta}} (the official "
+               "python version); pass --download to fetch it",
+    "cifar100": "{root}/cifar-100-python/{{train,test,meta}} (the official python version); pass "
+                "--download to fetch it",
+    "imagenet": "{root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG",
+    "folder": "{root}/<class>/<image>, or {root}/train/<class>/<image> and "
+              "{root}/val/<class>/<image>",
+}
 KINDS = ("digits", "shapes", "cifar10", "cifar100", "imagenet", "folder")
 NEEDS_PATH = ("cifar10", "cifar100", "imagenet", "folder")
 

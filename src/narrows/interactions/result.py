@@ -63,36 +63,65 @@ class InteractionResult:
         return _normalise(self.A(debiased), self.ratios, normalize)
 
     def stderr(self, what: Literal["A", "J"] = "J", normalize: Normalize = "sampled",
-               debiased: bool = False) -> np.ndarray:
-        """Jackknife standard error over images (NaN with fewer than two images)."""
+               debiased: bool = False) -> np.ndarray | None:
+        """Jackknife standard error over images; ``None`` with fewer than two images (one image
+        gives no standard error)."""
         per_image = self.strength_per_image(debiased)
         n = per_image.shape[0]
         if n < 2:
-            return np.full(len(self.ratios), np.nan)
+            return None
         loo = (per_image.sum(axis=0, keepdims=True) - per_image) / (n - 1)  # leave-one-out A
         if what == "J":
             loo = np.stack([_normalise(a, self.ratios, normalize) for a in loo])
         return np.sqrt((n - 1) / n * ((loo - loo.mean(axis=0)) ** 2).sum(axis=0))
 
+    def degenerate(self) -> str | None:
+        """Why J is undefined, or ``None``: when every Δv is 0 (the reward does not change when
+        patches are masked) A is 0 at every order and J = A / normaliser is 0 / 0."""
+        if self.dv.size == 0:
+            return "no images were measured"
+        if not np.any(self.dv):
+            return "the model's output does not change when patches are masked (every Δv is 0)"
+        return None
+
+    def warning(self) -> str | None:
+        """:meth:`degenerate` with its likely cause (recorded by the run), as one line."""
+        reason = self.degenerate()
+        if reason is None:
+            return None
+        cause = self.meta.get("constant_output_cause")
+        return f"{reason}: {cause}" if cause else reason
+
     # -- tables ----------------------------------------------------------------------------
-    def curve_rows(self) -> list[dict[str, float]]:
+    def curve_rows(self) -> list[dict[str, float | None]]:
+        """One row per ratio; values that are undefined (J of a degenerate run, standard
+        errors of a single image) are ``None``."""
         a, a_se = self.A(), self.stderr("A")
         js, js_se = self.J("sampled"), self.stderr("J", "sampled")
         ju = self.J("uniform")
         jd = self.J("sampled", debiased=True)
+
+        def at(values: np.ndarray | None, k: int) -> float | None:
+            if values is None or not np.isfinite(values[k]):
+                return None
+            return float(values[k])
+
         return [
-            {"ratio": r, "order": m, "A": a[k], "A_stderr": a_se[k], "J_sampled": js[k],
-             "J_sampled_stderr": js_se[k], "J_uniform": ju[k], "J_sampled_debiased": jd[k]}
+            {"ratio": r, "order": m, "A": at(a, k), "A_stderr": at(a_se, k),
+             "J_sampled": at(js, k), "J_sampled_stderr": at(js_se, k),
+             "J_uniform": at(ju, k), "J_sampled_debiased": at(jd, k)}
             for k, (r, m) in enumerate(zip(self.ratios, self.orders, strict=True))
         ]
 
     def curve_csv(self) -> str:
+        """``curve_rows`` as CSV; an undefined value is an empty cell."""
         rows = self.curve_rows()
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v)
+                             for k, v in row.items()})
         return buffer.getvalue()
 
     # -- files -----------------------------------------------------------------------------
@@ -115,7 +144,11 @@ class InteractionResult:
         return directory
 
     def meta_document(self) -> dict[str, Any]:
-        return {**self.meta, "ratios": list(self.ratios), "orders": list(self.orders),
+        n = int(self.dv.shape[0])
+        notes = {"standard_errors": (f"jackknife over {n} images" if n > 1 else
+                                     f"none: {n} image{'s' if n != 1 else ''}"),
+                 "warning": self.warning()}
+        return {**self.meta, **notes, "ratios": list(self.ratios), "orders": list(self.orders),
                 "grid": self.grid, "image_ids": list(self.image_ids), "labels": list(self.labels),
                 "shape": {"images": int(self.dv.shape[0]), "ratios": int(self.dv.shape[1]),
                           "pairs": int(self.dv.shape[2]), "contexts": int(self.dv.shape[3])}}
@@ -136,7 +169,8 @@ class InteractionResult:
             grid=int(meta.pop("grid")),
             image_ids=list(meta.pop("image_ids")),
             labels=list(meta.pop("labels")),
-            meta={k: v for k, v in meta.items() if k != "shape"},
+            meta={k: v for k, v in meta.items()
+                  if k not in ("shape", "standard_errors", "warning")},
         )
 
     # -- figures ---------------------------------------------------------------------------
@@ -150,32 +184,89 @@ class InteractionResult:
 def plot_curves(results: Sequence[InteractionResult], labels: Sequence[str] | None = None, *,
                 ax: Any = None, normalize: Normalize = "sampled", debiased: bool = False,
                 errorbars: bool = True, title: str | None = None):
-    """Overlay the J curves of several results, with a legend; returns ``(fig, ax)``."""
+    """Overlay the J curves of several results, with a legend; returns ``(fig, ax)``.
+
+    The shaded band is ±1 jackknife standard error over images (said in the legend; none for a
+    single image). The title names the model (one result) and the sample: images, pairs per
+    image, contexts per pair. A result whose J is undefined (see
+    :meth:`InteractionResult.degenerate`) is left out of the plot and the legend, with a note.
+    """
+    from matplotlib.patches import Patch
+
     from narrows.plotting import pyplot
 
     plt = pyplot()
     if ax is None:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
     else:
         fig = ax.figure
+    samples = [_sample(r) for r in results]
+    shared = samples[0] if samples and len(set(samples)) == 1 else None
+    banded: set[int] = set()
+    notes: list[str] = []
+    plotted = 0
     for k, result in enumerate(results):
         name = labels[k] if labels else result.meta.get("label") or f"run {k + 1}"
         j = result.J(normalize, debiased)
+        if not np.isfinite(j).all():
+            reason = result.degenerate() or "J is undefined"
+            notes.append(f"{name}: no curve — {reason}")
+            continue
+        n = int(result.dv.shape[0])
+        legend = name if shared else f"{name} ({samples[k]}{'; no s.e.' if n == 1 else ''})"
+        line = ax.plot(result.ratios, j, marker="o", label=legend)[0]
+        plotted += 1
         se = result.stderr("J", normalize, debiased) if errorbars else None
-        ax.plot(result.ratios, j, marker="o", label=name)
         if se is not None and np.isfinite(se).all():
-            ax.fill_between(result.ratios, j - se, j + se, alpha=0.2)
+            ax.fill_between(result.ratios, j - se, j + se, alpha=0.2, color=line.get_color())
+            banded.add(n)
     ax.set_xlabel("order m / n")
     ax.set_ylabel(f"interaction strength J ({normalize}{', debiased' if debiased else ''})")
     ax.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_xticklabels([f"{t:.1f}n" for t in (0, 0.2, 0.4, 0.6, 0.8, 1.0)])
+    ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.set_title(title or "multi-order interaction strength")
-    if len(results) > 1 or labels:
-        ax.legend()
+    ax.set_title(_title(title, results, labels, shared), fontsize=10)
+    handles, names = ax.get_legend_handles_labels()
+    if banded:
+        over = (f"{next(iter(banded))} images" if len(banded) == 1 else "the images of each run")
+        handles.append(Patch(facecolor="grey", alpha=0.3))
+        names.append(f"±1 s.e. (jackknife over {over})")
+    if plotted and (len(handles) > 1 or labels):
+        ax.legend(handles, names, fontsize=8)
+    if not plotted:
+        ax.text(0.5, 0.5, "no curve to draw (see below)", transform=ax.transAxes, ha="center",
+                va="center", color="0.4")
     fig.tight_layout()
+    if notes:  # under the axes, where no curve can hide it (saved with bbox_inches="tight")
+        import textwrap
+
+        text = "\n".join(textwrap.fill(n, 95, subsequent_indent="  ") for n in notes)
+        ax.annotate(text, xy=(0.5, 0), xycoords="axes fraction", xytext=(0, -34),
+                    textcoords="offset points", ha="center", va="top", fontsize=8, color="0.25")
     return fig, ax
+
+
+def _sample(result: InteractionResult) -> str:
+    """"3 images × 20 pairs × 20 contexts" (the sizes behind each point of the curve)."""
+    images, _, pairs, contexts = (int(v) for v in result.dv.shape)
+    return (f"{images} image{'s' if images != 1 else ''} × {pairs} pairs × "
+            f"{contexts} contexts, {result.grid}×{result.grid} patches")
+
+
+def _title(title: str | None, results: Sequence[InteractionResult],
+           labels: Sequence[str] | None, shared: str | None) -> str:
+    head = title or "multi-order interaction strength"
+    lines = [head]
+    models = {str(r.meta.get("model")) for r in results if r.meta.get("model")}
+    if len(results) == 1 and models:
+        lines.append(next(iter(models)))
+    if shared:
+        single = shared.startswith("1 image ")
+        lines.append(shared + (" (each run)" if len(results) > 1 else "")
+                     + (": no standard error" if single else ""))
+    return "\n".join(lines)
 
 
 def _normalise(a: np.ndarray, ratios: Sequence[float], normalize: Normalize) -> np.ndarray:

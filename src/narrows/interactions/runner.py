@@ -64,6 +64,13 @@ class InteractionSettings:
                             f"use --pairs {limit} or fewer")
 
 
+    def check_image(self, height: int, width: int) -> None:
+        """The grid must cut ``height × width`` images into equal patches (a :class:`UserError`
+        otherwise); with :meth:`check`, everything that can be checked before any model runs."""
+        self.check(self.grid**2)
+        PlayerGrid(self.grid, height, width)
+
+
 @dataclass
 class Plan:
     image_ids: list[int]
@@ -71,10 +78,42 @@ class Plan:
     forwards_per_image: int
     upstream_per_image: int
     candidates: int
+    misclassified: int = 0  # candidates left out by ``only_correct``
 
     @property
     def forwards(self) -> int:
         return self.forwards_per_image * len(self.image_ids)
+
+    def describe(self, only_correct: bool, class_names: Sequence[str] | None = None) -> str:
+        """One line: how many images are measured, of how many candidates, and why."""
+        kept, total = len(self.image_ids), self.candidates
+        text = f"{kept} image{'s' if kept != 1 else ''} of {total} candidates"
+        if only_correct:
+            text += (f" ({self.misclassified} misclassified, left out by --only-correct)"
+                     if self.misclassified else " (all classified correctly)")
+        if class_names and self.labels:
+            counts: dict[int, int] = {}
+            for label in self.labels:
+                counts[label] = counts.get(label, 0) + 1
+            text += "; per class: " + ", ".join(
+                f"{_class_name(class_names, c)} {n}" for c, n in sorted(counts.items()))
+        return text
+
+    def shrunk(self, only_correct: bool, at_init: bool = False) -> str | None:
+        """A note when ``only_correct`` kept few images (fewer than half, or a model at
+        initialisation, which is right by chance only); ``None`` otherwise."""
+        kept, total = len(self.image_ids), self.candidates
+        if not only_correct or not self.misclassified or not (at_init or 2 * kept < total):
+            return None
+        why = ("a model at initialisation is right by chance only" if at_init
+               else f"the model misclassifies {self.misclassified} of them")
+        se = ("; one image gives no standard error" if kept == 1 else "")
+        return (f"note: only {kept} of {total} candidate images are classified correctly ({why})"
+                f"{se} — pass --no-only-correct to measure all {total}, or more --images")
+
+
+def _class_name(names: Sequence[str], label: int) -> str:
+    return str(names[label]) if 0 <= label < len(names) else f"class {label}"
 
 
 def select(model: nn.Module, dataset: Dataset, num_classes: int, settings: InteractionSettings,
@@ -95,9 +134,63 @@ def select(model: nn.Module, dataset: Dataset, num_classes: int, settings: Inter
     return kept, [labels[i] for i in kept], len(candidates)
 
 
+def constant_output_cause(model: nn.Module, at_init: bool = False) -> str:
+    """The likely reason a model's reward does not change when patches are masked."""
+    norms = [name for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+    zero = [name for name in norms
+            if not model.get_submodule(name).weight.detach().any()]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if zero and at_init:
+        return (f"a network at initialisation whose residual blocks start as identities "
+                f"({len(zero)} zero-initialised BatchNorm layers, timm's zero-initialised last "
+                "BatchNorm of each block) — train it first or pass a trained checkpoint")
+    if zero:
+        return (f"{len(zero)} of its {len(norms)} BatchNorm layers have all-zero scales (e.g. "
+                f"{zero[0]}) — check that the checkpoint is a trained one")
+    if linears and not linears[-1].weight.detach().any():
+        return ("its last linear layer's weights are all zero — train it first or pass a "
+                "trained checkpoint")
+    if at_init:
+        return "a network at initialisation — train it first or pass a trained checkpoint"
+    return ("the model ignores its input — check the checkpoint, and that --data and its "
+            "normalisation are the ones it was trained on")
+
+
+@torch.inference_mode()
+def full_and_empty_values(model: nn.Module, dataset: Dataset, image_ids: Sequence[int],
+                          settings: InteractionSettings, *, mean: Sequence[float],
+                          std: Sequence[float], device: torch.device) -> np.ndarray:
+    """v(N) and v(∅) (every patch kept, every patch masked) of each image, ``(images, 2)``:
+    two forward passes per image, a cheap check that the reward depends on the patches."""
+    from narrows.training import Normalizer
+
+    normalizer = Normalizer(mean, std)
+    out = np.zeros((len(image_ids), 2))
+    value = None
+    for k, image_id in enumerate(image_ids):
+        image, label = dataset[image_id]
+        if value is None:
+            c, h, w = image.shape
+            baseline = normalised_baseline(settings.baseline, tuple(mean), tuple(std), (c, h, w))
+            value = ModelValue(model.to(device), PlayerGrid(settings.grid, h, w), baseline,
+                               settings.reward, device)
+        masks = torch.zeros(2, settings.grid**2, dtype=torch.bool)
+        masks[0] = True
+        out[k] = value.bind(normalizer(image[None])[0], int(label))(masks).cpu().numpy()
+    return out
+
+
+def constant_reward(values: np.ndarray) -> bool:
+    """True when v(N) == v(∅) for every image (see :func:`full_and_empty_values`)."""
+    return bool(len(values)) and bool((values[:, 0] == values[:, 1]).all())
+
+
 def plan(model: nn.Module, dataset: Dataset, num_classes: int, settings: InteractionSettings,
          normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-         image_ids: Sequence[int] | None = None) -> Plan:
+         image_ids: Sequence[int] | None = None, candidates: int | None = None) -> Plan:
+    """Check the settings and choose the images (or take ``image_ids``, chosen before from
+    ``candidates`` images: with another model, for a comparison on the same images)."""
     n = settings.grid**2
     settings.check(n)
     if image_ids is None:
@@ -105,9 +198,10 @@ def plan(model: nn.Module, dataset: Dataset, num_classes: int, settings: Interac
     else:
         ids = list(image_ids)
         labels = [int(dataset[i][1]) for i in ids]
-        count = len(ids)
+        count = len(ids) if candidates is None else candidates
     return Plan(ids, labels, planned_forwards(n, settings.ratios, settings.pairs, settings.contexts),
-                upstream_forwards(settings.ratios, settings.pairs, settings.contexts), count)
+                upstream_forwards(settings.ratios, settings.pairs, settings.contexts), count,
+                count - len(ids))
 
 
 def measure_speed(model: nn.Module, grid: PlayerGrid, image: torch.Tensor, batch_size: int,
@@ -130,8 +224,12 @@ def image_file(directory: Path, image_id: int) -> Path:
 def run(model: nn.Module, dataset: Dataset, plan_: Plan, settings: InteractionSettings, *,
         mean: Sequence[float], std: Sequence[float], device: torch.device,
         images_dir: Path | None = None, dist: Distributed = Distributed(), progress: bool = True,
-        channels_last: bool = False) -> InteractionResult:
-    """Estimate every planned image (skipping those already in ``images_dir``) and merge."""
+        channels_last: bool = False, at_init: bool = False) -> InteractionResult:
+    """Estimate every planned image (skipping those already in ``images_dir``) and merge.
+
+    When every Δv is 0 (J undefined), the likely cause is recorded in the result's meta
+    (``at_init``: the model has not been trained) and :meth:`InteractionResult.warning` says it.
+    """
     from tqdm.auto import tqdm
 
     from narrows.training import Normalizer
@@ -174,7 +272,10 @@ def run(model: nn.Module, dataset: Dataset, plan_: Plan, settings: InteractionSe
         import torch.distributed as tdist
 
         tdist.barrier()
-    return merge(plan_, settings, images_dir, done)
+    result = merge(plan_, settings, images_dir, done)
+    if result.degenerate():
+        result.meta["constant_output_cause"] = constant_output_cause(model, at_init)
+    return result
 
 
 def merge(plan_: Plan, settings: InteractionSettings, images_dir: Path | None,
@@ -193,6 +294,7 @@ def merge(plan_: Plan, settings: InteractionSettings, images_dir: Path | None,
             "forwards_upstream": plan_.upstream_per_image * len(records),
             "compute_seconds": float(sum(float(r["seconds"]) for r in records)),
             "candidates": plan_.candidates,
+            "misclassified_left_out": plan_.misclassified,
             "versions": _versions()}
     return InteractionResult(
         dv=np.stack([r["dv"] for r in records]),
@@ -209,10 +311,11 @@ def merge(plan_: Plan, settings: InteractionSettings, images_dir: Path | None,
 def multi_order(model: nn.Module, images: torch.Tensor, labels: Sequence[int], *,
                 mean: Sequence[float], std: Sequence[float],
                 settings: InteractionSettings | None = None, device: torch.device | str = "cpu",
-                progress: bool = False) -> InteractionResult:
+                progress: bool = False, at_init: bool = False) -> InteractionResult:
     """Interactions of ``images (B,C,H,W)`` in [0, 1] with their true ``labels``, in memory.
 
-    All images are used (no selection); image ids are their positions 0..B−1.
+    All images are used (no selection); image ids are their positions 0..B−1. ``at_init``:
+    the model is untrained (only used to name the likely cause of a degenerate result).
     """
     settings = settings or InteractionSettings()
     dataset = _FloatDataset(images, labels)
@@ -221,7 +324,7 @@ def multi_order(model: nn.Module, images: torch.Tensor, labels: Sequence[int], *
              upstream_forwards(settings.ratios, settings.pairs, settings.contexts), len(labels))
     settings.check(settings.grid**2)
     return run(model, dataset, p, settings, mean=mean, std=std, device=torch.device(device),
-               progress=progress)
+               progress=progress, at_init=at_init)
 
 
 class _FloatDataset(Dataset):

@@ -5,14 +5,44 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+# Run directories opened but not yet written to (see ``RunDir.open``): the first file written
+# anywhere inside one creates it and writes its config first. Weak values: a run that is
+# dropped (its command was refused) leaves nothing to do.
+_unclaimed: weakref.WeakValueDictionary[Path, Any] = weakref.WeakValueDictionary()
+
+
+def claim_on_first_write(directory: Path, owner: Any) -> None:
+    """Call ``owner.claim()`` before the first file is written inside ``directory``."""
+    _unclaimed[directory.resolve()] = owner
+
+
+def forget_claim(directory: Path) -> None:
+    """Stop watching ``directory`` (it has been claimed)."""
+    _unclaimed.pop(directory.resolve(), None)
+
+
+def _claim_before_writing(path: Path) -> None:
+    if not len(_unclaimed):
+        return
+    target = path.resolve()
+    owners = sorted(((d, o) for d, o in list(_unclaimed.items())
+                     if d == target or d in target.parents), key=lambda item: len(item[0].parts))
+    for _, owner in owners:  # outer runs first (a compare run before its models' runs)
+        owner.claim()
+
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(fh)`` on a temporary file beside ``path``, then rename it into place."""
+    """Call ``write(fh)`` on a temporary file beside ``path``, then rename it into place.
+
+    Inside a run directory that is open but still unwritten, its config is written first.
+    """
     path = Path(path)
+    _claim_before_writing(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

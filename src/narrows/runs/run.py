@@ -1,7 +1,9 @@
 """A run directory: the resolved config, ``metrics.jsonl``, results and figures.
 
 Re-running the same command on the same directory resumes it; a config that differs in any
-option that affects results is refused unless ``overwrite`` is set.
+option that affects results is refused unless ``overwrite`` is set. Nothing is written before a
+command's options are valid: opening a run only checks the directory; it is created, and its
+config written, with the first file written into it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from typing import Any
 
 from narrows import __version__
 from narrows.errors import UserError
-from narrows.runs.files import atomic_write_json, atomic_write_text
+from narrows.runs.files import (
+    atomic_write_json,
+    atomic_write_text,
+    claim_on_first_write,
+    forget_claim,
+)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -36,6 +43,7 @@ class RunDir:
     def __init__(self, path: str | Path, *, writer: bool = True) -> None:
         self.path = Path(path)
         self.writer = writer
+        self._pending: dict[str, Any] | None = None  # the config to write on the first write
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -49,10 +57,21 @@ class RunDir:
         overwrite: bool = False,
         writer: bool = True,
     ) -> RunDir:
-        """Create or reopen ``path`` for ``command``; returns the run, resumed when possible."""
+        """Check ``path`` for ``command``; returns the run, resumed when possible.
+
+        A new directory is created, and ``config.yaml`` written, only with the first file the
+        command writes into it (any atomic write under ``path`` does it, or :meth:`claim`), so a
+        command refused after this call leaves nothing behind. A directory that holds nothing
+        but a config (left by a command refused before it wrote anything) is taken over. With
+        ``overwrite`` an existing narrows run is emptied now.
+        """
         run = cls(path, writer=writer)
-        saved = run.read_config()
-        if saved is not None:
+        saved = run._saved_config()
+        # a config and nothing else: a command refused before it wrote anything left it there,
+        # so there is no run to resume or to protect
+        if saved is not None and run._holds_only_config():
+            pass
+        elif saved is not None:
             if saved.get("command") != command and not overwrite:
                 raise UserError(
                     f"{run.path} holds a '{saved.get('command')}' run, not '{command}'",
@@ -66,7 +85,7 @@ class RunDir:
                 )
             if overwrite and writer:
                 run.clear()
-        elif run.path.exists() and any(run.path.iterdir()):
+        elif run.path.exists() and not run._is_empty():
             if not overwrite:
                 raise UserError(
                     f"{run.path} exists and is not a narrows run directory",
@@ -77,9 +96,33 @@ class RunDir:
                 "choose another --out",
             )
         if writer:
-            run.path.mkdir(parents=True, exist_ok=True)
-            run.write_config(command, config, result_config)
+            run._pending = {"command": command, "narrows_version": __version__,
+                            "options": _plain(config), "result_options": _plain(result_config)}
+            if overwrite:
+                run.claim()  # the old run is gone: say at once whose directory it is
+            else:
+                claim_on_first_write(run.path, run)
         return run
+
+    def claim(self) -> None:
+        """Create the directory and write the pending config (done by the first write)."""
+        if self._pending is None or not self.writer:
+            return
+        doc, self._pending = self._pending, None
+        forget_claim(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        self.write_text(CONFIG_FILE, yaml.safe_dump(doc, sort_keys=False))
+
+    def _holds_only_config(self) -> bool:
+        """True when the directory's only file is its ``config.yaml``."""
+        config = self.path / CONFIG_FILE
+        return config.is_file() and all(f.is_dir() or f == config for f in self.path.rglob("*"))
+
+    def _is_empty(self) -> bool:
+        """True when the directory holds no files (empty folders only)."""
+        return all(f.is_dir() for f in self.path.rglob("*"))
 
     def clear(self) -> None:
         """Delete everything in a narrows run directory (only called on ``--overwrite``)."""
@@ -91,6 +134,12 @@ class RunDir:
 
     # -- config ----------------------------------------------------------------------------
     def read_config(self) -> dict[str, Any] | None:
+        """The run's config: the one it was opened with, else the one saved in the directory."""
+        if self._pending is not None:
+            return dict(self._pending)
+        return self._saved_config()
+
+    def _saved_config(self) -> dict[str, Any] | None:
         import yaml
 
         file = self.path / CONFIG_FILE
@@ -123,9 +172,11 @@ class RunDir:
         return (self.path / name).exists()
 
     def write_text(self, name: str, text: str) -> Path | None:
+        self.claim()
         return atomic_write_text(self.path / name, text) if self.writer else None
 
     def write_json(self, name: str, obj: Any) -> Path | None:
+        self.claim()
         return atomic_write_json(self.path / name, _plain(obj)) if self.writer else None
 
     def read_json(self, name: str) -> Any:
@@ -134,6 +185,7 @@ class RunDir:
     def save_figure(self, name: str, fig: Any) -> Path | None:
         from narrows.runs.files import atomic_savefig
 
+        self.claim()
         return atomic_savefig(self.path / name, fig, dpi=120, bbox_inches="tight") if self.writer else None
 
     # -- metrics ---------------------------------------------------------------------------
