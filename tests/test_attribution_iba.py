@@ -137,7 +137,7 @@ def test_estimation_stops_at_the_layer_and_warns(cifar_net: nn.Module) -> None:
                                         n_samples=8)
     finally:
         handle.remove()
-    assert calls == [] and stats.n == 10  # stops at the first batch boundary ≥ n_samples
+    assert calls == [] and stats.n == 8  # exactly n_samples: the second batch is cut
 
 
 # -- bottleneck ------------------------------------------------------------------------------

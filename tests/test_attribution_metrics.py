@@ -214,7 +214,7 @@ def test_boxes_to_mask_matches_shapes_boxes():
     from narrows.data.shapes import generate_split
 
     ds = generate_split("test", 6, classes=4, size=32, seed=0)
-    for box, mask in zip(ds.boxes, ds.masks, strict=True):
+    for box, mask in zip((ds.boxes(i) for i in range(len(ds))), ds.masks, strict=True):
         rect = boxes_to_mask(box, 32, 32)
         x0, y0, x1, y1 = (int(v) for v in box[0].tolist())
         assert int(rect.sum()) == (x1 - x0) * (y1 - y0)

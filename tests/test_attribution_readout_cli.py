@@ -132,7 +132,8 @@ def test_explain_and_evaluate_with_readout(checkpoint, trained, tmp_path) -> Non
     file = str(trained[0] / "readout.pt")
     out = tmp_path / "explain"
     assert main(["attribution", "explain", "--checkpoint", checkpoint, "--method", "readout",
-                 "--readout", file, "--images", "3", "--out", str(out), *QUIET]) == 0
+                 "--readout", file, "--images", "3", "--select", "first", "--out", str(out),
+                 *QUIET]) == 0
     for i in range(3):
         assert (out / f"heatmap_{i}.png").is_file()
     with np.load(out / "heatmaps.npz") as data:

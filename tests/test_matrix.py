@@ -12,6 +12,7 @@ reaches a module), and, where the data can be served at any size, that the same 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,8 +95,12 @@ def image_sizes() -> Iterator[set[tuple[int, int]]]:
 
 
 def run(argv: list[str]) -> set[tuple[int, int]]:
+    import time
+    t0 = time.perf_counter()
     with image_sizes() as seen:
         code = main([*argv, *QUIET])
+    if os.environ.get("MATRIX_TIMES"):
+        print(f"{time.perf_counter() - t0:6.2f}s {' '.join(argv[:2])}")
     assert code == 0, f"narrows {' '.join(argv)} exited with {code}"
     return seen
 
@@ -157,3 +162,79 @@ def test_analysis_serves_the_cards_size(analysis, data, model, checkpoints, tmp_
         run([*words, "--checkpoint", checkpoint, "--out", str(explicit),
              "--image-size", str(size)])
         _same(first, _result(explicit, result))
+
+
+# --- every command, chained as a user runs them, on each data set and each model ------------
+# Each data set is paired with one model so that every command meets every data set and every
+# model (a covering of the grid; the analyses above cover it whole).
+
+WORKFLOWS = [("split", "vit"), ("flat", "resnet18"), ("imagenet", "resnet18"),
+             ("imagenet", "vit"), ("cifar10", "resnet20"), ("digits", "vit"),
+             ("shapes", "resnet20"), ("split", "resnet20")]
+
+
+def _size_args(data: str, size: int) -> list[str]:
+    return ["--image-size", str(size)] if data in RESIZABLE else []
+
+
+@pytest.mark.parametrize(("data", "model"), WORKFLOWS)
+def test_every_command_on_user_data(data, model, specs, checkpoints, tmp_path):
+    arch, _ = MODELS[model]
+    _, size = checkpoints[data, model]
+    spec = specs[data]
+    tiny = ["--batch-size", "8"]
+    train = tmp_path / "train"
+    sizes = run(["train", "-m", arch, "-d", spec, "--epochs", "1", *tiny, "--out", str(train),
+                 *_size_args(data, size)])
+    assert sizes == {(size, size)}
+    best = str(train / "best.pt")
+
+    def analyse(*words: str, expect: str | None = None, name: str | None = None) -> Path:
+        out = tmp_path / (name or "-".join(w.lstrip("-") for w in words[:2]))
+        seen = run([*words, "--out", str(out)])
+        assert seen <= {(size, size)}, f"{words[:2]} fed the model {seen}, not {size}"
+        if expect is not None:
+            assert (out / expect).is_file(), f"{words[:2]} did not write {expect}"
+        return out
+
+    analyse("evaluate", "--checkpoint", best, expect="results.json")
+    extract = analyse("decompose", "extract", "--checkpoint", best, "--k", "2",
+                      expect="indices.json")
+    indices = str(extract / "indices.json")
+    analyse("decompose", "validate", "--checkpoint", best, "--indices", indices, "--ks", "1", "2",
+            expect="results.json")
+    finetune = analyse("decompose", "finetune", "--checkpoint", best, "--indices", indices,
+                       "--epochs", "1", *tiny, expect="decomposed.pt")
+    analyse("evaluate", "--checkpoint", str(finetune / "decomposed.pt"), name="evaluate-dec",
+            expect="results.json")
+    analyse("decompose", "essential", "--checkpoint", best, "--indices", indices, "--images",
+            "4", "--sigma", "1", expect="essential.csv")
+    analyse("decompose", "mutual-info", "--checkpoint", best, "--indices", indices)
+    analyse("attribution", "stats", "--checkpoint", best, "--n-samples", "8")
+    analyse("attribution", "evaluate", "--checkpoint", best, "--methods", "iba,saliency,random",
+            "--images", "3", "--steps", "2", "--n-samples", "8", "--iba-batch", "2",
+            "--points", "4", "--n-sets", "2", expect="results.csv")
+    analyse("attribution", "sanity", "--checkpoint", best, "--methods", "saliency",
+            "--images", "2", "--repeats", "2")
+    readout = ["attribution", "readout-train", "--checkpoint", best, "--epochs", "1",
+               "--train-images", "8", "--n-samples", "8", *tiny]
+    if model == "vit":  # the readout reads convolutional maps: refused in one line, nothing written
+        assert main([*readout, "--out", str(tmp_path / "readout"), *QUIET]) == 2
+        assert not (tmp_path / "readout").exists()
+    else:
+        analyse(*readout, expect="readout.pt")
+    embeddings = analyse("kvb", "embed", "--checkpoint", best)
+    analyse("kvb", "train", "--embeddings", str(embeddings), "--epochs", "1", "--init-epochs",
+            "1", "--num-pairs", "16", expect="results.json")
+    interactions = analyse("interactions", "run", "--checkpoint", best, "--preset", "smoke",
+                           "--images", "1", "--no-only-correct", "--grid", "4")
+    plot = tmp_path / "interactions.png"
+    assert main(["interactions", "plot", str(interactions), "--out", str(plot)]) == 0
+    assert plot.is_file()
+    analyse("interactions", "compare", "--models", f"trained={best}", "--preset", "smoke",
+            "--images", "1", "--no-only-correct", "--grid", "4")
+    analyse("interactions", "train", "-m", arch, "-d", spec, "--recipe", "high", "--grid", "4",
+            "--epochs", "1", *tiny, *_size_args(data, size), expect="best.pt")
+    analyse("decompose", "csg-train", "-m", arch, "-d", spec, "--epochs", "2", "--period", "2",
+            "--csg-epochs", "1", "--warmup", "0", "--k", "2", *tiny, *_size_args(data, size),
+            expect="indices_csg.json")

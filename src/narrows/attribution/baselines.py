@@ -49,6 +49,7 @@ __all__ = [
     "available_methods",
     "default_cam_layer",
     "make_method",
+    "method_units",
 ]
 
 
@@ -151,11 +152,18 @@ def _token_grid_view(model: nn.Module, layer: nn.Module) -> Iterator[nn.Module]:
 
 
 class BaselineMethod:
-    """One attribution method bound to a model (and, for layer methods, a layer)."""
+    """One attribution method bound to a model (and, for layer methods, a layer).
+
+    ``units`` names what a map's values measure (for colour bars) and ``signed`` whether they
+    can be negative (drawn on a diverging colour map centred at 0); :meth:`describe` is the
+    method's metadata: name, units, sign and every parameter used.
+    """
 
     name: str = ""
     needs_captum: bool = True
     defaults: dict[str, Any] = {}
+    units: str = "attribution (a.u.)"
+    signed: bool = True
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, **options: Any) -> None:
         self.model = model
@@ -172,6 +180,16 @@ class BaselineMethod:
             raise UserError(f"unknown option(s) {', '.join(unknown)} for method '{self.name}'",
                             f"options accepted: {allowed}")
         return {**self.defaults, **options}
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata of a map of this method (JSON-ready): ``method``, ``units``, ``signed`` and
+        ``parameters`` (every option used, and the layer of layer methods)."""
+        return {"method": self.name, "units": self.units, "signed": self.signed,
+                "parameters": {k: _jsonable(v) for k, v in self.parameters().items()}}
+
+    def parameters(self) -> dict[str, Any]:
+        """The options this method runs with (defaults filled in)."""
+        return dict(self.options)
 
     def attribute(self, inputs: torch.Tensor, target: Target = None) -> torch.Tensor:
         """Heatmaps (N, H, W), float, detached."""
@@ -190,6 +208,7 @@ class RandomMethod(BaselineMethod):
     name = "random"
     needs_captum = False
     defaults = {"seed": 0}
+    units = "random rank (a.u.)"
 
     def attribute(self, inputs: torch.Tensor, target: Target = None) -> torch.Tensor:
         _check_inputs(inputs)  # no forward pass: the target is irrelevant
@@ -207,6 +226,8 @@ class SaliencyMethod(BaselineMethod):
     """Simonyan saliency: max over channels of |∂logit/∂x|."""
 
     name = "saliency"
+    units = "|∂ logit / ∂ input| (max over channels)"
+    signed = False
 
     def _attribute(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         grads = self.captum.Saliency(self.model).attribute(inputs, target=target, abs=True)
@@ -221,6 +242,7 @@ class GradientMethod(BaselineMethod):
     """
 
     name = "gradient"
+    units = "∂ logit / ∂ input (mean over channels)"
 
     def _attribute(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         grads = self.captum.Saliency(self.model).attribute(inputs, target=target, abs=False)
@@ -231,6 +253,7 @@ class InputXGradientMethod(BaselineMethod):
     """Gradient × input, summed over channels."""
 
     name = "input_x_gradient"
+    units = "logit contribution / pixel"
 
     def _attribute(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         attr = self.captum.InputXGradient(self.model).attribute(inputs, target=target)
@@ -251,6 +274,7 @@ class IntegratedGradientsMethod(BaselineMethod):
     """Standard Integrated Gradients (Sundararajan), summed over channels; baseline 0."""
 
     name = "integrated_gradients"
+    units = "logit contribution / pixel"
     defaults = {"n_steps": 50, "baseline": "zero", "method": "gausslegendre", "internal_batch_size": None}
 
     def _attribute(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
@@ -270,6 +294,7 @@ class AveragedGradientMethod(BaselineMethod):
     """
 
     name = "ig_averaged"
+    units = "mean ∂ logit / ∂ input on the path"
     defaults = {"n_steps": 50, "baseline": "mean", "internal_batch_size": None}
 
     def _attribute(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
@@ -302,6 +327,7 @@ class SmoothGradMethod(BaselineMethod):
     """
 
     name = "smoothgrad"
+    units = "∂ logit / ∂ input (noise average)"
     defaults = {"n_samples": 50, "stdev_spread": 0.15, "stdev": None, "seed": 0, "batch_size": None}
 
     def _attribute(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
@@ -336,6 +362,8 @@ class GuidedBackpropMethod(BaselineMethod):
     """Guided Backprop (via Captum's temporary ReLU hooks), max over channels of |·|."""
 
     name = "guided_backprop"
+    units = "|guided gradient| (a.u.)"
+    signed = False
 
     def _attribute(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         _relu_check(self.model, self.name)
@@ -349,7 +377,17 @@ class _LayerMethod(BaselineMethod):
     def _layer(self) -> nn.Module:
         if isinstance(self.layer, nn.Module):
             return self.layer
-        return get_layer(self.model, self.layer or default_cam_layer(self.model))
+        return get_layer(self.model, self.layer_name())
+
+    def layer_name(self) -> str:
+        """The dotted name of the layer used (the default CAM layer when none was given)."""
+        if isinstance(self.layer, nn.Module):
+            return next((n for n, m in self.model.named_modules() if m is self.layer),
+                        type(self.layer).__name__)
+        return self.layer or default_cam_layer(self.model)
+
+    def parameters(self) -> dict[str, Any]:
+        return {**super().parameters(), "layer": self.layer_name()}
 
     @contextlib.contextmanager
     def _captum_layer(self) -> Iterator[nn.Module]:
@@ -366,6 +404,8 @@ class GradCamMethod(_LayerMethod):
     """Grad-CAM: ReLU'd layer map, bilinearly upsampled to (H, W); not max-normalised."""
 
     name = "gradcam"
+    units = "Grad-CAM (a.u.)"
+    signed = False
 
     def _attribute(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         with self._captum_layer() as layer:
@@ -380,6 +420,8 @@ class GuidedGradCamMethod(_LayerMethod):
     """Guided Grad-CAM (Captum: per-channel product, bilinear upsampling), max over channels of |·|."""
 
     name = "guided_gradcam"
+    units = "|guided Grad-CAM| (a.u.)"
+    signed = False
 
     def _attribute(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         _relu_check(self.model, self.name)
@@ -401,6 +443,10 @@ class OcclusionMethod(BaselineMethod):
 
     window: int = 8
     defaults = {"baseline": "mean", "perturbations_per_eval": 16}
+    units = "target-logit drop"
+
+    def parameters(self) -> dict[str, Any]:
+        return {**super().parameters(), "window": self.window, "stride": self.window}
 
     def _attribute(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         channels = inputs.shape[1]
@@ -451,6 +497,7 @@ class LRPMethod(BaselineMethod):
 
     name = "lrp"
     defaults = {"max_delta": 0.1}
+    units = "relevance (logit units) / pixel"
 
     def _check_conservation(self, inputs: torch.Tensor, target: int | torch.Tensor,
                             delta: torch.Tensor) -> None:
@@ -516,9 +563,22 @@ BASELINES: dict[str, type[BaselineMethod]] = {
 ALIASES: dict[str, str] = {"ig": "integrated_gradients", "grad_cam": "gradcam"}
 
 
+def _jsonable(value: Any) -> Any:
+    """``value`` if JSON can hold it, else its ``str``."""
+    return value if value is None or isinstance(value, bool | int | float | str) else str(value)
+
+
 def available_methods() -> list[str]:
     """Sorted method names accepted by :func:`make_method` (aliases excluded)."""
     return sorted(BASELINES)
+
+
+def method_units(name: str) -> tuple[str, bool]:
+    """``(units, signed)`` of the maps of method ``name`` (``iba``/``readout``: bits, unsigned)."""
+    if name in ("iba", "readout"):
+        return "bits per input pixel", False
+    cls = BASELINES.get(ALIASES.get(name, name))
+    return (cls.units, cls.signed) if cls is not None else ("attribution (a.u.)", True)
 
 
 def make_method(name: str, model: nn.Module, layer: str | nn.Module | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,8 @@ def heatmap_from_capacity(cap: torch.Tensor, size: tuple[int, int]) -> torch.Ten
 
 @dataclass
 class AttributionResult:
-    """Heatmaps (N, H, W) in bits per input pixel, not normalised (comparable across images).
+    """Heatmaps (N, H, W), not normalised (comparable across images): IBA's in bits per input
+    pixel; other methods say their ``units`` (and whether they are ``signed``) in ``meta``.
 
     ``capacity`` (N, *S) nats, ``step_heatmaps`` (N, T, H, W) and ``targets`` are optional;
     ``targets`` is None when the target was a loss closure.
@@ -88,11 +90,25 @@ class AttributionResult:
                        step_heatmaps=arrays["step_heatmaps"] if "step_heatmaps" in arrays else None,
                        meta=doc.get("meta", {}))
 
-    def plot(self, index: int = 0, image: Any = None, ax: Any = None):
+    @property
+    def units(self) -> str:
+        """What the heatmap values measure (``meta["units"]``; IBA: bits per input pixel)."""
+        return str(self.meta.get("units", "bits per input pixel"))
+
+    @property
+    def signed(self) -> bool:
+        """Whether values can be negative (``meta["signed"]``; IBA's bits cannot)."""
+        return bool(self.meta.get("signed", False))
+
+    def plot(self, index: int = 0, image: Any = None, ax: Any = None, *,
+             class_names: Sequence[str] | None = None, subject: str | None = None):
         """Overlay heatmap ``index`` on a grey-scale ``image`` (CHW or HWC, display range [0, 1]).
 
-        Upper half of ``seismic`` with an alpha ramp, colour bar "bits / pixel", vmin 0.
-        Returns ``(fig, ax)``.
+        Non-negative maps (IBA's bits, Saliency, Grad-CAM): upper half of ``seismic`` with an
+        alpha ramp from 0. Signed maps (``meta["signed"]``, e.g. Integrated Gradients):
+        ``RdBu_r`` with limits ±max|value|, centred at 0. The colour bar carries the method's
+        units; an all-zero map says so in the figure. The title names the method, the target
+        (by ``class_names`` when given) and ``subject`` (e.g. the model). Returns ``(fig, ax)``.
         """
         from narrows.plotting import pyplot
 
@@ -101,17 +117,41 @@ class AttributionResult:
             fig, ax = plt.subplots(figsize=(4.2, 3.6))
         else:
             fig = ax.figure
-        heat = self.heatmaps[index]
+        heat = np.nan_to_num(np.asarray(self.heatmaps[index], dtype=np.float64))
         if image is not None:
             ax.imshow(_greyscale(image), cmap="gray", vmin=0, vmax=1)
-        vmax = float(np.nanmax(heat)) if np.nanmax(heat) > 0 else 1.0
-        shown = ax.imshow(heat, cmap=_bits_colormap(), vmin=0, vmax=vmax,
-                          alpha=0.7 if image is not None else None)
-        fig.colorbar(shown, ax=ax, label="bits / pixel")
+        alpha = 0.7 if image is not None else None
+        peak = float(np.abs(heat).max())
+        if self.signed:
+            limit = peak if peak > 0 else 1.0
+            shown = ax.imshow(heat, cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=alpha)
+        else:
+            vmax = float(heat.max()) if heat.max() > 0 else 1.0
+            shown = ax.imshow(heat, cmap=_bits_colormap(), vmin=0, vmax=vmax, alpha=alpha)
+        fig.colorbar(shown, ax=ax, label=_unit_label(self.units))
+        if peak == 0:
+            ax.text(0.5, 0.5, "all-zero map", transform=ax.transAxes, ha="center",
+                    va="center", fontsize=9, color="black",
+                    bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
         ax.set_axis_off()
         target = self.targets[index] if self.targets else None
-        ax.set_title(f"{self.meta.get('method', 'IBA')}" + (f" · class {target}" if target is not None else ""))
+        title = str(self.meta.get("method", "IBA"))
+        if target is not None:
+            title += f" · {target_name(target, class_names)}"
+        ax.set_title(title + (f"\n{subject}" if subject else ""), fontsize=9)
         return fig, ax
+
+
+def target_name(target: int, class_names: Sequence[str] | None) -> str:
+    """``class_names[target]`` when known, else ``class <target>``."""
+    if class_names is not None and 0 <= int(target) < len(class_names):
+        return str(class_names[int(target)])
+    return f"class {target}"
+
+
+def _unit_label(units: str) -> str:
+    """A colour-bar label: IBA's "bits per input pixel" is written "bits / pixel"."""
+    return "bits / pixel" if units == "bits per input pixel" else units
 
 
 def _bits_colormap():

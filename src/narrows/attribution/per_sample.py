@@ -143,7 +143,7 @@ class IBA:
             "alpha_init": self.alpha_init, "sigma": self.sigma, "final_eval": self.final_eval,
             "relu": bool(stats.relu if self.relu is None else self.relu),
             "statistics": {"kind": stats.kind, "n": stats.n, "min_std": stats.min_std},
-            "feature_shape": list(shape), "units": "bits per input pixel",
+            "feature_shape": list(shape), "units": "bits per input pixel", "signed": False,
             "forwards_per_image": forwards,
             "prefix_images_per_image": 1,
             "suffix_samples_per_image": forwards * self.batch_size,

@@ -87,8 +87,14 @@ def default_readout_layers(model: nn.Module) -> tuple[str, tuple[str, ...]]:
         if all(p in firsts for p in (2, 3, 4)) and last is not None:
             names = [f"features.{firsts[p]}" for p in (2, 3, 4)] + [f"features.{last}"]
             return names[0], tuple(dict.fromkeys(names))
+    if hasattr(model, "patch_embed") and hasattr(model, "blocks"):
+        raise UserError(f"the readout bottleneck reads convolutional feature maps and "
+                        f"{type(model).__name__} gives token maps",
+                        "use per-sample IBA on ViTs (attribution explain / evaluate --methods "
+                        "iba)")
     raise UserError(f"no default readout layers are known for {type(model).__name__}",
-                    "pass layer=<bottleneck layer> and readout_layers=[...] explicitly")
+                    "pass --layer and --readout-layers (layer= and readout_layers= in Python), "
+                    "convolutional layers of the model")
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -148,8 +154,13 @@ def estimate_readout_statistics(model: nn.Module, batches: Iterable[Any], *,
                                 readout_layers: Sequence[str] | None = None,
                                 n_samples: int = 10_000, kind: Kind = "welford",
                                 min_std: float = 0.01,
-                                device: str | torch.device | None = None) -> ReadoutStatistics:
-    """All statistics a readout needs, from one eval-mode forward per batch of ``batches``."""
+                                device: str | torch.device | None = None,
+                                warn: bool = True) -> ReadoutStatistics:
+    """All statistics a readout needs, from one eval-mode forward per batch of ``batches``.
+
+    Exactly ``n_samples`` images are used (or all, when ``batches`` runs out first); ``warn``
+    as in :func:`~narrows.attribution.statistics.estimate_statistics`.
+    """
     layer, readout_layers = _resolve_layers(model, layer, readout_layers)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -161,18 +172,28 @@ def estimate_readout_statistics(model: nn.Module, batches: Iterable[Any], *,
     names = list(dict.fromkeys([layer, *readout_layers]))
     with frozen(model), _capture(model, names, captured):
         for batch in batches:
-            captured.clear()
-            out = model(batch_images(batch).to(device))
-            bottleneck.update(captured[layer])
-            for name in readout_layers:
-                readouts[name].update(captured[name])
-            logits.update(out)
+            images = batch_images(batch)[: max(n_samples - logits.n, 0)]
+            if images.shape[0]:
+                captured.clear()
+                out = model(images.to(device))
+                bottleneck.update(captured[layer])
+                for name in readout_layers:
+                    readouts[name].update(captured[name])
+                logits.update(out)
             if logits.n >= n_samples:
                 break
-    if logits.n < MIN_SAMPLES:
+    if warn and logits.n < MIN_SAMPLES:
         warnings.warn(f"readout statistics from only {logits.n} samples; use at least "
                       f"{MIN_SAMPLES} (10,000 recommended)", stacklevel=2)
     return ReadoutStatistics(bottleneck, readouts, logits)
+
+
+def resolve_readout_layers(model: nn.Module, layer: str | None = None,
+                           readout_layers: Sequence[str] | None = None,
+                           ) -> tuple[str, tuple[str, ...]]:
+    """``(bottleneck layer, readout layers)``: the given ones (checked to exist) or the
+    defaults of :func:`default_readout_layers`; a :class:`UserError` when there are none."""
+    return _resolve_layers(model, layer, readout_layers)
 
 
 def _resolve_layers(model: nn.Module, layer: str | None,
@@ -656,7 +677,8 @@ class ReadoutIBA:
                 "readout_layers": list(readout.readout_layers),
                 "readout_variant": readout.variant, "sigma": readout.sigma,
                 "relu": bool(readout.bottleneck.relu), "feature_shape": list(caps[0].shape),
-                "units": "bits per input pixel", "target_from": "argmax" if target is None else "given",
+                "units": "bits per input pixel", "signed": False,
+                "target_from": "argmax" if target is None else "given",
                 "seconds_total": seconds, "forwards_per_batch": 2}
         return AttributionResult(heatmaps=np.stack(heatmaps), targets=targets,
                                  capacity=torch.stack(caps).numpy(), meta=meta)

@@ -176,11 +176,14 @@ def batch_images(batch: Any) -> torch.Tensor:
 @torch.no_grad()
 def estimate_statistics(model: nn.Module, layer: str | None, batches: Iterable[Any],
                         n_samples: int = 10_000, device: str | torch.device | None = None,
-                        kind: Kind = "welford", min_std: float = 0.01) -> FeatureStatistics:
+                        kind: Kind = "welford", min_std: float = 0.01,
+                        warn: bool = True) -> FeatureStatistics:
     """Statistics of ``layer``'s output over the images of ``batches`` (normalised inputs).
 
-    The model runs in eval mode and only up to the layer. Stops at the first batch boundary
-    with at least ``n_samples`` images; warns below 1,000 samples.
+    The model runs in eval mode and only up to the layer. Exactly ``n_samples`` images are used
+    (the batch that crosses the count is cut), or all of them when ``batches`` runs out first.
+    With ``warn``, fewer than 1,000 images give a :class:`UserWarning` (callers with their own
+    message, such as the command line, pass ``warn=False`` and use :func:`few_samples`).
     """
     from narrows.attribution.layers import default_layer, run_to_layer
 
@@ -192,12 +195,19 @@ def estimate_statistics(model: nn.Module, layer: str | None, batches: Iterable[A
     model.eval()
     try:
         for batch in batches:
-            stats.update(run_to_layer(model, name, batch_images(batch).to(device)))
+            images = batch_images(batch)[: max(n_samples - stats.n, 0)]
+            if images.shape[0]:
+                stats.update(run_to_layer(model, name, images.to(device)))
             if stats.n >= n_samples:
                 break
     finally:
         model.train(was_training)
-    if stats.n < MIN_SAMPLES:
+    if warn and few_samples(stats.n):
         warnings.warn(f"feature statistics from only {stats.n} samples; IBA needs at least "
                       f"{MIN_SAMPLES} (10,000 recommended)", stacklevel=2)
     return stats
+
+
+def few_samples(n: int) -> bool:
+    """Whether ``n`` images are fewer than IBA's statistics should have (``MIN_SAMPLES``)."""
+    return n < MIN_SAMPLES

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 GROUPS["attribution"] = ("Information Bottleneck Attribution (IBA) heatmaps, Captum baselines "
                          "and their evaluation (degradation, bounding boxes, sensitivity-n)")
 METRICS = ("degradation", "bbox", "sensitivity-n")
+DEFAULT_METRICS = "degradation,bbox"
+DEFAULT_N_SAMPLES = 10_000
 
 
 @dataclass
@@ -37,8 +39,8 @@ class LayerSubject(SubjectOptions):
 
 @dataclass
 class StatisticsOptions:
-    n_samples: int = option(10_000, "images for the feature statistics (≥ 1,000 advised)",
-                            check=positive)
+    n_samples: int | None = option(None, "images for the feature statistics [default: 10,000, "
+                                   "or all the split has; ≥ 1,000 advised]", check=positive)
     kind: Literal["welford", "relu_rms"] = option(
         "welford", "statistics: welford (mean and std, IBA package) or relu_rms (μ = 0, RMS of "
         "non-zero values, paper code for post-ReLU layers)")
@@ -60,27 +62,35 @@ class IBAOptions:
 
 
 @dataclass
+class ImageChoice:
+    select: Literal["spread", "first"] = option(
+        "spread", "which test images: spread = round-robin over the classes, in an order drawn "
+        "from --seed; first = the first N")
+
+
+@dataclass
 class StatsConfig(StatisticsOptions, LayerSubject, CommonOptions):
     split: Literal["train", "test"] = option("train", "split the images come from")
 
 
 @dataclass
-class ExplainConfig(IBAOptions, StatisticsOptions, LayerSubject, CommonOptions):
+class ExplainConfig(ImageChoice, IBAOptions, StatisticsOptions, LayerSubject, CommonOptions):
     method: str = option("iba", "iba or a baseline: " + "saliency, gradcam, random, ... "
                          "(see narrows.attribution.available_methods)")
-    images: int = option(8, "explain the first N test images", check=positive)
+    images: int = option(8, "explain N test images (chosen by --select)", check=positive)
     indices: list[int] | None = option(None, "explain these test images instead of --images")
     gif: bool = option(False, "IBA only: also write an animated GIF of the optimisation steps "
                        "per image (iba_<index>.gif)", affects_result=False)
 
 
 @dataclass
-class EvaluateConfig(IBAOptions, StatisticsOptions, LayerSubject, CommonOptions):
+class EvaluateConfig(ImageChoice, IBAOptions, StatisticsOptions, LayerSubject, CommonOptions):
     methods: str = option("iba,saliency,gradcam,random", "comma-separated methods; each one's "
                           "heatmaps are cached in heatmaps_<method>.npz", affects_result=False)
-    metrics: str = option("degradation,bbox", "comma-separated: degradation, bbox (needs boxes), "
-                          "sensitivity-n", affects_result=False)
-    images: int = option(50, "evaluate on the first N test images", check=positive)
+    metrics: str | None = option(None, "comma-separated: degradation, bbox (needs boxes), "
+                                 "sensitivity-n [default: degradation,bbox; bbox is skipped "
+                                 "with a note on data without boxes]", affects_result=False)
+    images: int = option(50, "evaluate on N test images (chosen by --select)", check=positive)
     tile: int = option(8, "tile side in pixels for degradation and sensitivity-n",
                        check=positive)
     points: int = option(100, "degradation: points per MoRF/LeRF curve", check=positive)
@@ -100,6 +110,32 @@ def _subject(cfg: LayerSubject):
             subject.name, subject.stem)
 
 
+def n_samples(cfg) -> int:
+    """The number of images for feature statistics: ``--n-samples`` or the default."""
+    return cfg.n_samples if cfg.n_samples is not None else DEFAULT_N_SAMPLES
+
+
+_NOTED: set[str] = set()
+
+
+def note_once(key: str, text: str) -> None:
+    """Print ``note: text`` the first time ``key`` is noted in this process."""
+    if key not in _NOTED:
+        _NOTED.add(key)
+        print(f"note: {text}")
+
+
+def few_samples_note(cfg, n: int, split: str, what: str = "IBA's feature statistics") -> None:
+    """One note when the default sample count found fewer than 1,000 images (a small split);
+    an explicit ``--n-samples`` is the user's choice and gets none."""
+    from narrows.attribution.statistics import MIN_SAMPLES, few_samples
+
+    if cfg.n_samples is None and few_samples(n):
+        note_once("few-samples", f"{what} use all {n:,} {split} images (≥ {MIN_SAMPLES:,} "
+                  "advised): fine to try on a small data set, the noise model is just rougher; "
+                  "--n-samples N sets the count and silences this note")
+
+
 def _statistics(cfg, net, bundle, normalizer, session, path: Path, split: str = "train"):
     """Load ``cfg.statistics``, or ``path`` if it exists, or estimate and save into ``path``."""
     import torch
@@ -114,13 +150,84 @@ def _statistics(cfg, net, bundle, normalizer, session, path: Path, split: str = 
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     layer = cfg.layer or default_layer(net)
-    print(f"estimating feature statistics of '{layer}' on up to {cfg.n_samples:,} {split} "
-          f"images ({len(dataset):,} available)")
+    count = min(n_samples(cfg), len(dataset))
+    print(f"estimating feature statistics of '{layer}' on {count:,} {split} images "
+          f"({len(dataset):,} available)")
     batches = (normalizer(x.to(session.device)) for x, _ in loader)
-    stats = estimate_statistics(net.to(session.device), layer, batches, cfg.n_samples,
-                                device=session.device, kind=cfg.kind)
+    stats = estimate_statistics(net.to(session.device), layer, batches, n_samples(cfg),
+                                device=session.device, kind=cfg.kind, warn=False)
+    few_samples_note(cfg, stats.n, split)
     stats.save(path)
     return stats
+
+
+def check_methods(methods: list[str], net, cfg, probe: torch.Tensor | None = None) -> None:
+    """Fail now, before any work, on what would fail later: a baseline that needs a missing
+    extra or has no default layer on this model, a bad IBA layer, a statistics file of
+    another layer or (given a normalised ``probe`` image batch) of another feature shape."""
+    from narrows.attribution import FeatureStatistics, default_layer, get_layer, make_method
+    from narrows.attribution.baselines import ALIASES, available_methods
+    from narrows.errors import UserError
+
+    baselines = {*available_methods(), *ALIASES}
+    for method in methods:
+        if method in baselines:
+            built = make_method(method, net)
+            built.describe()  # resolves a layer method's default layer
+        elif method == "iba":
+            layer = cfg.layer or default_layer(net)
+            get_layer(net, layer)
+            if getattr(cfg, "statistics", None):
+                stats = FeatureStatistics.load(cfg.statistics)
+                if stats.layer and stats.layer != layer:
+                    raise UserError(f"{cfg.statistics} holds statistics of layer '{stats.layer}',"
+                                    f" not '{layer}'", f"pass --layer {stats.layer}, or estimate "
+                                    "statistics of this layer with 'narrows attribution stats'")
+                if probe is not None:
+                    import torch
+
+                    from narrows.attribution import run_to_layer
+
+                    with torch.no_grad():
+                        shape = tuple(run_to_layer(net.eval(), layer, probe).shape[1:])
+                    if stats.shape and tuple(stats.shape) != shape:
+                        raise UserError(f"{cfg.statistics} holds features shaped "
+                                        f"{tuple(stats.shape)}, but '{layer}' gives {shape} on "
+                                        f"these {tuple(probe.shape[-2:])} images",
+                                        "estimate statistics at this image size with 'narrows "
+                                        "attribution stats'")
+        elif method == "readout":
+            if not cfg.readout:
+                raise UserError("--method readout needs --readout FILE",
+                                "train one with 'narrows attribution readout-train'")
+            _readout_iba(cfg.readout, net)
+
+
+def pick_indices(cfg, dataset) -> list[int]:
+    """``--indices`` if given, else ``--images`` test images chosen by ``--select``."""
+    from narrows.data import select_images
+    from narrows.errors import UserError
+
+    indices = list(getattr(cfg, "indices", None) or [])
+    if not indices:
+        return select_images(dataset, cfg.images, seed=cfg.seed, how=cfg.select)
+    bad = [i for i in indices if not 0 <= i < len(dataset)]
+    if bad:
+        raise UserError(f"image index {bad[0]} is outside the {len(dataset)} test images",
+                        f"give --indices between 0 and {len(dataset) - 1}")
+    return indices
+
+
+def describe_images(indices: list[int], labels: list[int], class_names) -> str:
+    """``"3 images: 2 circle, 1 square"``: how many images of each class were chosen."""
+    from collections import Counter
+
+    from narrows.attribution.heatmap import target_name
+
+    counts = Counter(labels)
+    parts = [f"{counts[c]} {target_name(c, class_names)}" for c in sorted(counts)]
+    shown = ", ".join(parts[:8]) + (f", … ({len(parts)} classes)" if len(parts) > 8 else "")
+    return f"{len(indices)} test images ({shown})"
 
 
 def _split_names(text: str, what: str, allowed: list[str] | tuple[str, ...]) -> list[str]:
@@ -175,9 +282,10 @@ def _attribute(method: str, net, inputs: torch.Tensor, targets: torch.Tensor, cf
             raise UserError(f"the images are {tuple(inputs.shape[1:])} but {cfg.readout} was "
                             f"trained on {expected}", "use the data the readout was trained on")
         return readout.attribute(inputs, targets)
-    maps = make_method(method, net).attribute(inputs, targets)
+    baseline = make_method(method, net)
+    maps = baseline.attribute(inputs, targets)
     return AttributionResult(heatmaps=maps.cpu().numpy(), targets=targets.tolist(),
-                             meta={"method": method})
+                             meta=baseline.describe())
 
 
 def _batch(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,6 +326,8 @@ def execute_explain(cfg: ExplainConfig) -> int:
     import numpy as np
 
     from narrows.attribution import AttributionResult
+    from narrows.attribution.heatmap import target_name
+    from narrows.data import dataset_labels
     from narrows.errors import UserError
     from narrows.plotting import pyplot
     from narrows.runs import default_out
@@ -233,14 +343,13 @@ def execute_explain(cfg: ExplainConfig) -> int:
                         "train one with 'narrows attribution readout-train'")
     session = start(cfg)
     net, bundle, normalizer, name, stem = _subject(cfg)
-    if cfg.method == "readout":
-        _readout_iba(cfg.readout, net)  # a bad file fails before --out is written
     dataset = bundle.split("test")
-    indices = list(cfg.indices) if cfg.indices else list(range(min(cfg.images, len(dataset))))
-    bad = [i for i in indices if not 0 <= i < len(dataset)]
-    if bad:
-        raise UserError(f"image index {bad[0]} is outside the {len(dataset)} test images",
-                        f"give --indices between 0 and {len(dataset) - 1}")
+    indices = pick_indices(cfg, dataset)
+    probe = normalizer(_batch(dataset, indices[:1])[0])
+    check_methods([cfg.method], net, cfg, probe)  # what can fail, before --out is written
+    class_names = bundle.info.class_names
+    all_labels = dataset_labels(dataset)
+    labels = [all_labels[i] for i in indices]
     run = open_run(cfg, "attribution explain",
                    default_out("attribution", "explain", stem, cfg.method), session)
     net.to(session.device)
@@ -251,8 +360,8 @@ def execute_explain(cfg: ExplainConfig) -> int:
                                        and (not cfg.gif or run.file(f"iba_{i}.gif").is_file()))]
     per_image = f"{cfg.steps} steps × {cfg.iba_batch} noise samples" if cfg.method == "iba" \
         else "1 attribution"
-    print(f"{name}: {cfg.method} on {len(indices)} test images ({len(indices) - len(todo)} "
-          f"already done), {per_image} each"
+    print(f"{name}: {cfg.method} on {describe_images(indices, labels, class_names)}; "
+          f"{len(indices) - len(todo)} already done, {per_image} each"
           + (f" = {len(todo) * cfg.steps * cfg.iba_batch:,} suffix forwards to go"
              if cfg.method == "iba" else ""))
     plt = pyplot()
@@ -260,8 +369,10 @@ def execute_explain(cfg: ExplainConfig) -> int:
         image, label = _batch(dataset, [i])
         result = _attribute(cfg.method, net, normalizer(image.to(session.device)),
                             label.to(session.device), cfg, stats, record_steps=cfg.gif)
+        result.meta = {**result.meta, "model": name, "data": bundle.info.spec, "index": i}
         result.save(run.file("items") / f"{i}")
-        fig, _ = result.plot(0, image[0])
+        fig, _ = result.plot(0, image[0], class_names=class_names,
+                             subject=f"{name} · test image {i}")
         atomic_savefig(run.file(f"heatmap_{i}.png"), fig, dpi=120, bbox_inches="tight")
         plt.close(fig)
         if cfg.gif:
@@ -269,12 +380,15 @@ def execute_explain(cfg: ExplainConfig) -> int:
     results = [AttributionResult.load(run.file("items") / f"{i}") for i in indices]
     heatmaps = np.stack([r.heatmaps[0] for r in results])
     targets = [r.targets[0] if r.targets else -1 for r in results]
+    names = [target_name(t, class_names) if t >= 0 else "" for t in targets]
     atomic_write(run.file("heatmaps.npz"), lambda fh: np.savez_compressed(
         fh, heatmaps=heatmaps.astype(np.float32), indices=np.array(indices),
-        targets=np.array(targets)))
-    meta = {k: v for k, v in results[0].meta.items() if not k.startswith("seconds")}
+        targets=np.array(targets), target_names=np.array(names)))
+    meta = {k: v for k, v in results[0].meta.items()
+            if not k.startswith("seconds") and k != "index"}
     AttributionResult(heatmaps=heatmaps, targets=targets,
-                      meta={**meta, "indices": indices}).save(run.file("result"))
+                      meta={**meta, "indices": indices, "target_names": names,
+                            "class_names": list(class_names)}).save(run.file("result"))
     print(f"→ {run.file('heatmap_<index>.png')} ({len(indices)}), {run.file('heatmaps.npz')}"
           + (f", {run.file('iba_<index>.gif')}" if cfg.gif else ""))
     return 0
@@ -282,50 +396,92 @@ def execute_explain(cfg: ExplainConfig) -> int:
 
 def write_gif(path: Path, steps: np.ndarray, image: np.ndarray, size: int = 160,
               ms_per_frame: int = 250) -> Path:
-    """An animated GIF of per-step heatmaps (T, H, W) blended over a grey ``image`` (C, H, W)."""
+    """An animated GIF of per-step heatmaps (T, H, W) blended over a grey ``image`` (C, H, W).
+
+    Every frame uses one colour scale (0 to the largest value of any step, in bits per pixel)
+    and one palette, so colours mean the same in every frame; a strip under each frame gives
+    the step and that scale.
+    """
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     from narrows.attribution.heatmap import _bits_colormap, _greyscale
     from narrows.runs.files import atomic_write
 
     grey = _greyscale(image)
     cmap = _bits_colormap()
-    vmax = float(np.nanmax(steps)) if np.nanmax(steps) > 0 else 1.0
-    frames = []
-    for heat in steps:
-        rgba = cmap(np.clip(np.nan_to_num(heat) / vmax, 0, 1))
+    steps = np.nan_to_num(np.asarray(steps, dtype=np.float64))
+    peak = float(steps.max()) if steps.size else 0.0
+    vmax = peak if peak > 0 else 1.0
+    strip = 36
+    bar = cmap(np.linspace(0, 1, size - 16))[None, :, :3].repeat(6, axis=0)
+    rgb_frames = []
+    for step, heat in enumerate(steps, 1):
+        rgba = cmap(np.clip(heat / vmax, 0, 1))
         alpha = rgba[..., 3:] * 0.7
         rgb = rgba[..., :3] * alpha + grey[..., None] * (1 - alpha)
-        frame = Image.fromarray((rgb * 255).astype(np.uint8)).resize((size, size), Image.NEAREST)
-        frames.append(frame.convert("P", palette=Image.ADAPTIVE))
+        heat_img = Image.fromarray((rgb * 255).astype(np.uint8)).resize((size, size),
+                                                                        Image.NEAREST)
+        frame = Image.new("RGB", (size, size + strip), "white")
+        frame.paste(heat_img, (0, 0))
+        frame.paste(Image.fromarray((bar * 255).astype(np.uint8)), (8, size + 2))
+        draw = ImageDraw.Draw(frame)
+        scale = f"0 to {peak:.3g} bits/px" if peak > 0 else "all-zero map"
+        draw.text((8, size + 10), f"step {step}/{len(steps)}", fill="black")
+        draw.text((8, size + 22), scale, fill="black")
+        rgb_frames.append(frame)
+    # one adaptive palette for all frames (a palette per frame would shift the colours)
+    sheet = Image.new("RGB", (size, (size + strip) * len(rgb_frames)))
+    for k, frame in enumerate(rgb_frames):
+        sheet.paste(frame, (0, k * (size + strip)))
+    palette = sheet.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    frames = [f.quantize(palette=palette, dither=Image.Dither.NONE) for f in rgb_frames]
     return atomic_write(path, lambda fh: frames[0].save(
         fh, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0))
 
 
 # -- evaluate --------------------------------------------------------------------------------
 
+def resolve_metrics(cfg: EvaluateConfig, dataset, spec: str) -> list[str]:
+    """The metrics to compute. Without boxes, the default list drops bbox with a note and an
+    explicit ``--metrics bbox`` is a :class:`UserError`."""
+    from narrows.data import dataset_has_boxes
+    from narrows.errors import UserError
+
+    metrics = _split_names(cfg.metrics or DEFAULT_METRICS, "metrics", METRICS)
+    if "bbox" in metrics and not dataset_has_boxes(dataset):
+        if cfg.metrics is not None:
+            raise UserError(f"{spec} has no bounding boxes for the bbox metric",
+                            "drop bbox from --metrics, or use data with boxes (shapes, or "
+                            "imagenet:/folder: with VOC XML box files beside the images)")
+        metrics.remove("bbox")
+        note_once("no-boxes", f"{spec} has no object boxes, so the bbox metric is skipped "
+                  "(boxes: shapes, or VOC XML files beside imagenet:/folder: images)")
+    return metrics
+
+
 def execute_evaluate(cfg: EvaluateConfig) -> int:
     import numpy as np
 
+    from narrows.data import dataset_labels
     from narrows.errors import UserError
     from narrows.runs import default_out
     from narrows.runs.files import atomic_write
 
     methods = _split_names(cfg.methods, "methods", _method_names())
-    metrics = _split_names(cfg.metrics, "metrics", METRICS)
+    _split_names(cfg.metrics or DEFAULT_METRICS, "metrics", METRICS)
     if "readout" in methods and not cfg.readout:
         raise UserError("--method readout needs --readout FILE",
                         "train one with 'narrows attribution readout-train'")
     session = start(cfg)
     net, bundle, normalizer, name, stem = _subject(cfg)
-    if "readout" in methods:
-        _readout_iba(cfg.readout, net)  # a bad file fails before --out is written
-    if "bbox" in metrics and not bundle.info.has_boxes:
-        raise UserError(f"{bundle.info.spec} has no bounding boxes for the bbox metric",
-                        "drop bbox from --metrics, or use data with boxes (e.g. shapes)")
     dataset = bundle.split("test")
-    indices = list(range(min(cfg.images, len(dataset))))
+    metrics = resolve_metrics(cfg, dataset, bundle.info.spec)
+    indices = pick_indices(cfg, dataset)
+    probe = normalizer(_batch(dataset, indices[:1])[0])
+    check_methods(methods, net, cfg, probe)  # what can fail, before --out is written
+    all_labels = dataset_labels(dataset)
+    class_names = bundle.info.class_names
     run = open_run(cfg, "attribution evaluate",
                    default_out("attribution", "evaluate", stem), session)
     net.to(session.device)
@@ -339,9 +495,12 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
     forwards = {"degradation": n * 2 * cfg.points,
                 "sensitivity-n": n * cfg.n_sets * min(16, tiles)}
     cost = sum(forwards.get(m, 0) for m in metrics) * len(methods)
-    print(f"{name}: {len(methods)} methods × {n} images; IBA {cfg.steps} steps × "
-          f"{cfg.iba_batch} samples per image; metrics {', '.join(metrics)} ≈ {cost:,} "
-          "perturbed forwards")
+    print(f"{name}: {len(methods)} methods × "
+          f"{describe_images(indices, [all_labels[i] for i in indices], class_names)}; "
+          + (f"IBA {cfg.steps} steps × {cfg.iba_batch} samples per image; "
+             if "iba" in methods else "")
+          + "metrics "
+          f"{', '.join(metrics) or 'none'} ≈ {cost:,} perturbed forwards")
     rows, curves, shown = [], {}, {}
     for method in methods:
         cache = run.file(f"heatmaps_{method}.npz")
@@ -360,10 +519,12 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
         shown[method] = heatmaps[:EXAMPLES]
         if curve:
             curves[method] = curve
-    write_results(run, rows, curves, cfg.tile)
-    draw_examples(run, shown, images[:EXAMPLES], dataset, indices[:EXAMPLES])
+    subject = f"{name}, {n} images"
+    write_results(run, rows, curves, cfg.tile, subject=subject)
+    draw_examples(run, shown, images[:EXAMPLES], dataset, indices[:EXAMPLES],
+                  class_names=class_names, subject=f"{name} · {min(EXAMPLES, n)} of {n} images")
     if "sensitivity-n" in metrics:
-        draw_sensitivity(run, methods)
+        draw_sensitivity(run, methods, subject=subject)
     print(run.file("results.md").read_text())
     print(f"→ {run.file('results.csv')}, {run.file('results.md')}, {run.file('examples.png')}"
           + (f", {run.file('degradation.png')}" if curves else "")
@@ -387,6 +548,7 @@ def _metrics(run, method, metrics, net, inputs, labels, heatmaps, dataset, indic
     import torch
 
     from narrows.attribution import bbox_ratio, degradation, sensitivity_n
+    from narrows.data import dataset_boxes
 
     maps = torch.from_numpy(heatmaps)
     row: dict[str, Any] = {"method": method}
@@ -406,7 +568,7 @@ def _metrics(run, method, metrics, net, inputs, labels, heatmaps, dataset, indic
                       "curve": {"x": r.fractions.tolist(), "morf": morf.tolist(),
                                 "lerf": lerf.tolist()}}
         elif metric == "bbox":
-            r = bbox_ratio(maps, [dataset.boxes[i] for i in indices], seed=cfg.seed)
+            r = bbox_ratio(maps, [dataset_boxes(dataset, i) for i in indices], seed=cfg.seed)
             values = {"bbox_ratio": r.mean, "bbox_images": r.n_used}
         else:
             r = sensitivity_n(net, inputs, maps.to(inputs.device), labels, tile=cfg.tile,
@@ -453,9 +615,11 @@ def quickstart_step(cfg: CommonOptions, out: Path) -> str:
               "(pip install 'narrows[baselines]' for saliency and Grad-CAM)")
     execute_evaluate(EvaluateConfig(checkpoint=checkpoint, methods=methods,
                                     metrics="degradation,bbox", images=QUICKSTART_IMAGES,
+                                    select="first",
                                     points=50, n_samples=2000,
                                     **cfg.inherited(target / "evaluate")))
-    execute_explain(ExplainConfig(checkpoint=checkpoint, images=4, gif=True,
+    # shapes cycles through its classes, so its first images are already spread over them
+    execute_explain(ExplainConfig(checkpoint=checkpoint, images=4, gif=True, select="first",
                                   statistics=str(target / "evaluate" / "statistics.pt"),
                                   **cfg.inherited(target / "explain")))
     return (f"IBA vs {methods.split(',', 1)[1].replace(',', ', ')} on shapes "
@@ -476,9 +640,11 @@ register(Command(
 register(Command(
     words=("attribution", "explain"),
     summary="draw IBA (or baseline) heatmaps of test images",
-    description="Explain test images of the checkpoint's data with IBA (Schulz et al., ICLR "
-    "2020) or a baseline, towards each image's label. Writes heatmap_<index>.png (overlay, bits "
-    "per pixel), heatmaps.npz (all maps, indices, targets), result/ (the AttributionResult) and, "
+    description="Explain test images of the checkpoint's data (spread over the classes, see "
+    "--select) with IBA (Schulz et al., ICLR 2020) or a baseline, towards each image's label. "
+    "Writes heatmap_<index>.png (overlay: IBA in bits per pixel, signed methods on a diverging "
+    "scale centred at 0), heatmaps.npz (all maps, indices, targets and their class names), "
+    "result/ (the AttributionResult, with the method's units and parameters) and, "
     "with --gif, iba_<index>.gif of the optimisation steps. Finished images are skipped on a "
     "rerun. Without --statistics, IBA estimates them into --out/statistics.pt first.",
     config=ExplainConfig,
@@ -489,8 +655,8 @@ register(Command(
 register(Command(
     words=("attribution", "evaluate"),
     summary="compare attribution methods by degradation, bounding boxes and sensitivity-n",
-    description="Compute each method's heatmaps on the first --images test images (cached in "
-    "heatmaps_<method>.npz), then each metric (cached per method); writes results.csv, "
+    description="Compute each method's heatmaps on --images test images spread over the "
+    "classes (see --select; cached in heatmaps_<method>.npz), then each metric (cached per method); writes results.csv, "
     "results.md, degradation.png (mean MoRF/LeRF curves) and examples.png (the first images "
     "with every method's heatmap and the object box), with sensitivity-n also "
     "sensitivity_n.png (correlation against n), and prints the table. The degradation "
@@ -498,7 +664,8 @@ register(Command(
     "(random ≈ 0); the paper's per-image normalised score is given beside it as mean and "
     "median (the mean is unstable when an image's clean and fully replaced scores are close). "
     "bbox needs "
-    "data with boxes (shapes, ImageNet with box files). Adding methods or metrics on the same "
+    "data with boxes (shapes, ImageNet or folders with VOC XML box files); the default metrics "
+    "skip it with a note on data without boxes. Adding methods or metrics on the same "
     "--out reuses what is done.",
     config=EvaluateConfig,
     target="narrows.cli.attribution:execute_evaluate",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from narrows.cli.app import Command, register
-from narrows.cli.attribution import LayerSubject
+from narrows.cli.attribution import LayerSubject, few_samples_note, n_samples
 from narrows.cli.common import CommonOptions, load_subject, open_run, start
 from narrows.config import non_negative, option, positive
 
@@ -51,8 +51,9 @@ class ReadoutTrainConfig(LayerSubject, CommonOptions):
     augment: Literal["none", "auto", "crop", "flip", "crop-flip", "resized-crop-flip"] = option(
         "none", "augmentation of the training images; auto = the data set's standard one",
         group=READOUT)
-    n_samples: int = option(10_000, "train images for the readout statistics (≥ 1,000 advised)",
-                            check=positive, group=READOUT)
+    n_samples: int | None = option(None, "train images for the readout statistics [default: "
+                                   "10,000, or all the split has; ≥ 1,000 advised]",
+                                   check=positive, group=READOUT)
     kind: Literal["welford", "relu_rms"] = option(
         "welford", "noise statistics of the bottleneck layer: welford (mean and std) or "
         "relu_rms (paper code, post-ReLU layers)", group=READOUT)
@@ -73,12 +74,14 @@ def _statistics(cfg: ReadoutTrainConfig, net: Any, dataset: Any, normalizer: Any
         return stats
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.stats_batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    n = min(cfg.n_samples, len(dataset))
+    n = min(n_samples(cfg), len(dataset))
     print(f"estimating readout statistics on {n:,} train images ({n:,} forwards)")
     batches = (normalizer(x.to(device)) for x, _ in loader)
     stats = estimate_readout_statistics(net, batches, layer=cfg.layer,
-                                        readout_layers=cfg.readout_layers, n_samples=cfg.n_samples,
-                                        kind=cfg.kind, device=device)
+                                        readout_layers=cfg.readout_layers,
+                                        n_samples=n_samples(cfg), kind=cfg.kind, device=device,
+                                        warn=False)
+    few_samples_note(cfg, stats.logits.n, "train", "the readout statistics")
     stats.save(path)
     return stats
 
@@ -144,7 +147,12 @@ def _card(checkpoint: str | None) -> Any:
 def execute(cfg: ReadoutTrainConfig) -> int:
     import torch
 
-    from narrows.attribution.readout import ReadoutBottleneck, save_readout, train_readout
+    from narrows.attribution.readout import (
+        ReadoutBottleneck,
+        resolve_readout_layers,
+        save_readout,
+        train_readout,
+    )
     from narrows.errors import UserError
     from narrows.runs import default_out
     from narrows.runtime import derive_seed
@@ -157,6 +165,7 @@ def execute(cfg: ReadoutTrainConfig) -> int:
     subject = load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
     net, bundle, name = subject.model.eval(), subject.bundle, subject.name
     normalizer = Normalizer(subject.mean, subject.std)
+    resolve_readout_layers(net, cfg.layer, cfg.readout_layers)  # fails before --out is written
     run = open_run(cfg, "attribution readout-train",
                    default_out("attribution", "readout", subject.stem, cfg.variant), session)
     device = session.device

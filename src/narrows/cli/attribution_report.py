@@ -14,39 +14,61 @@ EXAMPLES = 6
 
 
 def draw_examples(run, maps: dict[str, Any], images: torch.Tensor, dataset,
-                  indices: list[int]) -> None:
+                  indices: list[int], class_names=None, subject: str | None = None) -> None:
     """examples.png: the first images (rows) with each method's heatmap (columns), box drawn.
 
-    ``maps``: method → its heatmaps of these images (N, H, W), in column order."""
+    ``maps``: method → its heatmaps of these images (N, H, W), in column order. Each heatmap
+    has its own colour range: non-negative maps from their 1st to 99.5th percentile
+    (``inferno``), signed maps on ``RdBu_r`` symmetric about 0; all-zero maps say so. Rows are
+    labelled with the test index and class name."""
     import numpy as np
 
-    from narrows.attribution.heatmap import _greyscale
+    from narrows.attribution.baselines import method_units
+    from narrows.attribution.heatmap import _greyscale, target_name
+    from narrows.data import dataset_boxes, dataset_labels
     from narrows.plotting import pyplot
 
     plt = pyplot()
     methods = list(maps)
     rows, cols = len(indices), len(methods) + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
-    boxes = getattr(dataset, "boxes", None)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows + 0.4), squeeze=False)
+    labels = dataset_labels(dataset)
     for r, index in enumerate(indices):
         image = images[r].cpu().numpy()
         axes[r, 0].imshow(np.clip(image.transpose(1, 2, 0), 0, 1))
+        axes[r, 0].text(-0.08, 0.5, f"#{index} {target_name(labels[index], class_names)}",
+                        transform=axes[r, 0].transAxes, rotation=90, ha="right", va="center",
+                        fontsize=7)
         for c, method in enumerate(methods, 1):
             heat = np.nan_to_num(maps[method][r].astype(np.float64))
-            low, high = np.percentile(heat, 1), np.percentile(heat, 99.5)
             axes[r, c].imshow(_greyscale(image), cmap="gray", vmin=0, vmax=1)
-            axes[r, c].imshow(np.clip((heat - low) / (high - low + 1e-12), 0, 1), cmap="inferno",
-                              alpha=0.75)
+            if method_units(method)[1]:
+                limit = np.percentile(np.abs(heat), 99.5)
+                limit = limit if limit > 0 else 1.0
+                axes[r, c].imshow(np.clip(heat / limit, -1, 1), cmap="RdBu_r", vmin=-1, vmax=1,
+                                  alpha=0.75)
+            else:
+                low, high = np.percentile(heat, 1), np.percentile(heat, 99.5)
+                axes[r, c].imshow(np.clip((heat - low) / (high - low + 1e-12), 0, 1),
+                                  cmap="inferno", alpha=0.75)
+            if not heat.any():
+                axes[r, c].text(0.5, 0.5, "all zero", transform=axes[r, c].transAxes,
+                                ha="center", va="center", fontsize=7,
+                                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
             if r == 0:
                 axes[r, c].set_title(method, fontsize=8)
-        if boxes is not None:
-            for c in range(cols):
-                for x0, y0, x1, y1 in boxes[index].tolist():
-                    axes[r, c].add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0,
-                                                       fill=False, color="cyan", linewidth=0.8))
         for c in range(cols):
-            axes[r, c].set_axis_off()
+            for x0, y0, x1, y1 in dataset_boxes(dataset, index).tolist():
+                axes[r, c].add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0,
+                                                   fill=False, color="cyan", linewidth=0.8))
+        for c in range(cols):
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            for spine in axes[r, c].spines.values():
+                spine.set_visible(False)
     axes[0, 0].set_title("image", fontsize=8)
+    if subject:
+        fig.suptitle(subject, fontsize=8)
     fig.tight_layout()
     run.save_figure("examples.png", fig)
     plt.close(fig)
@@ -59,7 +81,7 @@ def nanmean(values: torch.Tensor) -> float:
     return float(finite.mean()) if finite.numel() else float("nan")
 
 
-def draw_sensitivity(run, methods: list[str]) -> bool:
+def draw_sensitivity(run, methods: list[str], subject: str | None = None) -> bool:
     """sensitivity_n.png: pooled and per-image correlation against n, one line per method."""
     from narrows.plotting import pyplot
 
@@ -82,6 +104,9 @@ def draw_sensitivity(run, methods: list[str]) -> bool:
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("Pearson r (attribution sum, logit drop)")
     axes[1].legend(fontsize=7)
+    if subject:
+        fig.suptitle(f"sensitivity-n · {subject}", fontsize=9)
+        fig.tight_layout()
     run.save_figure("sensitivity_n.png", fig)
     plt.close(fig)
     return True
@@ -94,7 +119,8 @@ LABELS = {"degradation_tile": "degradation {t}×{t} (LeRF − MoRF)",
           "sensitivity_n_per_image": "sensitivity-n (per-image r)"}
 
 
-def write_results(run, rows: list[dict[str, Any]], curves: dict[str, dict], tile: int) -> None:
+def write_results(run, rows: list[dict[str, Any]], curves: dict[str, dict], tile: int,
+                  subject: str | None = None) -> None:
     import csv
     import io
 
@@ -133,7 +159,8 @@ def write_results(run, rows: list[dict[str, Any]], curves: dict[str, dict], tile
                     label=f"{method} LeRF")
         ax.set_xlabel("fraction of tiles replaced")
         ax.set_ylabel("target-class probability (mean)")
-        ax.set_title(f"degradation, {tile}×{tile} tiles")
+        ax.set_title(f"degradation, {tile}×{tile} tiles" + (f"\n{subject}" if subject else ""),
+                     fontsize=9)
         ax.legend(fontsize=7)
         run.save_figure("degradation.png", fig)
         plt.close(fig)

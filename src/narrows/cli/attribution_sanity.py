@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from narrows.cli.app import Command, register
 from narrows.cli.attribution import (
     IBAOptions,
+    ImageChoice,
     LayerSubject,
     StatisticsOptions,
     _attribute,
@@ -17,6 +18,9 @@ from narrows.cli.attribution import (
     _split_names,
     _statistics,
     _subject,
+    check_methods,
+    n_samples,
+    pick_indices,
 )
 from narrows.cli.common import CommonOptions, open_run, replace, start
 from narrows.config import option, positive
@@ -29,10 +33,10 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class SanityConfig(IBAOptions, StatisticsOptions, LayerSubject, CommonOptions):
+class SanityConfig(ImageChoice, IBAOptions, StatisticsOptions, LayerSubject, CommonOptions):
     methods: str = option("iba,saliency,gradcam", "comma-separated methods; each one's result "
                           "is cached in sanity_<method>.pt", affects_result=False)
-    images: int = option(16, "check on the first N test images", check=positive)
+    images: int = option(16, "check on N test images (chosen by --select)", check=positive)
     repeats: int = option(2, "runs of each method on the unmodified model; their mutual "
                           "agreement is the run-to-run noise floor (needs ≥ 2)", check=positive)
     randomise: str | None = option(None, "comma-separated layers to re-initialise, top "
@@ -96,8 +100,6 @@ def _cached(run: RunDir, method: str, indices: list[int]) -> RandomisationResult
 
 
 def execute_sanity(cfg: SanityConfig) -> int:
-    from narrows.attribution import make_method
-    from narrows.attribution.baselines import ALIASES, available_methods
     from narrows.attribution.metrics import cascade_layers, cascading_randomisation
     from narrows.attribution.metrics.randomisation import check_layers
     from narrows.runs import default_out
@@ -106,7 +108,8 @@ def execute_sanity(cfg: SanityConfig) -> int:
     session = start(cfg)
     net, bundle, normalizer, name, stem = _subject(cfg)
     dataset = bundle.split("test")
-    indices = list(range(min(cfg.images, len(dataset))))
+    indices = pick_indices(cfg, dataset)
+    check_methods(methods, net, cfg, normalizer(_batch(dataset, indices[:1])[0]))
     net.to(session.device)
     images, labels = _batch(dataset, indices)
     inputs = normalizer(images.to(session.device))
@@ -117,17 +120,13 @@ def execute_sanity(cfg: SanityConfig) -> int:
                    session)
     results = {m: _cached(run, m, indices) for m in methods}
     todo = [m for m in methods if results[m] is None]
-    baselines = {*available_methods(), *ALIASES}
-    for method in todo:  # a missing optional extra fails now, not after IBA's runs
-        if method in baselines:
-            make_method(method, net)
     per_method = len(indices) * (cfg.repeats + len(layers))
     session.say(
         f"{name}: {len(methods)} methods ({len(todo)} to do) × {len(indices)} images × "
         f"({cfg.repeats} runs + {len(layers)} randomised steps: {' → '.join(layers)}) = "
         f"{per_method * len(todo):,} heatmaps to compute"
         + (f"; IBA {cfg.steps} steps × {cfg.iba_batch} samples each, statistics re-estimated "
-           f"({cfg.n_samples:,} images) once the bottleneck's input changes"
+           f"({n_samples(cfg):,} images at most) once the bottleneck's input changes"
            if "iba" in todo else ""))
     stats = (_statistics(cfg, net, bundle, normalizer, session, run.file("statistics.pt"))
              if "iba" in todo else None)
@@ -141,13 +140,15 @@ def execute_sanity(cfg: SanityConfig) -> int:
         result.meta = {"method": method, "indices": indices}
         result.save(run.file(f"sanity_{method}.pt"))
         results[method] = result
-    table = _write_results(run, {m: results[m] for m in methods})
+    table = _write_results(run, {m: results[m] for m in methods},
+                           subject=f"{name}, {len(indices)} images")
     session.say(table)
     session.say(f"→ {run.file('sanity.csv')}, {run.file('sanity.md')}, {run.file('sanity.png')}")
     return 0
 
 
-def _write_results(run: RunDir, results: dict[str, RandomisationResult]) -> str:
+def _write_results(run: RunDir, results: dict[str, RandomisationResult],
+                   subject: str | None = None) -> str:
     """Write sanity.csv, sanity.md and sanity.png (only what changed); return the table."""
     import csv
     import io
@@ -184,7 +185,8 @@ def _write_results(run: RunDir, results: dict[str, RandomisationResult]) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for index, (method, result) in enumerate(results.items()):
         result.plot(axes, label=method, color=f"C{index % 10}")
-    fig.suptitle("cascading randomisation: original vs randomised heatmaps")
+    fig.suptitle("cascading randomisation: original vs randomised heatmaps"
+                 + (f"\n{subject}" if subject else ""), fontsize=10)
     fig.tight_layout()
     run.save_figure("sanity.png", fig)
     plt.close(fig)

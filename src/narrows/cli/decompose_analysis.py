@@ -466,8 +466,7 @@ def _mis_scores(cfg, run, subject, loaded, bundle, normalizer, session, mis, poo
 # -- csg-train -------------------------------------------------------------------------------
 
 def execute_csg_train(cfg: CSGTrainConfig) -> int:
-    from narrows.cli.train import build_model, settings_from
-    from narrows.data import load
+    from narrows.cli.train import build_model, load_training_data, settings_from
     from narrows.decompose.csg import Alternate, CSGLoss, CSGNetwork, csg_topk, density, save_csg
     from narrows.runs import default_out
     from narrows.training import LAST, fit
@@ -480,7 +479,7 @@ def execute_csg_train(cfg: CSGTrainConfig) -> int:
         raise UserError(f"--csg-epochs {cfg.csg_epochs} is more than --period {cfg.period}",
                         "use --csg-epochs <= --period")
     cfg = _with_data(cfg)
-    data = load(cfg.data, download=cfg.download, image_size=cfg.image_size)
+    data = load_training_data(cfg)
     model, card = build_model(cfg, data.info)
     network = CSGNetwork(model, init=cfg.gate_init)
     classes, width = network.num_classes, network.num_channels

@@ -86,11 +86,11 @@ def run_name(cfg: OrderTrainConfig, recipe: tuple[str, float, float] | None) -> 
 
 def build_loss(cfg: OrderTrainConfig, recipe: tuple[str, float, float]):
     """The :class:`OrderLoss` for ``cfg``; checks the grid against the data set's image size."""
-    from narrows.data import load
+    from narrows.cli.train import load_training_data
     from narrows.interactions.order_loss import OrderLoss
     from narrows.interactions.players import PlayerGrid
 
-    info = load(cfg.data, download=cfg.download, image_size=cfg.image_size).info
+    info = load_training_data(cfg).info
     PlayerGrid(cfg.grid, info.image_size, info.image_size)  # fail before training starts
     kind, r1, r2 = recipe
     return OrderLoss(kind, r1, r2, cfg.grid, baseline=cfg.baseline, mean=tuple(info.mean),

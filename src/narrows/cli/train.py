@@ -153,6 +153,24 @@ def load_start(cfg: TrainConfig):
                       model_kwargs=parse_model_kwargs(getattr(cfg, "model_kwargs", None)))
 
 
+def load_training_data(cfg: TrainConfig, card: Any = None):
+    """``cfg.data`` at ``--image-size``, or, for data served at any size, at the size of the
+    ``--checkpoint`` the run starts from (``card``: its model card, read here when not given)."""
+    from narrows.data import load
+    from narrows.data.specs import parse_spec
+    from narrows.models.inputs import RESIZABLE_KINDS
+
+    size = cfg.image_size
+    if size is None and cfg.checkpoint and parse_spec(cfg.data).kind in RESIZABLE_KINDS:
+        if card is None:
+            from narrows.models import read_checkpoint
+
+            card = read_checkpoint(cfg.checkpoint).card
+        if card is not None:
+            size = card.input_size  # go on at the size the checkpoint was trained at
+    return load(cfg.data, download=cfg.download, image_size=size)
+
+
 def build_model(cfg: TrainConfig, info, loaded=None):
     """The model to train and its card: fresh from timm (or the user's module), or from
     ``--checkpoint`` (``loaded``: :func:`load_start`'s result, loaded here when not given).
@@ -233,8 +251,6 @@ def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str
     Method commands that train (order losses, CSG, ...) subclass :class:`TrainConfig` and call
     this with their loss; ``default_name`` is added to the default output directory name.
     """
-    from narrows.data import load
-    from narrows.data.specs import parse_spec
     from narrows.errors import UserError
     from narrows.models import display_name
     from narrows.runs import default_out
@@ -246,11 +262,7 @@ def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str
 
         check_name(cfg.model or DEFAULT_MODEL)  # a wrong name fails before the data is read
     loaded = load_start(cfg)
-    size = cfg.image_size
-    if (size is None and loaded is not None and loaded.card is not None
-            and parse_spec(cfg.data).kind in ("imagenet", "folder")):
-        size = loaded.card.input_size  # go on at the size the checkpoint was trained at
-    data = load(cfg.data, download=cfg.download, image_size=size)
+    data = load_training_data(cfg, loaded.card if loaded is not None else None)
     model, card = build_model(cfg, data.info, loaded)
     default = default_out(command.replace(" ", "-"), display_name(card.architecture), cfg.data,
                           default_name)

@@ -48,9 +48,10 @@ class DataInfo:
 class TensorImageDataset(Dataset):
     """Images held in memory as uint8 ``N×C×H×W``; items are ``(float image in [0,1], label)``.
 
-    ``boxes[i]`` is a ``K×4`` float tensor of ``(x0, y0, x1, y1)`` pixel boxes and ``masks`` a
-    ``N×H×W`` bool tensor, when the data set has them. ``transform`` (per sample, on the float
-    image) draws from torch's global RNG, so seeding it makes augmentation reproducible.
+    ``boxes(i)`` is the ``K×4`` float tensor of ``(x0, y0, x1, y1)`` pixel boxes of image ``i``
+    (``0×4`` without boxes; ``box_list`` holds them all) and ``masks`` a ``N×H×W`` bool tensor,
+    when the data set has them. ``transform`` (per sample, on the float image) draws from
+    torch's global RNG, so seeding it makes augmentation reproducible.
     """
 
     def __init__(
@@ -68,7 +69,9 @@ class TensorImageDataset(Dataset):
             raise ValueError("labels must have one entry per image")
         self.images = images
         self.labels = labels.long()
-        self.boxes = boxes
+        if boxes is not None and len(boxes) != images.shape[0]:
+            raise ValueError("boxes must have one K×4 tensor per image")
+        self.box_list = boxes
         self.masks = masks
         self.transform = transform
 
@@ -84,12 +87,66 @@ class TensorImageDataset(Dataset):
     def with_transform(self, transform: Callable | None) -> TensorImageDataset:
         """The same tensors (not copied) with another per-sample transform."""
         return TensorImageDataset(
-            self.images, self.labels, boxes=self.boxes, masks=self.masks, transform=transform
+            self.images, self.labels, boxes=self.box_list, masks=self.masks, transform=transform
         )
+
+    def boxes(self, index: int) -> torch.Tensor:
+        """The ``K×4`` float xyxy pixel boxes of image ``index`` (``0×4`` when it has none)."""
+        if self.box_list is None or self.box_list[index] is None:
+            return torch.zeros(0, 4)
+        return self.box_list[index].float().reshape(-1, 4)
+
+    @property
+    def has_boxes(self) -> bool:
+        return self.box_list is not None and any(b is not None and b.numel() for b in self.box_list)
 
     @property
     def targets(self) -> list[int]:
         return self.labels.tolist()
+
+
+def _unwrap(dataset: Dataset, index: int) -> tuple[Dataset, int]:
+    """The innermost dataset and index behind (nested) ``torch.utils.data.Subset`` views."""
+    from torch.utils.data import Subset
+
+    while isinstance(dataset, Subset):
+        dataset, index = dataset.dataset, int(dataset.indices[index])
+    return dataset, index
+
+
+def dataset_has_boxes(dataset: Dataset) -> bool:
+    """Whether any image of ``dataset`` (or of the data set behind a ``Subset``) has a box."""
+    from torch.utils.data import Subset
+
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return bool(getattr(dataset, "has_boxes", False))
+
+
+def dataset_boxes(dataset: Dataset, index: int) -> torch.Tensor:
+    """The ``K×4`` float xyxy boxes of image ``index`` in served-image pixels (``0×4``: none).
+
+    Every data set of :mod:`narrows.data` has ``boxes(index)``; this also reads through
+    ``Subset`` views and answers ``0×4`` for datasets without boxes.
+    """
+    inner, i = _unwrap(dataset, index)
+    method = getattr(inner, "boxes", None)
+    if not callable(method):
+        return torch.zeros(0, 4)
+    return method(i).float().reshape(-1, 4)
+
+
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """The label of every item, read without decoding images where the dataset allows it."""
+    from torch.utils.data import Subset
+
+    if isinstance(dataset, Subset):
+        inner = dataset_labels(dataset.dataset)
+        return [inner[int(i)] for i in dataset.indices]
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return [int(t) for t in targets]
+    return [int(dataset[i][1]) for i in range(len(dataset))]
 
 
 @dataclass

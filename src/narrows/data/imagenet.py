@@ -13,6 +13,8 @@ maps them into the served image.
 from __future__ import annotations
 
 import functools
+import hashlib
+import math
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
@@ -264,6 +266,8 @@ class FileLayout:
     class_names: tuple[str, ...]
     xml_dirs: dict[str, list[Path]]  # split → extra folders to search for box XMLs
     missing: UserError  # raised when a split folder is absent
+    holdout: float = 0.0  # > 0: train and test share one folder; hold out this part of each class
+    holdout_note: str = ""  # printed once when the held-out split is made
 
 
 def file_bundle(spec: str, layout: FileLayout, image_size: int | None) -> DataBundle:
@@ -286,7 +290,23 @@ def file_bundle(spec: str, layout: FileLayout, image_size: int | None) -> DataBu
         folder = layout.split_dirs[split]
         if folder is None:
             raise UserError(f"the {layout.name} data has no {split} folder", layout.missing.fix)
-        return list_once(folder, tuple(layout.xml_dirs.get(split, ())))
+        xml_dirs = tuple(layout.xml_dirs.get(split, ()))
+        if layout.holdout > 0:
+            return held_out_once(folder, xml_dirs, split == "test")
+        return list_once(folder, xml_dirs)
+
+    @functools.cache
+    def held_out_once(folder: Path, xml_dirs: tuple[Path, ...], test: bool) -> SplitListing:
+        found = list_once(folder, xml_dirs)
+        is_test = holdout_split(found.samples, folder, layout.holdout, HOLDOUT_SEED)
+        if not any(is_test):
+            raise UserError(f"{spec} has too few images to hold out a test split (no class has "
+                            "2 images)", "add images, or give a val/ folder")
+        if test:
+            _note_once(f"{layout.holdout_note} ({sum(is_test)} test / "
+                       f"{len(is_test) - sum(is_test)} train images)")
+        keep = [i for i, t in enumerate(is_test) if t == test]
+        return SplitListing([found.samples[i] for i in keep], [found.box_files[i] for i in keep])
 
     test_has_boxes = layout.split_dirs["test"] is not None and any(listing("test").box_files)
     info = DataInfo(
@@ -312,6 +332,60 @@ def file_bundle(spec: str, layout: FileLayout, image_size: int | None) -> DataBu
         return make
 
     return DataBundle(info, {"train": factory("train"), "test": factory("test")})
+
+
+HOLDOUT_FRACTION = 0.2  # the part of each class held out as the test split of a flat folder
+HOLDOUT_SEED = 0  # fixed: the same files always give the same split
+_NOTED: set[str] = set()
+
+
+def holdout_split(
+    samples: list[tuple[str, int]], root: Path, fraction: float, seed: int = HOLDOUT_SEED
+) -> list[bool]:
+    """Which samples form the held-out test split (``True``), per class.
+
+    Each class keeps ``round(n · fraction)`` of its ``n`` images for testing (at least one, and
+    at least one for training, when it has two or more). Images are ranked by a SHA-256 hash of
+    ``seed`` and their path relative to ``root``, so the split depends only on the file names:
+    not on the global RNG, the order of listing or where the folder lies; adding images moves
+    few of the others.
+    """
+
+    def rank(path: str) -> bytes:
+        rel = Path(os.path.relpath(path, root)).as_posix()
+        return hashlib.sha256(f"{seed}:{rel}".encode()).digest()
+
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(i)
+    is_test = [False] * len(samples)
+    for members in by_class.values():
+        n = len(members)
+        k = min(max(math.floor(n * fraction + 0.5), 1), n - 1) if n >= 2 else 0
+        for i in sorted(members, key=lambda j: rank(samples[j][0]))[:k]:
+            is_test[i] = True
+    return is_test
+
+
+def _note_once(text: str) -> None:
+    """Print ``note: text`` once per process (on rank 0 only under torchrun)."""
+    if text in _NOTED:
+        return
+    _NOTED.add(text)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {text}")
+
+
+def folder_test_split(path: str) -> str:
+    """Which images a ``folder:PATH`` set tests on, in words (from the layout alone)."""
+    root = Path(path).expanduser()
+    percent = f"{100 * HOLDOUT_FRACTION:g} %"
+    if (root / "train").is_dir():
+        test = next((n for n in ("val", "test") if (root / n).is_dir()), None)
+        if test is not None:
+            return f"{test}/"
+        return f"{percent} of each class of train/ held out (seed {HOLDOUT_SEED})"
+    return f"{percent} of each class held out (seed {HOLDOUT_SEED})"
 
 
 def _require_dir(root: Path, missing: UserError) -> None:
@@ -396,9 +470,10 @@ def load_folder_bundle(spec: str, path: str, *, image_size: int | None) -> DataB
     """Class-per-folder images (any format PIL opens), e.g. ``PATH/<class>/*.png``.
 
     If ``PATH/train/`` exists, it is the train split and ``PATH/val/`` (or ``PATH/test/``) the
-    test split; if neither of those exists, ``PATH/train/`` is served as both splits. Without
-    ``PATH/train/``, the whole of ``PATH`` is one set served as both splits (so test accuracy
-    is then accuracy on the training images). A VOC XML beside an image gives its boxes.
+    test split. Without a test folder (``PATH/train/`` alone, or ``PATH/<class>/`` with no
+    split at all), a seeded, stratified :data:`HOLDOUT_FRACTION` of each class is held out as
+    the test split (see :func:`holdout_split`; a note says so), so train and test never
+    overlap. A VOC XML beside an image gives its boxes.
     """
     root = Path(path).expanduser()
     missing = UserError(
@@ -408,11 +483,20 @@ def load_folder_bundle(spec: str, path: str, *, image_size: int | None) -> DataB
     )
     _require_dir(root, missing)
     train = root / "train"
+    percent = f"{100 * HOLDOUT_FRACTION:g} %"
+    holdout, note = 0.0, ""
     if train.is_dir():
-        test = next((root / n for n in ("val", "test") if (root / n).is_dir()), train)
-        split_dirs = {"train": train, "test": test}
+        test = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+        if test is None:
+            holdout = HOLDOUT_FRACTION
+            note = (f"{spec} has train/ but no val/ or test/ split; holding out {percent} of "
+                    f"each class of train/ (seed {HOLDOUT_SEED}) as the test split")
+        split_dirs = {"train": train, "test": test or train}
     else:
         split_dirs = {"train": root, "test": root}
+        holdout = HOLDOUT_FRACTION
+        note = (f"{spec} has no val/ split; holding out {percent} of each class "
+                f"(seed {HOLDOUT_SEED}) as the test split")
     classes = _classes_of(split_dirs.values(), missing)
     layout = FileLayout(
         name="folder",
@@ -421,5 +505,7 @@ def load_folder_bundle(spec: str, path: str, *, image_size: int | None) -> DataB
         class_names=tuple(classes),
         xml_dirs={},
         missing=missing,
+        holdout=holdout,
+        holdout_note=note,
     )
     return file_bundle(spec, layout, image_size)

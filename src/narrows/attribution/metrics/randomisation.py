@@ -303,13 +303,14 @@ class RandomisationResult:
             floor, spread = rows[0][f"{key}_mean"], rows[0][f"{key}_std"]
             line = ax.errorbar(steps, [r[f"{key}_mean"] for r in rows[1:]],
                                yerr=[r[f"{key}_std"] for r in rows[1:]], marker="o", capsize=3,
-                               color=color, label=label or None)
+                               color=color, label=f"{label} (mean ± std over images)".strip())
             shade = line[0].get_color()
             if floor == floor:  # not NaN: repeats ≥ 2
                 ax.axhline(floor, color=shade, linestyle="--", linewidth=1,
-                           label=f"{label} run-to-run".strip())
+                           label=f"{label} run-to-run mean".strip())
                 if spread == spread:
-                    ax.axhspan(floor - spread, floor + spread, color=shade, alpha=0.12)
+                    ax.axhspan(floor - spread, floor + spread, color=shade, alpha=0.12,
+                               label=f"{label} run-to-run ± std (shaded)".strip())
             ax.set_title(title)
             ax.set_xticks(steps)
             ax.set_xticklabels(self.layers, rotation=45, ha="right")
