@@ -21,15 +21,12 @@ from narrows.decompose.extraction import Extraction
 from narrows.decompose.histogram import TopKHistogram
 from narrows.decompose.parts import Features, split_head
 from narrows.errors import UserError
+from narrows.models.heads import run_to
 from narrows.runs.files import atomic_torch_save
 from narrows.runtime import format_duration
 
 DEFAULT_THRESHOLDS = (0.5, 0.75, 0.9)
 Say = Callable[[str], None]
-
-
-class _Stop(Exception):
-    """Raised by the capture hook to skip the layers after the one of interest."""
 
 
 def features_at(model: nn.Module, layer: str | None = None) -> Features:
@@ -52,20 +49,10 @@ def features_at(model: nn.Module, layer: str | None = None) -> Features:
     module = model.get_submodule(layer)
 
     def features(x: Tensor) -> Tensor:
-        captured: list[Any] = []
-
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
-            raise _Stop
-
-        handle = module.register_forward_hook(hook)
-        try:
-            model(x)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        out = captured[0]
+        out = run_to(model, module, x, output=True)
+        if out is None:
+            raise UserError(f"{type(model).__name__}'s forward pass never calls '{layer}'",
+                            "choose a module the forward pass runs, or leave --layer empty")
         if out.ndim == 4:
             return out.mean(dim=(2, 3))
         if out.ndim == 2:

@@ -24,7 +24,32 @@ _NEEDS = "decompose needs a model whose classifier is its last nn.Linear, readin
 
 
 class _Stop(Exception):
-    """Raised by the capture hook: the layers from the classifier on are not needed."""
+    """Raised by the capture hook: the layers from the captured one on are not needed."""
+
+
+def run_to(model: nn.Module, module: nn.Module, x: Tensor, *, output: bool = False) -> Any:
+    """Run ``model(x)`` only until ``module`` is reached: its first input (or, with ``output``,
+    its output; the first element of a tuple output), ``None`` if the pass never calls it.
+    The hook is removed on return."""
+    captured: list[Any] = []
+
+    def pre_hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        captured.append(inputs[0])
+        raise _Stop
+
+    def post_hook(_module: nn.Module, _inputs: Any, out: Any) -> None:
+        captured.append(out[0] if isinstance(out, tuple | list) else out)
+        raise _Stop
+
+    handle = (module.register_forward_hook(post_hook) if output
+              else module.register_forward_pre_hook(pre_hook))
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0] if captured else None
 
 
 def is_head(module: Any) -> bool:
@@ -78,22 +103,9 @@ def head_input(model: nn.Module, module: nn.Module, what: str | None = None) -> 
     what = what or "its classifier"
 
     def features(x: Tensor) -> Tensor:
-        captured: list[Tensor] = []
-
-        def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            captured.append(inputs[0])
-            raise _Stop
-
-        handle = module.register_forward_pre_hook(hook)
-        try:
-            model(x)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
+        out = run_to(model, module, x)
+        if out is None:
             raise UserError(f"{kind}'s forward pass never calls {what}", _NEEDS)
-        out = captured[0]
         if not isinstance(out, Tensor) or out.ndim != 2 or (width and out.shape[1] != width):
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise UserError(f"{kind}'s classifier reads inputs of shape {shape}, not "
