@@ -157,6 +157,10 @@ def test_analysis_serves_the_cards_size(analysis, data, model, checkpoints, tmp_
     seen = run([*words, "--checkpoint", checkpoint, "--out", str(out)])
     assert seen == {(size, size)}, f"{analysis} fed the model {seen}, its card says {size}"
     first = _result(out, result)
+    if analysis == "interactions":
+        assert json.loads((out / "meta.json").read_text())["image_size"] == size
+    if analysis == "evaluate":
+        assert first["image_size"] == size
     if data in RESIZABLE:
         explicit = tmp_path / "explicit"
         run([*words, "--checkpoint", checkpoint, "--out", str(explicit),
@@ -227,9 +231,9 @@ def test_every_command_on_user_data(data, model, specs, checkpoints, tmp_path):
             "1", "--num-pairs", "16", expect="results.json")
     interactions = analyse("interactions", "run", "--checkpoint", best, "--preset", "smoke",
                            "--images", "1", "--no-only-correct", "--pairs", "2", "--contexts", "2")
-    plot = tmp_path / "interactions.png"
+    plot = tmp_path / "interactions"  # no extension: written as interactions.png
     assert main(["interactions", "plot", str(interactions), "--out", str(plot)]) == 0
-    assert plot.is_file()
+    assert plot.with_suffix(".png").is_file() and not plot.exists()
     analyse("interactions", "compare", "--models", f"trained={best}", "--preset", "smoke",
             "--images", "1", "--no-only-correct", "--pairs", "2", "--contexts", "2")
     analyse("interactions", "train", "-m", arch, "-d", spec, "--recipe", "high", "--grid", "4",

@@ -232,6 +232,24 @@ def test_gif_frames_share_one_palette_and_count_steps(tmp_path):
     assert not np.array_equal(frames[0][80:], frames[1][80:])
 
 
+def test_gif_scale_is_the_final_map_so_the_result_is_not_blank(tmp_path):
+    """IBA starts near full capacity and closes: a scale set by the first steps (26 bits) drew
+    the final map (0.65 bits) blank. The scale is the final map's; earlier steps saturate."""
+    from PIL import Image
+
+    from narrows.cli.attribution import write_gif
+
+    final = np.zeros((8, 8), dtype=np.float32)
+    final[2:5, 2:5] = 0.65
+    steps = np.stack([np.full((8, 8), 26.8, dtype=np.float32), final])
+    path = write_gif(tmp_path / "steps.gif", steps, np.zeros((3, 8, 8)), size=80)
+    with Image.open(path) as gif:
+        gif.seek(1)
+        last = np.asarray(gif.convert("RGB"))[:80].astype(int)
+    # the object's cells stand out from the background's in the last frame
+    assert np.abs(last[30, 30] - last[70, 70]).sum() > 100
+
+
 # -- timm models at non-default sizes on users' data -----------------------------------------
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from narrows.attribution.layers import get_layer
+from narrows.attribution.layers import _probe_stride_layer, feature_maps, get_layer
 from narrows.errors import UserError, optional_import
 
 Target = int | torch.Tensor | None
@@ -101,10 +101,14 @@ def default_cam_layer(model: nn.Module) -> str:
     stages = children.get("stages")
     if isinstance(stages, nn.Sequential | nn.ModuleList) and len(stages) > 0:
         return f"stages.{len(stages) - 1}"
-    if "features" in children:
-        return "features"
+    if "features" in children and any(name == "features" for name, _ in feature_maps(model)):
+        return "features"  # only when it ends in a spatial map (not flattened features)
+    probed = _probe_stride_layer(model, max_stride=10**9)
+    if probed is not None:  # any CNN: its last spatial feature map
+        return probed
     raise UserError(f"no default Grad-CAM layer is known for {type(model).__name__}",
-                    "pass layer=<dotted module name> of the last convolutional stage")
+                    "pass --layer NAME (layer= in Python), the dotted module name of the last "
+                    "convolutional stage")
 
 
 class _TokenGrid(nn.Module):
@@ -411,6 +415,10 @@ class GradCamMethod(_LayerMethod):
         with self._captum_layer() as layer:
             cam = self.captum.LayerGradCam(self.model, layer).attribute(
                 inputs, target=target, relu_attributions=True)
+        if cam.dim() != 4:
+            raise UserError(f"Grad-CAM layer '{self.parameters().get('layer', '?')}' outputs "
+                            f"{tuple(cam.shape[1:])}, not a (channels, height, width) map",
+                            "pass --layer NAME of a convolutional stage")
         cam = F.interpolate(cam.sum(dim=1, keepdim=True), size=inputs.shape[2:], mode="bilinear",
                             align_corners=False)
         return cam[:, 0]

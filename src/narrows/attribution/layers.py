@@ -57,10 +57,65 @@ def default_layer(model: nn.Module) -> str:
                 pools += 1
             elif isinstance(module, nn.Conv2d) and pools == 3:
                 return f"features.{index}"
+    probed = _probe_stride_layer(model, max_stride=8)
+    if probed is not None:
+        return probed
     raise UserError(
         f"no default bottleneck layer is known for {type(model).__name__}",
-        "pass layer=<dotted module name>, the output of the stage with total stride 8",
+        "pass --layer NAME (layer= in Python), the dotted module name of the stage with total "
+        "stride 8",
     )
+
+
+def feature_maps(model: nn.Module, size: int = 64) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of every named module that outputs a 4-D feature map, in the order
+    the modules finish on one zero ``size×size`` image; ``[]`` when the model cannot run on it.
+    The model's train/eval mode is restored."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        return []
+    try:
+        parameter = next(model.parameters())
+    except StopIteration:
+        return []
+    found: list[tuple[str, tuple[int, ...]]] = []
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                found.append((name, tuple(output.shape)))
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name))
+               for name, module in model.named_modules() if name]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, conv.in_channels, size, size, device=parameter.device,
+                              dtype=parameter.dtype))
+    except Exception:  # a model that cannot run at this size: nothing can be probed
+        return []
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def _probe_stride_layer(model: nn.Module, max_stride: int, size: int = 64) -> str | None:
+    """The last module (in forward order) whose output is a spatial map (more than 1×1) with
+    a total stride of at most ``max_stride``: any CNN's stride-8 stage, or its deepest map
+    of finer stride when it downsamples less. ``None`` when nothing qualifies."""
+    maps = feature_maps(model, size)
+    calls = {name: sum(1 for other, _ in maps if other == name) for name, _ in maps}
+    chosen = None
+    for name, shape in maps:
+        height = shape[-2]
+        # a module called more than once (a shared ReLU) cannot hold one bottleneck
+        if calls[name] == 1 and height > 1 and size / height <= max_stride:
+            chosen = name
+    return chosen
 
 
 class _Interrupt(Exception):

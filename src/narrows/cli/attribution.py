@@ -398,9 +398,10 @@ def write_gif(path: Path, steps: np.ndarray, image: np.ndarray, size: int = 160,
               ms_per_frame: int = 250) -> Path:
     """An animated GIF of per-step heatmaps (T, H, W) blended over a grey ``image`` (C, H, W).
 
-    Every frame uses one colour scale (0 to the largest value of any step, in bits per pixel)
-    and one palette, so colours mean the same in every frame; a strip under each frame gives
-    the step and that scale.
+    Every frame uses one colour scale and one palette, so colours mean the same in every frame:
+    0 to the peak of the final map in bits per pixel (the early steps, before the bottleneck
+    has closed, exceed it and saturate; a scale set by them would draw the result blank). A
+    strip under each frame gives the step and that scale.
     """
     import numpy as np
     from PIL import Image, ImageDraw
@@ -411,7 +412,8 @@ def write_gif(path: Path, steps: np.ndarray, image: np.ndarray, size: int = 160,
     grey = _greyscale(image)
     cmap = _bits_colormap()
     steps = np.nan_to_num(np.asarray(steps, dtype=np.float64))
-    peak = float(steps.max()) if steps.size else 0.0
+    final = float(steps[-1].max()) if steps.size else 0.0
+    peak = final if final > 0 else (float(steps.max()) if steps.size else 0.0)
     vmax = peak if peak > 0 else 1.0
     strip = 36
     bar = cmap(np.linspace(0, 1, size - 16))[None, :, :3].repeat(6, axis=0)

@@ -161,6 +161,7 @@ def execute_run(cfg: RunConfig) -> int:
     class_names = list(bundle.info.class_names)
     settings = settings_for(cfg, cfg.seed, {"model": subject.name, "checkpoint": cfg.checkpoint,
                                             "data": bundle.info.spec,
+                                            "image_size": bundle.info.image_size,
                                             "label": cfg.label or subject.name,
                                             "class_names": class_names})
     check_settings(settings, dataset)  # nothing is written before the options are valid
@@ -212,9 +213,12 @@ def execute_plot(cfg: PlotConfig) -> int:
             print(f"warning: {directory} is left out of the figure — {warning}")
     fig, _ = plot_curves(results, cfg.labels, normalize=cfg.normalize, debiased=cfg.debiased,
                          title=cfg.title)
-    atomic_savefig(cfg.out, fig, dpi=150, bbox_inches="tight")
+    out = Path(cfg.out)
+    if not out.suffix:  # matplotlib would write PNG bytes under a name without an extension
+        out = out.with_suffix(".png")
+    atomic_savefig(out, fig, dpi=150, bbox_inches="tight")
     pyplot().close(fig)
-    print(f"→ {cfg.out}")
+    print(f"→ {out}")
     return 0
 
 
@@ -258,6 +262,7 @@ def execute_compare(cfg: CompareConfig) -> int:
         class_names = list(bundle.info.class_names)
         settings = settings_for(cfg, cfg.seed, {"model": name, "checkpoint": checkpoint,
                                                 "data": data, "label": label,
+                                                "image_size": bundle.info.image_size,
                                                 "class_names": class_names})
         dataset = bundle.split(cfg.split)
         say(f"\n== {label}: {name}")

@@ -233,8 +233,14 @@ def plot_curves(results: Sequence[InteractionResult], labels: Sequence[str] | No
         over = (f"{next(iter(banded))} images" if len(banded) == 1 else "the images of each run")
         handles.append(Patch(facecolor="grey", alpha=0.3))
         names.append(f"±1 s.e. (jackknife over {over})")
+    below = 0  # points taken under the axes by a legend placed there
     if plotted and (len(handles) > 1 or labels):
-        ax.legend(handles, names, fontsize=8)
+        if max(len(n) for n in names) > 32:
+            below = 11 * len(names) + 8  # long labels: below the axes, not over the curves
+            ax.legend(handles, names, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+                      frameon=False)
+        else:
+            ax.legend(handles, names, fontsize=8)
     if not plotted:
         ax.text(0.5, 0.5, "no curve to draw (see below)", transform=ax.transAxes, ha="center",
                 va="center", color="0.4")
@@ -243,7 +249,7 @@ def plot_curves(results: Sequence[InteractionResult], labels: Sequence[str] | No
         import textwrap
 
         text = "\n".join(textwrap.fill(n, 95, subsequent_indent="  ") for n in notes)
-        ax.annotate(text, xy=(0.5, 0), xycoords="axes fraction", xytext=(0, -34),
+        ax.annotate(text, xy=(0.5, 0), xycoords="axes fraction", xytext=(0, -34 - below),
                     textcoords="offset points", ha="center", va="top", fontsize=8, color="0.25")
     return fig, ax
 

@@ -64,6 +64,31 @@ def accepts_input_size(model: nn.Module, size: int, in_chans: int) -> bool:
         model.train(was_training)
 
 
+def _short(names: tuple[str, ...], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _check_class_names(card: ModelCard | None, names: tuple[str, ...] | None, spec: str,
+                       what: str, say: Callable[[str], None]) -> None:
+    """Compare the data's class names with the card's (case-insensitively; a card or data set
+    without names is not checked). The same classes in another order would score output ``i``
+    as another class: refused. Other names (wnids against words, another data set of the same
+    size) may be deliberate: one warning line."""
+    trained = tuple(card.class_names) if card is not None and card.class_names else None
+    if not trained or not names or len(trained) != len(names):
+        return
+    if tuple(n.lower() for n in trained) == tuple(n.lower() for n in names):
+        return
+    source = f" ({card.data_spec})" if card is not None and card.data_spec else ""
+    if sorted(n.lower() for n in trained) == sorted(n.lower() for n in names):
+        raise UserError(f"{spec} lists the same classes as {what} in another order, so its "
+                        "labels would be scored against the wrong outputs",
+                        f"use the data set the model was trained on{source}")
+    say(f"warning: {spec} has other class names ({_short(tuple(names))}) than {what} "
+        f"({_short(trained)}); output i is scored as the data's class i")
+
+
 def data_for_model(
     spec: str,
     card: ModelCard | None,
@@ -98,6 +123,7 @@ def data_for_model(
     if card is not None and info.num_classes != card.num_classes:
         raise UserError(f"{what} predicts {card.num_classes} classes but {spec} has "
                         f"{info.num_classes}", "use the data set the model was trained on")
+    _check_class_names(card, info.class_names, spec, what, say)
     if model is not None:
         classes = getattr(model, "num_classes", None)
         if isinstance(classes, int) and classes != info.num_classes:
