@@ -18,7 +18,7 @@ quickstart: $(STAMP)
 	$(BIN)/narrows quickstart
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -1,26 +1,14 @@
-"""Shared test setup: threads, random-init checkpoints with a full card.
-
-Under pytest-xdist (``make test`` runs two workers) each worker is pinned to a core of its own,
-so torch and every command's ``--threads 0`` use one thread there instead of oversubscribing.
-"""
+"""Shared test setup: keep torch to two threads; random-init checkpoints with a full card."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
-if _WORKER.startswith("gw") and hasattr(os, "sched_setaffinity"):
-    _cores = sorted(os.sched_getaffinity(0))
-    _count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if len(_cores) >= _count > 1:
-        os.sched_setaffinity(0, {_cores[int(_WORKER[2:]) % len(_cores)]})
-torch.set_num_threads(min(2, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity")
-                      else 2)
+torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

@@ -181,17 +181,13 @@ def test_explain_spreads_images_over_classes_and_names_them(folder, tmp_path):
 
 def test_statistics_note_is_one_line_once_and_not_after_explicit_n_samples(tmp_path, capsys,
                                                                             random_checkpoint):
-    from narrows.cli import attribution as cli
-
     checkpoint = random_checkpoint(TINY_SHAPES)
-    cli._NOTED.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no Python warning at all
         assert main(["attribution", "stats", "--checkpoint", checkpoint,
                      "--out", str(tmp_path / "a"), *QUIET]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line]
     assert len(notes) == 1 and notes[0].startswith("note:") and "--n-samples" in notes[0]
-    cli._NOTED.clear()
     assert main(["attribution", "stats", "--checkpoint", checkpoint, "--n-samples", "12",
                  "--out", str(tmp_path / "b"), *QUIET]) == 0
     printed = capsys.readouterr().out

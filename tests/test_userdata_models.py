@@ -267,7 +267,7 @@ def _rows(losses: list[float]) -> list[dict]:
              "test_top1": 0.4} for i, v in enumerate(losses)]
 
 
-@pytest.mark.parametrize("losses", [[1.2, 1.16, 1.1], [9.0, 2.0, 0.5, 0.1, 0.05]])
+@pytest.mark.parametrize("losses", [[1.2], [1.2, 1.16, 1.1], [9.0, 2.0, 0.5, 0.1, 0.05]])
 def test_curves_have_integer_epochs_plain_labels_and_a_title(losses):
     from narrows.plotting import plot_training_curves, pyplot
 

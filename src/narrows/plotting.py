@@ -50,6 +50,9 @@ def plot_training_curves(rows: Sequence[dict[str, Any]], ax: Any = None, title: 
     for a in axes:
         a.grid(alpha=0.3)
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(set(epochs)) == 1:  # one point: the locator would fall back to fractions
+            a.set_xticks(epochs)
+            a.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

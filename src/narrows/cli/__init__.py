@@ -16,9 +16,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from narrows.cli.app import UsageError, parse
     from narrows.cli.preflight import check
     from narrows.errors import UserError
+    from narrows.notes import forget_notes
 
     try:
         command, cfg = parse(argv)
+        forget_notes()  # each command run gives its own notes once
         check(cfg)  # before torch is imported: a mistake is answered at once
         return command.run(cfg)
     except (UserError, UsageError) as exc:

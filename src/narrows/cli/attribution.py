@@ -17,6 +17,7 @@ from narrows.cli.attribution_report import (
 )
 from narrows.cli.common import CommonOptions, SubjectOptions, load_subject, open_run, start
 from narrows.config import option, positive
+from narrows.notes import note_once
 
 if TYPE_CHECKING:
     import numpy as np
@@ -113,16 +114,6 @@ def _subject(cfg: LayerSubject):
 def n_samples(cfg) -> int:
     """The number of images for feature statistics: ``--n-samples`` or the default."""
     return cfg.n_samples if cfg.n_samples is not None else DEFAULT_N_SAMPLES
-
-
-_NOTED: set[str] = set()
-
-
-def note_once(key: str, text: str) -> None:
-    """Print ``note: text`` the first time ``key`` is noted in this process."""
-    if key not in _NOTED:
-        _NOTED.add(key)
-        print(f"note: {text}")
 
 
 def few_samples_note(cfg, n: int, split: str, what: str = "IBA's feature statistics") -> None:

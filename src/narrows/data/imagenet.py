@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from narrows.data.base import AUGMENTS, DataBundle, DataInfo
 from narrows.errors import UserError
+from narrows.notes import note_once
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -303,8 +304,9 @@ def file_bundle(spec: str, layout: FileLayout, image_size: int | None) -> DataBu
             raise UserError(f"{spec} has too few images to hold out a test split (no class has "
                             "2 images)", "add images, or give a val/ folder")
         if test:
-            _note_once(f"{layout.holdout_note} ({sum(is_test)} test / "
-                       f"{len(is_test) - sum(is_test)} train images)")
+            text = (f"{layout.holdout_note} ({sum(is_test)} test / "
+                    f"{len(is_test) - sum(is_test)} train images)")
+            note_once(text, text)
         keep = [i for i, t in enumerate(is_test) if t == test]
         return SplitListing([found.samples[i] for i in keep], [found.box_files[i] for i in keep])
 
@@ -336,7 +338,6 @@ def file_bundle(spec: str, layout: FileLayout, image_size: int | None) -> DataBu
 
 HOLDOUT_FRACTION = 0.2  # the part of each class held out as the test split of a flat folder
 HOLDOUT_SEED = 0  # fixed: the same files always give the same split
-_NOTED: set[str] = set()
 
 
 def holdout_split(
@@ -365,15 +366,6 @@ def holdout_split(
         for i in sorted(members, key=lambda j: rank(samples[j][0]))[:k]:
             is_test[i] = True
     return is_test
-
-
-def _note_once(text: str) -> None:
-    """Print ``note: text`` once per process (on rank 0 only under torchrun)."""
-    if text in _NOTED:
-        return
-    _NOTED.add(text)
-    if os.environ.get("RANK", "0") == "0":
-        print(f"note: {text}")
 
 
 def folder_test_split(path: str) -> str:

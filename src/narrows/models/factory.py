@@ -154,9 +154,6 @@ def _same_arch(a: str, b: str) -> bool:
     return timm.models.get_arch_name(a) == timm.models.get_arch_name(b)
 
 
-_NOTED: set[str] = set()
-
-
 def _rebuild_name(saved: str, given: str | None, source: str) -> str:
     """The architecture to build for a card naming ``saved``: a user model given again with
     ``--model`` (the same class, maybe moved) is taken from there; a file is noted once."""
@@ -173,10 +170,10 @@ def _rebuild_name(saved: str, given: str | None, source: str) -> str:
                 f"{path}, which does not exist",
                 f"put the file back, or pass --model path/to/file.py:{used.attribute}",
             )
-        if name not in _NOTED:
-            _NOTED.add(name)
-            print(f"note: importing {path} to rebuild {used.attribute} (named by the card of "
-                  f"{source}); its code runs as Python")
+        from narrows.notes import note_once
+
+        note_once(f"import:{name}", f"importing {path} to rebuild {used.attribute} (named by "
+                  f"the card of {source}); its code runs as Python")
     return name
 
 
