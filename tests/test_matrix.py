@@ -5,7 +5,7 @@ pickles, digits and shapes. Models: narrows' ``resnet20_cifar``, timm's ``resnet
 timm's ``test_vit`` at 64 px (its default is 160), each saved as a random-init checkpoint whose
 card carries the size. Each run asserts that it succeeds, writes its outputs, feeds the model
 images of the card's size only (a global forward pre-hook records every 3-channel image that
-reaches a module), and, where the data can be served at any size, that the same command given
+reaches a module), and, on the ImageNet tree (served at any size), that the same command given
 ``--image-size`` explicitly gives the same results.
 """
 
@@ -26,6 +26,7 @@ from narrows.cli import main
 
 DATA = ("split", "flat", "imagenet", "cifar10", "digits", "shapes")
 RESIZABLE = ("split", "flat", "imagenet")
+EXPLICIT = "imagenet"  # where each analysis is also run with --image-size given explicitly
 MODELS = {  # name → (architecture, size on resizable data)
     "resnet20": ("resnet20_cifar", 36),
     "resnet18": ("resnet18", 48),
@@ -161,7 +162,7 @@ def test_analysis_serves_the_cards_size(analysis, data, model, checkpoints, tmp_
         assert json.loads((out / "meta.json").read_text())["image_size"] == size
     if analysis == "evaluate":
         assert first["image_size"] == size
-    if data in RESIZABLE:
+    if data == EXPLICIT:
         explicit = tmp_path / "explicit"
         run([*words, "--checkpoint", checkpoint, "--out", str(explicit),
              "--image-size", str(size)])
@@ -169,11 +170,12 @@ def test_analysis_serves_the_cards_size(analysis, data, model, checkpoints, tmp_
 
 
 # --- every command, chained as a user runs them, on each data set and each model ------------
-# Each data set is paired with one model so that every command meets every data set and every
-# model (a covering of the grid; the analyses above cover it whole).
+# Each data set a user brings is paired with one model so that every command meets each of
+# them and every model (a covering of the grid; the analyses above cover it whole). digits, the
+# embedded demo set, is left out here: every command's own tests and the quickstart run on it.
 
 WORKFLOWS = [("split", "vit"), ("flat", "resnet18"), ("imagenet", "resnet18"),
-             ("cifar10", "resnet20"), ("digits", "vit"), ("shapes", "resnet20")]
+             ("cifar10", "resnet20"), ("shapes", "vit")]
 
 
 def _size_args(data: str, size: int) -> list[str]:
