@@ -238,13 +238,14 @@ def execute_compare(cfg: CompareConfig) -> int:
     from narrows.interactions.runner import select
     from narrows.plotting import pyplot
     from narrows.runs import RunDir, default_out
+    from narrows.runs.run import safe_name
     from narrows.training import Normalizer
 
     if len(cfg.models) < 1:
         raise UserError("no models to compare", "list them under 'models:' in --config, as "
                         "LABEL=CHECKPOINT or LABEL=MODEL_NAME")
     entries = [_entry(text) for text in cfg.models]
-    labels = [e[0] for e in entries]
+    labels = [safe_name(e[0], "model label") for e in entries]  # each is --out/LABEL
     if len(set(labels)) != len(labels):
         raise UserError("two models share a label", "give every model its own LABEL")
     session = start(cfg)

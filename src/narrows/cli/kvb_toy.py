@@ -198,6 +198,7 @@ def read_sweep(path: str | Path) -> Sweep:
     import yaml
 
     from narrows.errors import UserError
+    from narrows.runs.run import safe_name
 
     path = Path(path)
     if not path.is_file():
@@ -232,7 +233,9 @@ def read_sweep(path: str | Path) -> Sweep:
     if metrics is not None and (not isinstance(metrics, list) or not metrics):
         raise UserError(f"'metrics' in {path} must be a list of results.json keys",
                         "write e.g. 'metrics: [final_kv-1x400]', or drop it")
-    return Sweep(words, str(doc.get("name") or path.stem), options, grid,
+    name = str(doc.get("name") or path.stem)
+    safe_name(name, "sweep name")  # names runs/kvb-sweep/NAME
+    return Sweep(words, name, options, grid,
                  [str(m) for m in metrics] if metrics else None, doc.get("wandb_project"))
 
 

@@ -3,7 +3,8 @@ second, before the heavy imports (torch, timm) that the command itself needs.
 
 Each check looks at options by name, so every command gets them: files named by
 ``--checkpoint``-like options must exist, ``--data`` specs must parse and name an existing path,
-and ``--out`` must not be a regular file.
+and ``--out`` must be a place this process can write: a directory (or, for a figure, a file of
+a known format) under a writable directory.
 """
 
 from __future__ import annotations
@@ -44,5 +45,52 @@ def check(cfg: Any) -> None:
                 raise UserError(f"{_flag(name)} {value}: no such directory {root}",
                                 "expected " + LAYOUTS[parsed.kind].format(root=root))
     out = getattr(cfg, "out", None) if "out" in names else None
-    if isinstance(out, str) and out and Path(out).expanduser().is_file():
+    if isinstance(out, str) and out:
+        field = next(f for f in fields(cfg) if f.name == "out")
+        if field.metadata.get("metavar") == "FILE":
+            check_out_file(Path(out).expanduser())
+        else:
+            check_out_dir(Path(out).expanduser())
+
+
+FIGURE_FORMATS = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")
+
+
+def check_out_dir(out: Path) -> None:
+    """``--out DIR`` can become a directory: it is none of a file, and its first existing
+    ancestor is a directory this process can create entries in."""
+    if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file", "pass a directory (new or a run directory)")
+    _check_writable_ancestor(out, "--out")
+
+
+def check_out_file(out: Path) -> None:
+    """``--out FILE`` (a figure): not a directory, a known figure format, a writable place."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory", "pass a file name, e.g. fig.png")
+    suffix = out.suffix.lower().lstrip(".")
+    if suffix and suffix not in FIGURE_FORMATS:
+        raise UserError(f"--out {out}: unknown figure format '.{suffix}'",
+                        f"use one of: {', '.join('.' + f for f in FIGURE_FORMATS)}")
+    _check_writable_ancestor(out.parent, "--out")
+
+
+def _check_writable_ancestor(path: Path, flag: str) -> None:
+    """The first existing ancestor of ``path`` (itself included) is a directory in which an
+    entry can be created: tried with a temporary directory, removed at once (``os.access``
+    says yes to root on read-only mounts, immutable directories and /proc)."""
+    import os
+    import tempfile
+
+    ancestor = path.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{flag} {path}: {ancestor} is a file, not a directory",
+                        "choose a place under a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".narrows-check-", dir=ancestor))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"{flag} {path}: cannot write under {ancestor} ({reason})",
+                        "choose a writable place") from None

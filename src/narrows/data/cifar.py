@@ -1,11 +1,14 @@
 """CIFAR-10 and CIFAR-100 from the official "python version" pickle files.
 
-The files are pickles, so only load copies you trust (the official archive, or your own).
-Nothing is downloaded unless ``download=True``.
+The files are pickles. They are read with :class:`BatchUnpickler`, which builds only what the
+official files contain (dicts, lists, bytes, str, ints and numpy arrays) and refuses every other
+global, so a hostile file cannot run code (see docs/safety.md). Nothing is downloaded unless
+``download=True``.
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
 import pickle
 from collections.abc import Callable
@@ -133,10 +136,65 @@ def _malformed(path: Path, layout: CifarLayout, problem: str) -> UserError:
     )
 
 
+def _numpy_global(modules: tuple[str, ...], name: str) -> object:
+    """``name`` from the first of ``modules`` that has it (numpy 2 moved ``core`` to ``_core``)."""
+    import importlib
+
+    for module in modules:
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"numpy has no {name} in {' or '.join(modules)}")
+
+
+_MULTIARRAY = ("numpy._core.multiarray", "numpy.core.multiarray")
+_NUMERIC = ("numpy._core.numeric", "numpy.core.numeric")
+# the globals an official CIFAR pickle (Python 2 numpy, protocol 2) or a re-pickled copy
+# (Python 3 numpy, any protocol) refers to, and where each really lives in this numpy
+_ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[], object]] = {
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    **{
+        (m, "_reconstruct"): (lambda: _numpy_global(_MULTIARRAY, "_reconstruct"))
+        for m in _MULTIARRAY
+    },
+    **{(m, "scalar"): (lambda: _numpy_global(_MULTIARRAY, "scalar")) for m in _MULTIARRAY},
+    **{(m, "_frombuffer"): (lambda: _numpy_global(_NUMERIC, "_frombuffer")) for m in _NUMERIC},
+    # bytes pickled by Python 3 at protocol < 3 are rebuilt by codecs.encode(text, "latin1")
+    ("_codecs", "encode"): lambda: codecs.encode,
+}
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global that a CIFAR file never contains."""
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batch and meta files, refusing any global outside :data:`_ALLOWED_GLOBALS`.
+
+    Builtin containers and scalars (dict, list, tuple, bytes, str, int, float) need no global,
+    so they load as usual; everything else (``os.system``, ``builtins.eval``, any class with a
+    ``__reduce__``) is refused before it is looked up, so no code from the file runs.
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        make = _ALLOWED_GLOBALS.get((module, name))
+        if make is None:
+            raise RefusedGlobal(f"{module}.{name}")
+        return make()
+
+
 def _unpickle(path: Path, layout: CifarLayout) -> dict:
     try:
         with open(path, "rb") as f:
-            content = pickle.load(f, encoding="bytes")
+            content = BatchUnpickler(f, encoding="bytes").load()
+    except RefusedGlobal as exc:
+        raise UserError(
+            f"refused to read {layout.title} file {path}: it asks to run or build {exc}, "
+            "which no CIFAR file contains (it may be hostile)",
+            f"replace it with the file from the official archive ({layout.url})",
+        ) from exc
     except Exception as exc:  # unpickling can fail in many ways on a damaged file
         raise _malformed(path, layout, f"not a readable pickle ({type(exc).__name__})") from exc
     if not isinstance(content, dict):
@@ -153,8 +211,11 @@ def _field(content: dict, key: bytes, path: Path, layout: CifarLayout):
 def read_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:
     """One batch file as ``(uint8 N×3×32×32 images, int64 N labels)``."""
     content = _unpickle(path, layout)
-    data = np.asarray(_field(content, b"data", path, layout))
-    labels = np.asarray(_field(content, layout.label_key, path, layout))
+    try:
+        data = np.asarray(_field(content, b"data", path, layout))
+        labels = np.asarray(_field(content, layout.label_key, path, layout))
+    except (ValueError, TypeError) as exc:  # ragged lists: rows or labels of unequal lengths
+        raise _malformed(path, layout, f"rows of unequal length ({type(exc).__name__})") from exc
     if data.ndim != 2 or data.shape[1] != PIXELS or not np.issubdtype(data.dtype, np.integer):
         raise _malformed(path, layout, f"b'data' should be integers of shape N×{PIXELS}")
     if data.size and (data.min() < 0 or data.max() > 255):
@@ -163,6 +224,13 @@ def read_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]
         raise _malformed(path, layout, f"{layout.label_key!r} should hold one integer per image")
     if labels.size and (labels.min() < 0 or labels.max() >= layout.num_classes):
         raise _malformed(path, layout, f"labels outside 0..{layout.num_classes - 1}")
+    filenames = content.get(b"filenames")  # in the official files; optional in a copy
+    if filenames is not None and (
+        not isinstance(filenames, list | tuple) or len(filenames) != data.shape[0]
+    ):
+        raise _malformed(
+            path, layout, f"b'filenames' should list one name per image ({data.shape[0]})"
+        )
     # each row is the red plane, then green, then blue, each row-major 32×32
     images = data.astype(np.uint8).reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE)
     return images, labels.astype(np.int64)

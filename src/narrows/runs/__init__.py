@@ -8,7 +8,7 @@ from narrows.runs.files import (
     atomic_write_json,
     atomic_write_text,
 )
-from narrows.runs.run import RunDir, default_out
+from narrows.runs.run import RunDir, default_out, safe_name
 
 __all__ = [
     "RunDir",
@@ -19,4 +19,5 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "default_out",
+    "safe_name",
 ]

@@ -27,9 +27,34 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 
 
+def safe_name(name: str, what: str) -> str:
+    """``name`` unchanged when it can be one file or directory name inside a run directory.
+
+    Refused with one :class:`UserError` (never silently rewritten, so the user finds the run
+    under the name they gave): an empty name, a path separator, NUL, an absolute path, or a
+    name made only of dots (``.``, ``..``). ``what`` names the option in the message.
+    """
+    text = str(name)
+    if not text.strip():
+        bad = "it is empty"
+    elif "\0" in text:
+        bad = "it contains a NUL character"
+    elif text.startswith(("/", "\\")):
+        bad = "it is an absolute path"
+    elif "/" in text or "\\" in text:
+        bad = "it contains a path separator"
+    elif not text.strip("."):
+        bad = "it is only dots"
+    else:
+        return text
+    raise UserError(f"{what} {text!r} cannot name a directory: {bad}",
+                    f"give a plain {what}: one name, without '/', '\\' or '..'")
+
+
 def default_out(command: str, *parts: str) -> Path:
     """``runs/<command>/<part>-<part>``, with each part reduced to safe file-name characters."""
     name = "-".join(re.sub(r"[^A-Za-z0-9_.=]+", "_", p).strip("_") for p in parts if p)
+    name = re.sub(r"^\.+", "_", name)  # never '.', '..' or a hidden directory
     return Path("runs") / command / name if name else Path("runs") / command
 
 
