@@ -44,13 +44,17 @@ def check(cfg: Any) -> None:
             if not root.exists():
                 raise UserError(f"{_flag(name)} {value}: no such directory {root}",
                                 "expected " + LAYOUTS[parsed.kind].format(root=root))
-    out = getattr(cfg, "out", None) if "out" in names else None
-    if isinstance(out, str) and out:
-        field = next(f for f in fields(cfg) if f.name == "out")
-        if field.metadata.get("metavar") == "FILE":
-            check_out_file(Path(out).expanduser())
-        else:
-            check_out_dir(Path(out).expanduser())
+    if "out" not in names:
+        return
+    out = getattr(cfg, "out", None)
+    field = next(f for f in fields(cfg) if f.name == "out")
+    if not out:  # the default place: runs/... under the working directory
+        _check_writable_ancestor(Path("runs"), "the default output place runs/",
+                                 fix="pass --out DIR in a writable place")
+    elif field.metadata.get("metavar") == "FILE":
+        check_out_file(Path(out).expanduser())
+    else:
+        check_out_dir(Path(out).expanduser())
 
 
 FIGURE_FORMATS = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")
@@ -61,7 +65,7 @@ def check_out_dir(out: Path) -> None:
     ancestor is a directory this process can create entries in."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file", "pass a directory (new or a run directory)")
-    _check_writable_ancestor(out, "--out")
+    _check_writable_ancestor(out, f"--out {out}")
 
 
 def check_out_file(out: Path) -> None:
@@ -72,10 +76,10 @@ def check_out_file(out: Path) -> None:
     if suffix and suffix not in FIGURE_FORMATS:
         raise UserError(f"--out {out}: unknown figure format '.{suffix}'",
                         f"use one of: {', '.join('.' + f for f in FIGURE_FORMATS)}")
-    _check_writable_ancestor(out.parent, "--out")
+    _check_writable_ancestor(out.parent, f"--out {out}")
 
 
-def _check_writable_ancestor(path: Path, flag: str) -> None:
+def _check_writable_ancestor(path: Path, what: str, fix: str = "choose a writable place") -> None:
     """The first existing ancestor of ``path`` (itself included) is a directory in which an
     entry can be created: tried with a temporary directory, removed at once (``os.access``
     says yes to root on read-only mounts, immutable directories and /proc)."""
@@ -86,11 +90,10 @@ def _check_writable_ancestor(path: Path, flag: str) -> None:
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise UserError(f"{flag} {path}: {ancestor} is a file, not a directory",
+        raise UserError(f"{what}: {ancestor} is a file, not a directory",
                         "choose a place under a directory")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".narrows-check-", dir=ancestor))
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise UserError(f"{flag} {path}: cannot write under {ancestor} ({reason})",
-                        "choose a writable place") from None
+        raise UserError(f"{what}: cannot write under {ancestor} ({reason})", fix) from None
