@@ -119,8 +119,32 @@ def _from_checkpoint(
         )
     adopt_decomposed_head(model, ckpt.state_dict, source)  # a 'decompose finetune' checkpoint
     load_state_dict_strict(model, ckpt.state_dict, source, name=arch)
+    check_finite(model, source)
     model.eval()
     return LoadedModel(model, card, ckpt.extra)
+
+
+def first_nonfinite(model: nn.Module) -> tuple[str, str] | None:
+    """``(name, "NaN" or "infinite")`` of the first parameter or buffer of ``model`` holding a
+    NaN or infinite value, ``None`` when every floating-point tensor is finite."""
+    for key, tensor in model.state_dict().items():
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        if not bool(torch.isfinite(tensor).all()):
+            return key, "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+    return None
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """Raise :class:`UserError` when the weights loaded from ``source`` hold NaN or infinity
+    (a diverged training run): no analysis of such a model means anything."""
+    bad = first_nonfinite(model)
+    if bad is not None:
+        raise UserError(
+            f"checkpoint {source} holds {bad[1]} weights (first in '{bad[0]}'): the training "
+            "that wrote it diverged",
+            "use a checkpoint from before it diverged, or train again with a lower --lr",
+        )
 
 
 def infer_sizes(name: str, state_dict: dict[str, torch.Tensor]) -> tuple[int | None, int | None]:

@@ -28,6 +28,19 @@ from narrows.training.settings import TrainSettings, learning_rate
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 LAST, BEST, INIT = "last.pt", "best.pt", "init.pt"
+CHECK_EVERY = 16  # steps between looks at the loss (each look waits for the accelerator)
+
+
+class Diverged(UserError):
+    """The loss (or the weights) became NaN or infinite: training cannot go on."""
+
+    def __init__(self, happened: str, lr: float, kept: str = "") -> None:
+        self.happened, self.lr = happened, lr
+        super().__init__(
+            f"training diverged: {happened} (--lr {lr:g})",
+            "the learning rate (or weight decay) is likely too high: train again with a lower "
+            f"--lr, e.g. 10× lower{kept}",
+        )
 
 
 @dataclass
@@ -118,8 +131,13 @@ def train_one_epoch(
     loss_fn: LossFn,
     *,
     progress: bool = False,
+    dist: Distributed | None = None,
 ) -> EpochStats:
-    """One pass over ``loader``; the learning rate follows the schedule every step."""
+    """One pass over ``loader``; the learning rate follows the schedule every step.
+
+    A NaN or infinite loss raises :class:`Diverged` naming the first such step; the loss is
+    looked at every ``CHECK_EVERY`` steps and at the last (all ranks agree under ``dist``).
+    """
     from tqdm.auto import tqdm
 
     model.train()
@@ -127,6 +145,8 @@ def train_one_epoch(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
+    # the first step with a non-finite loss, ``steps`` while there is none: kept on the device
+    first_bad = torch.full((), steps, dtype=torch.int64, device=device)
     start = time.perf_counter()
     # disable=None: bars on a terminal, none in logs and pipes
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{settings.epochs}", leave=False,
@@ -138,6 +158,10 @@ def train_one_epoch(
         inputs = normalizer(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
         loss, logits = loss_fn(model, inputs, labels)
+        first_bad = torch.where(torch.isfinite(loss.detach()), first_bad,
+                                torch.clamp(first_bad, max=step))
+        if step % CHECK_EVERY == CHECK_EVERY - 1 or step == steps - 1:
+            _stop_if_bad(first_bad, steps, epoch, settings, dist)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -147,6 +171,7 @@ def train_one_epoch(
         seen += n
         if progress and step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+    _stop_if_bad(first_bad, steps, epoch, settings, dist)  # a loader shorter than announced
     seconds = time.perf_counter() - start
     return EpochStats(float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1), seen, seconds)
 
@@ -201,10 +226,16 @@ def fit(
     for epoch in range(start_epoch, settings.epochs):
         torch.manual_seed(derive_seed(settings.seed, epoch, dist.rank, 2))
         loader = epoch_loader(train_set, settings, epoch, dist, pin=device.type == "cuda")
-        stats = train_one_epoch(trained, loader, optimizer, settings, epoch, normalizer, device,
-                                loss_fn, progress=show)
+        kept = (f"; the last good checkpoint, {run.file(LAST)} (epoch {epoch}), is kept"
+                if run is not None and epoch > 0 else "")
+        try:
+            stats = train_one_epoch(trained, loader, optimizer, settings, epoch, normalizer,
+                                    device, loss_fn, progress=show, dist=dist)
+        except Diverged as exc:
+            raise Diverged(exc.happened, exc.lr, kept) from None
         stats = _reduce_stats(stats, dist, device)
         _sync_buffers(model, dist)
+        _check_weights(model, epoch, settings, kept)  # never save a non-finite checkpoint
         final = evaluate(model, test_set, normalizer, device, batch_size=settings.eval_batch_size,
                          workers=settings.workers, dist=dist)
         row = {
@@ -243,6 +274,30 @@ def fit(
         last_checkpoint=str(run.file(LAST)) if run else None,
         best_checkpoint=str(run.file(BEST)) if run else None,
     )
+
+
+def _stop_if_bad(first_bad: torch.Tensor, steps: int, epoch: int, settings: TrainSettings,
+                 dist: Distributed | None) -> None:
+    """Raise :class:`Diverged` when some step (on any rank) had a non-finite loss."""
+    if dist is not None and dist.enabled:
+        import torch.distributed as tdist
+
+        first_bad = first_bad.clone()
+        tdist.all_reduce(first_bad, op=tdist.ReduceOp.MIN)
+    step = int(first_bad.item())
+    if step < steps:
+        raise Diverged(f"the loss became NaN or infinite at epoch {epoch + 1}/{settings.epochs}"
+                       f", step {step + 1}/{steps}", settings.lr)
+
+
+def _check_weights(model: nn.Module, epoch: int, settings: TrainSettings, kept: str) -> None:
+    """Raise :class:`Diverged` when a weight or buffer is no longer finite after ``epoch``."""
+    from narrows.models.factory import first_nonfinite
+
+    bad = first_nonfinite(model)
+    if bad is not None:
+        raise Diverged(f"the weights became {bad[1]} (first in '{bad[0]}') during epoch "
+                       f"{epoch + 1}/{settings.epochs}", settings.lr, kept)
 
 
 def _curves_title(card: Any, n_train: int, n_test: int) -> str:
@@ -329,6 +384,9 @@ def _resume(run: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer):
     try:
         state = torch.load(run.file(LAST), map_location="cpu", weights_only=True)
         load_state_dict_strict(model, state["state_dict"], str(run.file(LAST)))
+        from narrows.models.factory import check_finite
+
+        check_finite(model, str(run.file(LAST)))
         optimizer.load_state_dict(state["optimizer"])
         epoch, best = int(state["epoch"]), float(state["best_top1"])
     except UserError:
