@@ -66,3 +66,18 @@ def test_metrics_round_trip(tmp_path):
 def test_default_out_is_a_safe_path():
     assert str(default_out("train", "resnet20_cifar", "cifar10:/data/x")) == \
         "runs/train/resnet20_cifar-cifar10_data_x"
+
+
+def test_resuming_removes_temporaries_a_killed_write_left(tmp_path):
+    """A kill during an atomic write leaves ``.<name>.<random>.tmp``; the next run removes it."""
+    from narrows.runs import RunDir
+
+    run = RunDir.open(tmp_path / "r", "cmd", {"a": 1}, {"a": 1})
+    run.write_text("result.txt", "done")
+    (run.path / "figs").mkdir()
+    stale = [run.path / ".curves.png.abc123.tmp", run.path / "figs" / ".x.png.q.tmp"]
+    for path in stale:
+        path.write_bytes(b"")
+    RunDir.open(tmp_path / "r", "cmd", {"a": 1}, {"a": 1})
+    assert not any(path.exists() for path in stale)
+    assert (run.path / "result.txt").read_text() == "done"

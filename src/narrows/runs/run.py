@@ -120,6 +120,8 @@ class RunDir:
                 f"refusing to --overwrite {run.path}: it is not a narrows run directory",
                 "choose another --out",
             )
+        if writer and saved is not None and not overwrite:
+            run._remove_stale_temporaries()
         if writer:
             run._pending = {"command": command, "narrows_version": __version__,
                             "options": _plain(config), "result_options": _plain(result_config)}
@@ -128,6 +130,13 @@ class RunDir:
             else:
                 claim_on_first_write(run.path, run)
         return run
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete the temporary files of atomic writes that a killed run left behind
+        (``.<name>.<random>.tmp``; a finished write renames its file, so none is current)."""
+        for stale in self.path.rglob(".*.tmp"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
 
     def claim(self) -> None:
         """Create the directory and write the pending config (done by the first write)."""
