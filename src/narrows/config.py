@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -46,12 +47,34 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def _infinite(value: Any) -> bool:
+    return isinstance(value, float) and math.isinf(value)
+
+
 def positive(value: Any) -> str | None:
-    return None if value is None or value > 0 else "must be > 0"
+    """A finite number > 0 (``inf`` is no learning rate or size)."""
+    if value is None:
+        return None
+    if _infinite(value):
+        return "must be finite"
+    return None if value > 0 else "must be > 0"
 
 
 def non_negative(value: Any) -> str | None:
-    return None if value is None or value >= 0 else "must be >= 0"
+    """A finite number >= 0."""
+    if value is None:
+        return None
+    if _infinite(value):
+        return "must be finite"
+    return None if value >= 0 else "must be >= 0"
+
+
+def at_least(minimum: int) -> Callable[[Any], str | None]:
+    """A check: a number >= ``minimum``."""
+    def check(value: Any) -> str | None:
+        return None if value is None or value >= minimum else f"must be >= {minimum}"
+
+    return check
 
 
 def flag_name(name: str) -> str:

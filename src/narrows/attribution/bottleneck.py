@@ -32,6 +32,8 @@ class Bottleneck(nn.Module):
     Only ``alpha`` is a parameter. After each forward, ``capacity`` holds the per-element
     capacity (nats, shaped B×S, zero where the mask is off). With ``active = False`` the module
     is the identity. ``expand_to`` repeats a batch-of-one input B times before the noise.
+    ``generator`` (a ``torch.Generator`` on the features' device), when set, draws the noise
+    instead of the global RNG.
     """
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, mask: torch.Tensor, *,
@@ -49,6 +51,7 @@ class Bottleneck(nn.Module):
         self.relu = relu
         self.active = True
         self.expand_to: int | None = None
+        self.generator: torch.Generator | None = None
         self.capacity: torch.Tensor | None = None
 
     @classmethod
@@ -86,7 +89,11 @@ class Bottleneck(nn.Module):
                             f"statistics are shaped {tuple(self.alpha.shape)}",
                             "estimate statistics at this layer and input resolution")
         lam, one_minus = self.lambdas()
-        eps = self.std * torch.randn_like(r) + self.mean
+        if self.generator is None:
+            noise = torch.randn_like(r)
+        else:
+            noise = torch.randn(r.shape, generator=self.generator, dtype=r.dtype, device=r.device)
+        eps = self.std * noise + self.mean
         z = lam * r + one_minus * eps
         z = torch.where(self.mask, z, torch.zeros((), dtype=z.dtype, device=z.device))
         if self.relu:

@@ -12,7 +12,7 @@ random or mixes samples).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,14 +34,17 @@ class IBA:
     """Per-sample Information Bottleneck Attribution on ``model`` at ``layer``.
 
     ``layer=None`` picks :func:`default_layer`. ``statistics`` must describe that layer at the
-    input resolution used (see :meth:`estimate`).
+    input resolution used (see :meth:`estimate`). With ``seed`` set, each image's noise comes
+    from its own generator seeded from ``(seed, image id)`` (see :meth:`attribute`), so a heatmap
+    does not depend on which images were explained before it; ``None`` uses the global RNG.
     """
 
     def __init__(self, model: nn.Module, layer: str | None = None,
                  statistics: FeatureStatistics | None = None, *, beta: float = 10.0,
                  steps: int = 10, batch_size: int = 10, lr: float = 1.0,
                  alpha_init: float = 5.0, sigma: float = 1.0, final_eval: bool = False,
-                 record_steps: bool = False, relu: bool | None = None) -> None:
+                 record_steps: bool = False, relu: bool | None = None,
+                 seed: int | None = None) -> None:
         if steps < 1 or batch_size < 1:
             raise UserError(f"steps={steps} and batch_size={batch_size} must be ≥ 1",
                             "use the defaults steps=10, batch_size=10")
@@ -52,6 +55,7 @@ class IBA:
         self.beta, self.steps, self.batch_size, self.lr = float(beta), steps, batch_size, lr
         self.alpha_init, self.sigma, self.final_eval = alpha_init, sigma, final_eval
         self.record_steps, self.relu = record_steps, relu
+        self.seed = seed
 
     def estimate(self, batches: Iterable[Any], n_samples: int = 10_000,
                  kind: Kind = "welford", device: str | torch.device | None = None) -> FeatureStatistics:
@@ -71,14 +75,20 @@ class IBA:
         return Bottleneck.from_statistics(stats, alpha_init=self.alpha_init, sigma=self.sigma,
                                           relu=self.relu).to(device)
 
-    def attribute(self, inputs: torch.Tensor, target: Target) -> AttributionResult:
+    def attribute(self, inputs: torch.Tensor, target: Target,
+                  ids: Sequence[int] | None = None) -> AttributionResult:
         """Heatmaps (bits per input pixel) for 1 image (C, H, W) or N images (N, C, H, W).
 
         ``target``: a class index for all images, a tensor with one class per image, or a
         callable ``target(logits) -> scalar loss`` used instead of the cross-entropy.
+        ``ids``: one id per image (e.g. its dataset index) keying its noise when ``seed`` is set
+        [default: the position in ``inputs``].
         """
         x = as_batch(inputs)
         targets = per_image_targets(target, x.shape[0])
+        ids = list(range(x.shape[0])) if ids is None else [int(i) for i in ids]
+        if len(ids) != x.shape[0]:
+            raise UserError(f"{len(ids)} image ids for {x.shape[0]} images", "give one id per image")
         device = x.device
         bottleneck = self._bottleneck(device)
         size = (int(x.shape[-2]), int(x.shape[-1]))
@@ -86,6 +96,7 @@ class IBA:
         with frozen(self.model), bottleneck.attached(self.model, self.layer):
             for i in range(x.shape[0]):
                 start = time.perf_counter()
+                bottleneck.generator = self._generator(ids[i], device)
                 cap, history = self._fit_one(bottleneck, x[i : i + 1], targets[i])
                 seconds.append(time.perf_counter() - start)
                 caps.append(cap)
@@ -101,6 +112,14 @@ class IBA:
             step_heatmaps=np.stack(step_maps) if self.record_steps else None,
             meta=meta,
         )
+
+    def _generator(self, image_id: int, device: torch.device) -> torch.Generator | None:
+        """A generator seeded from (seed, image id) on ``device``; ``None`` without a seed."""
+        if self.seed is None:
+            return None
+        from narrows.runtime import derive_seed
+
+        return torch.Generator(device=device).manual_seed(derive_seed(self.seed, image_id))
 
     def _fit_one(self, bottleneck: Bottleneck, x1: torch.Tensor,
                  target: int | Callable[[torch.Tensor], torch.Tensor],
@@ -141,6 +160,7 @@ class IBA:
             "method": "IBA", "variant": "per_sample", "layer": self.layer, "beta": self.beta,
             "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
             "alpha_init": self.alpha_init, "sigma": self.sigma, "final_eval": self.final_eval,
+            "seed": self.seed,
             "relu": bool(stats.relu if self.relu is None else self.relu),
             "statistics": {"kind": stats.kind, "n": stats.n, "min_std": stats.min_std},
             "feature_shape": list(shape), "units": "bits per input pixel", "signed": False,

@@ -16,7 +16,7 @@ from narrows.cli.attribution_report import (
     write_results,
 )
 from narrows.cli.common import CommonOptions, SubjectOptions, load_subject, open_run, start
-from narrows.config import option, positive
+from narrows.config import at_least, option, positive
 from narrows.notes import note_once
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class EvaluateConfig(ImageChoice, IBAOptions, StatisticsOptions, LayerSubject, C
     images: int = option(50, "evaluate on N test images (chosen by --select)", check=positive)
     tile: int = option(8, "tile side in pixels for degradation and sensitivity-n",
                        check=positive)
-    points: int = option(100, "degradation: points per MoRF/LeRF curve", check=positive)
+    points: int = option(100, "degradation: points per MoRF/LeRF curve", check=at_least(2))
     n_sets: int = option(100, "sensitivity-n: random tile subsets per n", check=positive)
     eval_batch_size: int = option(128, "perturbed images per forward pass", check=positive,
                                   affects_result=False)
@@ -255,14 +255,22 @@ def _readout_iba(path: str, net):
 
 
 def _attribute(method: str, net, inputs: torch.Tensor, targets: torch.Tensor, cfg, stats,
-               record_steps: bool = False):
-    """An :class:`AttributionResult` of ``method`` for a batch of normalised ``inputs``."""
+               record_steps: bool = False, ids: list[int] | None = None):
+    """An :class:`AttributionResult` of ``method`` for a batch of normalised ``inputs``.
+
+    ``ids`` (the images' dataset indices) key each image's random draws on ``(cfg.seed, id)``,
+    so a heatmap does not depend on the images explained before it (IBA's noise; the seed of
+    random and SmoothGrad, given one image at a time). Without ``ids`` the global RNG is used.
+    """
     from narrows.attribution import IBA, AttributionResult, make_method
+    from narrows.attribution.baselines import ALIASES, BASELINES
+    from narrows.runtime import derive_seed
 
     if method == "iba":
         iba = IBA(net, cfg.layer, stats, beta=cfg.beta, steps=cfg.steps,
-                  batch_size=cfg.iba_batch, record_steps=record_steps)
-        return iba.attribute(inputs, targets)
+                  batch_size=cfg.iba_batch, record_steps=record_steps,
+                  seed=None if ids is None else cfg.seed)
+        return iba.attribute(inputs, targets, ids=ids)
     if method == "readout":
         from narrows.errors import UserError
 
@@ -273,7 +281,10 @@ def _attribute(method: str, net, inputs: torch.Tensor, targets: torch.Tensor, cf
             raise UserError(f"the images are {tuple(inputs.shape[1:])} but {cfg.readout} was "
                             f"trained on {expected}", "use the data the readout was trained on")
         return readout.attribute(inputs, targets)
-    baseline = make_method(method, net)
+    options = {}
+    if ids is not None and len(ids) == 1 and "seed" in BASELINES[ALIASES.get(method, method)].defaults:
+        options["seed"] = derive_seed(cfg.seed, ids[0])
+    baseline = make_method(method, net, **options)
     maps = baseline.attribute(inputs, targets)
     return AttributionResult(heatmaps=maps.cpu().numpy(), targets=targets.tolist(),
                              meta=baseline.describe())
@@ -359,7 +370,8 @@ def execute_explain(cfg: ExplainConfig) -> int:
     for i in _progress(todo, cfg.progress, cfg.method):
         image, label = _batch(dataset, [i])
         result = _attribute(cfg.method, net, normalizer(image.to(session.device)),
-                            label.to(session.device), cfg, stats, record_steps=cfg.gif)
+                            label.to(session.device), cfg, stats, record_steps=cfg.gif,
+                            ids=[i])
         result.meta = {**result.meta, "model": name, "data": bundle.info.spec, "index": i}
         result.save(run.file("items") / f"{i}")
         fig, _ = result.plot(0, image[0], class_names=class_names,
@@ -501,7 +513,8 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
         if heatmaps is None:
             maps = []
             for i in _progress(range(n), cfg.progress, method):
-                result = _attribute(method, net, inputs[i : i + 1], labels[i : i + 1], cfg, stats)
+                result = _attribute(method, net, inputs[i : i + 1], labels[i : i + 1], cfg, stats,
+                                    ids=[indices[i]])
                 maps.append(result.heatmaps[0])
             heatmaps = np.stack(maps).astype(np.float32)
             atomic_write(cache, lambda fh, m=heatmaps: np.savez_compressed(
