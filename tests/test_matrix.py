@@ -1,4 +1,4 @@
-"""Every command on the data sets and models a user brings (issue 10's matrix).
+"""Every command on the data sets and models a user brings (issue 10 matrix).
 
 Data: class folders with a split, a flat folder, an ImageNet tree with box XMLs, the CIFAR-10
 pickles, digits and shapes. Models: narrows' ``resnet20_cifar``, timm's ``resnet18`` at 48 px and
@@ -33,6 +33,9 @@ MODELS = {  # name → (architecture, size on resizable data)
     "vit": ("test_vit", 64),
 }
 QUIET = ["--no-progress", "--threads", "1"]
+# digits (1,797 embedded images, the demo set) meets only narrows' own model here: its size is
+# fixed, and the timm models meet every other fixed-size set (cifar10, shapes).
+CELLS = [(d, m) for d in DATA for m in MODELS if d != "digits" or m == "resnet20"]
 
 
 @pytest.fixture(scope="session")
@@ -58,23 +61,23 @@ def checkpoints(tmp_path_factory, specs) -> dict[tuple[str, str], tuple[str, int
     root = tmp_path_factory.mktemp("matrix-checkpoints")
     made: dict[tuple[str, str], tuple[str, int]] = {}
     infos = {}
-    for data in DATA:
-        for model, (arch, size) in MODELS.items():
-            if data not in infos:
-                infos[data] = load(specs[data]).info
-            info = infos[data]
-            if data not in RESIZABLE:
-                size = info.image_size
-            kwargs = size_kwargs(arch, size)
-            torch.manual_seed(0)
-            net = create(arch, num_classes=info.num_classes, in_chans=info.in_chans, **kwargs)
-            card = ModelCard(architecture=arch, num_classes=info.num_classes,
-                             in_chans=info.in_chans, input_size=size, mean=tuple(info.mean),
-                             std=tuple(info.std), class_names=tuple(info.class_names),
-                             data_spec=specs[data], model_kwargs=kwargs)
-            path = root / f"{model}-{data}.pt"
-            save_model(path, net, card)
-            made[data, model] = (str(path), size)
+    for data, model in CELLS:  # one checkpoint per cell of the grid
+        arch, size = MODELS[model]
+        if data not in infos:
+            infos[data] = load(specs[data]).info
+        info = infos[data]
+        if data not in RESIZABLE:
+            size = info.image_size
+        kwargs = size_kwargs(arch, size)
+        torch.manual_seed(0)
+        net = create(arch, num_classes=info.num_classes, in_chans=info.in_chans, **kwargs)
+        card = ModelCard(architecture=arch, num_classes=info.num_classes,
+                         in_chans=info.in_chans, input_size=size, mean=tuple(info.mean),
+                         std=tuple(info.std), class_names=tuple(info.class_names),
+                         data_spec=specs[data], model_kwargs=kwargs)
+        path = root / f"{model}-{data}.pt"
+        save_model(path, net, card)
+        made[data, model] = (str(path), size)
     return made
 
 
@@ -148,8 +151,7 @@ def _same(a, b) -> None:
         assert a == b
 
 
-@pytest.mark.parametrize("model", list(MODELS))
-@pytest.mark.parametrize("data", DATA)
+@pytest.mark.parametrize(("data", "model"), CELLS)
 @pytest.mark.parametrize("analysis", list(ANALYSES))
 def test_analysis_serves_the_cards_size(analysis, data, model, checkpoints, tmp_path):
     checkpoint, size = checkpoints[data, model]

@@ -25,16 +25,25 @@ def _one_error_line(capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("option", [["--lr", "1e6"], ["--lr", "inf"], ["--weight-decay", "inf"]])
-def test_train_with_a_huge_rate_stops_and_saves_no_nan_checkpoint(tmp_path, capsys, option):
+def test_train_with_a_huge_rate_stops_and_saves_no_nan_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--data", TINY, "--model", "resnet20_cifar", "--epochs", "1",
-            "--batch-size", "4", *option, "--out", str(out), "--no-progress"]
+            "--batch-size", "4", "--lr", "1e6", "--out", str(out), "--no-progress"]
     assert main(args) == 2
     err = _one_error_line(capsys)
     assert "training diverged" in err and "epoch 1/1" in err and "lower --lr" in err
     assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
     assert all(_all_finite(p) for p in out.glob("*.pt"))  # init.pt only
+
+
+@pytest.mark.parametrize("option", [["--lr", "inf"], ["--weight-decay", "inf"]])
+def test_infinite_rates_are_refused_before_training(tmp_path, capsys, option):
+    out = tmp_path / "run"
+    args = ["train", "--data", TINY, "--model", "resnet20_cifar", "--epochs", "1",
+            "--batch-size", "4", *option, "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    assert "must be finite" in _one_error_line(capsys)
+    assert not out.exists()
 
 
 def test_a_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
