@@ -415,11 +415,20 @@ def test_folder_without_splits_holds_out_a_test_split(tmp_path):
 
 @pytest.mark.parametrize("test_name", ["val", "test"])
 def test_folder_with_train_and_val(tmp_path, test_name):
-    write_classes(tmp_path / "train", {"a": 2, "b": 2})
+    write_classes(tmp_path / "train", {"a": 2, "b": 2, "c": 1})
     write_classes(tmp_path / test_name, {"a": 1, "b": 1, "c": 1})
     bundle = load(f"folder:{tmp_path}", image_size=16)
     assert bundle.info.class_names == ("a", "b", "c")
-    assert len(bundle.train("none")) == 4 and bundle.test().targets == [0, 1, 2]
+    assert len(bundle.train("none")) == 5 and bundle.test().targets == [0, 1, 2]
+
+
+@pytest.mark.parametrize("test_name", ["val", "test"])
+def test_folder_whose_splits_have_different_classes_is_refused(tmp_path, test_name):
+    """A class only in val (a misspelt folder, or one never trained on) was scored silently."""
+    write_classes(tmp_path / "train", {"a": 2, "b": 2})
+    write_classes(tmp_path / test_name, {"a": 1, "b": 1, "c": 1})
+    with pytest.raises(UserError, match="no folder for the class.* c that the other split"):
+        load(f"folder:{tmp_path}", image_size=16)
 
 
 def test_empty_or_missing_folder_is_a_user_error(tmp_path):

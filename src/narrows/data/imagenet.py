@@ -386,13 +386,20 @@ def _require_dir(root: Path, missing: UserError) -> None:
 
 
 def _classes_of(split_dirs: Iterable[Path | None], missing: UserError) -> list[str]:
-    """Sorted union of the class folders of the present splits; none at all is an error."""
-    names: set[str] = set()
-    for folder in split_dirs:
-        if folder is not None:
-            names.update(class_folders(folder))
+    """The sorted class folders of the present splits; none at all is an error, and so are
+    splits with different classes (a class without training images, or a misspelt folder,
+    would be trained and scored silently)."""
+    found = {folder: set(class_folders(folder)) for folder in split_dirs if folder is not None}
+    names = set().union(*found.values()) if found else set()
     if not names:
         raise UserError(missing.what, missing.fix)
+    for folder, classes in found.items():
+        absent = sorted(names - classes)
+        if absent and classes:
+            shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5
+                                             else "")
+            raise UserError(f"{folder} has no folder for the class(es) {shown} that the other "
+                            "split has", "give every split the same class folders")
     return sorted(names)
 
 
