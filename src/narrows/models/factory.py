@@ -311,20 +311,34 @@ def _refuse(problem: tuple[str, bool], name: str, image_size: int, num_classes: 
     )
 
 
+def run_zero_image(model: nn.Module, in_chans: int, size: int) -> tuple[Any, str | None]:
+    """Run one zero ``size×size`` image through ``model`` (eval mode, no gradients, on the
+    model's device; its mode is restored): ``(output, None)``, or ``(None, the error's first
+    line)`` when the model cannot take the input."""
+    try:
+        parameter = next(model.parameters())
+        device, dtype = parameter.device, parameter.dtype
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.float32
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(torch.zeros(1, in_chans, size, size, device=device, dtype=dtype)), None
+    except Exception as exc:  # any failure means the same: the model cannot take this input
+        return None, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    finally:
+        model.train(was_training)
+
+
 def _forward_problem(
     model: nn.Module, in_chans: int, size: int, num_classes: int
 ) -> tuple[str, bool] | None:
     """``None`` when one zero image runs through ``model`` to ``num_classes`` logits, else
     ``(what went wrong, whether it is the output shape)``."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros(1, in_chans, size, size))
-    except Exception as exc:  # any failure means the same: the model cannot take this input
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200], False
-    finally:
-        model.train(was_training)
+    out, error = run_zero_image(model, in_chans, size)
+    if error is not None:
+        return error, False
     if not isinstance(out, torch.Tensor):
         return f"a {type(out).__name__} instead of a tensor of logits", True
     if out.ndim != 2 or out.shape != (1, num_classes):

@@ -40,28 +40,15 @@ def accepts_input_size(model: nn.Module, size: int, in_chans: int) -> bool:
     A timm ViT built for one size with a strict patch embedding is answered from its
     attributes; any other model is tried once (its train/eval mode is restored).
     """
-    import torch
+    from narrows.models.factory import run_zero_image
+
 
     embed = getattr(model, "patch_embed", None)
     if embed is not None and not getattr(model, "dynamic_img_size", False):
         img_size = getattr(embed, "img_size", None)
         if getattr(embed, "strict_img_size", False) and img_size is not None:
             return tuple(img_size) == (size, size)
-    try:
-        parameter = next(model.parameters())
-        device, dtype = parameter.device, parameter.dtype
-    except StopIteration:
-        device, dtype = torch.device("cpu"), torch.float32
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, in_chans, size, size, device=device, dtype=dtype))
-        return True
-    except Exception:  # any failure means the same: the network cannot take this size
-        return False
-    finally:
-        model.train(was_training)
+    return run_zero_image(model, in_chans, size)[1] is None
 
 
 def _short(names: tuple[str, ...], limit: int = 4) -> str:
