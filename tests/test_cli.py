@@ -27,7 +27,7 @@ def narrows(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
     [
         (["train", "--data", "cifar10:/nonexistent"], "cifar-10-batches-py"),
         (["train", "--model", "resnet20_cifra"], "did you mean resnet20_cifar"),
-        (["train", "--epochs", "0"], "--epochs: must be > 0"),
+        (["train", "--epochs", "0"], "--epochs 0 is not > 0"),
         (["train", "--lr", "fast"], "bad value 'fast' for --lr"),
         (["train", "--bogus"], "narrows train --help"),
         (["train", "--data", "mnist"], "unknown data spec 'mnist'"),

@@ -71,6 +71,7 @@ def test_kv_keeps_every_class_while_mlp_and_linear_probe_forget(small_run):
 
 
 def test_lockstep_training_gives_each_seed_its_own_result():
+    torch.set_num_threads(2)  # an earlier command of the session may have set another count
     torch.manual_seed(0)
     kwargs = {"steps": 40, "key_batches_count": 300, "resolution": 8, "test_points": 200}
     together = toy.run_seeds([0, 1], ["mlp", "kv-20x20"], **kwargs)

@@ -151,6 +151,12 @@ def test_kvb_train_infers_data_classes_and_scaled_defaults_from_the_embeddings(t
     err = capsys.readouterr().err.strip()
     assert "cannot be cut into tasks of 2" in err and "--classes-per-task 1" in err
     assert "\n" not in err and not (tmp_path / "bad").exists()
+    # a key dimension beyond the embeddings' (D = 8) is refused, naming the largest
+    assert main(["kvb", "train", "--embeddings", str(emb), *SMALL_KVB, "--dim-key", "1000",
+                 "--out", str(tmp_path / "bad"), *QUIET]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--dim-key 1000 exceeds the 8 dimensions" in err and "at most 8" in err
+    assert "\n" not in err and not (tmp_path / "bad").exists()
     # two data sets: choose with --data
     _write_embeddings(emb, "digits", 10)
     assert main(["kvb", "train", "--embeddings", str(emb), *SMALL_KVB, "--out",

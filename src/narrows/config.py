@@ -47,34 +47,114 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
-def _infinite(value: Any) -> bool:
-    return isinstance(value, float) and math.isinf(value)
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A check: every number (of a scalar or list option) lies in the interval; ``None`` passes.
 
+    ``nan`` and ``inf`` are always refused: no option of narrows takes a non-finite number.
+    ``rules`` are further checks of the whole value (for lists: increasing, distinct, not
+    empty), each returning a message or ``None``. The bounds are data, so the tests generate
+    out-of-range values from every option's range.
+    """
 
-def positive(value: Any) -> str | None:
-    """A finite number > 0 (``inf`` is no learning rate or size)."""
-    if value is None:
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    rules: tuple[Callable[[Any], str | None], ...] = ()
+
+    def describe(self) -> str:
+        """``"> 0"``, ``">= 1"``, ``"in [0, 1)"``: the interval in words."""
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{_number(self.low)}, "
+                    f"{_number(self.high)}{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_number(self.high)}"
+        return "a finite number"
+
+    def contains(self, number: float) -> bool:
+        if isinstance(number, float) and not math.isfinite(number):
+            return False
+        if self.low is not None and (number <= self.low if self.low_open else number < self.low):
+            return False
+        return not (self.high is not None
+                    and (number >= self.high if self.high_open else number > self.high))
+
+    def problem(self, number: float) -> str | None:
+        """``"5 is not in [0, 1)"``, ``"nan is not a number"``, or ``None`` inside the interval."""
+        if isinstance(number, float) and math.isnan(number):
+            return "nan is not a number"
+        if isinstance(number, float) and math.isinf(number):
+            return f"{number} is not finite"
+        return None if self.contains(number) else f"{_number(number)} is not {self.describe()}"
+
+    def __call__(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        for number in value if isinstance(value, (list, tuple)) else [value]:
+            message = self.problem(number)
+            if message:
+                return message
+        for rule in self.rules:
+            message = rule(value)
+            if message:
+                return message
         return None
-    if _infinite(value):
-        return "must be finite"
-    return None if value > 0 else "must be > 0"
+
+    def holds_bounds(self, value: Any) -> bool:
+        """Whether every number of ``value`` lies in the interval (the rules aside)."""
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        return value is None or all(self.problem(n) is None for n in numbers)
+
+    def also(self, *rules: Callable[[Any], str | None]) -> Range:
+        """This range with further whole-value rules."""
+        return dataclasses.replace(self, rules=self.rules + rules)
 
 
-def non_negative(value: Any) -> str | None:
-    """A finite number >= 0."""
-    if value is None:
-        return None
-    if _infinite(value):
-        return "must be finite"
-    return None if value >= 0 else "must be >= 0"
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
-def at_least(minimum: int) -> Callable[[Any], str | None]:
+def increasing(values: Any) -> str | None:
+    """A rule for lists: strictly increasing (milestones, k values)."""
+    if values and any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        return "values must be strictly increasing"
+    return None
+
+
+def distinct(values: Any) -> str | None:
+    """A rule for lists: no value twice."""
+    return "values must be distinct" if values and len(set(values)) != len(values) else None
+
+
+def not_empty(values: Any) -> str | None:
+    """A rule for lists given explicitly: at least one value."""
+    return "give at least one value" if values is not None and len(values) == 0 else None
+
+
+positive = Range(0, low_open=True)
+"""A finite number > 0 (``inf`` is no learning rate or size)."""
+non_negative = Range(0)
+"""A finite number >= 0."""
+unit_open = Range(0, 1, high_open=True)
+"""In [0, 1): decays, momenta, label smoothing."""
+fraction = Range(0, 1)
+"""In [0, 1]: rates and proportions."""
+seed_range = Range(0, 2**32 - 1)
+"""Seeds numpy, torch and Python's random all take."""
+
+
+def at_least(minimum: int) -> Range:
     """A check: a number >= ``minimum``."""
-    def check(value: Any) -> str | None:
-        return None if value is None or value >= minimum else f"must be >= {minimum}"
+    return Range(minimum)
 
-    return check
+
+def range_of(field: dataclasses.Field) -> Range | None:
+    """The declared :class:`Range` of a config field, if its check is one."""
+    check = field.metadata.get("check")
+    return check if isinstance(check, Range) else None
 
 
 def flag_name(name: str) -> str:
@@ -134,6 +214,9 @@ def convert(cls: type, name: str, value: Any) -> Any:
         if optional:
             return None
         raise UserError(f"option {flag_name(name)} cannot be empty", "give it a value")
+    if isinstance(value, str) and not value.strip() and tp is str:
+        raise UserError(f"option {flag_name(name)} cannot be empty",
+                        f"give {flag_name(name)} a value, or leave it out for the default")
     try:
         if get_origin(tp) in (list, tuple):
             (item_tp, *_) = get_args(tp)
@@ -224,7 +307,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def build(cls: type[C], *layers: Mapping[str, Any], source: str = "options") -> C:
-    """Make a ``cls`` from the defaults overlaid by each mapping in turn, converting and checking."""
+    """Make a ``cls`` from the defaults overlaid by each mapping in turn, converting and checking.
+
+    Each field's ``check`` runs first, then the config's own ``check_together()`` if it has one
+    (rules between options, e.g. milestones within the epochs), which raises a UserError.
+    """
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for layer in layers:
@@ -247,8 +334,18 @@ def build(cls: type[C], *layers: Mapping[str, Any], source: str = "options") -> 
         check = f.metadata.get("check")
         message = check(getattr(config, f.name)) if check else None
         if message:
-            raise UserError(f"bad value {getattr(config, f.name)!r} for {flag_name(f.name)}: {message}",
-                            f"see --help for {flag_name(f.name)}")
+            value, flag = getattr(config, f.name), flag_name(f.name)
+            if isinstance(check, Range) and not check.holds_bounds(value):
+                many = isinstance(value, (list, tuple))
+                raise UserError(f"{flag} {message}",
+                                f"give {flag} {'values' if many else 'a value'} {check.describe()}")
+            shown = value
+            if isinstance(value, (list, tuple)):
+                shown = " ".join(map(_number, value)) if value else "(empty)"
+            raise UserError(f"{flag} {shown}: {message}", f"see --help for {flag}")
+    together = getattr(config, "check_together", None)
+    if callable(together):
+        together()
     return config
 
 

@@ -589,6 +589,12 @@ def method_units(name: str) -> tuple[str, bool]:
     return (cls.units, cls.signed) if cls is not None else ("attribution (a.u.)", True)
 
 
+def uses_layer(name: str) -> bool:
+    """Whether baseline ``name`` (or its alias) is a layer method (Grad-CAM, Guided Grad-CAM)."""
+    cls = BASELINES.get(ALIASES.get(name, name))
+    return cls is not None and issubclass(cls, _LayerMethod)
+
+
 def make_method(name: str, model: nn.Module, layer: str | nn.Module | None = None,
                 **options: Any) -> BaselineMethod:
     """Build baseline ``name`` for ``model``; unknown names raise a UserError listing the rest.

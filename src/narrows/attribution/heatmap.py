@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -83,12 +82,19 @@ class AttributionResult:
         if missing:
             raise UserError(f"{directory} is not a saved attribution result (no {missing[0]})",
                             "give a directory written by AttributionResult.save")
-        doc = json.loads((directory / "meta.json").read_text())
-        with np.load(directory / "arrays.npz") as arrays:
-            return cls(heatmaps=arrays["heatmaps"], targets=doc.get("targets"),
-                       capacity=arrays["capacity"] if "capacity" in arrays else None,
-                       step_heatmaps=arrays["step_heatmaps"] if "step_heatmaps" in arrays else None,
-                       meta=doc.get("meta", {}))
+        from narrows.runs.files import read_json_file, read_npz, reading
+
+        fix = "delete it and compute the heatmaps again"
+        doc = read_json_file(directory / "meta.json", "attribution meta file", fix, kind=dict)
+        arrays = read_npz(directory / "arrays.npz", "attribution heatmaps file", fix,
+                          required=("heatmaps",))
+        with reading(directory / "meta.json", "attribution meta file", fix):
+            meta = doc.get("meta", {})
+            if not isinstance(meta, dict):
+                raise ValueError("'meta' is not a JSON object")
+        return cls(heatmaps=arrays["heatmaps"], targets=doc.get("targets"),
+                   capacity=arrays.get("capacity"), step_heatmaps=arrays.get("step_heatmaps"),
+                   meta=meta)
 
     @property
     def units(self) -> str:

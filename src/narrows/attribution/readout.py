@@ -53,6 +53,8 @@ from narrows.attribution.statistics import (
     batch_images,
 )
 from narrows.errors import UserError
+from narrows.models.checkpoints import model_fingerprint
+from narrows.runs.files import read_torch_file
 
 ALPHA_LIMIT = 5.0
 CHECKPOINT = "readout_last.pt"
@@ -143,7 +145,7 @@ class ReadoutStatistics:
     def load(cls, path: str | Path) -> ReadoutStatistics:
         """Read a file written by :meth:`save`."""
         path = Path(path)
-        state = _read_torch_file(path, "readout statistics file",
+        state = read_torch_file(path, "readout statistics file",
                                  "re-estimate the readout statistics")
         return cls.from_state(state, source=str(path))
 
@@ -502,29 +504,6 @@ def _resume(path: Path, readout: ReadoutBottleneck, optimizer: torch.optim.Optim
 
 
 # -- files -----------------------------------------------------------------------------------
-def _read_torch_file(path: Path, what: str, fix: str) -> Any:
-    if not path.is_file():
-        raise UserError(f"no {what} {path}", fix)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable or tampered file
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise UserError(f"{path} is not a readable {what} ({type(exc).__name__}"
-                        f"{': ' + first if first else ''})", fix) from exc
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the model's state (names, dtypes, shapes, values): which weights a readout fits."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def save_readout(path: str | Path, readout: ReadoutBottleneck, *,
                  input_shape: Sequence[int] | None = None, card: Any = None,
                  checkpoint: str | None = None,
@@ -555,7 +534,7 @@ def read_readout(path: str | Path) -> dict[str, Any]:
     """The contents of a :func:`save_readout` file, checked for its format and keys."""
     path = Path(path)
     fix = "pass a readout.pt written by 'narrows attribution readout-train'"
-    state = _read_torch_file(path, "readout file", fix)
+    state = read_torch_file(path, "readout file", fix)
     if not isinstance(state, dict) or state.get("format") != READOUT_FORMAT:
         raise UserError(f"{path} is not a readout file (format {READOUT_FORMAT})", fix)
     missing = [k for k in ("layer", "readout_layers", "variant", "sigma", "relu", "statistics",

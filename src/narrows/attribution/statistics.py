@@ -31,12 +31,14 @@ _FORMAT = "narrows.feature-statistics/1"
 class FeatureStatistics:
     """Streaming per-element mean, M2, non-zero count and sum of squares of one layer's output."""
 
-    def __init__(self, kind: Kind = "welford", *, layer: str = "", min_std: float = 0.01) -> None:
+    def __init__(self, kind: Kind = "welford", *, layer: str = "", min_std: float = 0.01,
+                 model_fingerprint: str = "") -> None:
         if kind not in KINDS:
             raise UserError(f"unknown statistics kind '{kind}'", f"use one of {', '.join(KINDS)}")
         self.kind: Kind = kind
         self.layer = layer
         self.min_std = float(min_std)
+        self.model_fingerprint = model_fingerprint  # of the weights estimated on; "" = unknown
         self.n = 0
         self.shape: tuple[int, ...] | None = None
         self._mean: torch.Tensor | None = None
@@ -109,6 +111,7 @@ class FeatureStatistics:
         self._require()
         return {"format": _FORMAT, "kind": self.kind, "layer": self.layer,
                 "shape": list(self.shape), "n": self.n, "min_std": self.min_std,
+                "model_fingerprint": self.model_fingerprint,
                 "mean": self._mean, "m2": self._m2, "nonzero": self._nonzero, "sumsq": self._sumsq}
 
     def save(self, path: str | Path) -> Path:
@@ -123,11 +126,10 @@ class FeatureStatistics:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"no statistics file {path}", "estimate statistics first and save them")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UserError(f"{path} is not a readable statistics file ({exc})",
-                            "re-estimate the statistics and save them again") from exc
+        from narrows.runs.files import read_torch_file
+
+        state = read_torch_file(path, "statistics file", "estimate the statistics again with "
+                                "'narrows attribution stats'")
         return cls.from_state(state, source=str(path))
 
     @classmethod
@@ -151,11 +153,23 @@ class FeatureStatistics:
             if not torch.isfinite(value).all():
                 raise bad(f"'{key}' has non-finite values")
         stats = cls(state["kind"], layer=str(state.get("layer", "")),
-                    min_std=float(state.get("min_std", 0.01)))
+                    min_std=float(state.get("min_std", 0.01)),
+                    model_fingerprint=str(state.get("model_fingerprint", "") or ""))
         stats.n, stats.shape = n, shape
         stats._mean, stats._m2 = state["mean"].double(), state["m2"].double()
         stats._nonzero, stats._sumsq = state["nonzero"].double(), state["sumsq"].double()
         return stats
+
+    def check_model(self, model: nn.Module, source: str = "the statistics",
+                    fix: str = "estimate statistics for this model with 'narrows attribution "
+                    "stats', or leave --statistics out") -> None:
+        """Refuse a model with other weights than those the statistics were estimated on (a
+        file without a fingerprint, written before they were recorded, passes)."""
+        from narrows.models.checkpoints import model_fingerprint
+
+        if self.model_fingerprint and self.model_fingerprint != model_fingerprint(model):
+            raise UserError(f"{source} were estimated on another model's weights (layer "
+                            f"'{self.layer}')", fix)
 
     def __repr__(self) -> str:
         return (f"FeatureStatistics(kind={self.kind!r}, layer={self.layer!r}, shape={self.shape}, "
@@ -186,9 +200,11 @@ def estimate_statistics(model: nn.Module, layer: str | None, batches: Iterable[A
     message, such as the command line, pass ``warn=False`` and use :func:`few_samples`).
     """
     from narrows.attribution.layers import default_layer, run_to_layer
+    from narrows.models.checkpoints import model_fingerprint
 
     name = layer if layer is not None else default_layer(model)
-    stats = FeatureStatistics(kind, layer=name, min_std=min_std)
+    stats = FeatureStatistics(kind, layer=name, min_std=min_std,
+                              model_fingerprint=model_fingerprint(model))
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training

@@ -16,7 +16,7 @@ from narrows.cli.attribution_report import (
     write_results,
 )
 from narrows.cli.common import CommonOptions, SubjectOptions, load_subject, open_run, start
-from narrows.config import at_least, option, positive
+from narrows.config import at_least, distinct, non_negative, not_empty, option, positive
 from narrows.notes import note_once
 
 if TYPE_CHECKING:
@@ -60,6 +60,9 @@ class IBAOptions:
     readout: str | None = option(None, "method readout: the readout.pt written by 'attribution "
                                  "readout-train' (trained for the same checkpoint)",
                                  metavar="FILE")
+    cam_layer: str | None = option(None, "Grad-CAM and Guided Grad-CAM: the layer whose "
+                                   "activations are weighted [default: the last stage, e.g. "
+                                   "layer4 of a ResNet]", metavar="LAYER")
 
 
 @dataclass
@@ -79,7 +82,8 @@ class ExplainConfig(ImageChoice, IBAOptions, StatisticsOptions, LayerSubject, Co
     method: str = option("iba", "iba or a baseline: " + "saliency, gradcam, random, ... "
                          "(see narrows.attribution.available_methods)")
     images: int = option(8, "explain N test images (chosen by --select)", check=positive)
-    indices: list[int] | None = option(None, "explain these test images instead of --images")
+    indices: list[int] | None = option(None, "explain these test images instead of --images",
+                                      check=non_negative.also(not_empty, distinct))
     gif: bool = option(False, "IBA only: also write an animated GIF of the optimisation steps "
                        "per image (iba_<index>.gif)", affects_result=False)
 
@@ -127,8 +131,12 @@ def few_samples_note(cfg, n: int, split: str, what: str = "IBA's feature statist
                   "--n-samples N sets the count and silences this note")
 
 
-def _statistics(cfg, net, bundle, normalizer, session, path: Path, split: str = "train"):
-    """Load ``cfg.statistics``, or ``path`` if it exists, or estimate and save into ``path``."""
+def _statistics(cfg, net, bundle, normalizer, session, path: Path, split: str = "train",
+                re_estimate: bool = False):
+    """Load ``cfg.statistics``, or ``path`` if it exists, or estimate and save into ``path``.
+
+    A ``path`` estimated on other weights is refused, or (``re_estimate``, for models that are
+    drawn anew on every run) estimated again."""
     import torch
 
     from narrows.attribution import FeatureStatistics, default_layer, estimate_statistics
@@ -136,7 +144,13 @@ def _statistics(cfg, net, bundle, normalizer, session, path: Path, split: str = 
     if getattr(cfg, "statistics", None):
         return FeatureStatistics.load(cfg.statistics)
     if path.is_file():
-        return FeatureStatistics.load(path)
+        cached = FeatureStatistics.load(path)
+        from narrows.models.checkpoints import model_fingerprint
+
+        if not re_estimate or cached.model_fingerprint in ("", model_fingerprint(net)):
+            cached.check_model(net, str(path), "the model changed since this run: rerun with "
+                               "--overwrite, or pass another --out")
+            return cached
     dataset = bundle.split(split)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(cfg.seed))
@@ -157,19 +171,29 @@ def check_methods(methods: list[str], net, cfg, probe: torch.Tensor | None = Non
     extra or has no default layer on this model, a bad IBA layer, a statistics file of
     another layer or (given a normalised ``probe`` image batch) of another feature shape."""
     from narrows.attribution import FeatureStatistics, default_layer, get_layer, make_method
-    from narrows.attribution.baselines import ALIASES, available_methods
+    from narrows.attribution.baselines import ALIASES, available_methods, uses_layer
     from narrows.errors import UserError
 
+    if cfg.layer and not {"iba", "readout"} & set(methods) and hasattr(cfg, "cam_layer"):
+        fix = (f"pass --cam-layer {cfg.layer} to set Grad-CAM's layer"
+               if any(uses_layer(m) for m in methods) else "leave --layer out")
+        raise UserError(f"--layer sets IBA's bottleneck, and {', '.join(methods)} "
+                        f"{'does' if len(methods) == 1 else 'do'} not use it", fix)
+    if getattr(cfg, "cam_layer", None) and not any(uses_layer(m) for m in methods):
+        raise UserError("--cam-layer sets the layer of gradcam and guided_gradcam, which are "
+                        f"not among the methods ({', '.join(methods)})", "leave --cam-layer out")
     baselines = {*available_methods(), *ALIASES}
     for method in methods:
         if method in baselines:
-            built = make_method(method, net)
-            built.describe()  # resolves a layer method's default layer
+            built = make_method(method, net, layer=getattr(cfg, "cam_layer", None))
+            if uses_layer(method):
+                get_layer(net, built.layer_name())  # a wrong name is one line, before any work
         elif method == "iba":
             layer = cfg.layer or default_layer(net)
             get_layer(net, layer)
             if getattr(cfg, "statistics", None):
                 stats = FeatureStatistics.load(cfg.statistics)
+                stats.check_model(net, cfg.statistics)
                 if stats.layer and stats.layer != layer:
                     raise UserError(f"{cfg.statistics} holds statistics of layer '{stats.layer}',"
                                     f" not '{layer}'", f"pass --layer {stats.layer}, or estimate "
@@ -284,7 +308,7 @@ def _attribute(method: str, net, inputs: torch.Tensor, targets: torch.Tensor, cf
     options = {}
     if ids is not None and len(ids) == 1 and "seed" in BASELINES[ALIASES.get(method, method)].defaults:
         options["seed"] = derive_seed(cfg.seed, ids[0])
-    baseline = make_method(method, net, **options)
+    baseline = make_method(method, net, layer=cfg.cam_layer, **options)
     maps = baseline.attribute(inputs, targets)
     return AttributionResult(heatmaps=maps.cpu().numpy(), targets=targets.tolist(),
                              meta=baseline.describe())
@@ -485,6 +509,12 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
     indices = pick_indices(cfg, dataset)
     probe = normalizer(_batch(dataset, indices[:1])[0])
     check_methods(methods, net, cfg, probe)  # what can fail, before --out is written
+    h, w = probe.shape[-2:]
+    if {"degradation", "sensitivity-n"} & set(metrics) and math.ceil(h / cfg.tile) * math.ceil(
+            w / cfg.tile) < 2:
+        raise UserError(f"--tile {cfg.tile} leaves one tile of the {h}×{w} images, and "
+                        "degradation and sensitivity-n remove tiles one by one",
+                        f"pass --tile of at most {math.ceil(max(h, w) / 2)}")
     all_labels = dataset_labels(dataset)
     class_names = bundle.info.class_names
     run = open_run(cfg, "attribution evaluate",
@@ -539,13 +569,16 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
 
 
 def _cached(path: Path, indices: list[int]):
-    import numpy as np
-
     if not path.is_file():
         return None
-    with np.load(path) as data:
+    from narrows.runs.files import read_npz, reading
+
+    data = read_npz(path, "cached heatmaps file", required=("indices", "heatmaps"))
+    with reading(path, "cached heatmaps file"):
         if list(data["indices"]) != indices:
             return None
+        if data["heatmaps"].ndim < 3 or len(data["heatmaps"]) != len(indices):
+            raise ValueError(f"heatmaps of shape {data['heatmaps'].shape} for {len(indices)} images")
         return data["heatmaps"]
 
 
@@ -562,7 +595,7 @@ def _metrics(run, method, metrics, net, inputs, labels, heatmaps, dataset, indic
     for metric in metrics:
         file = f"metric_{method}_{metric}.json"
         if run.exists(file):
-            values = run.read_json(file)
+            values = run.read_json(file, kind=dict)
         elif metric == "degradation":
             r = degradation(net, inputs, maps.to(inputs.device), labels, tile=cfg.tile,
                             n_points=cfg.points, batch_size=cfg.eval_batch_size, seed=cfg.seed)

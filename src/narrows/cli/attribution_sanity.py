@@ -72,7 +72,8 @@ def _iba(cfg: SanityConfig, net, stats, bundle, normalizer, session, run: RunDir
                       and torch.allclose(f, seen, rtol=1e-4, atol=1e-6)), None)
         if match is None:
             path = run.file(f"statistics_randomised_{len(known)}.pt")
-            match = _statistics(fresh, model, bundle, normalizer, session, path)
+            match = _statistics(fresh, model, bundle, normalizer, session, path,
+                                re_estimate=True)
             known.append((seen, match))
         return torch.from_numpy(_attribute("iba", model, inputs, targets, cfg, match).heatmaps)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from narrows.config import non_negative, option, positive
+from narrows.config import non_negative, option, positive, seed_range
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +31,8 @@ class CommonOptions:
                          group=COMMON)
     threads: int = option(0, "torch CPU threads; 0 = the cores available, split among torchrun "
                           "processes", affects_result=False, check=non_negative, group=COMMON)
-    seed: int = option(0, "random seed: data order, augmentation, initialisation", group=COMMON)
+    seed: int = option(0, "random seed: data order, augmentation, initialisation",
+                       check=seed_range, group=COMMON)
     progress: bool = option(True, "show progress bars", affects_result=False, group=COMMON)
 
     def inherited(self, out: Path | str | None = None) -> dict[str, Any]:

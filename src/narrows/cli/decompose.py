@@ -8,17 +8,13 @@ from typing import Any, Literal
 
 from narrows.cli.app import GROUPS, Command, register
 from narrows.cli.common import CommonOptions, SubjectOptions, load_subject, open_run, start
-from narrows.config import non_negative, option, positive
+from narrows.config import Range, at_least, distinct, non_negative, not_empty, option, positive
 
 GROUPS["decompose"] = ("class-specific filters (\"Decomposing the Deep\"): per-class influential "
                        "channels, the decomposed final layer, essential features, mutual "
                        "information, CSG")
 BASELINES = ("random", "top-weights")
 WIDE = 1024  # feature widths from here on (ImageNet ResNet-50: 2048) default to k = 50
-
-
-def _fraction(value: Any) -> str | None:
-    return None if value is None or 0 < value < 1 else "must lie in (0, 1)"
 
 
 def default_k(width: int) -> int:
@@ -34,15 +30,16 @@ class ExtractConfig(SubjectOptions, CommonOptions):
                                "responses) [default: k]", check=positive)
     fraction: float | None = option(None, "variant A instead of k: a fraction in (0, 1); each "
                                     "class gets its own number of channels (two passes)",
-                                    check=_fraction)
+                                    check=Range(0, 1, low_open=True, high_open=True))
     layer: str | None = option(None, "module whose output is pooled (e.g. layer3.2) [default: "
                                "the pooled input of the final linear layer]")
     split: Literal["train", "test"] = option("train", "split the histograms are counted on "
                                              "(no augmentation)")
     ks: list[int] | None = option(None, "further per-image k counted in the same pass, for "
                                   "'validate --extraction' curves [default: 1 2 3 4 5 8 10 16 "
-                                  "20 ... up to D]")
-    thresholds: list[float] = option([0.5, 0.75, 0.9], "mass fractions t of the selectivity Ψ")
+                                  "20 ... up to D]", check=at_least(1).also(not_empty, distinct))
+    thresholds: list[float] = option([0.5, 0.75, 0.9], "mass fractions t of the selectivity Ψ",
+                                     check=Range(0, 1, low_open=True).also(not_empty))
     batch_size: int = option(256, "images per forward pass", check=positive,
                              affects_result=False)
     workers: int = option(0, "data-loading worker processes", check=non_negative,
@@ -58,7 +55,8 @@ class ValidateConfig(SubjectOptions, CommonOptions):
     extraction: str | None = option(None, "an 'extract' --out directory: its histograms give "
                                     "the 'histogram' curve", metavar="DIR")
     ks: list[int] | None = option(None, "k of the accuracy-vs-k curve [default: 1 2 3 4 5 8 "
-                                  "10 16 20 ... up to D]")
+                                  "10 16 20 ... up to D]",
+                                  check=at_least(1).also(not_empty, distinct))
     baselines: list[Literal["random", "top-weights"]] = option(
         list(BASELINES), "baseline indices on the curve: random channels (from --seed) and "
                          "each class's top-|W| weights")
@@ -137,10 +135,7 @@ def execute_extract(cfg: ExtractConfig) -> int:
     if cfg.k_img is not None and cfg.fraction is not None:
         raise UserError("--k-img and --fraction exclude each other",
                         "variant A chooses its own per-class k; drop --k-img")
-    for name, value in (("--k", k), ("--k-img", cfg.k_img)):
-        if value is not None and value > width:
-            raise UserError(f"{name} {value} exceeds the {width} channels the head reads",
-                            f"pass {name} of at most {width}")
+    _within_width((("--k", k), ("--k-img", cfg.k_img), ("--ks", max(cfg.ks or [0]))), width)
     tag = f"f{cfg.fraction:g}" if cfg.fraction else f"k{k}"
     run = open_run(cfg, "decompose extract", default_out("decompose-extract", subject.stem, tag),
                    session)
@@ -212,9 +207,22 @@ def execute_validate(cfg: ValidateConfig) -> int:
                    default_out("decompose-validate", subject.stem, tag), session)
     if run.exists("results.json"):
         say(f"already validated in {run.path}; pass --overwrite to validate again")
-        return _report_validate(run.read_json("results.json"), run, say, session)
+        from narrows.runs.files import reading
+
+        with reading(run.file("results.json"), "cached validate result"):
+            return _report_validate(run.read_json("results.json", kind=dict), run, say, session)
     results = validate_into(cfg, subject, run, session)
     return _report_validate(results, run, say, session)
+
+
+def _within_width(values: Any, width: int) -> None:
+    """Refuse any ``(flag, k)`` whose k exceeds the ``width`` channels the head reads."""
+    from narrows.errors import UserError
+
+    for name, value in values:
+        if value is not None and value > width:
+            raise UserError(f"{name} {value} exceeds the {width} channels the head reads",
+                            f"pass {name} of at most {width}")
 
 
 def validate_into(cfg: ValidateConfig, subject: Any, run: Any, session: Any) -> dict[str, Any]:
@@ -227,6 +235,7 @@ def validate_into(cfg: ValidateConfig, subject: Any, run: Any, session: Any) -> 
     model, bundle = subject.model, subject.bundle
     _, linear = split_head(model)
     classes, width = linear.out_features, linear.in_features
+    _within_width((("--ks", max(cfg.ks or [0])),), width)
     indices = _load_indices(cfg.indices, model) if cfg.indices else None
     extraction = Extraction.load(cfg.extraction) if cfg.extraction else None
     if extraction is not None and (extraction.num_classes, extraction.num_channels) != (
@@ -399,7 +408,6 @@ def _card(cfg: FinetuneConfig, subject: Any) -> Any:
 def quickstart_step(cfg: CommonOptions, out: Path) -> str:
     """Extraction and decomposed accuracy vs k on the quickstart's digits ResNet-20
     (``out/train/best.pt``), into ``out/decompose``."""
-    import json
 
     checkpoint = str(out / "train" / "best.pt")
     target = out / "decompose"
@@ -408,7 +416,10 @@ def quickstart_step(cfg: CommonOptions, out: Path) -> str:
                                     indices=str(target / "extract" / "indices.json"),
                                     extraction=str(target / "extract"),
                                     **cfg.inherited(target / "validate")))
-    results = json.loads((target / "validate" / "results.json").read_text())
+    from narrows.runs.files import read_json_file
+
+    results = read_json_file(target / "validate" / "results.json", "validate results file",
+                             kind=dict)
     curve = results["curve"]
     at5 = {s: v[curve["ks"].index(5)] for s, v in curve["top1"].items()}
     return (f"decomposed head, k = 5: {100 * results['decomposed']['top1']:.1f}% with histogram "

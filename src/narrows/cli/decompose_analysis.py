@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from narrows.cli.app import GROUPS, Command, register
 from narrows.cli.common import CommonOptions, SubjectOptions, open_run, start
 from narrows.cli.train import DATA_HELP, TrainConfig
-from narrows.config import non_negative, option, positive
+from narrows.config import at_least, distinct, fraction, non_negative, not_empty, option, positive
 from narrows.errors import UserError
 
 if TYPE_CHECKING:
@@ -19,14 +19,6 @@ GROUPS.setdefault("decompose", "influential filters per class ('Decomposing the 
                   "extraction, the decomposed head, essential features, MI, CSG baseline")
 CSG = "CSG comparison"
 NOISE = "noise"
-
-
-def _sigmas(values: list[float] | None) -> str | None:
-    if not values:
-        return "give at least one level"
-    if any(v < 0 for v in values):
-        return "levels must be >= 0"
-    return "levels must be distinct" if len(set(values)) != len(values) else None
 
 
 @dataclass
@@ -51,7 +43,8 @@ class EssentialConfig(CSGOptions, SubjectOptions, CommonOptions):
                            check=positive)
     sigma: list[float] = option([0.5, 1.0, 2.0], "noise levels σ (upstream: 1); the upstream "
                                 "JSON is written at σ = 1 when listed, else at the first",
-                                check=_sigmas, group=NOISE)
+                                check=non_negative.also(not_empty, distinct),
+                                group=NOISE)
     mode: Literal["replace", "add"] = option(
         "replace", "replace the entries by σ·N(0,1) (upstream; σ = 0 zeroes them) or add it "
         "(σ = 0 changes nothing)", group=NOISE)
@@ -67,8 +60,7 @@ class MutualInfoConfig(CSGOptions, SubjectOptions, CommonOptions):
     indices: list[str] = option([], "indices JSON files ('ours'): each is used at its own k, "
                                 "or truncated to a smaller --ks", metavar="FILE")
     ks: list[int] | None = option(None, "k values, one row each [default: the k of each "
-                                  "--indices file, else 5 10 20]", check=lambda v: None if v is
-                                  None or all(k > 0 for k in v) else "must be > 0")
+                                  "--indices file, else 5 10 20]", check=at_least(1).also(not_empty))
     channels: int | None = option(None, "the feature width D the ids index into [default: "
                                   "from the model, or recorded in the file]", check=positive)
     random_draws: int = option(10, "random index sets per k averaged into the 'random' "
@@ -102,11 +94,12 @@ class CSGTrainConfig(TrainConfig):
     lam_l1: float = option(0.05, "weight of the sparsity hinge max(0, |G|_1 - density·C·D)",
                            check=non_negative, group=CSG)
     target_density: float = option(0.1, "gate density below which the hinge is 0 (official "
-                                   "0.2)", check=non_negative, group=CSG)
+                                   "0.2)", check=fraction, group=CSG)
     clip: Literal["clamp", "official", "none"] = option(
         "clamp", "gate constraint after each step: clamp to [0, 1]; official = divide each "
         "channel's gates by their maximum over classes, then clamp; none", group=CSG)
-    gate_init: float = option(0.5, "initial value of every gate (official 0.5)", group=CSG)
+    gate_init: float = option(0.5, "initial value of every gate (official 0.5)",
+                              check=fraction, group=CSG)
     k: int = option(5, "channels per class written to indices_csg.json (largest gates)",
                     check=positive, group=CSG)
 
@@ -323,7 +316,8 @@ def _recorded_width(paths: list[str]) -> int:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # ClassIndices.load reports unreadable files
-        if isinstance(data, dict) and isinstance(data.get("num_channels"), int):
+        if (isinstance(data, dict) and isinstance(data.get("num_channels"), int)
+                and not isinstance(data["num_channels"], bool)):
             widths.add(data["num_channels"])
     if len(widths) != 1:
         raise UserError("the feature width D, which MI depends on, is not known"
@@ -446,7 +440,7 @@ def _mis_scores(cfg, run, subject, loaded, bundle, normalizer, session, mis, poo
     for name, model, data, norm in models:
         cache = run.file(f"mis_{name}.json")
         if cache.is_file():
-            out[name] = run.read_json(cache.name)
+            out[name] = run.read_json(cache.name, required_keys=("mis", "images"))
             continue
         test = data.test()
         n = len(test) if cfg.images is None else min(cfg.images, len(test))

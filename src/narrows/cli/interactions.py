@@ -8,7 +8,7 @@ from typing import Literal
 
 from narrows.cli.app import GROUPS, Command, register
 from narrows.cli.common import CommonOptions, SubjectOptions, load_subject, open_run, start
-from narrows.config import option, positive
+from narrows.config import fraction, increasing, not_empty, option, positive
 
 GROUPS["interactions"] = ("multi-order interaction strength (representation bottleneck) and "
                           "training with order losses")
@@ -26,7 +26,8 @@ class EstimateOptions:
     pairs: int | None = option(None, "pairs per image [preset]", check=positive)
     contexts: int | None = option(None, "contexts K per pair and order [preset]", check=positive)
     ratios: list[float] | None = option(None, "orders as fractions r of n − 2 [preset: the 13 "
-                                        "upstream ratios]")
+                                        "upstream ratios]",
+                                        check=fraction.also(not_empty, increasing))
     images: int | None = option(None, "images to explain: the first of each class [preset]",
                                 check=positive)
     pair_sampling: Literal["neighbour", "uniform"] = option(

@@ -7,14 +7,10 @@ from typing import Literal
 
 from narrows.cli.app import Command, register
 from narrows.cli.train import TrainConfig, run_training
-from narrows.config import non_negative, option, positive
+from narrows.config import fraction, non_negative, option, positive
 from narrows.errors import UserError
 
 ORDER = "order loss"
-
-
-def _rate(value: float | None) -> str | None:
-    return None if value is None or 0 <= value <= 1 else "must be between 0 and 1"
 
 
 @dataclass
@@ -27,10 +23,10 @@ class OrderTrainConfig(TrainConfig):
         None, "encourage (cross-entropy of softmax Δu) or penalize (its negative entropy) the "
         "orders between r1·n and r2·n [default: from --recipe]", group=ORDER)
     r1: float | None = option(None, "smaller kept-player rate, 0 <= r1 < r2 (upstream "
-                              "--preserve_rate2) [default: from --recipe]", check=_rate,
+                              "--preserve_rate2) [default: from --recipe]", check=fraction,
                               group=ORDER)
     r2: float | None = option(None, "larger kept-player rate, r2 <= 1 (upstream "
-                              "--preserve_rate1) [default: from --recipe]", check=_rate,
+                              "--preserve_rate1) [default: from --recipe]", check=fraction,
                               group=ORDER)
     grid: int = option(8, "players grid: the image is cut into grid×grid patches; must divide "
                        "the image size (upstream 16 on CIFAR)", check=positive, group=ORDER)

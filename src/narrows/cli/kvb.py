@@ -8,16 +8,12 @@ from typing import Any, Literal
 
 from narrows.cli.app import GROUPS, Command, register
 from narrows.cli.common import CommonOptions, open_run, start
-from narrows.config import non_negative, option, positive
+from narrows.config import distinct, non_negative, not_empty, option, positive, unit_open
 
 GROUPS["kvb"] = ("discrete key-value bottleneck: frozen-backbone embeddings, class-incremental "
                  "protocols against linear/MLP/ridge/VQ baselines, the 2-D toy, sweeps")
 MODEL_NAMES = ("dkvb", "linear", "lp-no-bias", "mlp", "ridge", "ridge-mlp", "vq")
 DEFAULT_EMBEDDINGS = "embeddings"
-
-
-def _unit(value: Any) -> str | None:
-    return None if value is None or 0 <= value < 1 else "must lie in [0, 1)"
 
 
 @dataclass
@@ -69,7 +65,8 @@ class TrainConfig(CommonOptions):
                                           "1 for 2, 3 or a prime number of classes]",
                                           check=positive)
     class_order: list[int] | None = option(None, "the class order cut into tasks [default: "
-                                           "shuffled by --seed]")
+                                           "shuffled by --seed]",
+                                           check=non_negative.also(not_empty, distinct))
     epochs: int | None = option(None, "epochs per task (upstream --cl_epochs: 2000); the "
                                 "i.i.d. control runs as many over all classes [default: about "
                                 "1000 steps per task, at most 2000 epochs]", check=positive)
@@ -83,13 +80,13 @@ class TrainConfig(CommonOptions):
     topk: int = option(1, "DKVB pairs fetched per head", check=positive)
     splitting_mode: Literal["random_projection", "chunk"] = option(
         "random_projection", "how the embedding is cut into heads")
-    decay: float = option(0.95, "EMA decay of the key initialisation", check=_unit)
+    decay: float = option(0.95, "EMA decay of the key initialisation", check=unit_open)
     threshold_factor: float = option(0.1, "dead-code threshold factor of the key "
                                      "initialisation", check=non_negative)
     init_epochs: int | None = option(None, "key-initialisation epochs [default: 10, more when "
                                      "that is under 50 EMA steps]", check=positive)
     lr: float = option(0.3, "DKVB value learning rate (plain SGD)", check=positive)
-    label_smoothing: float = option(0.1, "label smoothing (all models)", check=_unit)
+    label_smoothing: float = option(0.1, "label smoothing (all models)", check=unit_open)
     gradient_clip: float = option(1.0, "gradient-norm clip (all models; 0 = off)",
                                   check=non_negative)
     prune: bool = option(True, "DKVB evaluation leaves never-fetched pairs out")
@@ -256,7 +253,7 @@ def _resolve(cfg: TrainConfig, train: Any, keys: Any, classes: int,
     """``cfg`` with the data-dependent defaults filled in (and said), and the tasks."""
     from narrows.cli.common import replace
     from narrows.errors import UserError
-    from narrows.kvb.defaults import default_classes_per_task, divisors, scaled_defaults
+    from narrows.kvb.defaults import DIM_KEY, default_classes_per_task, divisors, scaled_defaults
     from narrows.kvb.protocols import make_tasks
 
     chosen: list[str] = []
@@ -278,6 +275,11 @@ def _resolve(cfg: TrainConfig, train: Any, keys: Any, classes: int,
     except ValueError as exc:
         raise UserError(str(exc), "pass a --class-order that is a permutation of the class "
                         "ids 0..C-1") from None
+    if cfg.dim_key is not None and cfg.dim_key > train.dim:
+        raise UserError(f"--dim-key {cfg.dim_key} exceeds the {train.dim} dimensions of the "
+                        "embeddings (each head projects them to a key)",
+                        f"pass --dim-key of at most {train.dim}, or leave it out for "
+                        f"{min(DIM_KEY, train.dim)}")
     counts = _per_class(train.labels, classes)
     largest = max(sum(counts[c] for c in task) for task in tasks)
     scaled = scaled_defaults(per_task=largest, keys=len(keys), dim=train.dim,
@@ -345,8 +347,6 @@ def _fitted_layer(cfg: TrainConfig, run: Any, keys: Any, classes: int, dim: int,
                   session: Any) -> Any:
     """The key-value layer with its keys fitted on the unlabelled ``keys`` embeddings (cached
     in the run's ``keys.pt``), values zero."""
-    import torch
-
     from narrows.errors import UserError
     from narrows.kvb import KeyValueBottleneck
 
@@ -361,7 +361,11 @@ def _fitted_layer(cfg: TrainConfig, run: Any, keys: Any, classes: int, dim: int,
     layer = layer.to(session.device)
     file = run.file("keys.pt")
     if file.is_file():
-        layer.load_state_dict(torch.load(file, map_location=session.device, weights_only=True))
+        from narrows.runs.files import read_torch_file, reading
+
+        state = read_torch_file(file, "cached keys file", map_location=session.device)
+        with reading(file, "cached keys file"):
+            layer.load_state_dict(state)
         session.say(f"keys fitted before ({file})")
         return layer
     session.say(f"fitting {cfg.num_books} × {cfg.num_pairs} keys of dimension {cfg.dim_key} on "
@@ -491,7 +495,7 @@ def quickstart_step(cfg: CommonOptions, out: Path) -> str:
     """Class-incremental digits through the frozen features of the quickstart's ResNet-20
     (``out/train/best.pt``): DKVB vs linear probe vs MLP, incremental vs i.i.d., into
     ``out/kvb``."""
-    import json
+    from narrows.runs.files import read_json_file
 
     target = out / "kvb"
     embeddings = target / "embeddings"
@@ -501,7 +505,8 @@ def quickstart_step(cfg: CommonOptions, out: Path) -> str:
                               model=["dkvb", "linear", "mlp"], protocol=["incremental", "iid"],
                               **QUICKSTART, **cfg.inherited(target / "train")))
     rows = {(r["model"], r["protocol"]): r
-            for r in json.loads((target / "train" / "results.json").read_text())}
+            for r in read_json_file(target / "train" / "results.json", "kvb results file",
+                                    kind=list)}
     parts = [f"{m} {100 * rows[(m, 'incremental')]['final_accuracy']:.1f}% "
              f"(iid {100 * rows[(m, 'iid')]['final_accuracy']:.1f}%)"
              for m in ("dkvb", "linear", "mlp")]

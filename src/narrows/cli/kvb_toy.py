@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from narrows.cli.app import GROUPS, Command, register
 from narrows.cli.common import CommonOptions, open_run, start
-from narrows.config import option, positive
+from narrows.config import distinct, not_empty, option, positive, seed_range, unit_open
 
 GROUPS.setdefault("kvb", "the discrete key-value bottleneck: frozen-encoder class-incremental "
                          "learning, the 2-D toy, sweeps")
@@ -26,7 +26,7 @@ NAME_FIELDS = ("model", "protocol")  # what names an entry of a list-shaped resu
 @dataclass
 class ToyConfig(CommonOptions):
     seeds: list[int] = option(list(DEFAULT_SEEDS), "seeds, each a full repetition (data, keys, "
-                              "initialisation)")
+                              "initialisation)", check=seed_range.also(not_empty, distinct))
     models: list[Literal["linear", "mlp", "vq-mlp", "kv-1x400", "kv-1x400-sgd", "kv-20x20"]] = (
         option(list(TOY_MODELS), "models to train"))
     steps: int = option(1000, "full-batch steps per stage", check=positive)
@@ -35,7 +35,7 @@ class ToyConfig(CommonOptions):
     test_points: int = option(1000, "test points per stage", check=positive)
     key_batches: int = option(1000, "batches of 100 uniform points the keys are fitted on",
                               check=positive)
-    decay: float = option(0.95, "EMA decay of the key fitting", check=positive)
+    decay: float = option(0.95, "EMA decay of the key fitting", check=unit_open)
     kv_lr: float | None = option(None, "learning rate of the KV values [default: 1e-3, the "
                                  "authors']", check=positive)
     resolution: int = option(100, "decision-map points per axis", check=positive)
@@ -86,12 +86,27 @@ def execute_toy(cfg: ToyConfig) -> int:
 def _load_seed(run: Any, stem: str) -> Any:
     import torch
 
-    from narrows.kvb.toy import Evaluation, SeedResult
+    from narrows.kvb.toy import NUM_CLASSES, Evaluation, SeedResult
+    from narrows.runs.files import read_torch_file, reading
 
-    data = run.read_json(f"{stem}.json")
-    maps = torch.load(run.file(f"{stem}_maps.pt"), weights_only=True)
-    return SeedResult(data["seed"], [Evaluation.from_dict(e) for e in data["evaluations"]],
-                      maps, data.get("seconds", 0.0))
+    file = run.file(f"{stem}.json")
+    data = run.read_json(f"{stem}.json", required_keys=("seed", "evaluations"))
+    with reading(file, "cached per-seed result"):
+        evaluations = [Evaluation.from_dict(e) for e in data["evaluations"]]
+        for ev in evaluations:
+            rows = ev.per_class
+            if not (isinstance(rows, list) and rows and all(
+                    isinstance(r, list) and len(r) == NUM_CLASSES
+                    and all(isinstance(v, (int, float)) for v in r) for r in rows)):
+                raise ValueError(f"per_class of {ev.model!r} is not lists of {NUM_CLASSES} numbers")
+        seed, seconds = int(data["seed"]), float(data.get("seconds", 0.0))
+    maps_file = run.file(f"{stem}_maps.pt")
+    maps = read_torch_file(maps_file, "cached per-seed decision maps")
+    with reading(maps_file, "cached per-seed decision maps"):
+        if not (isinstance(maps, dict)
+                and all(isinstance(v, torch.Tensor) and v.ndim == 3 for v in maps.values())):
+            raise ValueError("not a dict of (moments, points, points) tensors")
+    return SeedResult(seed, evaluations, maps, seconds)
 
 
 def _write_toy_outputs(run: Any, cfg: ToyConfig, results: list[Any],
@@ -153,12 +168,13 @@ def _cell(value: Any) -> Any:
 def quickstart_step(cfg: CommonOptions, out: Path) -> str:
     """The toy experiment with one seed and the four models of the paper's figure (seconds),
     into ``out/kvb-toy``."""
-    import json
 
     target = out / "kvb-toy"
     execute_toy(ToyConfig(**{**cfg.inherited(target), "seeds": [cfg.seed],
                              "models": list(QUICKSTART_MODELS)}))
-    results = json.loads((target / RESULTS).read_text())
+    from narrows.runs.files import read_json_file
+
+    results = read_json_file(target / RESULTS, "toy results file", kind=dict)
     parts = [f"{name} {results[f'final_{name}']:.2f}"
              for name in ("kv-1x400", "kv-20x20", "mlp", "linear")]
     return (f"2-D toy, class-incremental, final 8-class accuracy: {', '.join(parts)}: "
@@ -380,7 +396,7 @@ def execute_sweep(cfg: SweepConfig) -> int:
                       overwrite=cfg.overwrite)
     print(f"sweep '{sweep.name}': {len(plans)} run(s) of {label} → {run.path}")
     rows: list[dict[str, Any]] = []
-    failed = 0
+    failures: list[str] = []
     for i, (combo, path, run_cfg) in enumerate(plans, 1):
         shown = ", ".join(f"{k}={v}" for k, v in combo.items()) or "(no grid)"
         if (path / RESULTS).is_file():
@@ -393,7 +409,8 @@ def execute_sweep(cfg: SweepConfig) -> int:
                 status = "done"
             except UserError as exc:
                 print(f"  failed: {exc}")
-                status, failed = f"failed: {exc.what}", failed + 1
+                status = f"failed: {exc.what}"
+                failures.append(f"{path.name}: {exc.what}")
         metrics = (flatten_results(RunDir(path).read_json(RESULTS), sweep.metrics)
                    if (path / RESULTS).is_file() else {})
         row = {"run": path.name, **{k: _cell(v) for k, v in combo.items()}, "status": status,
@@ -404,9 +421,10 @@ def execute_sweep(cfg: SweepConfig) -> int:
         run.write_text("results.csv", _csv(rows))
         run.write_text("results.md", markdown_table(rows))
     print(f"\n{markdown_table(rows)}\n\n→ {run.file('results.csv')}, results.md")
-    if failed:
-        print(f"{failed} run(s) failed; fix the cause and rerun to do only those")
-    return 1 if failed else 0
+    if failures:  # a run refused its options: the sweep's user error, exit code 2
+        raise UserError(f"{len(failures)} of {len(plans)} run(s) failed (first: {failures[0]})",
+                        "fix the cause and rerun the sweep; finished runs are skipped")
+    return 0
 
 
 def _log_wandb(wandb: Any, cfg: SweepConfig, sweep: Sweep, path: Path, run_cfg: Any,

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from narrows.cli.app import Command, register
 from narrows.cli.common import CommonOptions, open_run, start
-from narrows.config import non_negative, option, positive
+from narrows.config import at_least, increasing, non_negative, option, positive, unit_open
 
 RESERVED_KWARGS = ("num_classes", "in_chans", "pretrained", "checkpoint_path")
 MODEL_KWARGS_EXAMPLE = "e.g. --model-kwargs drop_rate=0.1,patch_size=8"
@@ -103,19 +103,21 @@ class TrainConfig(CommonOptions):
     batch_size: int = option(64, "images per step (per process under torchrun)", check=positive)
     optimizer: Literal["sgd", "adamw"] = option("sgd", "optimizer")
     lr: float = option(0.1, "peak learning rate", check=positive)
-    momentum: float = option(0.9, "SGD momentum", check=non_negative)
+    momentum: float = option(0.9, "SGD momentum", check=unit_open)
     weight_decay: float = option(5e-4, "weight decay (not on biases and norm weights)",
                                  check=non_negative)
     schedule: Literal["cosine", "step", "log", "constant"] = option(
         "cosine", "learning-rate schedule: cosine to 0; step (--milestones, --gamma); log "
         "(geometric per epoch, --log-decades powers of ten over the run); constant")
-    milestones: list[int] = option([], "epochs where the step schedule multiplies lr by --gamma")
+    milestones: list[int] = option([], "epochs where the step schedule multiplies lr by --gamma "
+                                   "(increasing, each within --epochs)",
+                                   check=at_least(1).also(increasing))
     gamma: float = option(0.1, "step-schedule factor", check=positive)
     log_decades: float = option(1.0, "log schedule: powers of ten the lr falls over the run",
                                 check=non_negative)
     warmup_epochs: float = option(0.0, "linear warm-up length in epochs", check=non_negative)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy",
-                                    check=non_negative)
+                                    check=unit_open)
     augment: Literal["auto", "none", "crop", "flip", "crop-flip", "resized-crop-flip"] = option(
         "auto", "augmentation; auto = the data set's standard one (digits: crop, no flip)")
     workers: int = option(0, "data-loading worker processes (0 = in the main process; "
@@ -125,6 +127,15 @@ class TrainConfig(CommonOptions):
                                   affects_result=False)
     resume: bool = option(False, "require an unfinished run in --out to continue (re-running "
                           "on the same --out resumes anyway)", affects_result=False)
+
+    def check_together(self) -> None:
+        """Milestones past the last epoch would never apply: refuse them before any work."""
+        from narrows.errors import UserError
+
+        late = [m for m in self.milestones if m > self.epochs]
+        if late:
+            raise UserError(f"--milestones {late[0]} lies beyond --epochs {self.epochs}",
+                            f"give milestones between 1 and {self.epochs}")
 
 
 def settings_from(cfg: TrainConfig):

@@ -236,11 +236,23 @@ def read_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]
     return images, labels.astype(np.int64)
 
 
+OFFICIAL_IMAGES = {"train": 50_000, "test": 10_000}  # both CIFAR-10 and CIFAR-100
+
+
 def read_split(data_dir: Path, files: tuple[str, ...], layout: CifarLayout) -> TensorImageDataset:
-    """The batches of one split, concatenated in file order."""
+    """The batches of one split, concatenated in file order; a count other than the official
+    one (a partial or altered copy) is said once, in a ``warning:`` line."""
+    from narrows.notes import note_once
+
     parts = [read_batch(data_dir / name, layout) for name in files]
     images = np.concatenate([images for images, _ in parts])
     labels = np.concatenate([labels for _, labels in parts])
+    split = "test" if files == layout.test_files else "train"
+    if len(images) != OFFICIAL_IMAGES[split]:
+        note_once(f"cifar-count-{data_dir}-{split}",
+                  f"{data_dir} holds {len(images):,} {split} images, not the official "
+                  f"{OFFICIAL_IMAGES[split]:,} of {layout.title}: a partial or altered copy "
+                  f"({', '.join(files)})", prefix="warning")
     return TensorImageDataset(torch.from_numpy(images), torch.from_numpy(labels))
 
 

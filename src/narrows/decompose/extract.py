@@ -237,10 +237,16 @@ def _restore(hist: TopKHistogram, resume: str | Path | None, total: int, batch_s
         saved = torch.load(resume, map_location="cpu", weights_only=True)
         if saved["total"] != total or saved["batch_size"] != batch_size:
             return 0
-        hist.load_state_dict(saved["histogram"])
-    except (ValueError, KeyError, RuntimeError):  # other settings or a damaged file: start over
+        fresh = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                 for k, v in hist.state_dict().items()}
+        try:
+            hist.load_state_dict(saved["histogram"])
+            return int(saved["done"])
+        except Exception:
+            hist.load_state_dict(fresh)  # a half-read partial file counts nothing
+            raise
+    except Exception:  # other settings or a damaged file (any kind): start over
         return 0
-    return int(saved["done"])
 
 
 def _save_partial(

@@ -246,11 +246,12 @@ class Extraction:
             raise UserError(
                 f"{file} does not exist", "pass the --out directory of 'narrows decompose extract'"
             )
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
+        from narrows.runs.files import read_torch_file, reading
+
+        fix = "delete it and run 'narrows decompose extract' again (or pass --overwrite)"
+        state = read_torch_file(file, "extraction file", fix)
+        with reading(file, "extraction file", fix):
             return cls.from_state(state, state["k"], state["k_img"], state.get("meta"))
-        except (KeyError, TypeError, RuntimeError) as exc:
-            raise UserError(f"{file} is not an extraction ({exc})", "extract again") from exc
 
     # -- figures -----------------------------------------------------------------------------
     def plot(self, k_img: int | None = None, ax: Any = None) -> tuple[Any, Any]:

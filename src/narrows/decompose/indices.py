@@ -119,6 +119,10 @@ class ClassIndices:
             table = data
         rows = _rows(table, source, num_classes)
         saved_d = meta.pop("num_channels", None)
+        if saved_d is not None and (isinstance(saved_d, bool) or not isinstance(saved_d, int)
+                                    or saved_d < 1):
+            raise UserError(f"{source}: num_channels is {saved_d!r}, not a positive integer",
+                            "re-extract the file with 'narrows decompose extract'")
         if num_channels is not None and saved_d is not None and int(saved_d) != num_channels:
             raise UserError(
                 f"{source} was extracted for {saved_d} channels, but the model has {num_channels}",

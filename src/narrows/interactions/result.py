@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,18 +159,30 @@ class InteractionResult:
         if missing:
             raise UserError(f"{directory} is not a finished interactions run (no {missing[0]})",
                             "give the --out directory of a finished 'narrows interactions run'")
-        meta = json.loads((directory / "meta.json").read_text())
-        return cls(
-            dv=np.load(directory / "dv.npy"),
-            pairs=np.load(directory / "pairs.npy"),
-            ratios=tuple(meta.pop("ratios")),
-            orders=tuple(meta.pop("orders")),
-            grid=int(meta.pop("grid")),
-            image_ids=list(meta.pop("image_ids")),
-            labels=list(meta.pop("labels")),
-            meta={k: v for k, v in meta.items()
-                  if k not in ("shape", "standard_errors", "warning")},
-        )
+        from narrows.runs.files import read_json_file, read_npy, reading
+
+        fix = "delete it and rerun 'narrows interactions run' on this --out (or pass --overwrite)"
+        meta = read_json_file(directory / "meta.json", "interactions meta file", fix,
+                              required_keys=("ratios", "orders", "grid", "image_ids", "labels"))
+        dv = read_npy(directory / "dv.npy", "interactions result array", fix)
+        pairs = read_npy(directory / "pairs.npy", "interactions pairs array", fix)
+        with reading(directory / "meta.json", "interactions meta file", fix):
+            ratios, orders = tuple(meta.pop("ratios")), tuple(meta.pop("orders"))
+            grid, image_ids = int(meta.pop("grid")), list(meta.pop("image_ids"))
+            labels = list(meta.pop("labels"))
+            if len(orders) != len(ratios) or len(labels) != len(image_ids):
+                raise ValueError("ratios/orders or image_ids/labels differ in length")
+        with reading(directory / "dv.npy", "interactions result array", fix):
+            if dv.ndim != 4 or dv.shape[:2] != (len(image_ids), len(ratios)):
+                raise ValueError(f"shape {dv.shape} does not match meta.json "
+                                 f"({len(image_ids)} images × {len(ratios)} ratios × pairs × contexts)")
+        with reading(directory / "pairs.npy", "interactions pairs array", fix):
+            if pairs.ndim != 3 or pairs.shape[:2] != dv.shape[:1] + dv.shape[2:3]:
+                raise ValueError(f"shape {pairs.shape} does not match dv.npy {dv.shape}")
+        return cls(dv=dv, pairs=pairs, ratios=ratios, orders=orders, grid=grid,
+                   image_ids=image_ids, labels=labels,
+                   meta={k: v for k, v in meta.items()
+                         if k not in ("shape", "standard_errors", "warning")})
 
     # -- figures ---------------------------------------------------------------------------
     def plot(self, ax: Any = None, *, normalize: Normalize = "sampled", label: str | None = None,
@@ -276,10 +287,11 @@ def _title(title: str | None, results: Sequence[InteractionResult],
 
 
 def _normalise(a: np.ndarray, ratios: Sequence[float], normalize: Normalize) -> np.ndarray:
-    if normalize == "sampled":
+    r = np.asarray(ratios, dtype=np.float64)
+    if normalize == "sampled" or (normalize == "uniform" and np.ptp(r) == 0):
+        # one ratio: the mean of A over a zero-width interval is A there, as sampled gives
         denominator = a.mean(axis=-1, keepdims=True)
     elif normalize == "uniform":
-        r = np.asarray(ratios, dtype=np.float64)
         trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
         denominator = trapezoid(a, r, axis=-1)[..., None] / (r[-1] - r[0])
     else:

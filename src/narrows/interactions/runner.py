@@ -285,8 +285,21 @@ def merge(plan_: Plan, settings: InteractionSettings, images_dir: Path | None,
         if in_memory and image_id in in_memory:
             records.append(in_memory[image_id])
         else:
-            with np.load(image_file(images_dir, image_id)) as data:
-                records.append({k: data[k] for k in data.files})
+            from narrows.runs.files import read_npz, reading
+
+            file = image_file(images_dir, image_id)
+            record = read_npz(file, "cached per-image result",
+                              required=("dv", "pairs", "forwards", "seconds"))
+            with reading(file, "cached per-image result"):
+                shape = (len(settings.ratios),) + tuple(records[0]["dv"].shape[1:] if records
+                                                        else record["dv"].shape[1:])
+                if record["dv"].ndim != 3 or record["dv"].shape != shape:
+                    raise ValueError(f"dv has shape {record['dv'].shape}, expected {shape}")
+                if record["pairs"].shape != (shape[1], 2):
+                    raise ValueError(f"pairs has shape {record['pairs'].shape}, expected "
+                                     f"{(shape[1], 2)}")
+                int(record["forwards"]), float(record["seconds"])
+            records.append(record)
     n = settings.grid**2
     meta = {**{k: v for k, v in asdict(settings).items() if k != "extra_meta"},
             **settings.extra_meta,

@@ -336,10 +336,15 @@ def compute_embeddings(
     start = 0
     key = meta.to_dict()
     if partial is not None and Path(partial).is_file():
-        saved = torch.load(partial, map_location="cpu", weights_only=True)
-        if saved.get("meta") == key and saved.get("total") == total:
-            done, labels = [saved["features"]], [saved["labels"]]
-            start = int(saved["features"].shape[0])
+        try:
+            saved = torch.load(partial, map_location="cpu", weights_only=True)
+            if saved.get("meta") == key and saved.get("total") == total:
+                features, got = saved["features"], saved["labels"]
+                if (features.ndim == 2 and got.ndim == 1 and len(features) == len(got)
+                        and len(features) <= total):
+                    done, labels, start = [features], [got], int(features.shape[0])
+        except Exception:  # noqa: BLE001 - a damaged partial file (any kind): embed afresh
+            done, labels, start = [], [], 0
     loader = DataLoader(Subset(dataset, range(start, total)), batch_size=batch_size,
                         shuffle=False, num_workers=workers)
     bar = None

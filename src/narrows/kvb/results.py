@@ -14,7 +14,6 @@ class groups of the incremental tasks.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,7 +129,12 @@ class ContinualResult:
 
     @classmethod
     def load(cls, path: str | Path) -> ContinualResult:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        from narrows.runs.files import read_json_file, reading
+
+        fix = "delete it and run 'narrows kvb train' again (or pass --overwrite)"
+        data = read_json_file(path, "continual-learning result file", fix, kind=dict)
+        with reading(path, "continual-learning result file", fix):
+            return cls.from_dict(data)
 
     # -- figures ---------------------------------------------------------------------------
     def plot(self, axes: Any = None) -> tuple[Any, Any]:

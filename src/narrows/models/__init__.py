@@ -13,7 +13,7 @@ timm, so ``timm.create_model("resnet20_cifar")`` works afterwards.
 """
 
 from narrows.models.card import ModelCard
-from narrows.models.checkpoints import Checkpoint, read_checkpoint, save_model
+from narrows.models.checkpoints import Checkpoint, model_fingerprint, read_checkpoint, save_model
 from narrows.models.cifar_alexnet import CifarAlexNet
 from narrows.models.cifar_resnet import CifarResNet
 from narrows.models.factory import (
@@ -50,6 +50,7 @@ __all__ = [
     "list_models",
     "load_model",
     "load_state_dict_strict",
+    "model_fingerprint",
     "read_checkpoint",
     "save_model",
 ]

@@ -9,7 +9,6 @@ wrapper keys (``state_dict``, ``model``, ``model_state_dict``, ``teacher``).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,21 +106,11 @@ def _read_safetensors(path: Path) -> Checkpoint:
 
 
 def _unreadable(path: Path, exc: Exception) -> UserError:
-    text = str(exc).strip()
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if found:
-        return UserError(
-            f"checkpoint {path} holds a Python object ({found.group(1)}) besides tensors, "
-            "and narrows does not unpickle objects, for safety",
-            "re-save it holding only tensors, numbers, strings, lists and dicts",
-        )
-    message = text.splitlines()[0] if text else type(exc).__name__
-    if "Weights only load failed" in text:
-        message = "not a valid torch pickle"
-    return UserError(
-        f"cannot read checkpoint {path}: {message[:200]}",
-        "the file is corrupt, truncated or not a checkpoint; re-download or re-save it",
-    )
+    from narrows.runs.files import failure_reason
+
+    return UserError(f"cannot read checkpoint {path}: {failure_reason(exc)}",
+                     "re-save it holding only tensors, numbers, strings, lists and dicts, or "
+                     "check that the file is complete")
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -205,3 +194,16 @@ def save_model(
     if clash:
         raise ValueError(f"extra must not use the reserved keys {sorted(clash)}")
     return atomic_torch_save(path, {"state_dict": state_dict, CARD_KEY: card.to_dict(), **extra})
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's state (names, dtypes, shapes, values): which weights a file that
+    depends on them (IBA statistics, a readout) was made for."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -181,7 +181,7 @@ class RunDir:
             return None
         try:
             data = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except yaml.YAMLError:
+        except (yaml.YAMLError, UnicodeDecodeError):
             data = None
         if not isinstance(data, dict) or "command" not in data:
             raise UserError(f"{file} is damaged", "delete the directory or pass --overwrite")
@@ -213,8 +213,13 @@ class RunDir:
         self.claim()
         return atomic_write_json(self.path / name, _plain(obj)) if self.writer else None
 
-    def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text(encoding="utf-8"))
+    def read_json(self, name: str, *, required_keys: tuple[str, ...] = (),
+                  kind: type | None = None) -> Any:
+        """A JSON file of this run; a damaged one is one line naming it (see ``read_json_file``)."""
+        from narrows.runs.files import read_json_file
+
+        return read_json_file(self.path / name, "JSON result file", required_keys=required_keys,
+                              kind=kind)
 
     def save_figure(self, name: str, fig: Any) -> Path | None:
         from narrows.runs.files import atomic_savefig
@@ -227,10 +232,16 @@ class RunDir:
         file = self.path / METRICS_FILE
         if not file.is_file():
             return []
+        from narrows.runs.files import reading
+
         rows = []
-        for line in file.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                rows.append(json.loads(line))
+        with reading(file, "metrics file (one JSON object a line)"):
+            for line in file.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise ValueError("a line is not a JSON object")
+                    rows.append(row)
         return rows
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:

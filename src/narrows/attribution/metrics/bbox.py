@@ -98,13 +98,16 @@ class BBoxResult:
 def _masks(heatmaps: Tensor, boxes: Sequence[Tensor | None] | None, masks: Tensor | None) -> Tensor:
     n, h, w = heatmaps.shape
     if (boxes is None) == (masks is None):
-        raise UserError("bbox_ratio needs exactly one of boxes= or masks=")
+        raise UserError("bbox_ratio needs exactly one of boxes= or masks=",
+                        "pass the boxes (x0, y0, x1, y1 per image) or the masks, not both")
     if masks is not None:
         if tuple(masks.shape) != (n, h, w):
-            raise UserError(f"masks must have shape {(n, h, w)}, got {tuple(masks.shape)}")
+            raise UserError(f"masks must have shape {(n, h, w)}, got {tuple(masks.shape)}",
+                            "give one H×W mask per heatmap, at the heatmaps' size")
         return masks.bool().cpu()
     if len(boxes) != n:
-        raise UserError(f"need one box tensor per heatmap: {len(boxes)} boxes for {n} heatmaps")
+        raise UserError(f"need one box tensor per heatmap: {len(boxes)} boxes for {n} heatmaps",
+                        "pass a list with one (K, 4) box tensor per image")
     empty = torch.zeros(h, w, dtype=torch.bool)
     return torch.stack([empty if b is None else boxes_to_mask(b.cpu(), h, w) for b in boxes])
 
@@ -140,7 +143,8 @@ def bbox_ratio(
     lowest.
     """
     if heatmaps.ndim != 3:
-        raise UserError(f"heatmaps must be N×H×W, got shape {tuple(heatmaps.shape)}")
+        raise UserError(f"heatmaps must be N×H×W, got shape {tuple(heatmaps.shape)}",
+                        "reduce channels first (e.g. the absolute maximum over them)")
     mask = _masks(heatmaps, boxes, masks).reshape(heatmaps.shape[0], -1)
     flat = heatmaps.detach().reshape(mask.shape).double().cpu().nan_to_num(nan=-torch.inf)
     fractions = mask.double().mean(dim=1)

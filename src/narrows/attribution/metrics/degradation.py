@@ -99,7 +99,8 @@ def resolve_baseline(images: Tensor, baseline: Baseline) -> Tensor:
 def check_inputs(images: Tensor, heatmaps: Tensor, targets: Tensor | None) -> None:
     """Raise :class:`UserError` when shapes do not match."""
     if images.ndim != 4:
-        raise UserError(f"images must be N×C×H×W, got shape {tuple(images.shape)}")
+        raise UserError(f"images must be N×C×H×W, got shape {tuple(images.shape)}",
+                        "pass a batch of images (add a batch dimension to a single image)")
     n, _, h, w = images.shape
     if tuple(heatmaps.shape) != (n, h, w):
         raise UserError(
@@ -107,7 +108,8 @@ def check_inputs(images: Tensor, heatmaps: Tensor, targets: Tensor | None) -> No
             "sum attribution maps over channels first",
         )
     if targets is not None and tuple(targets.shape) != (n,):
-        raise UserError(f"targets must have shape ({n},), got {tuple(targets.shape)}")
+        raise UserError(f"targets must have shape ({n},), got {tuple(targets.shape)}",
+                        "pass one class index per image")
 
 
 @torch.no_grad()
@@ -132,7 +134,8 @@ def shuffled_stable_order(scores: Tensor, descending: bool, generator: torch.Gen
 def removal_steps(n_tiles: int, n_points: int) -> Tensor:
     """``k_j = round(j·N/(P−1))`` (half-up) for ``j = 0…P−1``: from 0 to ``N`` inclusive."""
     if n_points < 2:
-        raise UserError(f"n_points must be at least 2, got {n_points}")
+        raise UserError(f"n_points must be at least 2, got {n_points}",
+                        "a curve needs its two ends: pass n_points >= 2 (--points)")
     j = torch.arange(n_points, dtype=torch.long)
     return (2 * j * n_tiles + (n_points - 1)) // (2 * (n_points - 1))
 
@@ -271,7 +274,7 @@ def degradation(
     """
     check_inputs(images, heatmaps, targets)
     if batch_size < 1:
-        raise UserError(f"batch_size must be positive, got {batch_size}")
+        raise UserError(f"batch_size must be positive, got {batch_size}", "pass batch_size >= 1")
     n, _, h, w = images.shape
     grid = tile_grid(h, w, tile)
     n_tiles = int(grid.max()) + 1

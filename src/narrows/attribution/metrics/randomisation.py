@@ -69,7 +69,8 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     """Per-image Spearman ρ of ``N×H×W`` (or ``H×W``) maps; NaN where a map is constant."""
     a, b = _as_batch(a), _as_batch(b)
     if a.shape != b.shape:
-        raise UserError(f"maps of different shapes: {tuple(a.shape)} and {tuple(b.shape)}")
+        raise UserError(f"maps of different shapes: {tuple(a.shape)} and {tuple(b.shape)}",
+                        "compare maps of the same images at one resolution")
     return pearson(rank_average(a.flatten(1)), rank_average(b.flatten(1)))
 
 
@@ -100,7 +101,8 @@ def ssim(a: Tensor, b: Tensor, *, data_range: float = 1.0, window: int = SSIM_WI
     """
     a, b = _as_batch(a).double().cpu(), _as_batch(b).double().cpu()
     if a.shape != b.shape:
-        raise UserError(f"maps of different shapes: {tuple(a.shape)} and {tuple(b.shape)}")
+        raise UserError(f"maps of different shapes: {tuple(a.shape)} and {tuple(b.shape)}",
+                        "compare maps of the same images at one resolution")
     _, h, w = a.shape
     gy = gaussian_window(min(window, h), sigma).view(1, 1, -1, 1)
     gx = gaussian_window(min(window, w), sigma).view(1, 1, 1, -1)
@@ -334,7 +336,14 @@ class RandomisationResult:
     @classmethod
     def load(cls, path: str | Path) -> RandomisationResult:
         """Read a result written by :meth:`save`."""
-        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+        from narrows.runs.files import read_torch_file, reading
+
+        fix = "delete it and run the randomisation check again"
+        state = read_torch_file(path, "randomisation result file", fix)
+        with reading(path, "randomisation result file", fix):
+            if not isinstance(state, dict):
+                raise ValueError("not a dict")
+            return cls(**state)
 
 
 def _maps(attribute: AttributeFn, model: nn.Module, inputs: Tensor, targets: Tensor, seed: int,

@@ -161,13 +161,14 @@ def sensitivity_n(
     if aggregate not in ("pooled", "per_image"):
         raise UserError(f"unknown aggregate {aggregate!r}", "use 'pooled' or 'per_image'")
     if batch_size < 1 or n_sets < 1:
-        raise UserError("batch_size and n_sets must be positive")
+        raise UserError("batch_size and n_sets must be positive", "pass values >= 1")
     _, _, h, w = images.shape
     grid = tile_grid(h, w, tile)
     n_tiles = int(grid.max()) + 1
     ns = list(ns) if ns is not None else default_ns(n_tiles)
     if not ns or min(ns) < 1 or max(ns) > n_tiles:
-        raise UserError(f"every n must be in 1…{n_tiles} (the number of tiles), got {ns}")
+        raise UserError(f"every n must be in 1…{n_tiles} (the number of tiles), got {ns}",
+                        "choose n within the tiles, or use a smaller tile size")
     targets = targets.long()
     base = resolve_baseline(images, baseline)
     tile_sums = tile_reduce(heatmaps.detach().cpu(), grid, "sum")  # N×T
