@@ -594,7 +594,8 @@ def _metrics(run, method, metrics, net, inputs, labels, heatmaps, dataset, indic
     curve = None
     for metric in metrics:
         file = f"metric_{method}_{metric}.json"
-        if run.exists(file):
+        cached = run.exists(file)
+        if cached:
             values = run.read_json(file, kind=dict)
         elif metric == "degradation":
             r = degradation(net, inputs, maps.to(inputs.device), labels, tile=cfg.tile,
@@ -616,7 +617,8 @@ def _metrics(run, method, metrics, net, inputs, labels, heatmaps, dataset, indic
                       "sensitivity_n_per_image": nanmean(r.per_image),
                       "sensitivity": {"n": list(r.ns), "pooled": r.pooled.tolist(),
                                       "per_image": r.per_image.tolist()}}
-        run.write_json(file, values)
+        if not cached:
+            run.write_json(file, values)
         curve = values.pop("curve", curve)
         values.pop("sensitivity", None)
         row.update(values)
