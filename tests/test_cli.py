@@ -157,8 +157,8 @@ def test_sigkill_after_epoch_2_then_resume_equals_uninterrupted(tmp_path):
     import signal
     import time
 
-    data = "shapes:classes=3,size=32,train=300,test=60"
-    base = ["train", "--data", data, "--epochs", "4", "--batch-size", "32", "--no-progress",
+    data = "shapes:classes=3,size=16,train=160,test=32"
+    base = ["train", "--data", data, "--epochs", "4", "--batch-size", "16", "--no-progress",
             "--threads", "2"]
     assert narrows(*base, "--out", str(tmp_path / "full")).returncode == 0
 
