@@ -15,7 +15,7 @@ from narrows.cli.attribution_report import (
     nanmean,
     write_results,
 )
-from narrows.cli.common import CommonOptions, SubjectOptions, load_subject, open_run, start
+from narrows.cli.common import CommonOptions, SubjectOptions, open_run, start
 from narrows.config import at_least, distinct, non_negative, not_empty, option, positive
 from narrows.notes import note_once
 
@@ -108,6 +108,7 @@ class EvaluateConfig(ImageChoice, IBAOptions, StatisticsOptions, LayerSubject, C
 
 def _subject(cfg: LayerSubject):
     """(model in eval mode, data bundle, normaliser, description, output stem)."""
+    from narrows.models.subject import load_subject
     from narrows.training import Normalizer
 
     subject = load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from narrows.cli.app import Command, register
 from narrows.cli.attribution import LayerSubject, few_samples_note, n_samples
-from narrows.cli.common import CommonOptions, load_subject, open_run, start
+from narrows.cli.common import CommonOptions, open_run, start
 from narrows.config import non_negative, option, positive
 
 READOUT = "readout options"
@@ -162,6 +162,8 @@ def execute(cfg: ReadoutTrainConfig) -> int:
     if session.dist.enabled:
         session.close()
         raise UserError("readout-train runs in one process", "run it without torchrun")
+    from narrows.models.subject import load_subject
+
     subject = load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
     net, bundle, name = subject.model.eval(), subject.bundle, subject.name
     normalizer = Normalizer(subject.mean, subject.std)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from narrows.cli.app import GROUPS, Command, register
-from narrows.cli.common import CommonOptions, SubjectOptions, load_subject, open_run, start
+from narrows.cli.common import CommonOptions, SubjectOptions, open_run, start
 from narrows.config import Range, at_least, distinct, non_negative, not_empty, option, positive
 
 GROUPS["decompose"] = ("class-specific filters (\"Decomposing the Deep\"): per-class influential "
@@ -90,6 +90,8 @@ def _subject(cfg: Any):
     if cfg.checkpoint and _is_decomposed_file(cfg.checkpoint):
         raise UserError(f"{cfg.checkpoint} is a decomposed checkpoint",
                         "pass the plain model's checkpoint (the one the indices were made for)")
+    from narrows.models.subject import load_subject
+
     return load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
 
 

@@ -133,8 +133,8 @@ def _model_shape(model: Any) -> tuple[int, int]:
 
 def _ours(cfg: Any, path: str, k: int | None = None):
     """(subject, indices of ``path`` checked against the subject's model, first ``k`` ids)."""
-    from narrows.cli.common import load_subject
     from narrows.decompose.indices import ClassIndices
+    from narrows.models.subject import load_subject
 
     subject = load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
     classes, channels = _model_shape(subject.model)
@@ -359,7 +359,7 @@ def execute_mutual_info(cfg: MutualInfoConfig) -> int:
     session = start(cfg)
     subject = None
     if cfg.checkpoint or cfg.model:
-        from narrows.cli.common import load_subject
+        from narrows.models.subject import load_subject
 
         subject = load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
     loaded = bundle = normalizer = None

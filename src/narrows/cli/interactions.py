@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from narrows.cli.app import GROUPS, Command, register
-from narrows.cli.common import CommonOptions, SubjectOptions, load_subject, open_run, start
+from narrows.cli.common import CommonOptions, SubjectOptions, open_run, start
 from narrows.config import fraction, increasing, not_empty, option, positive
 
 GROUPS["interactions"] = ("multi-order interaction strength (representation bottleneck) and "
@@ -156,6 +156,8 @@ def execute_run(cfg: RunConfig) -> int:
     from narrows.runs import default_out
 
     session = start(cfg)
+    from narrows.models.subject import load_subject
+
     subject = load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
     bundle = subject.bundle
     dataset = bundle.split(cfg.split)
@@ -251,6 +253,8 @@ def execute_compare(cfg: CompareConfig) -> int:
         raise UserError("two models share a label", "give every model its own LABEL")
     session = start(cfg)
     _, checkpoint, model = entries[0]
+    from narrows.models.subject import load_subject
+
     first = load_subject(checkpoint, model, cfg.data, cfg.image_size)
     data = first.bundle.info.spec
     check_settings(settings_for(cfg, cfg.seed, {}), first.bundle.split(cfg.split))

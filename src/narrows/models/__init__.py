@@ -10,6 +10,8 @@ timm, so ``timm.create_model("resnet20_cifar")`` works afterwards.
 * :func:`save_model` writes weights and card (``.pt`` or ``.safetensors``), atomically.
 * :func:`read_checkpoint` and :func:`load_state_dict_strict` are the lower-level pieces.
 * :func:`list_models` lists model names, narrows' own first.
+* :func:`load_subject` is where an analysis starts: a checkpoint (or a name) with its data set,
+  served at the card's size and normalisation (:class:`Subject`).
 """
 
 from narrows.models.card import ModelCard
@@ -32,6 +34,7 @@ from narrows.models.registry import (
     list_models,
 )
 from narrows.models.strict import load_state_dict_strict
+from narrows.models.subject import Subject, load_subject
 
 __all__ = [
     "NARROWS_MODELS",
@@ -40,6 +43,7 @@ __all__ = [
     "CifarResNet",
     "LoadedModel",
     "ModelCard",
+    "Subject",
     "canonical_name",
     "check_name",
     "create",
@@ -50,6 +54,7 @@ __all__ = [
     "list_models",
     "load_model",
     "load_state_dict_strict",
+    "load_subject",
     "model_fingerprint",
     "read_checkpoint",
     "save_model",
