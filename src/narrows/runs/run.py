@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from narrows import __version__
 from narrows.errors import UserError
@@ -22,6 +23,8 @@ from narrows.runs.files import (
     claim_on_first_write,
     forget_claim,
 )
+
+T = TypeVar("T")
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -221,11 +224,41 @@ class RunDir:
         return read_json_file(self.path / name, "JSON result file", required_keys=required_keys,
                               kind=kind)
 
-    def save_figure(self, name: str, fig: Any) -> Path | None:
+    def save_figure(self, name: str, fig: Any, *, close: bool = True) -> Path | None:
+        """Write ``fig`` atomically (format from ``name``'s suffix) and close it (``close``)."""
         from narrows.runs.files import atomic_savefig
 
         self.claim()
-        return atomic_savefig(self.path / name, fig, dpi=120, bbox_inches="tight") if self.writer else None
+        try:
+            return (atomic_savefig(self.path / name, fig, dpi=120, bbox_inches="tight")
+                    if self.writer else None)
+        finally:
+            if close:
+                from narrows.plotting import pyplot
+
+                pyplot().close(fig)
+
+    def write_table(self, stem: str, rows: list[dict[str, Any]],
+                    columns: list[str] | None = None) -> Path | None:
+        """``stem.csv`` and ``stem.md`` of ``rows`` (see :mod:`narrows.runs.tables`); the CSV path."""
+        from narrows.runs.tables import csv_text, markdown_text
+
+        self.write_text(f"{stem}.md", markdown_text(rows, columns))
+        return self.write_text(f"{stem}.csv", csv_text(rows, columns))
+
+    def cached(self, name: str, compute: Callable[[], T], load: Callable[[Path], T],
+               save: Callable[[T, Path], Any]) -> T:
+        """The step every resumable command repeats: ``load(file)`` when ``name`` exists in
+        this run, else ``compute()``, ``save(result, file)`` (on the writing rank) and return it."""
+        file = self.path / name
+        if file.exists():
+            return load(file)
+        result = compute()
+        if self.writer:
+            self.claim()
+            self.path.mkdir(parents=True, exist_ok=True)
+            save(result, file)
+        return result
 
     # -- metrics ---------------------------------------------------------------------------
     def read_metrics(self) -> list[dict[str, Any]]:

@@ -1,0 +1,79 @@
+"""The result contract every method's result class follows, and the header its files carry.
+
+A result class has ``save(path)``, ``load(path)`` (a class method), ``to_rows()`` (flat records
+for CSV and pandas), ``summary()`` (one line for the terminal) and ``plot(ax=None) -> (fig,
+ax)``; :class:`Result` states it for type checkers and the contract test. A saved result starts
+with :func:`header`: its format and version, and the provenance of the numbers (versions of
+narrows, torch, timm and Python, the model, the data, the seed, the options and the compute
+used), so a file found later says what made it.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from narrows.errors import UserError
+
+
+@runtime_checkable
+class Result(Protocol):
+    """What every result class offers (checked by ``tests/test_result_contract.py``)."""
+
+    def save(self, path: Any) -> Any: ...
+
+    def to_rows(self) -> list[dict[str, Any]]: ...
+
+    def summary(self) -> str: ...
+
+    def plot(self, ax: Any = None) -> tuple[Any, Any]: ...
+
+
+def versions() -> dict[str, str]:
+    """The versions of narrows and the libraries whose numbers a result depends on."""
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for package in ("narrows", "torch", "timm", "numpy"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def provenance(*, model: str | None = None, data: str | None = None, seed: int | None = None,
+               options: Mapping[str, Any] | None = None,
+               compute: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What made a result: versions, model, data, seed, options and compute (device, seconds,
+    forward passes...); ``None`` entries are left out."""
+    found: dict[str, Any] = {"versions": versions()}
+    for key, value in (("model", model), ("data", data), ("seed", seed),
+                       ("options", dict(options) if options is not None else None),
+                       ("compute", dict(compute) if compute is not None else None)):
+        if value is not None:
+            found[key] = value
+    return found
+
+
+def header(kind: str, version: int, origin: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The first keys of a saved result: ``format`` (``narrows.<kind>/<version>``) and
+    ``provenance`` (from :func:`provenance`, or the given mapping)."""
+    return {"format": f"narrows.{kind}/{version}",
+            "provenance": dict(origin) if origin is not None else provenance()}
+
+
+def check_header(document: Mapping[str, Any], kind: str, version: int, source: str) -> None:
+    """Refuse a file of another kind or a newer version; files without a header (written before
+    headers existed) pass."""
+    found = document.get("format")
+    if found is None:
+        return
+    name, _, number = str(found).rpartition("/")
+    if name != f"narrows.{kind}":
+        raise UserError(f"{source} holds a {found} result, not narrows.{kind}",
+                        "pass a file of the right kind")
+    if not number.isdigit() or int(number) > version:
+        raise UserError(f"{source} was written by a newer narrows ({found})",
+                        "upgrade narrows to read it")
