@@ -59,7 +59,7 @@ class FirstClassNet(nn.Module):
 
 def _fake_subject(net: nn.Module):
     """A ``load_subject`` stand-in serving ``net`` at initialisation on the shapes data."""
-    from narrows.cli.common import Subject
+    from narrows.models.subject import Subject
     from narrows.data import load
 
     def fake(checkpoint, model, data, image_size=None, *args, **kwargs):
@@ -123,7 +123,7 @@ def test_a_degenerate_curve_stays_out_of_the_legend():
 
 
 def test_cli_says_once_that_the_output_ignores_the_patches(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("narrows.cli.interactions.load_subject", _fake_subject(ZeroScaledNet()))
+    monkeypatch.setattr("narrows.models.subject.load_subject", _fake_subject(ZeroScaledNet()))
     out = tmp_path / "run"
     assert main(["interactions", "run", "--model", "tiny", "--data", DATA, "--out", str(out),
                  "--no-only-correct", *SMOKE]) == 0
@@ -169,7 +169,7 @@ def test_one_image_gives_no_standard_error_rather_than_nan(tmp_path):
 
 
 def test_cli_reports_the_shrunken_sample(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("narrows.cli.interactions.load_subject", _fake_subject(FirstClassNet()))
+    monkeypatch.setattr("narrows.models.subject.load_subject", _fake_subject(FirstClassNet()))
     out = tmp_path / "run"
     assert main(["interactions", "run", "--model", "tiny", "--data", DATA, "--out", str(out),
                  "--images", "2", *SMOKE]) == 0

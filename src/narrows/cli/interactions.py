@@ -58,129 +58,43 @@ class RunConfig(EstimateOptions, CurveSubject, CommonOptions):
 
 
 def settings_for(cfg: EstimateOptions, seed: int, extra: dict):
-    from narrows.interactions.presets import PRESETS
-    from narrows.interactions.runner import InteractionSettings
+    """The estimator's settings: ``--preset`` with the options given over it."""
+    from narrows.interactions.measure import settings_from_preset
 
-    preset = PRESETS[cfg.preset]
-
-    def pick(name: str):
-        value = getattr(cfg, name)
-        return preset[name] if value is None else value
-
-    return InteractionSettings(
-        grid=pick("grid"), pairs=pick("pairs"), contexts=pick("contexts"),
-        ratios=tuple(pick("ratios")), images=pick("images"), pair_sampling=cfg.pair_sampling,
-        radius=cfg.radius, reward=cfg.reward, baseline=cfg.baseline,
-        only_correct=cfg.only_correct, batch_size=cfg.batch_size, seed=seed,
-        extra_meta={"preset": cfg.preset, "split": cfg.split, **extra},
-    )
-
-
-def check_settings(settings, dataset) -> None:
-    """Everything about the options that can be checked before a model runs or a file is
-    written: ratios, counts, pairs on the grid, and the grid against the image size."""
-    from narrows.errors import UserError
-
-    if len(dataset) == 0:
-        raise UserError("the data set has no images to explain", "check --data and --split")
-    image = dataset[0][0]
-    settings.check_image(*image.shape[1:])
-
-
-def estimate_into(run, net, dataset, num_classes: int, settings, mean, std, session, progress,
-                  image_ids=None, say=print, *, at_init: bool = False, candidates=None,
-                  class_names=None, split: str = "train"):
-    """Plan (printing the sample and the cost), run with per-image resume, save the result in
-    ``run``. ``image_ids`` (with their ``candidates`` count): images chosen before, with
-    another model. Prints one warning line when the model's output does not depend on the
-    patches (then J is undefined and no curve is drawn)."""
-    from narrows.interactions.players import PlayerGrid
-    from narrows.interactions.runner import (
-        constant_output_cause,
-        constant_reward,
-        full_and_empty_values,
-        measure_speed,
-        plan,
-    )
-    from narrows.interactions.runner import run as run_images
-    from narrows.runtime import format_duration
-    from narrows.training import Normalizer
-
-    normalizer = Normalizer(mean, std)
-    p = plan(net.to(session.device), dataset, num_classes, settings, normalizer, session.device,
-             image_ids, candidates)
-    if not p.image_ids:
-        from narrows.errors import UserError
-
-        raise UserError(f"none of the {p.candidates} candidate images is classified correctly"
-                        + (" (the model is at initialisation)" if at_init else ""),
-                        "pass --no-only-correct, or use more --images")
-    if image_ids is None:
-        say(f"images: {p.describe(settings.only_correct, class_names)} — the first of each "
-            f"class in the {split} split")
-        note = p.shrunk(settings.only_correct, at_init)
-        if note:
-            say(note)
-    warned = False
-    if session.dist.is_main:
-        values = full_and_empty_values(net, dataset, p.image_ids, settings, mean=mean, std=std,
-                                       device=session.device)
-        if constant_reward(values):
-            say("warning: the model's output is the same with every patch kept and every patch "
-                f"masked on all {len(p.image_ids)} images, so its interactions are likely all 0: "
-                f"{constant_output_cause(net, at_init)}")
-            warned = True
-    images_dir = run.file("images")
-    finished = sum((images_dir / f"{i:07d}.npz").is_file() for i in p.image_ids)
-    image = dataset[p.image_ids[0]][0]
-    channels_last = session.device.type == "cpu"  # faster convolutions; same values
-    speed = measure_speed(net, PlayerGrid(settings.grid, *image.shape[1:]),
-                          normalizer(image[None])[0], settings.batch_size, session.device,
-                          channels_last)
-    todo = (len(p.image_ids) - finished) * p.forwards_per_image
-    say(f"{p.forwards_per_image:,} forward passes each ({p.upstream_per_image:,} without the "
-        f"exact shortcuts); {finished} of {len(p.image_ids)} images already done; {todo:,} to "
-        f"go ≈ {format_duration(todo / speed)} at {speed:,.0f} forwards/s")
-    result = run_images(net, dataset, p, settings, mean=mean, std=std, device=session.device,
-                        images_dir=images_dir, dist=session.dist, progress=progress,
-                        channels_last=channels_last, at_init=at_init)
-    if run.writer:
-        result.save(run.path)
-        warning = result.warning()
-        if warning and not warned:
-            say(f"warning: no curve — {warning}")
-    return result
+    return settings_from_preset(
+        cfg.preset, seed=seed, extra_meta={"split": cfg.split, **extra}, grid=cfg.grid,
+        pairs=cfg.pairs, contexts=cfg.contexts, ratios=cfg.ratios, images=cfg.images,
+        pair_sampling=cfg.pair_sampling, radius=cfg.radius, reward=cfg.reward,
+        baseline=cfg.baseline, only_correct=cfg.only_correct, batch_size=cfg.batch_size)
 
 
 def execute_run(cfg: RunConfig) -> int:
+    from narrows.interactions.measure import check_settings, measure_into
+    from narrows.models.subject import load_subject
     from narrows.runs import default_out
 
     session = start(cfg)
-    from narrows.models.subject import load_subject
-
     subject = load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
-    bundle = subject.bundle
-    dataset = bundle.split(cfg.split)
-    class_names = list(bundle.info.class_names)
+    info = subject.bundle.info
+    dataset = subject.bundle.split(cfg.split)
     settings = settings_for(cfg, cfg.seed, {"model": subject.name, "checkpoint": cfg.checkpoint,
-                                            "data": bundle.info.spec,
-                                            "image_size": bundle.info.image_size,
+                                            "data": info.spec, "image_size": info.image_size,
                                             "label": cfg.label or subject.name,
-                                            "class_names": class_names})
+                                            "class_names": list(info.class_names)})
     check_settings(settings, dataset)  # nothing is written before the options are valid
     run = open_run(cfg, "interactions run",
                    default_out("interactions", subject.stem, cfg.preset), session)
-    say = session.say
-    result = estimate_into(run, subject.model, dataset, bundle.info.num_classes, settings,
-                           subject.mean, subject.std, session, cfg.progress, say=say,
-                           at_init=cfg.checkpoint is None, class_names=class_names,
-                           split=cfg.split)
+    result = measure_into(run, subject.model, dataset, info.num_classes, settings, subject.mean,
+                          subject.std, device=session.device, dist=session.dist,
+                          progress=cfg.progress, say=session.say,
+                          at_init=cfg.checkpoint is None, class_names=list(info.class_names),
+                          split=cfg.split)
     if session.dist.is_main:
         if result.degenerate() is None:
-            j = result.J()
-            say("J (sampled): " + " ".join(f"{r:g}:{v:.2f}" for r, v in zip(result.ratios, j,
-                                                                            strict=True)))
-        say(f"→ {run.file('curve.csv')}, {run.file('curve.png')}, {run.file('meta.json')}")
+            session.say("J (sampled): " + " ".join(
+                f"{r:g}:{v:.2f}" for r, v in zip(result.ratios, result.J(), strict=True)))
+        session.say(f"→ {run.file('curve.csv')}, {run.file('curve.png')}, "
+                    f"{run.file('meta.json')}")
     session.close()
     return 0
 
@@ -237,12 +151,11 @@ class CompareConfig(EstimateOptions, CommonOptions):
 
 def execute_compare(cfg: CompareConfig) -> int:
     from narrows.errors import UserError
+    from narrows.interactions.measure import check_settings, compare_models
     from narrows.interactions.result import plot_curves
-    from narrows.interactions.runner import select
-    from narrows.plotting import pyplot
-    from narrows.runs import RunDir, default_out
+    from narrows.models.subject import load_subject
+    from narrows.runs import default_out
     from narrows.runs.run import safe_name
-    from narrows.training import Normalizer
 
     if len(cfg.models) < 1:
         raise UserError("no models to compare", "list them under 'models:' in --config, as "
@@ -252,50 +165,18 @@ def execute_compare(cfg: CompareConfig) -> int:
     if len(set(labels)) != len(labels):
         raise UserError("two models share a label", "give every model its own LABEL")
     session = start(cfg)
-    _, checkpoint, model = entries[0]
-    from narrows.models.subject import load_subject
-
-    first = load_subject(checkpoint, model, cfg.data, cfg.image_size)
-    data = first.bundle.info.spec
+    first = load_subject(entries[0][1], entries[0][2], cfg.data, cfg.image_size)
     check_settings(settings_for(cfg, cfg.seed, {}), first.bundle.split(cfg.split))
     run = open_run(cfg, "interactions compare", default_out("interactions", "compare"), session)
-    say = session.say
-    results, image_ids, candidates = [], None, None
-    for k, (label, checkpoint, model) in enumerate(entries):
-        subject = first if k == 0 else load_subject(checkpoint, model, data, cfg.image_size)
-        net, bundle, mean, std, name = (subject.model, subject.bundle, subject.mean, subject.std,
-                                        subject.name)
-        class_names = list(bundle.info.class_names)
-        settings = settings_for(cfg, cfg.seed, {"model": name, "checkpoint": checkpoint,
-                                                "data": data, "label": label,
-                                                "image_size": bundle.info.image_size,
-                                                "class_names": class_names})
-        dataset = bundle.split(cfg.split)
-        say(f"\n== {label}: {name}")
-        chosen_here = image_ids is None
-        if chosen_here:
-            image_ids, _, candidates = select(net.to(session.device), dataset,
-                                              bundle.info.num_classes, settings,
-                                              Normalizer(mean, std), session.device)
-            if not image_ids:
-                raise UserError(f"none of the {candidates} candidate images is classified "
-                                f"correctly by {label} (the images are chosen with the first "
-                                "model)", "pass --no-only-correct, list another model first, "
-                                "or use more --images")
-        result_options = {"checkpoint": checkpoint, "model": model, "images": list(image_ids),
-                          "settings": repr(settings)}
-        sub = (RunDir.open(run.path / label, "interactions run", {"label": label}, result_options)
-               if session.dist.is_main else RunDir(run.path / label, writer=False))
-        results.append(estimate_into(
-            sub, net, dataset, bundle.info.num_classes, settings, mean, std, session,
-            cfg.progress, None if chosen_here else image_ids, say,
-            at_init=checkpoint is None, candidates=None if chosen_here else candidates,
-            class_names=class_names, split=cfg.split))
+    results = compare_models(entries, run, data=first.bundle.info.spec,
+                             image_size=cfg.image_size,
+                             settings_of=lambda meta: settings_for(cfg, cfg.seed, meta),
+                             device=session.device, dist=session.dist, progress=cfg.progress,
+                             say=session.say, split=cfg.split, first=first)
     if run.writer:
         fig, _ = plot_curves(results, labels, title="multi-order interactions")
         run.save_figure("compare.png", fig)
-        pyplot().close(fig)
-        say(f"\n→ {run.file('compare.png')}")
+        session.say(f"\n→ {run.file('compare.png')}")
     session.close()
     return 0
 

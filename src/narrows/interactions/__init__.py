@@ -7,11 +7,15 @@
 * :class:`OrderLoss`, :data:`RECIPES` — training losses that encourage or penalise a band of
   orders.
 * :func:`estimate_image` — the estimator on any value function over player masks.
+* :func:`measure_into`, :func:`compare_models`, :func:`settings_from_preset` — what
+  ``narrows interactions run`` and ``compare`` do: plan, warn, run with resume, save in a run
+  directory.
 
 The command line is ``narrows interactions run | plot | compare | train``.
 """
 
 from narrows.interactions.estimator import estimate_image, planned_forwards, upstream_forwards
+from narrows.interactions.measure import compare_models, measure_into, settings_from_preset
 from narrows.interactions.order_loss import RECIPES, OrderLoss
 from narrows.interactions.players import PlayerGrid, normalised_baseline
 from narrows.interactions.presets import PRESETS
@@ -28,12 +32,15 @@ __all__ = [
     "InteractionSettings",
     "OrderLoss",
     "PlayerGrid",
+    "compare_models",
     "estimate_image",
+    "measure_into",
     "multi_order",
     "normalised_baseline",
     "order_of",
     "planned_forwards",
     "plot_curves",
     "reward",
+    "settings_from_preset",
     "upstream_forwards",
 ]
