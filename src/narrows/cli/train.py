@@ -151,105 +151,28 @@ def settings_from(cfg: TrainConfig):
     )
 
 
-DEFAULT_MODEL = "resnet20_cifar"
-
-
 def load_start(cfg: TrainConfig):
     """The ``--checkpoint`` to start from (a ``LoadedModel``), or ``None``."""
-    if not cfg.checkpoint:
-        return None
-    from narrows.models import load_model
+    from narrows.training.setup import load_start as load
 
-    return load_model(cfg.checkpoint, name=cfg.model,
-                      model_kwargs=parse_model_kwargs(getattr(cfg, "model_kwargs", None)))
+    return load(cfg.checkpoint, model=cfg.model,
+                model_kwargs=parse_model_kwargs(getattr(cfg, "model_kwargs", None)))
 
 
 def load_training_data(cfg: TrainConfig, card: Any = None):
-    """``cfg.data`` at ``--image-size``, or, for data served at any size, at the size of the
-    ``--checkpoint`` the run starts from (``card``: its model card, read here when not given)."""
-    from narrows.data import load
-    from narrows.data.specs import parse_spec
-    from narrows.models.inputs import RESIZABLE_KINDS
+    """``--data`` at ``--image-size``, or at the size of the ``--checkpoint`` it goes on from."""
+    from narrows.training.setup import training_data
 
-    size = cfg.image_size
-    if size is None and cfg.checkpoint and parse_spec(cfg.data).kind in RESIZABLE_KINDS:
-        if card is None:
-            from narrows.models import read_checkpoint
-
-            card = read_checkpoint(cfg.checkpoint).card
-        if card is not None:
-            size = card.input_size  # go on at the size the checkpoint was trained at
-    return load(cfg.data, download=cfg.download, image_size=size)
+    return training_data(cfg.data, image_size=cfg.image_size, checkpoint=cfg.checkpoint,
+                         card=card, download=cfg.download)
 
 
 def build_model(cfg: TrainConfig, info, loaded=None):
-    """The model to train and its card: fresh from timm (or the user's module), or from
-    ``--checkpoint`` (``loaded``: :func:`load_start`'s result, loaded here when not given).
+    """The model to train and its card (see :func:`narrows.training.setup.model_for_training`)."""
+    from narrows.training.setup import model_for_training
 
-    The model is built for the data's image size (``img_size`` for fixed-size models) and one
-    image is run through it, so a model that cannot take the data is a :class:`UserError`
-    before anything is written.
-    """
-    from narrows.errors import UserError
-    from narrows.models import ModelCard, canonical_name, create_for_input, is_custom
-    from narrows.models.factory import check_runs_on
-
-    given = parse_model_kwargs(getattr(cfg, "model_kwargs", None))
-    if cfg.checkpoint:
-        loaded = loaded if loaded is not None else load_start(cfg)
-        model = loaded.model
-        card = loaded.card
-        if card is None or (cfg.model and is_custom(cfg.model)):  # a moved file: where it is now
-            architecture = canonical_name(cfg.model)
-        else:
-            architecture = card.architecture
-        model_kwargs = {**(card.model_kwargs if card else {}), **given}
-        classes = getattr(model, "num_classes", info.num_classes)
-        if isinstance(classes, int) and classes != info.num_classes:
-            raise UserError(
-                f"{cfg.checkpoint} has {classes} classes but {info.spec} has "
-                f"{info.num_classes}", "train from a checkpoint of the same classes, or without one")
-        check_runs_on(model, architecture, in_chans=info.in_chans, image_size=info.image_size,
-                      num_classes=info.num_classes, data=info.spec,
-                      took_size="img_size" in model_kwargs)
-        model.train()
-    else:
-        name = cfg.model or DEFAULT_MODEL
-        model, model_kwargs = create_for_input(
-            name, num_classes=info.num_classes, in_chans=info.in_chans,
-            image_size=info.image_size, model_kwargs=given, data=info.spec)
-        architecture = canonical_name(name)
-    card = ModelCard(
-        architecture=architecture, num_classes=info.num_classes, in_chans=info.in_chans,
-        input_size=info.image_size, mean=tuple(info.mean), std=tuple(info.std),
-        class_names=tuple(info.class_names), data_spec=absolute_spec(info.spec),
-        model_kwargs=model_kwargs,
-    )
-    return model, card
-
-
-def absolute_spec(spec: str) -> str:
-    """``spec`` with its path made absolute (``folder:data`` → ``folder:/home/me/data``), so a
-    checkpoint's card finds its data from any directory; other specs are returned as given."""
-    from pathlib import Path
-
-    from narrows.data.specs import NEEDS_PATH, parse_spec
-
-    parsed = parse_spec(spec)
-    if parsed.kind not in NEEDS_PATH:
-        return spec
-    return f"{parsed.kind}:{Path(parsed.argument).expanduser().resolve()}"
-
-
-def test_split_description(spec: str) -> str:
-    """Which images the run's test accuracy is measured on (held out from a flat folder, ...)."""
-    from narrows.data.imagenet import folder_test_split
-    from narrows.data.specs import parse_spec
-
-    parsed = parse_spec(spec)
-    if parsed.kind == "folder":
-        return folder_test_split(parsed.argument)
-    return "the data set's own test split"
+    return model_for_training(info, model=cfg.model, checkpoint=cfg.checkpoint, loaded=loaded,
+                              model_kwargs=parse_model_kwargs(getattr(cfg, "model_kwargs", None)))
 
 
 def execute(cfg: TrainConfig) -> int:
@@ -262,52 +185,46 @@ def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str
     Method commands that train (order losses, CSG, ...) subclass :class:`TrainConfig` and call
     this with their loss; ``default_name`` is added to the default output directory name.
     """
-    from narrows.errors import UserError
-    from narrows.models import display_name
+    from narrows.models import check_name, display_name
     from narrows.runs import default_out
-    from narrows.training import LAST, fit
+    from narrows.training import fit
+    from narrows.training.setup import DEFAULT_MODEL, training_summary
 
     session = start(cfg)
     if not cfg.checkpoint:
-        from narrows.models import check_name
-
         check_name(cfg.model or DEFAULT_MODEL)  # a wrong name fails before the data is read
     loaded = load_start(cfg)
     data = load_training_data(cfg, loaded.card if loaded is not None else None)
     model, card = build_model(cfg, data.info, loaded)
-    default = default_out(command.replace(" ", "-"), display_name(card.architecture), cfg.data,
-                          default_name)
+    name = display_name(card.architecture)
+    run = _open_training_run(cfg, command, default_out(command.replace(" ", "-"), name,
+                                                       cfg.data, default_name), session)
+    session.say(f"training {name} on {cfg.data} at {card.input_size}×{card.input_size} px "
+                f"({len(data.train())} train / {len(data.test())} test images) on "
+                f"{session.device}, {session.threads} threads"
+                + (f", {session.dist.world_size} processes" if session.dist.enabled else "")
+                + f" → {run.path}")
+    result = fit(model, data, settings_from(cfg), card=card, device=session.device, run=run,
+                 dist=session.dist, progress=cfg.progress, log=session.say, loss_fn=loss_fn)
+    run.write_json("results.json", training_summary(result, card, cfg.data))
+    if result.final is not None:
+        session.say(f"done: test top-1 {100 * result.final.top1:.2f}% (best "
+                    f"{100 * result.best_top1:.2f}%); weights in {result.best_checkpoint}; "
+                    f"curves in {run.file('curves.png')}")
+    session.close()
+    return 0
+
+
+def _open_training_run(cfg: TrainConfig, command: str, default: Any, session: Any):
+    """The run directory; ``--resume`` without a checkpoint there is a user error."""
+    from narrows.errors import UserError
+    from narrows.training import LAST
+
     run = open_run(cfg, command, default, session)
     if cfg.resume and not run.exists(LAST):
         raise UserError(f"--resume given but {run.path} has no checkpoint to resume from",
                         "drop --resume to start a new run")
-    say = session.say
-    say(f"training {display_name(card.architecture)} on {cfg.data} at "
-        f"{card.input_size}×{card.input_size} px ({len(data.train())} train / "
-        f"{len(data.test())} test images) on {session.device}, {session.threads} threads"
-        + (f", {session.dist.world_size} processes" if session.dist.enabled else "")
-        + f" → {run.path}")
-    result = fit(model, data, settings_from(cfg), card=card, device=session.device, run=run,
-                 dist=session.dist, progress=cfg.progress, log=say, loss_fn=loss_fn)
-    summary = {
-        "model": card.architecture,
-        "data": cfg.data,
-        "image_size": card.input_size,
-        "model_kwargs": dict(card.model_kwargs),
-        "test_split": test_split_description(cfg.data),
-        "epochs": result.epochs,
-        "best_top1": result.best_top1,
-        "final": result.final.to_dict() if result.final else None,
-        "best_checkpoint": result.best_checkpoint,
-        "last_checkpoint": result.last_checkpoint,
-    }
-    run.write_json("results.json", summary)
-    if result.final is not None:
-        say(f"done: test top-1 {100 * result.final.top1:.2f}% (best {100 * result.best_top1:.2f}%)"
-            f"; weights in {result.best_checkpoint}; curves in {run.file('curves.png')}")
-    session.close()
-    return 0
-
+    return run
 
 
 register(Command(

@@ -1,4 +1,8 @@
-"""The supervised training loop shared by ``narrows train`` and every method that trains."""
+"""The supervised training loop shared by ``narrows train`` and every method that trains.
+
+:func:`fit` runs the loop; :func:`training_data`, :func:`model_for_training` and
+:func:`training_summary` (``narrows.training.setup``) are what ``narrows train`` does around it.
+"""
 
 from narrows.training.batches import Normalizer
 from narrows.training.evaluate import EvalResult, evaluate
@@ -15,6 +19,11 @@ from narrows.training.loop import (
     train_one_epoch,
 )
 from narrows.training.settings import TrainSettings, learning_rate
+from narrows.training.setup import (
+    model_for_training,
+    training_data,
+    training_summary,
+)
 
 __all__ = [
     "BEST",
@@ -31,5 +40,8 @@ __all__ = [
     "fit",
     "learning_rate",
     "make_optimizer",
+    "model_for_training",
     "train_one_epoch",
+    "training_data",
+    "training_summary",
 ]

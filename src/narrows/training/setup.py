@@ -1,0 +1,124 @@
+"""What a training run needs before the loop: its data, the model with its card, and the
+summary written after it. ``narrows train`` and every method that trains (order losses, CSG)
+use these, and a Python user gets the same model and card the command would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from narrows.errors import UserError
+
+DEFAULT_MODEL = "resnet20_cifar"
+
+
+def load_start(checkpoint: str | None, *, model: str | None = None,
+               model_kwargs: dict[str, Any] | None = None) -> Any:
+    """The ``checkpoint`` a run starts from (a :class:`narrows.models.LoadedModel`), or ``None``."""
+    if not checkpoint:
+        return None
+    from narrows.models import load_model
+
+    return load_model(checkpoint, name=model, model_kwargs=model_kwargs or {})
+
+
+def training_data(spec: str, *, image_size: int | None = None, checkpoint: str | None = None,
+                  card: Any = None, download: bool = False) -> Any:
+    """``spec`` at ``image_size``; for data served at any size without one, at the size of the
+    ``checkpoint`` the run starts from (``card``: its model card, read here when not given)."""
+    from narrows.data import load
+    from narrows.data.specs import parse_spec
+    from narrows.models.inputs import RESIZABLE_KINDS
+
+    size = image_size
+    if size is None and checkpoint and parse_spec(spec).kind in RESIZABLE_KINDS:
+        if card is None:
+            from narrows.models import read_checkpoint
+
+            card = read_checkpoint(checkpoint).card
+        if card is not None:
+            size = card.input_size  # go on at the size the checkpoint was trained at
+    return load(spec, download=download, image_size=size)
+
+
+def model_for_training(info: Any, *, model: str | None = None, checkpoint: str | None = None,
+                       loaded: Any = None, model_kwargs: dict[str, Any] | None = None
+                       ) -> tuple[Any, Any]:
+    """The model to train on data ``info`` and its card: fresh from timm (or the user's
+    module), or from ``checkpoint`` (``loaded``: :func:`load_start`'s result when at hand).
+
+    The model is built for the data's image size (``img_size`` for fixed-size models) and one
+    image is run through it, so a model that cannot take the data is a :class:`UserError`
+    before anything is written.
+    """
+    from narrows.models import ModelCard, canonical_name, create_for_input, is_custom
+    from narrows.models.factory import check_runs_on
+
+    given = dict(model_kwargs or {})
+    if checkpoint:
+        loaded = loaded if loaded is not None else load_start(checkpoint, model=model,
+                                                              model_kwargs=given)
+        net, card = loaded.model, loaded.card
+        moved = card is None or (model and is_custom(model))  # a moved file: where it is now
+        architecture = canonical_name(model) if moved else card.architecture
+        model_kwargs = {**(card.model_kwargs if card else {}), **given}
+        classes = getattr(net, "num_classes", info.num_classes)
+        if isinstance(classes, int) and classes != info.num_classes:
+            raise UserError(f"{checkpoint} has {classes} classes but {info.spec} has "
+                            f"{info.num_classes}",
+                            "train from a checkpoint of the same classes, or without one")
+        check_runs_on(net, architecture, in_chans=info.in_chans, image_size=info.image_size,
+                      num_classes=info.num_classes, data=info.spec,
+                      took_size="img_size" in model_kwargs)
+        net.train()
+    else:
+        name = model or DEFAULT_MODEL
+        net, model_kwargs = create_for_input(
+            name, num_classes=info.num_classes, in_chans=info.in_chans,
+            image_size=info.image_size, model_kwargs=given, data=info.spec)
+        architecture = canonical_name(name)
+    card = ModelCard(
+        architecture=architecture, num_classes=info.num_classes, in_chans=info.in_chans,
+        input_size=info.image_size, mean=tuple(info.mean), std=tuple(info.std),
+        class_names=tuple(info.class_names), data_spec=absolute_spec(info.spec),
+        model_kwargs=model_kwargs,
+    )
+    return net, card
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its path made absolute (``folder:data`` → ``folder:/home/me/data``), so a
+    checkpoint's card finds its data from any directory; other specs are returned as given."""
+    from narrows.data.specs import NEEDS_PATH, parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed.kind not in NEEDS_PATH:
+        return spec
+    return f"{parsed.kind}:{Path(parsed.argument).expanduser().resolve()}"
+
+
+def test_split_description(spec: str) -> str:
+    """Which images a run's test accuracy is measured on (held out from a flat folder, ...)."""
+    from narrows.data.imagenet import folder_test_split
+    from narrows.data.specs import parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed.kind == "folder":
+        return folder_test_split(parsed.argument)
+    return "the data set's own test split"
+
+
+def training_summary(result: Any, card: Any, spec: str) -> dict[str, Any]:
+    """The flat ``results.json`` of a training run (a :class:`narrows.training.TrainResult`)."""
+    return {
+        "model": card.architecture,
+        "data": spec,
+        "image_size": card.input_size,
+        "model_kwargs": dict(card.model_kwargs),
+        "test_split": test_split_description(spec),
+        "epochs": result.epochs,
+        "best_top1": result.best_top1,
+        "final": result.final.to_dict() if result.final else None,
+        "best_checkpoint": result.best_checkpoint,
+        "last_checkpoint": result.last_checkpoint,
+    }
