@@ -59,8 +59,8 @@ class FirstClassNet(nn.Module):
 
 def _fake_subject(net: nn.Module):
     """A ``load_subject`` stand-in serving ``net`` at initialisation on the shapes data."""
-    from narrows.models.subject import Subject
     from narrows.data import load
+    from narrows.models.subject import Subject
 
     def fake(checkpoint, model, data, image_size=None, *args, **kwargs):
         bundle = load(DATA)

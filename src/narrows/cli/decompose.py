@@ -14,12 +14,6 @@ GROUPS["decompose"] = ("class-specific filters (\"Decomposing the Deep\"): per-c
                        "channels, the decomposed final layer, essential features, mutual "
                        "information, CSG")
 BASELINES = ("random", "top-weights")
-WIDE = 1024  # feature widths from here on (ImageNet ResNet-50: 2048) default to k = 50
-
-
-def default_k(width: int) -> int:
-    """5 for CIFAR-size heads (D < 1024), 50 for wider ones (ImageNet ResNet-50), as upstream."""
-    return 50 if width >= WIDE else 5
 
 
 @dataclass
@@ -85,30 +79,9 @@ class FinetuneConfig(SubjectOptions, CommonOptions):
 
 # -- shared helpers ---------------------------------------------------------------------------
 def _subject(cfg: Any):
-    from narrows.errors import UserError
+    from narrows.decompose.pipeline import load_plain_subject
 
-    if cfg.checkpoint and _is_decomposed_file(cfg.checkpoint):
-        raise UserError(f"{cfg.checkpoint} is a decomposed checkpoint",
-                        "pass the plain model's checkpoint (the one the indices were made for)")
-    from narrows.models.subject import load_subject
-
-    return load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
-
-
-def _is_decomposed_file(path: str) -> bool:
-    from narrows.models import read_checkpoint
-
-    keys = read_checkpoint(path).state_dict
-    return any(k.endswith(".index") for k in keys) and any(k.endswith(".V") for k in keys)
-
-
-def _load_indices(path: str, model: Any):
-    """The indices of ``path``, checked against the model's classes and channels."""
-    from narrows.decompose import ClassIndices, split_head
-
-    _, linear = split_head(model)
-    return ClassIndices.load(path, num_classes=linear.out_features,
-                             num_channels=linear.in_features)
+    return load_plain_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
 
 
 def _class_title(c: int, name: str) -> str:
@@ -116,28 +89,22 @@ def _class_title(c: int, name: str) -> str:
     return f"class {c}" if name == str(c) else f"class {c} ({name})"
 
 
-def _close(fig: Any) -> None:
-    from narrows.plotting import pyplot
-
-    pyplot().close(fig)
-
-
 # -- extract ----------------------------------------------------------------------------------
 def execute_extract(cfg: ExtractConfig) -> int:
-    from narrows.decompose import Extraction, curve_ks, extract, extract_fractional, split_head
+    from narrows.decompose import Extraction
+    from narrows.decompose.pipeline import extract_subject
+    from narrows.decompose.rules import default_k, head_shape, within_width
     from narrows.errors import UserError
     from narrows.runs import default_out
-    from narrows.training import Normalizer
 
     session = start(cfg)
     subject = _subject(cfg)
-    _, linear = split_head(subject.model)
-    width, classes = linear.in_features, linear.out_features
+    _, width = head_shape(subject.model)
     k = cfg.k or default_k(width)
     if cfg.k_img is not None and cfg.fraction is not None:
         raise UserError("--k-img and --fraction exclude each other",
                         "variant A chooses its own per-class k; drop --k-img")
-    _within_width((("--k", k), ("--k-img", cfg.k_img), ("--ks", max(cfg.ks or [0]))), width)
+    within_width((("--k", k), ("--k-img", cfg.k_img), ("--ks", max(cfg.ks or [0]))), width)
     tag = f"f{cfg.fraction:g}" if cfg.fraction else f"k{k}"
     run = open_run(cfg, "decompose extract", default_out("decompose-extract", subject.stem, tag),
                    session)
@@ -145,30 +112,11 @@ def execute_extract(cfg: ExtractConfig) -> int:
     if run.exists("results.json") and run.exists("histogram.pt"):
         say(f"already extracted in {run.path}; pass --overwrite to extract again")
         return _report_extract(Extraction.load(run.path), run, say, session)
-    dataset = subject.bundle.split(cfg.split, "none")
-    meta = {"model": subject.name, "checkpoint": cfg.checkpoint,
-            "data": subject.bundle.info.spec, "split": cfg.split,
-            "class_names": list(subject.bundle.info.class_names)}
-    say(f"extracting from {subject.name} on {len(dataset)} {cfg.split} images of "
-        f"{subject.bundle.info.spec} ({classes} classes, {width} channels) on {session.device}"
-        f" → {run.path}")
-    common = {"num_classes": classes, "thresholds": cfg.thresholds, "layer": cfg.layer,
-              "normalizer": Normalizer(subject.mean, subject.std), "device": session.device,
-              "batch_size": cfg.batch_size, "workers": cfg.workers, "progress": cfg.progress,
-              "resume": run.file("partial.pt"), "save_every": cfg.save_every, "say": say,
-              "meta": meta}
-    if cfg.fraction is not None:
-        result = extract_fractional(subject.model, dataset, cfg.fraction, **common)
-    else:
-        ks = cfg.ks if cfg.ks is not None else curve_ks(width)
-        result = extract(subject.model, dataset, k=k, k_img=cfg.k_img, ks=ks, **common)
-    if run.writer:
-        result.save(run.path)
-        result.chosen().save_upstream(run.file("indices_upstream.json"))
-        fig, _ = result.plot()
-        run.save_figure("histogram.png", fig)
-        _close(fig)
-        run.write_json("results.json", result.summary())
+    result = extract_subject(
+        subject, k=k, k_img=cfg.k_img, fraction=cfg.fraction, ks=cfg.ks,
+        thresholds=cfg.thresholds, layer=cfg.layer, split=cfg.split, checkpoint=cfg.checkpoint,
+        device=session.device, batch_size=cfg.batch_size, workers=cfg.workers,
+        progress=cfg.progress, save_every=cfg.save_every, run=run, say=say)
     return _report_extract(result, run, say, session)
 
 
@@ -197,11 +145,13 @@ def _report_extract(result: Any, run: Any, say: Any, session: Any) -> int:
 
 # -- validate ---------------------------------------------------------------------------------
 def execute_validate(cfg: ValidateConfig) -> int:
+    from narrows.decompose.pipeline import is_decomposed_checkpoint, validation_report
+    from narrows.decompose.rules import head_shape, within_width
     from narrows.runs import default_out
 
     session = start(cfg)
     say = session.say
-    if cfg.checkpoint and _is_decomposed_file(cfg.checkpoint):
+    if cfg.checkpoint and is_decomposed_checkpoint(cfg.checkpoint):
         return _validate_decomposed(cfg, session)
     subject = _subject(cfg)
     tag = Path(cfg.indices).stem if cfg.indices else "full"
@@ -213,89 +163,13 @@ def execute_validate(cfg: ValidateConfig) -> int:
 
         with reading(run.file("results.json"), "cached validate result"):
             return _report_validate(run.read_json("results.json", kind=dict), run, say, session)
-    results = validate_into(cfg, subject, run, session)
+    within_width((("--ks", max(cfg.ks or [0])),), head_shape(subject.model)[1])
+    results = validation_report(
+        subject, indices=cfg.indices, extraction=cfg.extraction, ks=cfg.ks,
+        baselines=cfg.baselines, curve=cfg.curve, seed=cfg.seed, checkpoint=cfg.checkpoint,
+        device=session.device, batch_size=cfg.batch_size, workers=cfg.workers,
+        progress=cfg.progress, run=run, say=say).results
     return _report_validate(results, run, say, session)
-
-
-def _within_width(values: Any, width: int) -> None:
-    """Refuse any ``(flag, k)`` whose k exceeds the ``width`` channels the head reads."""
-    from narrows.errors import UserError
-
-    for name, value in values:
-        if value is not None and value > width:
-            raise UserError(f"{name} {value} exceeds the {width} channels the head reads",
-                            f"pass {name} of at most {width}")
-
-
-def validate_into(cfg: ValidateConfig, subject: Any, run: Any, session: Any) -> dict[str, Any]:
-    """Full and decomposed accuracy and the curve of ``subject`` into ``run``; the results."""
-    from narrows.decompose import ClassIndices, Extraction, accuracy_curve, curve_ks, split_head
-    from narrows.decompose import validate as validate_model
-    from narrows.errors import UserError
-    from narrows.training import Normalizer
-
-    model, bundle = subject.model, subject.bundle
-    _, linear = split_head(model)
-    classes, width = linear.out_features, linear.in_features
-    _within_width((("--ks", max(cfg.ks or [0])),), width)
-    indices = _load_indices(cfg.indices, model) if cfg.indices else None
-    extraction = Extraction.load(cfg.extraction) if cfg.extraction else None
-    if extraction is not None and (extraction.num_classes, extraction.num_channels) != (
-        classes, width
-    ):
-        raise UserError(
-            f"{cfg.extraction} was extracted for {extraction.num_classes} classes and "
-            f"{extraction.num_channels} channels, but the model has {classes} and {width}",
-            "extract for this model",
-        )
-    normalizer = Normalizer(subject.mean, subject.std)
-    test = bundle.test()
-    common = {"normalizer": normalizer, "device": session.device, "batch_size": cfg.batch_size,
-              "workers": cfg.workers, "progress": cfg.progress}
-    say = session.say
-    say(f"validating {subject.name} on {len(test)} test images of {bundle.info.spec} "
-        f"on {session.device} → {run.path}")
-    full = validate_model(model, test, **common)
-    results: dict[str, Any] = {"model": subject.name, "checkpoint": cfg.checkpoint,
-                               "data": bundle.info.spec, "n": full.n, "full": full.to_dict()}
-    if indices is not None:
-        dec = validate_model(model, test, indices, **common)
-        results["decomposed"] = {**dec.to_dict(), "indices": cfg.indices, "k": indices.k,
-                                 "union_size": len(indices.union())}
-    if cfg.curve:
-        sources: dict[str, Any] = {}
-        if extraction is not None:
-            sources["histogram"] = lambda k: extraction.indices(k, _nearest(extraction.ks, k))
-        if "random" in cfg.baselines:
-            sources["random"] = lambda k: ClassIndices.random(classes, width, k, cfg.seed)
-        if "top-weights" in cfg.baselines:
-            sources["top-weights"] = lambda k: ClassIndices.top_weights(linear, k)
-        if sources:
-            ks = cfg.ks if cfg.ks is not None else curve_ks(width)
-            heads = len(sources) * len([k for k in ks if 1 <= k <= width])
-            say(f"accuracy vs k: {heads} decomposed heads scored on each test batch's features "
-                f"(one forward pass per image)")
-            curve = accuracy_curve(model, test, sources, ks, **common)
-            curve.meta = {"model": subject.name, "data": bundle.info.spec, "seed": cfg.seed,
-                          "extraction": cfg.extraction}
-            if run.writer:
-                curve.save(run.path)
-                fig, _ = curve.plot(title=f"{subject.name}: decomposed accuracy vs k")
-                run.save_figure("accuracy_vs_k.png", fig)
-                _close(fig)
-            results["curve"] = curve.to_json()
-            results["curve_table"] = curve.table()
-    run.write_json("results.json", results)
-    return results
-
-
-def _nearest(ks: list[int], k: int) -> int:
-    """The per-image k counted in the extraction to read the histogram of k from: k itself when
-    it was counted, else the largest counted one below it (or the smallest)."""
-    if k in ks:
-        return k
-    below = [x for x in ks if x < k]
-    return max(below) if below else min(ks)
 
 
 def _report_validate(results: dict[str, Any], run: Any, say: Any, session: Any) -> int:
@@ -316,43 +190,30 @@ def _report_validate(results: dict[str, Any], run: Any, say: Any, session: Any) 
 
 def _validate_decomposed(cfg: ValidateConfig, session: Any) -> int:
     """A fine-tuned decomposed checkpoint: its own accuracy only (its W is stale)."""
-    from narrows.decompose import load_decomposed
-    from narrows.decompose import validate as validate_model
+    from narrows.decompose.pipeline import decomposed_report
     from narrows.errors import UserError
     from narrows.runs import default_out
-    from narrows.training import Normalizer
 
     if cfg.indices:
         raise UserError(f"{cfg.checkpoint} is decomposed already; its indices are inside it",
                         "drop --indices")
-    loaded = load_decomposed(cfg.checkpoint, name=cfg.model)
-    card = loaded.card
-    spec = cfg.data or (card.data_spec if card else None)
-    if not spec:
-        raise UserError("no data given", "pass --data SPEC")
-    from narrows.models.inputs import data_for_model
-
-    served = data_for_model(spec, card, loaded.model, image_size=cfg.image_size,
-                            say=session.say, what=str(cfg.checkpoint))
-    bundle, mean, std = served.bundle, served.mean, served.std
     stem = Path(cfg.checkpoint).parent.name + "-" + Path(cfg.checkpoint).stem
     run = open_run(cfg, "decompose validate", default_out("decompose-validate", stem), session)
-    result = validate_model(loaded.model, bundle.test(), normalizer=Normalizer(mean, std),
-                            device=session.device, batch_size=cfg.batch_size,
-                            workers=cfg.workers, progress=cfg.progress)
-    results = {"checkpoint": cfg.checkpoint, "data": spec, "n": result.n,
-               "decomposed": {**result.to_dict(), "indices": "inside the checkpoint",
-                              "k": loaded.indices.k}}
-    run.write_json("results.json", results)
+    report = decomposed_report(cfg.checkpoint, name=cfg.model, data=cfg.data,
+                               image_size=cfg.image_size, device=session.device,
+                               batch_size=cfg.batch_size, workers=cfg.workers,
+                               progress=cfg.progress, say=session.say)
+    report.save(run)
     session.say("a fine-tuned decomposed model: its original head no longer matches its "
                 "backbone, so only the decomposed accuracy is reported")
-    return _report_validate(results, run, session.say, session)
+    return _report_validate(report.results, run, session.say, session)
 
 
 # -- finetune ---------------------------------------------------------------------------------
 def execute_finetune(cfg: FinetuneConfig) -> int:
     from narrows.decompose import finetune, finetune_settings
-    from narrows.decompose.finetune import DECOMPOSED
+    from narrows.decompose.finetune import DECOMPOSED, subject_card
+    from narrows.decompose.rules import load_indices
     from narrows.errors import UserError
     from narrows.runs import default_out
 
@@ -361,8 +222,8 @@ def execute_finetune(cfg: FinetuneConfig) -> int:
                         "extract', or an upstream JSON file)")
     session = start(cfg)
     subject = _subject(cfg)
-    indices = _load_indices(cfg.indices, subject.model)
-    card = _card(cfg, subject)
+    indices = load_indices(cfg.indices, subject.model)
+    card = subject_card(subject, cfg.checkpoint, cfg.model)
     run = open_run(cfg, "decompose finetune",
                    default_out("decompose-finetune", subject.stem, Path(cfg.indices).stem),
                    session)
@@ -391,19 +252,6 @@ def execute_finetune(cfg: FinetuneConfig) -> int:
             f"{run.file(DECOMPOSED)}")
     session.close()
     return 0
-
-
-def _card(cfg: FinetuneConfig, subject: Any) -> Any:
-    from narrows.models import ModelCard, read_checkpoint
-
-    info = subject.bundle.info
-    saved = read_checkpoint(cfg.checkpoint).card if cfg.checkpoint else None
-    if saved is not None:
-        return ModelCard(**{**saved.to_dict(), "data_spec": info.spec})
-    return ModelCard(architecture=cfg.model or "model", num_classes=info.num_classes,
-                     in_chans=info.in_chans, input_size=info.image_size,
-                     mean=tuple(subject.mean), std=tuple(subject.std),
-                     class_names=tuple(info.class_names), data_spec=info.spec)
 
 
 # -- quickstart -------------------------------------------------------------------------------

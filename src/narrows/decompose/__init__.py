@@ -12,10 +12,26 @@
 * :func:`validate`, :func:`accuracy_curve` (:class:`Curve`): decomposed accuracy, at given
   indices or as a function of k.
 * :func:`finetune`, :func:`finetune_settings`: fine-tuning on the core training loop.
+* Index-set rules (:mod:`~narrows.decompose.rules`): :func:`default_k`, :func:`nearest_k`,
+  :func:`within_width`, :func:`load_indices` (checked against a model), :func:`truncate`.
+* Whole runs on a loaded subject (:mod:`~narrows.decompose.pipeline`): :func:`extract_subject`
+  (an :class:`Extraction`, saved into a run) and :func:`validation_report`
+  (:class:`ValidationReport`).
+* Comparisons (:mod:`~narrows.decompose.compare`, :mod:`~narrows.decompose.mi_compare`):
+  :func:`essential_sets` + :func:`essential_comparison` (:class:`EssentialComparison`),
+  :func:`mutual_info_comparison` (:class:`MIComparison`, with MIS), CSG gates via
+  :func:`load_csg_subject` and :func:`csg_orders`; :func:`plot_gate` draws a CSG gate.
 
 The command line is ``narrows decompose extract | validate | finetune | ...``.
 """
 
+from narrows.decompose.compare import (
+    EssentialComparison,
+    Tested,
+    essential_comparison,
+    essential_sets,
+)
+from narrows.decompose.csg import csg_orders, load_csg_subject, plot_gate
 from narrows.decompose.curve import Curve, accuracy_curve, validate
 from narrows.decompose.extract import (
     DEFAULT_THRESHOLDS,
@@ -37,31 +53,66 @@ from narrows.decompose.head import (
 )
 from narrows.decompose.histogram import TopKHistogram
 from narrows.decompose.indices import ClassIndices
+from narrows.decompose.mi_compare import MIComparison, mis_scores, mutual_info_comparison
 from narrows.decompose.parts import check_split, classifier_name, replace_classifier, split_head
+from narrows.decompose.pipeline import (
+    ValidationReport,
+    extract_subject,
+    save_extraction,
+    validation_report,
+)
+from narrows.decompose.rules import (
+    default_k,
+    head_shape,
+    load_indices,
+    nearest_k,
+    truncate,
+    within_width,
+)
 
 __all__ = [
-    "DEFAULT_THRESHOLDS",
     "ClassIndices",
     "Curve",
+    "DEFAULT_THRESHOLDS",
     "DecomposedLinear",
+    "EssentialComparison",
     "Extraction",
     "LoadedDecomposed",
+    "MIComparison",
+    "Tested",
     "TopKHistogram",
+    "ValidationReport",
     "accuracy_curve",
     "check_split",
     "classifier_name",
+    "csg_orders",
     "curve_ks",
     "decompose",
     "decomposed_parts",
+    "default_k",
+    "essential_comparison",
+    "essential_sets",
     "extract",
     "extract_fractional",
+    "extract_subject",
     "features_at",
     "find_decomposed",
-    "head_indices",
     "finetune",
     "finetune_settings",
+    "head_indices",
+    "head_shape",
+    "load_csg_subject",
     "load_decomposed",
+    "load_indices",
+    "mis_scores",
+    "mutual_info_comparison",
+    "nearest_k",
+    "plot_gate",
     "replace_classifier",
+    "save_extraction",
     "split_head",
+    "truncate",
     "validate",
+    "validation_report",
+    "within_width",
 ]

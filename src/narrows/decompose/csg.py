@@ -361,3 +361,73 @@ def save_csg(path: str | Path, network: CSGNetwork, card: Any,
     if settings:
         extra["csg_settings"] = dict(settings)
     return save_model(path, network.net, card, extra)
+
+
+# -- comparing with CSG -------------------------------------------------------------------------
+
+ORDER_CHOICES = ("largest", "upstream", "both")
+
+
+def csg_orders(choice: str) -> list[tuple[str, GateOrder]]:
+    """``(result name, gate order)`` pairs for an order choice: ``largest`` (``csg``),
+    ``upstream`` (``csg-upstream``) or ``both``."""
+    pairs: dict[str, tuple[str, GateOrder]] = {"largest": ("csg", "largest"),
+                                               "upstream": ("csg-upstream", "upstream")}
+    if choice not in ORDER_CHOICES:
+        raise UserError(f"unknown gate order choice '{choice}'",
+                        f"use one of {', '.join(ORDER_CHOICES)}")
+    return list(pairs.values()) if choice == "both" else [pairs[choice]]
+
+
+def load_csg_subject(path: str | Path, *, name: str | None = None, data: str | None = None,
+                     image_size: int | None = None) -> tuple[LoadedCSG, Any, Any]:
+    """``(loaded CSG network, its data bundle, normaliser)``: the data is ``data`` (a spec),
+    else the one its card records; a class-count mismatch is a :class:`UserError`."""
+    from narrows.models.inputs import data_for_model
+    from narrows.training import Normalizer
+
+    loaded = load_csg(path, name=name)
+    spec = data or (loaded.card.data_spec if loaded.card else None)
+    if not spec:
+        raise UserError(f"{path} does not say which data it was trained on",
+                        "pass data (a data spec; on the command line --data SPEC)")
+    _, linear = split_head(loaded.model)
+    classes = linear.out_features
+    served = data_for_model(spec, loaded.card, None, image_size=image_size, what=str(path))
+    if classes != served.bundle.info.num_classes:
+        raise UserError(f"the CSG network predicts {classes} classes but {spec} has "
+                        f"{served.bundle.info.num_classes}", "use the data set it was trained on")
+    return loaded, served.bundle, Normalizer(served.mean, served.std)
+
+
+def plot_gate(gate: Tensor, rows: list[dict[str, Any]], class_names: Any = None,
+              ax: Any = None) -> tuple[Any, Any]:
+    """The gate matrix and its density per epoch (``rows``: training metrics with ``epoch``
+    and ``gate_density``); returns ``(fig, (left, right))``. ``ax``: two axes to draw on."""
+    from narrows.plotting import pyplot
+
+    if ax is None:
+        fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 3.4),
+                                               gridspec_kw={"width_ratios": [2, 1]})
+    else:
+        left, right = ax
+        fig = left.figure
+    low, high = min(0.0, float(gate.min())), float(gate.max())
+    image = left.imshow(gate.numpy(), aspect="auto", cmap="viridis", vmin=low,
+                        vmax=high if high > low else low + 1.0)
+    left.set_xlabel("channel")
+    left.set_ylabel("class")
+    if gate.shape[0] <= 20:
+        names = list(class_names or [])
+        shown = names if len(names) == gate.shape[0] else list(range(gate.shape[0]))
+        left.set_yticks(range(gate.shape[0]), [str(n) for n in shown], fontsize=8)
+    left.set_title("CSG gate", fontsize=9)
+    fig.colorbar(image, ax=left)
+    epochs = [r["epoch"] for r in rows if "gate_density" in r]
+    right.plot(epochs, [r["gate_density"] for r in rows if "gate_density" in r], marker="o")
+    right.xaxis.get_major_locator().set_params(integer=True)
+    right.set_xlabel("epoch")
+    right.set_ylabel("gate density |G|₁ / (C·D)")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig, (left, right)

@@ -279,3 +279,22 @@ def essential_features(
             "indices": {k: v for k, v in indices.meta.items() if k in ("source", "k", "order")}}
     return EssentialResult([float(s) for s in sigmas], mode, counts.numpy(), clean.numpy(),
                            images.numpy(), meta)
+
+
+def essential_markdown(results: Mapping[str, EssentialResult]) -> str:
+    """The Markdown table of ``essential.md``: images still classified correctly per named
+    result, σ and condition (counts and percentages)."""
+    from narrows.decompose.tables import markdown
+
+    columns = ["model", "σ", "images", "clean", "noise at I_c", "noise at the others",
+               "noise at |I_c| random others"]
+    rows = []
+    for name, result in results.items():
+        for row in result.to_rows(per_class=False):
+            n = row["images"]
+            rows.append([name, f"{row['sigma']:g}", str(n)] + [
+                f"{row[key]} ({100 * row[key] / n:.1f} %)" if n else str(row[key])
+                for key in ("clean", "noise_at_inf", "noise_at_noninf", "noise_at_random")])
+    mode = next(iter(results.values())).mode
+    return (f"Images still classified correctly ({mode} noise on the pooled features, "
+            "scored by the full linear layer):\n\n" + markdown(columns, rows))

@@ -93,3 +93,19 @@ def write_decomposed(
     extra = {**decomposed_extra(indices), "epoch": int(state.get("epoch", 0)),
              "test_top1": float(state.get("test_top1", float("nan")))}
     return save_model(path, model, card, extra)
+
+
+def subject_card(subject: Any, checkpoint: str | None = None,
+                 architecture: str | None = None) -> Any:
+    """The :class:`~narrows.models.ModelCard` of a loaded subject for its decomposed checkpoint:
+    ``checkpoint``'s card with the subject's data spec, else one built from the data."""
+    from narrows.models import ModelCard, read_checkpoint
+
+    info = subject.bundle.info
+    saved = read_checkpoint(checkpoint).card if checkpoint else None
+    if saved is not None:
+        return ModelCard(**{**saved.to_dict(), "data_spec": info.spec})
+    return ModelCard(architecture=architecture or "model", num_classes=info.num_classes,
+                     in_chans=info.in_chans, input_size=info.image_size,
+                     mean=tuple(subject.mean), std=tuple(subject.std),
+                     class_names=tuple(info.class_names), data_spec=info.spec)

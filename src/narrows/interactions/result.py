@@ -21,6 +21,7 @@ import numpy as np
 from narrows.errors import UserError
 
 Normalize = Literal["sampled", "uniform"]
+FORMAT_KIND, FORMAT_VERSION = "interactions", 1  # meta.json's "format": narrows.interactions/1
 
 
 @dataclass
@@ -112,6 +113,18 @@ class InteractionResult:
             for k, (r, m) in enumerate(zip(self.ratios, self.orders, strict=True))
         ]
 
+    def to_rows(self) -> list[dict[str, float | None]]:
+        """Flat records for CSV and pandas: :meth:`curve_rows`."""
+        return self.curve_rows()
+
+    def summary(self) -> str:
+        """One line: J (sampled) per ratio, or why there is no curve."""
+        warning = self.warning()
+        if warning:
+            return f"no curve: {warning}"
+        return "J (sampled): " + " ".join(f"{r:g}:{v:.2f}" for r, v in
+                                          zip(self.ratios, self.J(), strict=True))
+
     def curve_csv(self) -> str:
         """``curve_rows`` as CSV; an undefined value is an empty cell."""
         rows = self.curve_rows()
@@ -147,7 +160,12 @@ class InteractionResult:
         notes = {"standard_errors": (f"jackknife over {n} images" if n > 1 else
                                      f"none: {n} image{'s' if n != 1 else ''}"),
                  "warning": self.warning()}
-        return {**self.meta, **notes, "ratios": list(self.ratios), "orders": list(self.orders),
+        from narrows.runs.results import header, provenance
+
+        origin = provenance(model=self.meta.get("model"), data=self.meta.get("data"),
+                            seed=self.meta.get("seed"))
+        return {**header(FORMAT_KIND, FORMAT_VERSION, origin), **self.meta, **notes,
+                "ratios": list(self.ratios), "orders": list(self.orders),
                 "grid": self.grid, "image_ids": list(self.image_ids), "labels": list(self.labels),
                 "shape": {"images": int(self.dv.shape[0]), "ratios": int(self.dv.shape[1]),
                           "pairs": int(self.dv.shape[2]), "contexts": int(self.dv.shape[3])}}
@@ -166,6 +184,9 @@ class InteractionResult:
                               required_keys=("ratios", "orders", "grid", "image_ids", "labels"))
         dv = read_npy(directory / "dv.npy", "interactions result array", fix)
         pairs = read_npy(directory / "pairs.npy", "interactions pairs array", fix)
+        from narrows.runs.results import check_header
+
+        check_header(meta, FORMAT_KIND, FORMAT_VERSION, str(directory / "meta.json"))
         with reading(directory / "meta.json", "interactions meta file", fix):
             ratios, orders = tuple(meta.pop("ratios")), tuple(meta.pop("orders"))
             grid, image_ids = int(meta.pop("grid")), list(meta.pop("image_ids"))
@@ -182,7 +203,8 @@ class InteractionResult:
         return cls(dv=dv, pairs=pairs, ratios=ratios, orders=orders, grid=grid,
                    image_ids=image_ids, labels=labels,
                    meta={k: v for k, v in meta.items()
-                         if k not in ("shape", "standard_errors", "warning")})
+                         if k not in ("shape", "standard_errors", "warning", "format",
+                                      "provenance")})
 
     # -- figures ---------------------------------------------------------------------------
     def plot(self, ax: Any = None, *, normalize: Normalize = "sampled", label: str | None = None,

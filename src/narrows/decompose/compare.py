@@ -1,0 +1,136 @@
+"""Comparing index sets on their models: ours (an indices file of a model) and CSG gates.
+
+:func:`essential_sets` gathers the (model, index set) pairs to test; :func:`essential_comparison`
+runs the essential-features noise test on each, reusing a per-model cache
+(``essential_<name>.json``), and returns an :class:`EssentialComparison`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from narrows.decompose.csg import csg_orders, csg_topk, load_csg_subject
+from narrows.decompose.essential import EssentialResult, essential_markdown, plot_results
+from narrows.decompose.indices import ClassIndices
+from narrows.decompose.rules import load_indices
+from narrows.decompose.tables import csv_text
+from narrows.errors import UserError
+
+
+@dataclass
+class Tested:
+    """One model with one index set to test: ``name`` is its column/key in the results."""
+
+    name: str
+    model: Any
+    indices: ClassIndices
+    bundle: Any
+    normalizer: Any
+    description: str
+
+
+def essential_sets(*, subject: Any = None, indices: str | None = None, k: int | None = None,
+                   csg_checkpoint: str | None = None, csg_k: int = 5,
+                   csg_order: str = "largest", data: str | None = None,
+                   model_name: str | None = None, image_size: int | None = None,
+                   k_name: str = "k") -> list[Tested]:
+    """``ours`` (``subject``, a loaded :class:`~narrows.models.subject.Subject`, with the first
+    ``k`` ids of the indices file ``indices``) and the CSG network of ``csg_checkpoint`` with its
+    ``csg_k`` gates per class in each order of ``csg_order`` (on ``data``, else ours' data)."""
+    from narrows.training import Normalizer
+
+    if not indices and not csg_checkpoint:
+        raise UserError("nothing to test", "pass indices (with subject) and/or csg_checkpoint")
+    if indices and subject is None:
+        raise UserError("indices need the model they were extracted from", "pass subject")
+    tested: list[Tested] = []
+    if indices:
+        chosen = load_indices(indices, subject.model, k, k_name)
+        tested.append(Tested("ours", subject.model, chosen, subject.bundle,
+                             Normalizer(subject.mean, subject.std),
+                             f"{subject.name} with {indices}"))
+        data = data or subject.bundle.info.spec
+    if csg_checkpoint:
+        loaded, bundle, normalizer = load_csg_subject(csg_checkpoint, name=model_name, data=data,
+                                                      image_size=image_size)
+        for name, order in csg_orders(csg_order):
+            tested.append(Tested(name, loaded.model, csg_topk(loaded.gate, csg_k, order),
+                                 bundle, normalizer,
+                                 f"CSG {csg_checkpoint}, {order} {csg_k} gates"))
+    return tested
+
+
+@dataclass
+class EssentialComparison:
+    """The essential-features result of each tested model, by name (``ours``, ``csg``...)."""
+
+    results: dict[str, EssentialResult]
+
+    @property
+    def level(self) -> float:
+        """The σ of the upstream-schema file (1 when tested, else the first)."""
+        first = next(iter(self.results.values()))
+        return first.sigmas[first.level()]
+
+    def table(self) -> str:
+        """The Markdown table of ``essential.md``."""
+        return essential_markdown(self.results)
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """Flat records (one per model, σ, class) for CSV and pandas."""
+        return [{"model": name, **row} for name, r in self.results.items()
+                for row in r.to_rows()]
+
+    def save(self, run: Any) -> None:
+        """``results_essential_features.json`` (upstream schema at :attr:`level`),
+        ``essential.csv``/``.md`` and ``essential.png`` into ``run`` (a RunDir)."""
+        from narrows.plotting import pyplot
+
+        level = self.level
+        run.write_json("results_essential_features.json",
+                       {name: r.to_upstream(level) for name, r in self.results.items()})
+        run.write_text("essential.csv", csv_text(self.to_rows()))
+        run.write_text("essential.md", self.table())
+        fig, _ = plot_results(self.results)
+        run.save_figure("essential.png", fig)
+        pyplot().close(fig)
+
+
+def essential_comparison(tested: Sequence[Tested], *, sigmas: Sequence[float] = (0.5, 1.0, 2.0),
+                         mode: str = "replace", split: str = "test", images: int | None = None,
+                         seed: int = 0, device: Any = "cpu", batch_size: int = 128,
+                         progress: bool = False, cache_dir: str | Path | None = None,
+                         say: Callable[[str], None] = print) -> EssentialComparison:
+    """The essential-features test of each of ``tested`` on the plain ``split`` (first
+    ``images``); each result is kept in ``cache_dir/essential_<name>.json`` and reused while
+    its index lists are unchanged."""
+    from narrows.decompose.essential import essential_features  # looked up at call time
+
+    results: dict[str, EssentialResult] = {}
+    for item in tested:
+        data = item.bundle.split(split, "none")
+        n = len(data) if images is None else min(images, len(data))
+        cache = Path(cache_dir) / f"essential_{item.name}.json" if cache_dir is not None else None
+        lists = [list(r) for r in item.indices.indices]
+        if cache is not None and cache.is_file():
+            saved = EssentialResult.load(cache)
+            if saved.meta.get("index_lists") == lists:
+                results[item.name] = saved
+                say(f"{item.name}: reusing {cache}")
+                continue
+        say(f"{item.name}: {item.description}; {n:,} {split} images → {n:,} backbone "
+            f"forwards + {n * len(sigmas) * 3:,} head evaluations ({len(sigmas)} "
+            f"levels × 3 conditions), {mode} noise")
+        result = essential_features(
+            item.model, data, item.indices, sigmas=list(sigmas), mode=mode, seed=seed,
+            normalizer=item.normalizer, device=device, batch_size=batch_size,
+            limit=images, progress=progress)
+        result.meta.update(model=item.description, split=split, index_lists=lists,
+                           class_names=list(item.bundle.info.class_names))
+        if cache is not None:
+            result.save(cache)
+        results[item.name] = result
+    return EssentialComparison(results)

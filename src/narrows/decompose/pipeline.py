@@ -1,0 +1,227 @@
+"""Whole runs on a loaded subject (model + data): the extraction and the validation report.
+
+``subject`` is a :class:`narrows.models.subject.Subject` (``load_subject(checkpoint, model,
+data)``): the model, its data bundle and its normalisation. With ``run`` (a
+:class:`narrows.runs.RunDir`), a run resumes from and saves its files there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from narrows.decompose.curve import Curve, accuracy_curve
+from narrows.decompose.curve import validate as validate_model
+from narrows.decompose.extract import DEFAULT_THRESHOLDS, curve_ks, extract, extract_fractional
+from narrows.decompose.extraction import Extraction
+from narrows.decompose.indices import ClassIndices
+from narrows.decompose.rules import default_k, head_shape, load_indices, nearest_k, within_width
+from narrows.errors import UserError
+
+BASELINES = ("random", "top-weights")
+
+
+def _close(fig: Any) -> None:
+    from narrows.plotting import pyplot
+
+    pyplot().close(fig)
+
+
+# -- subjects ---------------------------------------------------------------------------------
+def is_decomposed_checkpoint(path: str | Path) -> bool:
+    """True when the checkpoint at ``path`` holds a decomposed head (``.index`` and ``.V``)."""
+    from narrows.models import read_checkpoint
+
+    keys = read_checkpoint(path).state_dict
+    return any(k.endswith(".index") for k in keys) and any(k.endswith(".V") for k in keys)
+
+
+def load_plain_subject(checkpoint: str | None, model: str | None = None,
+                       data: str | None = None, image_size: int | None = None) -> Any:
+    """:func:`~narrows.models.subject.load_subject`, refusing a decomposed checkpoint (indices
+    are made for, and applied to, the plain model)."""
+    if checkpoint and is_decomposed_checkpoint(checkpoint):
+        raise UserError(f"{checkpoint} is a decomposed checkpoint",
+                        "pass the plain model's checkpoint (the one the indices were made for)")
+    from narrows.models.subject import load_subject
+
+    return load_subject(checkpoint, model, data, image_size)
+
+
+# -- extraction -------------------------------------------------------------------------------
+def extract_subject(subject: Any, *, k: int | None = None, k_img: int | None = None,
+                    fraction: float | None = None, ks: Sequence[int] | None = None,
+                    thresholds: Sequence[float] = DEFAULT_THRESHOLDS, layer: str | None = None,
+                    split: str = "train", checkpoint: str | None = None,
+                    device: Any = "cpu", batch_size: int = 256, workers: int = 0,
+                    progress: bool = False, save_every: int = 200, run: Any = None,
+                    say: Callable[[str], None] = print) -> Extraction:
+    """The :class:`Extraction` of ``subject`` on its plain (unaugmented) ``split``: k most
+    frequent channels per class (``k`` default: :func:`default_k` of the width), or variant A
+    with ``fraction``; ``ks`` (default :func:`curve_ks`) are counted in the same pass. With
+    ``run``, resumes from its ``partial.pt`` and saves every file of ``narrows decompose
+    extract`` there."""
+    classes, width = head_shape(subject.model)
+    k = k or default_k(width)
+    if k_img is not None and fraction is not None:
+        raise UserError("k_img and fraction exclude each other",
+                        "variant A chooses its own per-class k; drop k_img")
+    within_width((("k", k), ("k_img", k_img), ("ks", max(ks or [0]))), width)
+    dataset = subject.bundle.split(split, "none")
+    meta = {"model": subject.name, "checkpoint": checkpoint,
+            "data": subject.bundle.info.spec, "split": split,
+            "class_names": list(subject.bundle.info.class_names)}
+    say(f"extracting from {subject.name} on {len(dataset)} {split} images of "
+        f"{subject.bundle.info.spec} ({classes} classes, {width} channels) on {device}"
+        + (f" → {run.path}" if run is not None else ""))
+    from narrows.training import Normalizer
+
+    common = {"num_classes": classes, "thresholds": list(thresholds), "layer": layer,
+              "normalizer": Normalizer(subject.mean, subject.std), "device": device,
+              "batch_size": batch_size, "workers": workers, "progress": progress,
+              "resume": run.file("partial.pt") if run is not None else None,
+              "save_every": save_every, "say": say, "meta": meta}
+    if fraction is not None:
+        result = extract_fractional(subject.model, dataset, fraction, **common)
+    else:
+        ks = list(ks) if ks is not None else curve_ks(width)
+        result = extract(subject.model, dataset, k=k, k_img=k_img, ks=ks, **common)
+    if run is not None and run.writer:
+        save_extraction(result, run)
+    return result
+
+
+def save_extraction(result: Extraction, run: Any) -> None:
+    """Every file of ``narrows decompose extract`` into ``run`` (a RunDir): the extraction,
+    ``indices_upstream.json``, ``histogram.png`` and ``results.json``."""
+    result.save(run.path)
+    result.chosen().save_upstream(run.file("indices_upstream.json"))
+    fig, _ = result.plot()
+    run.save_figure("histogram.png", fig)
+    _close(fig)
+    run.write_json("results.json", result.summary())
+
+
+# -- validation -------------------------------------------------------------------------------
+@dataclass
+class ValidationReport:
+    """Full and decomposed accuracy of one model, and the accuracy-vs-k curve.
+
+    ``results`` is the ``results.json`` document (``model``, ``data``, ``n``, ``full``, and
+    ``decomposed``, ``curve``, ``curve_table`` when computed); ``curve`` the :class:`Curve`.
+    """
+
+    results: dict[str, Any]
+    curve: Curve | None = None
+    title: str = ""
+
+    def save(self, run: Any) -> None:
+        """``results.json`` and, with a curve, ``curve.csv``/``curve.json`` and
+        ``accuracy_vs_k.png`` into ``run`` (a RunDir)."""
+        if self.curve is not None and run.writer:
+            self.curve.save(run.path)
+            fig, _ = self.curve.plot(title=self.title)
+            run.save_figure("accuracy_vs_k.png", fig)
+            _close(fig)
+        run.write_json("results.json", self.results)
+
+
+def _sources(classes: int, width: int, linear: Any, extraction: Extraction | None,
+             baselines: Sequence[str], seed: int) -> dict[str, Callable[[int], ClassIndices]]:
+    sources: dict[str, Any] = {}
+    if extraction is not None:
+        sources["histogram"] = lambda k: extraction.indices(k, nearest_k(extraction.ks, k))
+    if "random" in baselines:
+        sources["random"] = lambda k: ClassIndices.random(classes, width, k, seed)
+    if "top-weights" in baselines:
+        sources["top-weights"] = lambda k: ClassIndices.top_weights(linear, k)
+    return sources
+
+
+def _load_extraction(path: str | None, classes: int, width: int) -> Extraction | None:
+    extraction = Extraction.load(path) if path else None
+    if extraction is not None and (extraction.num_classes, extraction.num_channels) != (
+        classes, width
+    ):
+        raise UserError(
+            f"{path} was extracted for {extraction.num_classes} classes and "
+            f"{extraction.num_channels} channels, but the model has {classes} and {width}",
+            "extract for this model",
+        )
+    return extraction
+
+
+def validation_report(subject: Any, *, indices: str | None = None,
+                      extraction: str | None = None, ks: Sequence[int] | None = None,
+                      baselines: Sequence[str] = BASELINES, curve: bool = True, seed: int = 0,
+                      checkpoint: str | None = None, device: Any = "cpu", batch_size: int = 256,
+                      workers: int = 0, progress: bool = False, run: Any = None,
+                      say: Callable[[str], None] = print) -> ValidationReport:
+    """Accuracy of ``subject``'s model on its test split: full, decomposed with the indices
+    file ``indices``, and (``curve``) vs k for the histograms of the ``extraction`` directory
+    and the ``baselines`` (``ks`` default :func:`curve_ks`). With ``run``, saved there."""
+    from narrows.decompose.parts import split_head
+    from narrows.training import Normalizer
+
+    model, bundle = subject.model, subject.bundle
+    _, linear = split_head(model)
+    classes, width = linear.out_features, linear.in_features
+    within_width((("ks", max(ks or [0])),), width)
+    chosen = load_indices(indices, model) if indices else None
+    histograms = _load_extraction(extraction, classes, width)
+    test = bundle.test()
+    common = {"normalizer": Normalizer(subject.mean, subject.std), "device": device,
+              "batch_size": batch_size, "workers": workers, "progress": progress}
+    say(f"validating {subject.name} on {len(test)} test images of {bundle.info.spec} "
+        f"on {device}" + (f" → {run.path}" if run is not None else ""))
+    full = validate_model(model, test, **common)
+    results: dict[str, Any] = {"model": subject.name, "checkpoint": checkpoint,
+                               "data": bundle.info.spec, "n": full.n, "full": full.to_dict()}
+    if chosen is not None:
+        dec = validate_model(model, test, chosen, **common)
+        results["decomposed"] = {**dec.to_dict(), "indices": indices, "k": chosen.k,
+                                 "union_size": len(chosen.union())}
+    report = ValidationReport(results, title=f"{subject.name}: decomposed accuracy vs k")
+    sources = _sources(classes, width, linear, histograms, baselines, seed) if curve else {}
+    if sources:
+        ks = list(ks) if ks is not None else curve_ks(width)
+        heads = len(sources) * len([k for k in ks if 1 <= k <= width])
+        say(f"accuracy vs k: {heads} decomposed heads scored on each test batch's features "
+            f"(one forward pass per image)")
+        report.curve = accuracy_curve(model, test, sources, ks, **common)
+        report.curve.meta = {"model": subject.name, "data": bundle.info.spec, "seed": seed,
+                             "extraction": extraction}
+        results["curve"] = report.curve.to_json()
+        results["curve_table"] = report.curve.table()
+    if run is not None:
+        report.save(run)
+    return report
+
+
+def decomposed_report(checkpoint: str | Path, *, name: str | None = None,
+                      data: str | None = None, image_size: int | None = None,
+                      device: Any = "cpu", batch_size: int = 256, workers: int = 0,
+                      progress: bool = False,
+                      say: Callable[[str], None] = print) -> ValidationReport:
+    """Accuracy of a decomposed checkpoint (from ``finetune``) as it is, on ``data`` (a spec;
+    default: the one its card records); its original head is stale, so only this is scored."""
+    from narrows.decompose.head import load_decomposed
+    from narrows.models.inputs import data_for_model
+    from narrows.training import Normalizer
+
+    loaded = load_decomposed(checkpoint, name=name)
+    card = loaded.card
+    spec = data or (card.data_spec if card else None)
+    if not spec:
+        raise UserError("no data given", "pass data (a data spec; on the command line --data "
+                        "SPEC)")
+    served = data_for_model(spec, card, loaded.model, image_size=image_size, say=say,
+                            what=str(checkpoint))
+    result = validate_model(loaded.model, served.bundle.test(),
+                            normalizer=Normalizer(served.mean, served.std), device=device,
+                            batch_size=batch_size, workers=workers, progress=progress)
+    return ValidationReport({"checkpoint": checkpoint, "data": spec, "n": result.n,
+                             "decomposed": {**result.to_dict(), "indices": "inside the checkpoint",
+                                            "k": loaded.indices.k}})
