@@ -15,6 +15,7 @@ from torch import nn
 
 from narrows.attribution.statistics import FeatureStatistics
 from narrows.errors import UserError
+from narrows.models.layers import get_layer, hooked, tensor_output
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -105,19 +106,11 @@ class Bottleneck(nn.Module):
     @contextmanager
     def attached(self, model: nn.Module, layer: str) -> Iterator[Bottleneck]:
         """Replace ``layer``'s output by this bottleneck's inside the block; always detaches."""
-        from narrows.attribution.layers import get_layer
-
         def hook(module: nn.Module, args: object, output: object) -> torch.Tensor:
-            if not isinstance(output, torch.Tensor):
-                raise UserError(f"layer '{layer}' returns {type(output).__name__}, not a tensor",
-                                "choose a layer whose output is a single tensor")
-            return self(output)
+            return self(tensor_output(layer, output))
 
-        handle = get_layer(model, layer).register_forward_hook(hook)
-        try:
+        with hooked(get_layer(model, layer), hook):
             yield self
-        finally:
-            handle.remove()
 
 
 def capacity(lam: torch.Tensor, one_minus: torch.Tensor, r_norm: torch.Tensor,

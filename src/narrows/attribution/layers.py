@@ -1,12 +1,12 @@
-"""Finding the layer a bottleneck is attached to, and running a model only up to it.
+"""Finding the layer a bottleneck is attached to, and replaying the model up to it.
 
 Layers are addressed by their dotted name in ``model.named_modules()`` (``"layer2"``,
-``"features.17"``, ``"stages.1"``, ``"blocks.6"``).
+``"features.17"``, ``"stages.1"``, ``"blocks.6"``); :func:`get_layer` and :func:`run_to_layer`
+are the core's (:mod:`narrows.models.layers`), imported here for attribution's callers.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -14,17 +14,9 @@ import torch
 from torch import nn
 
 from narrows.errors import UserError
+from narrows.models.layers import get_layer, run_to_layer
 
-
-def get_layer(model: nn.Module, name: str) -> nn.Module:
-    """The sub-module called ``name``; a UserError lists close names when there is none."""
-    modules = dict(model.named_modules())
-    if name in modules and name != "":
-        return modules[name]
-    names = [n for n in modules if n]
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-    hint = f"close names: {', '.join(close)}" if close else f"top-level names: {', '.join(n for n in names if '.' not in n)}"
-    raise UserError(f"the model has no layer '{name}'", f"give a dotted module name; {hint}")
+__all__ = ["PrefixReplay", "default_layer", "feature_maps", "get_layer", "run_to_layer"]
 
 
 def default_layer(model: nn.Module) -> str:
@@ -120,30 +112,6 @@ def _probe_stride_layer(model: nn.Module, max_stride: int, size: int = 64) -> st
 
 class _Interrupt(Exception):
     """Raised by a forward hook right after the layer, so the rest of the network is skipped."""
-
-
-def run_to_layer(model: nn.Module, name: str, inputs: torch.Tensor) -> torch.Tensor:
-    """The output of layer ``name`` for ``inputs``; the model is not run past that layer."""
-    captured: list[torch.Tensor] = []
-
-    def hook(module: nn.Module, args: object, output: object) -> None:
-        if not isinstance(output, torch.Tensor):
-            raise UserError(f"layer '{name}' returns {type(output).__name__}, not a tensor",
-                            "choose a layer whose output is a single tensor")
-        captured.append(output)
-        raise _Interrupt
-
-    handle = get_layer(model, name).register_forward_hook(hook)
-    try:
-        model(inputs)
-    except _Interrupt:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise UserError(f"layer '{name}' was not called during the forward pass",
-                        "choose a layer that the model's forward actually uses")
-    return captured[0]
 
 
 class PrefixReplay:

@@ -44,7 +44,6 @@ from torch import nn
 
 from narrows.attribution.bottleneck import Bottleneck
 from narrows.attribution.heatmap import AttributionResult, heatmap_from_capacity
-from narrows.attribution.layers import get_layer
 from narrows.attribution.per_sample import as_batch, frozen, per_image_targets
 from narrows.attribution.statistics import (
     MIN_SAMPLES,
@@ -54,6 +53,7 @@ from narrows.attribution.statistics import (
 )
 from narrows.errors import UserError
 from narrows.models.checkpoints import model_fingerprint
+from narrows.models.layers import capture, get_layer
 from narrows.runs.files import read_torch_file
 
 ALPHA_LIMIT = 5.0
@@ -61,6 +61,7 @@ CHECKPOINT = "readout_last.pt"
 _FORMAT = "narrows.readout-checkpoint/1"
 _STATS_FORMAT = "narrows.readout-statistics/1"
 READOUT_FORMAT = "narrows.readout/1"
+_TENSOR_FIX = "choose readout layers whose outputs are single tensors"
 
 
 # -- layers ----------------------------------------------------------------------------------
@@ -172,7 +173,7 @@ def estimate_readout_statistics(model: nn.Module, batches: Iterable[Any], *,
     logits = FeatureStatistics("welford", layer="logits", min_std=min_std)
     captured: dict[str, torch.Tensor] = {}
     names = list(dict.fromkeys([layer, *readout_layers]))
-    with frozen(model), _capture(model, names, captured):
+    with frozen(model), capture(model, names, captured, fix=_TENSOR_FIX):
         for batch in batches:
             images = batch_images(batch)[: max(n_samples - logits.n, 0)]
             if images.shape[0]:
@@ -211,32 +212,6 @@ def _resolve_layers(model: nn.Module, layer: str | None,
     for name in (layer, *readout_layers):
         get_layer(model, name)
     return layer, readout_layers
-
-
-class _capture:
-    """Forward hooks storing each named layer's output into ``store``; always removed."""
-
-    def __init__(self, model: nn.Module, names: Sequence[str], store: dict[str, torch.Tensor]):
-        self.model, self.names, self.store = model, list(names), store
-        self.handles: list[Any] = []
-
-    def __enter__(self) -> dict[str, torch.Tensor]:
-        for name in self.names:
-            self.handles.append(get_layer(self.model, name).register_forward_hook(self._hook(name)))
-        return self.store
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: object, output: object) -> None:
-            if not isinstance(output, torch.Tensor):
-                raise UserError(f"layer '{name}' returns {type(output).__name__}, not a tensor",
-                                "choose readout layers whose outputs are single tensors")
-            self.store[name] = output
-        return hook
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
 
 
 # -- the bottleneck with a predicted, per-sample α --------------------------------------------
@@ -333,7 +308,7 @@ class ReadoutBottleneck(nn.Module):
     def readouts(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The clean pass: standardised readout maps (native sizes) and standardised logits."""
         store: dict[str, torch.Tensor] = {}
-        with _capture(self.model, self.readout_layers, store):
+        with capture(self.model, self.readout_layers, store, fix=_TENSOR_FIX):
             logits = self.model(x)
         maps = []
         for i, name in enumerate(self.readout_layers):
@@ -562,7 +537,7 @@ def _check_shapes(path: Path, model: nn.Module, readout: ReadoutBottleneck,
                 **{n: stats.readouts[n].shape for n in readout.readout_layers}}
     store: dict[str, torch.Tensor] = {}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with frozen(model), _capture(model, list(expected), store):
+    with frozen(model), capture(model, list(expected), store, fix=_TENSOR_FIX):
         logits = model(torch.zeros(1, *input_shape, device=device))
     got = {n: tuple(store[n].shape[1:]) for n in expected}
     got["logits"], expected["logits"] = tuple(logits.shape[1:]), stats.logits.shape

@@ -7,7 +7,6 @@ continues after the last saved batch (the order is fixed: no shuffling, no augme
 
 from __future__ import annotations
 
-import difflib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from narrows.decompose.extraction import Extraction
 from narrows.decompose.histogram import TopKHistogram
 from narrows.decompose.parts import Features, split_head
 from narrows.errors import UserError
-from narrows.models.heads import run_to
+from narrows.models.layers import get_layer, run_to
 from narrows.runs.files import atomic_torch_save
 from narrows.runtime import format_duration
 
@@ -38,15 +37,10 @@ def features_at(model: nn.Module, layer: str | None = None) -> Features:
     """
     if not layer:
         return split_head(model)[0]
-    names = [n for n, _ in model.named_modules() if n]
-    if layer not in names:
-        close = difflib.get_close_matches(layer, names, n=3)
-        raise UserError(
-            f"{type(model).__name__} has no module '{layer}'",
-            f"did you mean {', '.join(close)}?" if close else "leave --layer empty for the "
-            "pooled input of the classifier",
-        )
-    module = model.get_submodule(layer)
+    try:
+        module = get_layer(model, layer)
+    except UserError as err:
+        raise UserError(f"{type(model).__name__} has no module '{layer}'", err.fix) from None
 
     def features(x: Tensor) -> Tensor:
         out = run_to(model, module, x, output=True)

@@ -214,9 +214,9 @@ def pooled_features(model: torch.nn.Module, dataset: Any, *, normalizer: Any = N
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
-    from narrows.decompose.parts import split_head
+    from narrows.models.heads import pooled_features as features_of
 
-    features, _ = split_head(model)
+    features = features_of(model)
     model.eval().to(device)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, shuffle=False)

@@ -12,6 +12,10 @@ timm, so ``timm.create_model("resnet20_cifar")`` works afterwards.
 * :func:`list_models` lists model names, narrows' own first.
 * :func:`load_subject` is where an analysis starts: a checkpoint (or a name) with its data set,
   served at the card's size and normalisation (:class:`Subject`).
+* :func:`pooled_features` gives ``x -> (N, D)``, the pooled features a classifier reads (its
+  input); :func:`split_head` the same with the final linear layer.
+* :func:`get_layer`, :func:`run_to_layer`, :func:`capture` and :func:`hooked` address a layer by
+  its dotted name: find it, run the model up to it, catch its output in a ``with`` block.
 """
 
 from narrows.models.card import ModelCard
@@ -25,6 +29,8 @@ from narrows.models.factory import (
     infer_sizes,
     load_model,
 )
+from narrows.models.heads import pooled_features, split_head
+from narrows.models.layers import capture, get_layer, hooked, run_to_layer
 from narrows.models.registry import (
     NARROWS_MODELS,
     canonical_name,
@@ -45,10 +51,13 @@ __all__ = [
     "ModelCard",
     "Subject",
     "canonical_name",
+    "capture",
     "check_name",
     "create",
     "create_for_input",
     "display_name",
+    "get_layer",
+    "hooked",
     "infer_sizes",
     "is_custom",
     "list_models",
@@ -56,6 +65,9 @@ __all__ = [
     "load_state_dict_strict",
     "load_subject",
     "model_fingerprint",
+    "pooled_features",
     "read_checkpoint",
+    "run_to_layer",
     "save_model",
+    "split_head",
 ]

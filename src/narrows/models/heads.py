@@ -18,38 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from narrows.errors import UserError
+from narrows.models.layers import run_to
 
 Features = Callable[[Tensor], Tensor]
 _NEEDS = "decompose needs a model whose classifier is its last nn.Linear, reading (N, D) features"
-
-
-class _Stop(Exception):
-    """Raised by the capture hook: the layers from the captured one on are not needed."""
-
-
-def run_to(model: nn.Module, module: nn.Module, x: Tensor, *, output: bool = False) -> Any:
-    """Run ``model(x)`` only until ``module`` is reached: its first input (or, with ``output``,
-    its output; the first element of a tuple output), ``None`` if the pass never calls it.
-    The hook is removed on return."""
-    captured: list[Any] = []
-
-    def pre_hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        captured.append(inputs[0])
-        raise _Stop
-
-    def post_hook(_module: nn.Module, _inputs: Any, out: Any) -> None:
-        captured.append(out[0] if isinstance(out, tuple | list) else out)
-        raise _Stop
-
-    handle = (module.register_forward_hook(post_hook) if output
-              else module.register_forward_pre_hook(pre_hook))
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured[0] if captured else None
 
 
 def is_head(module: Any) -> bool:
