@@ -325,3 +325,28 @@ def test_cli_errors_are_one_line_with_exit_2(random_checkpoint, tmp_path, capsys
         assert main(argv) == 2, args
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def test_library_api_matches_the_cli_defaults_and_runs_without_a_run_directory(
+        random_checkpoint, tmp_path):
+    import dataclasses
+
+    from narrows.cli.kvb import TrainConfig
+    from narrows.cli.kvb_toy import ToyConfig
+    from narrows.kvb import LEARNERS, ContinualSettings, embed, train_continual
+    from narrows.kvb.toy_run import ToySettings
+
+    for api, cli in ((ContinualSettings, TrainConfig), (ToySettings, ToyConfig)):
+        for f in dataclasses.fields(api):
+            assert getattr(api(), f.name) == getattr(cli(), f.name), f.name
+    assert set(LEARNERS) == {"dkvb", "linear", "lp-no-bias", "mlp", "ridge", "ridge-mlp", "vq"}
+    files = embed(random_checkpoint(TINY), out=tmp_path / "emb", say=lambda _: None)
+    assert sorted(files) == ["test", "train"] and all(p.is_file() for p in files.values())
+    result = train_continual(tmp_path / "emb", model=["dkvb", "linear"], protocol=["iid"],
+                             epochs=2, batch_size=8, num_books=4, say=lambda _: None)
+    assert [r.model for r in result.results] == ["dkvb", "linear"] and result.path is None
+    assert result.settings.classes_per_task == 2 and "dkvb" in result.summary()
+    with pytest.raises(UserError, match="`dim_key` 99"):
+        train_continual(tmp_path / "emb", dim_key=99, say=lambda _: None)
+    with pytest.raises(UserError, match="unknown option `epoch`"):
+        train_continual(tmp_path / "emb", epoch=2)

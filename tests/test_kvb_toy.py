@@ -138,8 +138,8 @@ def _sweep_file(tmp_path: Path, extra: str = "") -> Path:
 
 
 def test_sweep_grid_names_and_errors(tmp_path):
-    from narrows.cli.kvb_toy import expand_grid, read_sweep, run_name
     from narrows.errors import UserError
+    from narrows.runs.sweep import expand_grid, read_sweep, run_name
 
     grid = {"a": [1, 2], "b": ["x", "y", "z"]}
     combos = expand_grid(grid)
@@ -166,7 +166,7 @@ def test_sweep_grid_names_and_errors(tmp_path):
 
 
 def test_results_are_flattened_into_one_row():
-    from narrows.cli.kvb_toy import flatten_results
+    from narrows.runs.sweep import flatten_results
 
     toy_like = {"final_mlp": 0.25, "seeds": [0], "summary": {"n": 3, "x": {"deep": 1}}}
     assert flatten_results(toy_like, None) == {"final_mlp": 0.25, "summary.n": 3}
@@ -241,3 +241,17 @@ def test_sweep_logs_each_new_run_to_wandb_when_asked(tmp_path, monkeypatch):
     calls.clear()
     assert main(["kvb", "sweep", str(path), "--out", str(tmp_path / "w"), "--wandb"]) == 0
     assert calls == []  # finished runs are not logged again
+
+
+def test_top_level_sweep_runs_a_grid_of_any_command(tmp_path, capsys):
+    path, out = _sweep_file(tmp_path), tmp_path / "top"
+    assert main(["sweep", str(path), "--out", str(out), "--dry-run"]) == 0
+    assert "2 run(s) of narrows kvb toy" in capsys.readouterr().out and not out.exists()
+    assert main(["sweep", str(path), "--out", str(out), "--no-progress"]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["status"] for r in rows] == ["done", "done"]
+    assert "command: sweep" in (out / "config.yaml").read_text()
+    assert main(["kvb", "sweep", str(path), "--out", str(out)]) == 2  # another command's run
+    path.write_text("command: sweep\n")
+    assert main(["sweep", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert "a sweep cannot run sweeps" in capsys.readouterr().err

@@ -83,7 +83,7 @@ def test_sweep_refuses_a_name_that_is_a_path(tmp_path, capsys, monkeypatch, name
 
 
 def test_sweep_run_names_stay_inside_out(tmp_path):
-    from narrows.cli.kvb_toy import run_name
+    from narrows.runs.sweep import run_name
 
     for value in ["..", "../../x", "/abs", "a\\b", ["..", "/"]]:
         name = run_name({"steps": value})

@@ -127,7 +127,7 @@ def _mtimes(directory: Path, pattern: str) -> dict[str, int]:
 def test_attribution_evaluate_resumes_bit_identically(checkpoint, tmp_path, monkeypatch, capsys):
     import numpy as np
 
-    import narrows.cli.attribution as cli
+    import narrows.attribution.evaluation as cli
 
     attribute = cli._attribute
     current: dict[str, Dying] = {}
@@ -305,7 +305,7 @@ def embeddings(checkpoint, tmp_path_factory) -> str:
 
 
 def test_kvb_train_resumes_bit_identically(embeddings, tmp_path, monkeypatch, capsys):
-    import narrows.cli.kvb as cli
+    import narrows.kvb.continual as cli
 
     def argv(out: Path) -> list[str]:
         return ["kvb", "train", "--embeddings", embeddings, "--model", "dkvb", "linear",

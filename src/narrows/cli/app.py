@@ -106,7 +106,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Command, object]:
 
 COMMAND_MODULES = ("train", "evaluate", "models_cmd", "quickstart", "interactions",
                    "interactions_train", "attribution", "attribution_readout",
-                   "attribution_sanity", "decompose", "decompose_analysis", "kvb", "kvb_toy")
+                   "attribution_sanity", "decompose", "decompose_analysis", "kvb", "kvb_toy", "sweep")
 
 
 def _load_commands() -> None:

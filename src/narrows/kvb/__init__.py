@@ -6,32 +6,46 @@
   Laplace smoothing and dead-code restarts (:class:`KeyInitStats`).
 * :func:`train_values`, :func:`cache_indices`: value training by plain SGD from cached fetch
   indices (the same result as training through ``forward``).
+* :func:`embed`: a frozen backbone's embeddings of a data set, one file per split.
+* :func:`train_continual`: the class-incremental protocols on stored embeddings, every model of
+  :data:`LEARNERS` (:class:`ContinualRun`); :func:`find_embeddings` /
+  :func:`choose_embeddings`: what an embeddings directory holds.
+* :func:`run_toy`: the 2-D toy experiment of Figure 2 (:class:`ToyRun`).
+
+Names are imported on first use, so ``narrows.kvb.registry`` (the model names the command line
+offers) loads without torch.
 """
 
-from narrows.kvb.keys import KeyInitStats, StepResult, ema_step, fit_keys
-from narrows.kvb.layer import DECODERS, SPLITTING_MODES, KeyValueBottleneck, nearest_keys
-from narrows.kvb.train import (
-    TrainStats,
-    cache_indices,
-    epoch_order,
-    logits_from_cache,
-    pruned_indices,
-    train_values,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DECODERS",
-    "SPLITTING_MODES",
-    "KeyInitStats",
-    "KeyValueBottleneck",
-    "StepResult",
-    "TrainStats",
-    "cache_indices",
-    "ema_step",
-    "epoch_order",
-    "fit_keys",
-    "logits_from_cache",
-    "nearest_keys",
-    "pruned_indices",
-    "train_values",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "KeyInitStats": "keys", "StepResult": "keys", "ema_step": "keys", "fit_keys": "keys",
+    "DECODERS": "layer", "SPLITTING_MODES": "layer", "KeyValueBottleneck": "layer",
+    "nearest_keys": "layer",
+    "TrainStats": "train", "cache_indices": "train", "epoch_order": "train",
+    "logits_from_cache": "train", "pruned_indices": "train", "train_values": "train",
+    "LEARNERS": "registry", "MODEL_NAMES": "registry", "TOY_MODELS": "registry",
+    "make_learner": "learners",
+    "find_embeddings": "embeddings", "choose_embeddings": "embeddings", "embed": "store",
+    "ContinualSettings": "continual", "ContinualRun": "continual",
+    "ContinualTask": "continual", "load_task": "continual", "fit_key_layer": "continual",
+    "resolve_settings": "continual", "train_continual": "continual",
+    "ToySettings": "toy_run", "ToyRun": "toy_run", "run_toy": "toy_run",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'narrows.kvb' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"narrows.kvb.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

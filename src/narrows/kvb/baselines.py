@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from narrows.errors import UserError
+
 RIDGE_DECAYS = (1e-2, 1e-4, 1e-6)
 Optimizer = Literal["sgd", "adam"]
 
@@ -141,7 +143,7 @@ class Baseline(nn.Module):
             opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                   weight_decay=decay)
         else:
-            raise ValueError(f"unknown optimizer {settings.optimizer!r}; use sgd or adam")
+            raise UserError(f"unknown optimizer {settings.optimizer!r}", "use sgd or adam")
         self._optimizer = opt
         return opt
 
@@ -172,12 +174,12 @@ def ridge(kind: Literal["linear", "mlp"], dim: int, classes: int, weight_decay: 
           hidden: int = 128, seed: int | None = None) -> Baseline:
     """A ridge variant (spec §5.5): the linear or MLP probe trained with weight decay."""
     if weight_decay <= 0:
-        raise ValueError("a ridge variant needs weight_decay > 0")
+        raise UserError("a ridge variant needs `weight_decay` > 0", "pass a positive `weight_decay`")
     if kind == "linear":
         return LinearProbe(dim, classes, weight_decay=weight_decay, seed=seed)
     if kind == "mlp":
         return MLPProbe(dim, classes, hidden, weight_decay=weight_decay, seed=seed)
-    raise ValueError(f"unknown ridge kind {kind!r}; use linear or mlp")
+    raise UserError(f"unknown ridge kind {kind!r}", "use linear or mlp")
 
 
 class VQBottleneck(Baseline):
@@ -211,7 +213,7 @@ class VQBottleneck(Baseline):
             elif decoder == "linear":
                 self.head = nn.Linear(width, classes)
             else:
-                raise ValueError(f"unknown decoder {decoder!r}; use mlp or linear")
+                raise UserError(f"unknown decoder {decoder!r}", "use mlp or linear")
 
     @classmethod
     def from_layer(cls, layer: nn.Module, classes: int, **kwargs: Any) -> VQBottleneck:

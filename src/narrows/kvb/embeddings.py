@@ -233,10 +233,10 @@ def choose_embeddings(directory: str | Path, *, data: str | None = None,
     datas = sorted({s.data for s in labelled})
     if len(datas) > 1:
         raise UserError(f"{directory} holds embeddings of {len(datas)} data sets "
-                        f"({', '.join(datas)})", "choose one with --data")
+                        f"({', '.join(datas)})", "choose one with `data`")
     backbones = sorted({s.backbone for s in labelled})
     raise UserError(f"{directory} holds embeddings of {datas[0]} from {len(backbones)} "
-                    f"backbones ({', '.join(backbones)})", "choose one with --backbone")
+                    f"backbones ({', '.join(backbones)})", "choose one with `backbone`")
 
 
 # -- computing ---------------------------------------------------------------------------------
@@ -292,8 +292,8 @@ def load_backbone(checkpoint: str | None, *, model: str | None = None,
 
 
 def pooled_features(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """``x -> (B, D)``: the pooled features the model's classifier (its last ``nn.Linear``, or
-    timm's ``get_classifier()``) reads: timm's pre-logits for timm models."""
+    """``x -> (B, D)``: the core's :func:`narrows.models.heads.pooled_features`, imported on
+    first use so that this module loads without timm (tests replace it here)."""
     from narrows.models.heads import pooled_features as core_pooled_features
 
     return core_pooled_features(model)

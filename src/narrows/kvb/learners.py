@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from narrows.errors import UserError
 from narrows.kvb.baselines import Baseline, FitSettings
 from narrows.kvb.protocols import Phase
+from narrows.kvb.registry import LEARNERS, MODEL_NAMES
 
 #: Batches handed to ``train_values`` per call (they are cut again into the same batches).
 BATCHES_PER_CALL = 64
@@ -106,7 +108,39 @@ def _encode(model: Baseline, inputs: Tensor, chunk: int = 4096) -> Tensor:
 
 
 #: Model names of the protocols: the key-value bottleneck and the baselines.
-MODELS = ("dkvb", "linear", "lp-no-bias", "mlp", "ridge", "ridge-mlp", "vq")
+MODELS = MODEL_NAMES
+
+
+def make_learner(name: str, settings: Any, *, train: tuple[Tensor, Tensor], test: Tensor,
+                 classes: int, layer: Any = None,
+                 device: Any = "cpu") -> tuple[DKVBLearner | BaselineLearner, dict[str, Any]]:
+    """The learner of the model ``name`` (one of :data:`narrows.kvb.registry.LEARNERS`) on
+    ``train`` = (features, labels) and the ``test`` features, and the optimiser settings to
+    record. ``settings``: a :class:`~narrows.kvb.continual.ContinualSettings` (or anything
+    with its attributes); ``layer``: the key-value layer with fitted keys (``dkvb`` trains a
+    copy of it, ``vq`` quantises with its keys)."""
+    import copy
+
+    from narrows.runtime import derive_seed
+
+    s = settings
+    clip = s.gradient_clip or None
+    if name not in LEARNERS:
+        raise UserError(f"unknown model {name!r}", f"use one of: {', '.join(MODEL_NAMES)}")
+    if name == "dkvb":
+        learner = DKVBLearner(copy.deepcopy(layer), train, test, lr=s.lr,
+                              batch_size=s.batch_size, label_smoothing=s.label_smoothing,
+                              clip=clip, prune=s.prune)
+        return learner, {"lr": s.lr, "optimizer": "sgd"}
+    model = make_baseline(name, train[0].shape[1], classes, hidden=s.hidden,
+                          ridge_decay=s.ridge_decay, layer=layer, vq_decoder=s.vq_decoder,
+                          seed=derive_seed(s.seed, 0xB5))
+    model = model.to(device)
+    fit = FitSettings(lr=s.probe_lr, batch_size=s.batch_size, optimizer=s.probe_optimizer,
+                      label_smoothing=s.label_smoothing, clip=clip, seed=s.seed)
+    meta = {"lr": s.probe_lr, "optimizer": s.probe_optimizer,
+            "weight_decay": model.weight_decay}
+    return BaselineLearner(model, train, test, fit), meta
 
 
 def make_baseline(name: str, dim: int, classes: int, *, hidden: int = 128,
@@ -127,7 +161,7 @@ def make_baseline(name: str, dim: int, classes: int, *, hidden: int = 128,
         return ridge("mlp", dim, classes, ridge_decay, hidden=hidden, seed=seed)
     if name == "vq":
         if layer is None:
-            raise ValueError("the VQ baseline needs a key-value layer's keys")
+            raise UserError("the VQ baseline needs a key-value layer's keys", "pass `layer` with fitted keys")
         return VQBottleneck.from_layer(layer, classes, decoder=vq_decoder,  # type: ignore[arg-type]
                                        hidden=hidden, seed=seed)
-    raise ValueError(f"unknown baseline {name!r}; use one of {MODELS[1:]}")
+    raise UserError(f"unknown baseline {name!r}", f"use one of {MODELS[1:]}")

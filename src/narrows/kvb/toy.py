@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from narrows.errors import UserError
+from narrows.kvb.registry import TOY_MODELS, ToyModel
 from narrows.runtime import derive_seed
 
 CENTRES: tuple[tuple[float, float], ...] = (
@@ -85,37 +87,8 @@ def grid_points(resolution: int = 100) -> Tensor:
 
 
 # -- models -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ToyModel:
-    """One model of the experiment (the authors' settings unless noted)."""
-
-    name: str
-    label: str
-    kind: str  # "linear", "mlp", "vq-mlp" or "kv"
-    optimizer: str = "adam"  # "adam" or "sgd"
-    lr: float = 1e-3
-    fresh_optimizer: bool = True  # a new optimiser at every stage (LP, MLP)
-    books: int = 1
-    pairs: int = 400
-    splitting: str = "chunk"
-
-    @property
-    def key_layout(self) -> tuple[int, int, str]:
-        """Models with the same layout share fitted keys within a seed."""
-        return self.books, self.pairs, self.splitting
-
-
-MODELS: dict[str, ToyModel] = {m.name: m for m in (
-    ToyModel("linear", "Linear probe (Adam 1e-2)", "linear", lr=1e-2),
-    ToyModel("mlp", "MLP 2-32-8 (Adam 1e-3)", "mlp"),
-    ToyModel("vq-mlp", "VQ 1×400 + MLP decoder (Adam 1e-3)", "vq-mlp"),
-    ToyModel("kv-1x400", "KV 1×400 (Adam 1e-3)", "kv", fresh_optimizer=False),
-    ToyModel("kv-1x400-sgd", "KV 1×400 (SGD 1e-3)", "kv", optimizer="sgd",
-             fresh_optimizer=False),
-    ToyModel("kv-20x20", "KV 20×20 random proj. (Adam 1e-3)", "kv", fresh_optimizer=False,
-             books=20, pairs=20, splitting="random_projection"),
-)}
-"""Every model, by name."""
+MODELS: dict[str, ToyModel] = TOY_MODELS
+"""Every model, by name (:data:`narrows.kvb.registry.TOY_MODELS`)."""
 
 
 def build_kv_layer(books: int, pairs: int, splitting: str, seed: int, decay: float = 0.95) -> Any:
@@ -407,7 +380,7 @@ def run_seeds(seeds: Sequence[int], models: Sequence[str] = tuple(MODELS), *,
     """
     unknown = [m for m in models if m not in MODELS]
     if unknown:
-        raise ValueError(f"unknown toy model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+        raise UserError(f"unknown toy model {unknown[0]!r}", f"choose from {', '.join(MODELS)}")
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
