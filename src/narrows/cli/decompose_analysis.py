@@ -179,60 +179,28 @@ def execute_mutual_info(cfg: MutualInfoConfig) -> int:
 # -- csg-train -------------------------------------------------------------------------------
 
 def execute_csg_train(cfg: CSGTrainConfig) -> int:
-    from narrows.cli.train import build_model, load_training_data, settings_from
-    from narrows.decompose.csg import Alternate, CSGLoss, CSGNetwork, csg_topk, density, save_csg
+    from narrows.cli.train import build_model, load_training_data, open_training_run, settings_from
+    from narrows.decompose.csg_train import GATE_OPTIONS, CSGOptions, train_csg
     from narrows.runs import default_out
-    from narrows.training import LAST, fit
 
     session = start(cfg)
     if session.dist.enabled:
         raise UserError("csg-train runs in one process (the gate is unused in ordinary "
                         "epochs, which DDP does not allow)", "run it without torchrun")
-    if cfg.csg_epochs > cfg.period:
-        raise UserError(f"--csg-epochs {cfg.csg_epochs} is more than --period {cfg.period}",
-                        "use --csg-epochs <= --period")
+    options = CSGOptions(**{k: getattr(cfg, k) for k in (*GATE_OPTIONS, "k")})
+    options.check()
     cfg = _with_data(cfg)
     data = load_training_data(cfg)
     model, card = build_model(cfg, data.info)
-    network = CSGNetwork(model, init=cfg.gate_init)
-    classes, width = network.num_classes, network.num_channels
-    if cfg.k > width:
-        raise UserError(f"--k {cfg.k} is more than the {width} channels", "lower --k")
-    schedule = Alternate(cfg.period, cfg.csg_epochs, cfg.warmup)
-    loss = CSGLoss(network, schedule=cfg.schedule, alternate=schedule, lam_ce=cfg.lam_ce,
-                   lam_l1=cfg.lam_l1, target_density=cfg.target_density, clip=cfg.clip,
-                   label_smoothing=cfg.label_smoothing)
-    run = open_run(cfg, "decompose csg-train",
-                   default_out("decompose-csg-train", card.architecture, cfg.data), session)
-    if cfg.resume and not run.exists(LAST):
-        raise UserError(f"--resume given but {run.path} has no checkpoint to resume from",
-                        "drop --resume to start a new run")
-    csg_epochs = [e + 1 for e in range(cfg.epochs) if loss.csg_epoch(e)]
-    say = session.say
-    say(f"CSG training of {card.architecture} ({classes} classes × {width} gates) on "
-        f"{cfg.data}: {cfg.epochs} epochs × {len(data.train()):,} images; CSG-path epochs: "
-        + (", ".join(map(str, csg_epochs)) if cfg.schedule == "alternate" else "all (joint)")
-        + f"; {session.device}, {session.threads} threads → {run.path}")
-    result = fit(network, data, settings_from(cfg), card=card, device=session.device, run=run,
-                 dist=session.dist, progress=cfg.progress, log=say, loss_fn=loss)
-    gate = network.project_(cfg.clip).detach().cpu()
-    settings = {k: getattr(cfg, k) for k in ("schedule", "period", "csg_epochs", "warmup",
-                                             "lam_ce", "lam_l1", "target_density", "clip",
-                                             "gate_init", "epochs", "seed")}
-    save_csg(run.file("csg.pt"), network, card, settings)
-    indices = csg_topk(gate, cfg.k)
-    indices.meta.update(model=card.architecture, data=cfg.data, checkpoint=str(run.file("csg.pt")))
-    indices.save(run.file("indices_csg.json"))
-    _draw_gate(run, gate, result.metrics, data.info.class_names)
-    summary = {"model": card.architecture, "data": cfg.data, "epochs": result.epochs,
-               "std_top1": result.final.top1 if result.final else None,
-               "best_top1": result.best_top1, "gate_density": density(gate),
-               "csg": str(run.file("csg.pt")), "indices": str(run.file("indices_csg.json"))}
-    run.write_json("results.json", summary)
-    top1 = f"{100 * result.final.top1:.2f}%" if result.final else "n/a"
-    say(f"done: test top-1 (ordinary path) {top1}, gate density {density(gate):.3f}; "
-        f"network + gate in {run.file('csg.pt')}, top-{cfg.k} gates in "
-        f"{run.file('indices_csg.json')}, figure {run.file('gate.png')}")
+    run = open_training_run(cfg, "decompose csg-train", default_out(
+        "decompose-csg-train", card.architecture, cfg.data), session)
+    summary = train_csg(model, card, data, settings_from(cfg), options, run=run,
+                        device=session.device, dist=session.dist, progress=cfg.progress,
+                        say=session.say, threads=session.threads, spec=cfg.data)
+    top1 = f"{100 * summary['std_top1']:.2f}%" if summary["std_top1"] is not None else "n/a"
+    session.say(f"done: test top-1 (ordinary path) {top1}, gate density "
+                f"{summary['gate_density']:.3f}; network + gate in {summary['csg']}, top-"
+                f"{cfg.k} gates in {summary['indices']}, figure {run.file('gate.png')}")
     session.close()
     return 0
 
@@ -250,16 +218,6 @@ def _with_data(cfg: CSGTrainConfig) -> CSGTrainConfig:
         card = read_checkpoint(cfg.checkpoint).card
         spec = card.data_spec if card else None
     return replace(cfg, data=spec or "digits")
-
-
-def _draw_gate(run, gate, rows: list[dict[str, Any]], class_names: Any = None) -> None:
-    """gate.png: the gate matrix and its density per epoch."""
-    from narrows.decompose.csg import plot_gate
-    from narrows.plotting import pyplot
-
-    fig, _ = plot_gate(gate, rows, class_names)
-    run.save_figure("gate.png", fig)
-    pyplot().close(fig)
 
 
 register(Command(

@@ -197,7 +197,7 @@ def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str
     data = load_training_data(cfg, loaded.card if loaded is not None else None)
     model, card = build_model(cfg, data.info, loaded)
     name = display_name(card.architecture)
-    run = _open_training_run(cfg, command, default_out(command.replace(" ", "-"), name,
+    run = open_training_run(cfg, command, default_out(command.replace(" ", "-"), name,
                                                        cfg.data, default_name), session)
     session.say(f"training {name} on {cfg.data} at {card.input_size}×{card.input_size} px "
                 f"({len(data.train())} train / {len(data.test())} test images) on "
@@ -215,7 +215,7 @@ def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str
     return 0
 
 
-def _open_training_run(cfg: TrainConfig, command: str, default: Any, session: Any):
+def open_training_run(cfg: TrainConfig, command: str, default: Any, session: Any):
     """The run directory; ``--resume`` without a checkpoint there is a user error."""
     from narrows.errors import UserError
     from narrows.training import LAST

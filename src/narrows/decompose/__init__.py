@@ -20,7 +20,8 @@
 * Comparisons (:mod:`~narrows.decompose.compare`, :mod:`~narrows.decompose.mi_compare`):
   :func:`essential_sets` + :func:`essential_comparison` (:class:`EssentialComparison`),
   :func:`mutual_info_comparison` (:class:`MIComparison`, with MIS), CSG gates via
-  :func:`load_csg_subject` and :func:`csg_orders`; :func:`plot_gate` draws a CSG gate.
+  :func:`load_csg_subject` and :func:`csg_orders`; :func:`plot_gate` draws a CSG gate;
+  :func:`train_csg` (:class:`CSGOptions`) trains one.
 
 The command line is ``narrows decompose extract | validate | finetune | ...``.
 """
@@ -32,6 +33,7 @@ from narrows.decompose.compare import (
     essential_sets,
 )
 from narrows.decompose.csg import csg_orders, load_csg_subject, plot_gate
+from narrows.decompose.csg_train import CSGOptions, train_csg
 from narrows.decompose.curve import Curve, accuracy_curve, validate
 from narrows.decompose.extract import (
     DEFAULT_THRESHOLDS,
@@ -71,6 +73,7 @@ from narrows.decompose.rules import (
 )
 
 __all__ = [
+    "CSGOptions",
     "ClassIndices",
     "Curve",
     "DEFAULT_THRESHOLDS",
@@ -115,4 +118,5 @@ __all__ = [
     "validate",
     "validation_report",
     "within_width",
+    "train_csg",
 ]
