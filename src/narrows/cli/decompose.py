@@ -212,7 +212,7 @@ def _validate_decomposed(cfg: ValidateConfig, session: Any) -> int:
 # -- finetune ---------------------------------------------------------------------------------
 def execute_finetune(cfg: FinetuneConfig) -> int:
     from narrows.decompose import finetune, finetune_settings
-    from narrows.decompose.finetune import DECOMPOSED, subject_card
+    from narrows.decompose.finetune import DECOMPOSED, finetune_summary, subject_card
     from narrows.decompose.rules import load_indices
     from narrows.errors import UserError
     from narrows.runs import default_out
@@ -240,12 +240,8 @@ def execute_finetune(cfg: FinetuneConfig) -> int:
     _, result = finetune(subject.model, indices, subject.bundle, settings, card=card,
                          device=session.device, run=run, progress=cfg.progress, log=say,
                          dist=session.dist)
-    summary = {"model": subject.name, "indices": cfg.indices, "k": indices.k,
-               "epochs": result.epochs, "best_top1": result.best_top1,
-               "final": result.final.to_dict() if result.final else None,
-               "per_epoch_test_top1": [r["test_top1"] for r in result.metrics],
-               "checkpoint": str(run.file(DECOMPOSED))}
-    run.write_json("results.json", summary)
+    run.write_json("results.json", finetune_summary(result, name=subject.name, indices=cfg.indices,
+                                                    k=indices.k, checkpoint=run.file(DECOMPOSED)))
     if result.final is not None:
         say(f"done: decomposed test top-1 {100 * result.final.top1:.2f}% (best "
             f"{100 * result.best_top1:.2f}%); weights with the indices in "

@@ -19,6 +19,7 @@ from torch import nn
 
 from narrows.decompose.head import decompose, decomposed_extra, find_decomposed, head_indices
 from narrows.decompose.indices import ClassIndices
+from narrows.errors import UserError
 from narrows.runs.run import RunDir
 from narrows.training import BEST, TrainSettings, fit
 
@@ -69,7 +70,8 @@ def finetune(
     net = model if indices is None else decompose(model, indices)
     head = find_decomposed(net)
     if head is None:
-        raise ValueError("the model is not decomposed and no indices were given")
+        raise UserError("the model is not decomposed and no indices were given",
+                        "pass the indices to decompose it with")
     kwargs: dict[str, Any] = {"dist": dist if dist is not None else Distributed()}
     result = fit(net, data, settings, card=card, device=device, run=run, progress=progress,
                  log=log, **kwargs)
@@ -109,3 +111,13 @@ def subject_card(subject: Any, checkpoint: str | None = None,
                      in_chans=info.in_chans, input_size=info.image_size,
                      mean=tuple(subject.mean), std=tuple(subject.std),
                      class_names=tuple(info.class_names), data_spec=info.spec)
+
+
+def finetune_summary(result: Any, *, name: str, indices: str, k: int,
+                     checkpoint: str | Path) -> dict[str, Any]:
+    """The flat ``results.json`` of a fine-tuning run (``result``: its ``TrainResult``)."""
+    return {"model": name, "indices": indices, "k": k, "epochs": result.epochs,
+            "best_top1": result.best_top1,
+            "final": result.final.to_dict() if result.final else None,
+            "per_epoch_test_top1": [r["test_top1"] for r in result.metrics],
+            "checkpoint": str(checkpoint)}
