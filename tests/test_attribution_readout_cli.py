@@ -72,7 +72,7 @@ def test_readout_train_writes_readout_curves_and_metrics(trained) -> None:
 
 def test_killed_run_resumes_to_the_same_readout(checkpoint, trained, tmp_path, monkeypatch,
                                                 capsys) -> None:
-    import narrows.cli.attribution_readout as cli
+    import narrows.attribution.readout_training as cli
 
     out = tmp_path / "run"
     original = cli.write_curves

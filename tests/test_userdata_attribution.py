@@ -211,7 +211,7 @@ def test_n_samples_is_exact():
 def test_gif_frames_share_one_palette_and_count_steps(tmp_path):
     from PIL import Image
 
-    from narrows.cli.attribution import write_gif
+    from narrows.attribution.heatmap import write_gif
 
     steps = np.stack([np.full((8, 8), v, dtype=np.float32) for v in (0.1, 0.5, 1.0)])
     path = write_gif(tmp_path / "steps.gif", steps, np.zeros((3, 8, 8)), size=80)
@@ -233,7 +233,7 @@ def test_gif_scale_is_the_final_map_so_the_result_is_not_blank(tmp_path):
     the final map (0.65 bits) blank. The scale is the final map's; earlier steps saturate."""
     from PIL import Image
 
-    from narrows.cli.attribution import write_gif
+    from narrows.attribution.heatmap import write_gif
 
     final = np.zeros((8, 8), dtype=np.float32)
     final[2:5, 2:5] = 0.65

@@ -183,3 +183,49 @@ def _greyscale(image: Any) -> np.ndarray:
     if low < 0 or high > 1:  # e.g. a normalised image: stretch to [0, 1] for display
         array = (array - low) / (high - low if high > low else 1.0)
     return array
+
+
+def write_gif(path: str | Path, steps: np.ndarray, image: np.ndarray, size: int = 160,
+              ms_per_frame: int = 250) -> Path:
+    """An animated GIF of per-step heatmaps (T, H, W) blended over a grey ``image`` (C, H, W).
+
+    Every frame uses one colour scale and one palette, so colours mean the same in every frame:
+    0 to the peak of the final map in bits per pixel (the early steps, before the bottleneck
+    has closed, exceed it and saturate; a scale set by them would draw the result blank). A
+    strip under each frame gives the step and that scale.
+    """
+    from PIL import Image, ImageDraw
+
+    from narrows.runs.files import atomic_write
+
+    grey = _greyscale(image)
+    cmap = _bits_colormap()
+    steps = np.nan_to_num(np.asarray(steps, dtype=np.float64))
+    final = float(steps[-1].max()) if steps.size else 0.0
+    peak = final if final > 0 else (float(steps.max()) if steps.size else 0.0)
+    vmax = peak if peak > 0 else 1.0
+    strip = 36
+    bar = cmap(np.linspace(0, 1, size - 16))[None, :, :3].repeat(6, axis=0)
+    rgb_frames = []
+    for step, heat in enumerate(steps, 1):
+        rgba = cmap(np.clip(heat / vmax, 0, 1))
+        alpha = rgba[..., 3:] * 0.7
+        rgb = rgba[..., :3] * alpha + grey[..., None] * (1 - alpha)
+        heat_img = Image.fromarray((rgb * 255).astype(np.uint8)).resize((size, size),
+                                                                        Image.NEAREST)
+        frame = Image.new("RGB", (size, size + strip), "white")
+        frame.paste(heat_img, (0, 0))
+        frame.paste(Image.fromarray((bar * 255).astype(np.uint8)), (8, size + 2))
+        draw = ImageDraw.Draw(frame)
+        scale = f"0 to {peak:.3g} bits/px" if peak > 0 else "all-zero map"
+        draw.text((8, size + 10), f"step {step}/{len(steps)}", fill="black")
+        draw.text((8, size + 22), scale, fill="black")
+        rgb_frames.append(frame)
+    # one adaptive palette for all frames (a palette per frame would shift the colours)
+    sheet = Image.new("RGB", (size, (size + strip) * len(rgb_frames)))
+    for k, frame in enumerate(rgb_frames):
+        sheet.paste(frame, (0, k * (size + strip)))
+    palette = sheet.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    frames = [f.quantize(palette=palette, dither=Image.Dither.NONE) for f in rgb_frames]
+    return atomic_write(path, lambda fh: frames[0].save(
+        fh, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0))

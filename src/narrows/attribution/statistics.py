@@ -227,3 +227,58 @@ def estimate_statistics(model: nn.Module, layer: str | None, batches: Iterable[A
 def few_samples(n: int) -> bool:
     """Whether ``n`` images are fewer than IBA's statistics should have (``MIN_SAMPLES``)."""
     return n < MIN_SAMPLES
+
+
+DEFAULT_N_SAMPLES = 10_000
+
+
+def few_samples_note(n_samples: int | None, n: int, split: str,
+                     what: str = "IBA's feature statistics",
+                     names: dict[str, str] | None = None) -> None:
+    """One note when the default sample count (``n_samples`` None) found fewer than
+    ``MIN_SAMPLES`` images (a small split); an explicit count is the user's choice."""
+    from narrows.notes import note_once
+
+    if n_samples is None and few_samples(n):
+        flag = (names or {}).get("n_samples", "n_samples=N")
+        note_once("few-samples", f"{what} use all {n:,} {split} images (≥ {MIN_SAMPLES:,} "
+                  "advised): fine to try on a small data set, the noise model is just rougher; "
+                  f"{flag} sets the count and silences this note")
+
+
+def statistics_for(model: nn.Module, dataset: Any, normalizer: Any, path: str | Path, *,
+                   layer: str | None = None, statistics: str | None = None,
+                   n_samples: int | None = None, kind: Kind = "welford", batch_size: int = 64,
+                   seed: int = 0, device: Any = None, split: str = "train",
+                   re_estimate: bool = False, log: Any = print, stale_fix: str = "delete it, "
+                   "or give another path", names: dict[str, str] | None = None
+                   ) -> FeatureStatistics:
+    """The statistics file ``statistics`` if given, else ``path`` if it exists, else estimated
+    on up to ``n_samples`` (default 10,000) shuffled images of ``dataset`` (the ``split`` named
+    in messages) and saved into ``path``. ``normalizer`` maps the data set's images to model
+    inputs. A ``path`` estimated on other weights is refused (``stale_fix`` says what to do),
+    or with ``re_estimate`` (models drawn anew on every run) estimated again."""
+    from narrows.attribution.layers import default_layer
+
+    if statistics:
+        return FeatureStatistics.load(statistics)
+    path = Path(path)
+    if path.is_file():
+        cached = FeatureStatistics.load(path)
+        from narrows.models.checkpoints import model_fingerprint
+
+        if not re_estimate or cached.model_fingerprint in ("", model_fingerprint(model)):
+            cached.check_model(model, str(path), stale_fix)
+            return cached
+    count = n_samples if n_samples is not None else DEFAULT_N_SAMPLES
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    name = layer or default_layer(model)
+    log(f"estimating feature statistics of '{name}' on {min(count, len(dataset)):,} {split} "
+        f"images ({len(dataset):,} available)")
+    batches = (normalizer(x.to(device)) for x, _ in loader)
+    stats = estimate_statistics(model.to(device), name, batches, count, device=device,
+                                kind=kind, warn=False)
+    few_samples_note(n_samples, stats.n, split, names=names)
+    stats.save(path)
+    return stats

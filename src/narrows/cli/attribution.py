@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 from narrows.cli.app import GROUPS, Command, register
-from narrows.cli.attribution_report import (
-    EXAMPLES,
-    draw_examples,
-    draw_sensitivity,
-    nanmean,
-    write_results,
-)
 from narrows.cli.common import CommonOptions, SubjectOptions, open_run, start
 from narrows.config import at_least, distinct, non_negative, not_empty, option, positive
-from narrows.notes import note_once
-
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
 
 GROUPS["attribution"] = ("Information Bottleneck Attribution (IBA) heatmaps, Captum baselines "
                          "and their evaluation (degradation, bounding boxes, sensitivity-n)")
-METRICS = ("degradation", "bbox", "sensitivity-n")
 DEFAULT_METRICS = "degradation,bbox"
-DEFAULT_N_SAMPLES = 10_000
 
 
 @dataclass
@@ -80,7 +65,7 @@ class StatsConfig(StatisticsOptions, LayerSubject, CommonOptions):
 @dataclass
 class ExplainConfig(ImageChoice, IBAOptions, StatisticsOptions, LayerSubject, CommonOptions):
     method: str = option("iba", "iba or a baseline: " + "saliency, gradcam, random, ... "
-                         "(see narrows.attribution.available_methods)")
+                         "(see narrows.attribution.method_names())")
     images: int = option(8, "explain N test images (chosen by --select)", check=positive)
     indices: list[int] | None = option(None, "explain these test images instead of --images",
                                       check=non_negative.also(not_empty, distinct))
@@ -106,227 +91,81 @@ class EvaluateConfig(ImageChoice, IBAOptions, StatisticsOptions, LayerSubject, C
 
 # -- shared ----------------------------------------------------------------------------------
 
-def _subject(cfg: LayerSubject):
+#: how library messages name the parameters on this command line
+FLAGS = {"layer": "--layer", "cam_layer": "--cam-layer", "method": "--method",
+         "readout": "--readout FILE", "indices": "--indices", "n_samples": "--n-samples N",
+         "metrics": "--metrics", "tile": "--tile"}
+STALE = "the model changed since this run: rerun with --overwrite, or pass another --out"
+
+
+def subject(cfg: LayerSubject):
     """(model in eval mode, data bundle, normaliser, description, output stem)."""
     from narrows.models.subject import load_subject
     from narrows.training import Normalizer
 
-    subject = load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
-    return (subject.model.eval(), subject.bundle, Normalizer(subject.mean, subject.std),
-            subject.name, subject.stem)
+    loaded = load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
+    return (loaded.model.eval(), loaded.bundle, Normalizer(loaded.mean, loaded.std),
+            loaded.name, loaded.stem)
 
 
 def n_samples(cfg) -> int:
     """The number of images for feature statistics: ``--n-samples`` or the default."""
+    from narrows.attribution.statistics import DEFAULT_N_SAMPLES
+
     return cfg.n_samples if cfg.n_samples is not None else DEFAULT_N_SAMPLES
 
 
-def few_samples_note(cfg, n: int, split: str, what: str = "IBA's feature statistics") -> None:
-    """One note when the default sample count found fewer than 1,000 images (a small split);
-    an explicit ``--n-samples`` is the user's choice and gets none."""
-    from narrows.attribution.statistics import MIN_SAMPLES, few_samples
+def statistics(cfg, net, bundle, normalizer, session, path: Path, split: str = "train",
+               re_estimate: bool = False):
+    """IBA's statistics: ``--statistics``, or ``path``, or estimated into ``path``."""
+    from narrows.attribution.statistics import statistics_for
 
-    if cfg.n_samples is None and few_samples(n):
-        note_once("few-samples", f"{what} use all {n:,} {split} images (≥ {MIN_SAMPLES:,} "
-                  "advised): fine to try on a small data set, the noise model is just rougher; "
-                  "--n-samples N sets the count and silences this note")
-
-
-def _statistics(cfg, net, bundle, normalizer, session, path: Path, split: str = "train",
-                re_estimate: bool = False):
-    """Load ``cfg.statistics``, or ``path`` if it exists, or estimate and save into ``path``.
-
-    A ``path`` estimated on other weights is refused, or (``re_estimate``, for models that are
-    drawn anew on every run) estimated again."""
-    import torch
-
-    from narrows.attribution import FeatureStatistics, default_layer, estimate_statistics
-
-    if getattr(cfg, "statistics", None):
-        return FeatureStatistics.load(cfg.statistics)
-    if path.is_file():
-        cached = FeatureStatistics.load(path)
-        from narrows.models.checkpoints import model_fingerprint
-
-        if not re_estimate or cached.model_fingerprint in ("", model_fingerprint(net)):
-            cached.check_model(net, str(path), "the model changed since this run: rerun with "
-                               "--overwrite, or pass another --out")
-            return cached
-    dataset = bundle.split(split)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
-    layer = cfg.layer or default_layer(net)
-    count = min(n_samples(cfg), len(dataset))
-    print(f"estimating feature statistics of '{layer}' on {count:,} {split} images "
-          f"({len(dataset):,} available)")
-    batches = (normalizer(x.to(session.device)) for x, _ in loader)
-    stats = estimate_statistics(net.to(session.device), layer, batches, n_samples(cfg),
-                                device=session.device, kind=cfg.kind, warn=False)
-    few_samples_note(cfg, stats.n, split)
-    stats.save(path)
-    return stats
+    return statistics_for(net, bundle.split(split), normalizer, path, layer=cfg.layer,
+                          statistics=getattr(cfg, "statistics", None), n_samples=cfg.n_samples,
+                          kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed,
+                          device=session.device, split=split, re_estimate=re_estimate,
+                          stale_fix=STALE, names=FLAGS)
 
 
-def check_methods(methods: list[str], net, cfg, probe: torch.Tensor | None = None) -> None:
-    """Fail now, before any work, on what would fail later: a baseline that needs a missing
-    extra or has no default layer on this model, a bad IBA layer, a statistics file of
-    another layer or (given a normalised ``probe`` image batch) of another feature shape."""
-    from narrows.attribution import FeatureStatistics, default_layer, get_layer, make_method
-    from narrows.attribution.baselines import ALIASES, available_methods, uses_layer
-    from narrows.errors import UserError
+def method_settings(cfg):
+    """The methods' options of ``cfg`` as a :class:`MethodSettings`."""
+    from narrows.attribution.methods import MethodSettings
 
-    if cfg.layer and not {"iba", "readout"} & set(methods) and hasattr(cfg, "cam_layer"):
-        fix = (f"pass --cam-layer {cfg.layer} to set Grad-CAM's layer"
-               if any(uses_layer(m) for m in methods) else "leave --layer out")
-        raise UserError(f"--layer sets IBA's bottleneck, and {', '.join(methods)} "
-                        f"{'does' if len(methods) == 1 else 'do'} not use it", fix)
-    if getattr(cfg, "cam_layer", None) and not any(uses_layer(m) for m in methods):
-        raise UserError("--cam-layer sets the layer of gradcam and guided_gradcam, which are "
-                        f"not among the methods ({', '.join(methods)})", "leave --cam-layer out")
-    baselines = {*available_methods(), *ALIASES}
-    for method in methods:
-        if method in baselines:
-            built = make_method(method, net, layer=getattr(cfg, "cam_layer", None))
-            if uses_layer(method):
-                get_layer(net, built.layer_name())  # a wrong name is one line, before any work
-        elif method == "iba":
-            layer = cfg.layer or default_layer(net)
-            get_layer(net, layer)
-            if getattr(cfg, "statistics", None):
-                stats = FeatureStatistics.load(cfg.statistics)
-                stats.check_model(net, cfg.statistics)
-                if stats.layer and stats.layer != layer:
-                    raise UserError(f"{cfg.statistics} holds statistics of layer '{stats.layer}',"
-                                    f" not '{layer}'", f"pass --layer {stats.layer}, or estimate "
-                                    "statistics of this layer with 'narrows attribution stats'")
-                if probe is not None:
-                    import torch
+    return MethodSettings(layer=cfg.layer, beta=cfg.beta, steps=cfg.steps,
+                          iba_batch=cfg.iba_batch, readout=cfg.readout,
+                          cam_layer=cfg.cam_layer, seed=cfg.seed)
 
-                    from narrows.attribution import run_to_layer
 
-                    with torch.no_grad():
-                        shape = tuple(run_to_layer(net.eval(), layer, probe).shape[1:])
-                    if stats.shape and tuple(stats.shape) != shape:
-                        raise UserError(f"{cfg.statistics} holds features shaped "
-                                        f"{tuple(stats.shape)}, but '{layer}' gives {shape} on "
-                                        f"these {tuple(probe.shape[-2:])} images",
-                                        "estimate statistics at this image size with 'narrows "
-                                        "attribution stats'")
-        elif method == "readout":
-            if not cfg.readout:
-                raise UserError("--method readout needs --readout FILE",
-                                "train one with 'narrows attribution readout-train'")
-            _readout_iba(cfg.readout, net)
+def check_methods(methods: list[str], net, cfg, probe=None) -> None:
+    """:func:`narrows.attribution.methods.check_methods` with this command's options."""
+    from narrows.attribution.methods import check_methods as check
+
+    check(methods, net, method_settings(cfg), cfg.statistics, probe, names=FLAGS)
 
 
 def pick_indices(cfg, dataset) -> list[int]:
     """``--indices`` if given, else ``--images`` test images chosen by ``--select``."""
-    from narrows.data import select_images
+    from narrows.attribution.images import pick_indices as pick
+
+    return pick(dataset, cfg.images, getattr(cfg, "indices", None), seed=cfg.seed,
+                select=cfg.select, names=FLAGS)
+
+
+def method_names(text: str) -> list[str]:
+    """The comma-separated ``--methods`` as a list (each one registered)."""
+    from narrows.attribution.methods import method_names as names
+    from narrows.attribution.methods import parse_names
+
+    return parse_names(text, "methods", names())
+
+
+def readout_needed(methods: list[str], cfg) -> None:
+    """Refuse the readout method without ``--readout``."""
     from narrows.errors import UserError
 
-    indices = list(getattr(cfg, "indices", None) or [])
-    if not indices:
-        return select_images(dataset, cfg.images, seed=cfg.seed, how=cfg.select)
-    bad = [i for i in indices if not 0 <= i < len(dataset)]
-    if bad:
-        raise UserError(f"image index {bad[0]} is outside the {len(dataset)} test images",
-                        f"give --indices between 0 and {len(dataset) - 1}")
-    return indices
-
-
-def describe_images(indices: list[int], labels: list[int], class_names) -> str:
-    """``"3 images: 2 circle, 1 square"``: how many images of each class were chosen."""
-    from collections import Counter
-
-    from narrows.attribution.heatmap import target_name
-
-    counts = Counter(labels)
-    parts = [f"{counts[c]} {target_name(c, class_names)}" for c in sorted(counts)]
-    shown = ", ".join(parts[:8]) + (f", … ({len(parts)} classes)" if len(parts) > 8 else "")
-    return f"{len(indices)} test images ({shown})"
-
-
-def _split_names(text: str, what: str, allowed: list[str] | tuple[str, ...]) -> list[str]:
-    from narrows.errors import UserError
-
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise UserError(f"no {what} given", f"choose from {', '.join(allowed)}")
-    for name in names:
-        if name not in allowed:
-            raise UserError(f"unknown {what[:-1]} '{name}'", f"choose from {', '.join(allowed)}")
-    return list(dict.fromkeys(names))
-
-
-def _method_names() -> list[str]:
-    from narrows.attribution.baselines import ALIASES, available_methods
-
-    return ["iba", "readout", *available_methods(), *sorted(ALIASES)]
-
-
-_READOUTS: dict[tuple[str, int, int], Any] = {}
-
-
-def _readout_iba(path: str, net):
-    """The :class:`ReadoutIBA` of the readout file ``path`` for ``net`` (loaded once)."""
-    from narrows.attribution.readout import ReadoutIBA, load_readout
-
-    file = Path(path)
-    key = (str(file.resolve()), file.stat().st_mtime_ns if file.is_file() else 0, id(net))
-    if key not in _READOUTS:
-        _READOUTS.clear()
-        _READOUTS[key] = ReadoutIBA(load_readout(path, net))
-    return _READOUTS[key]
-
-
-def _attribute(method: str, net, inputs: torch.Tensor, targets: torch.Tensor, cfg, stats,
-               record_steps: bool = False, ids: list[int] | None = None):
-    """An :class:`AttributionResult` of ``method`` for a batch of normalised ``inputs``.
-
-    ``ids`` (the images' dataset indices) key each image's random draws on ``(cfg.seed, id)``,
-    so a heatmap does not depend on the images explained before it (IBA's noise; the seed of
-    random and SmoothGrad, given one image at a time). Without ``ids`` the global RNG is used.
-    """
-    from narrows.attribution import IBA, AttributionResult, make_method
-    from narrows.attribution.baselines import ALIASES, BASELINES
-    from narrows.runtime import derive_seed
-
-    if method == "iba":
-        iba = IBA(net, cfg.layer, stats, beta=cfg.beta, steps=cfg.steps,
-                  batch_size=cfg.iba_batch, record_steps=record_steps,
-                  seed=None if ids is None else cfg.seed)
-        return iba.attribute(inputs, targets, ids=ids)
-    if method == "readout":
-        from narrows.errors import UserError
-
-        readout = _readout_iba(cfg.readout, net)
-        readout.readout.to(inputs.device)
-        expected = readout.readout.input_shape
-        if expected and tuple(inputs.shape[1:]) != expected:
-            raise UserError(f"the images are {tuple(inputs.shape[1:])} but {cfg.readout} was "
-                            f"trained on {expected}", "use the data the readout was trained on")
-        return readout.attribute(inputs, targets)
-    options = {}
-    if ids is not None and len(ids) == 1 and "seed" in BASELINES[ALIASES.get(method, method)].defaults:
-        options["seed"] = derive_seed(cfg.seed, ids[0])
-    baseline = make_method(method, net, layer=cfg.cam_layer, **options)
-    maps = baseline.attribute(inputs, targets)
-    return AttributionResult(heatmaps=maps.cpu().numpy(), targets=targets.tolist(),
-                             meta=baseline.describe())
-
-
-def _batch(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
-    items = [dataset[i] for i in indices]
-    return (torch.stack([x for x, _ in items]),
-            torch.tensor([int(y) for _, y in items], dtype=torch.long))
-
-
-def _progress(items, progress: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, disable=None if progress else True, leave=False)
+    if "readout" in methods and not cfg.readout:
+        raise UserError("--method readout needs --readout FILE",
+                        "train one with 'narrows attribution readout-train'")
 
 
 # -- stats -----------------------------------------------------------------------------------
@@ -335,12 +174,12 @@ def execute_stats(cfg: StatsConfig) -> int:
     from narrows.runs import default_out
 
     session = start(cfg)
-    net, bundle, normalizer, name, stem = _subject(cfg)
+    net, bundle, normalizer, name, stem = subject(cfg)
     run = open_run(cfg, "attribution stats", default_out("attribution", "stats", stem),
                    session)
     path = run.file("statistics.pt")
     reused = path.is_file()
-    stats = _statistics(cfg, net, bundle, normalizer, session, path, cfg.split)
+    stats = statistics(cfg, net, bundle, normalizer, session, path, cfg.split)
     print(f"{'reused' if reused else 'estimated'} statistics of {name}: n={stats.n:,}, "
           f"layer={stats.layer}, feature shape={tuple(stats.shape or ())}, kind={stats.kind}")
     print(f"→ {path}")
@@ -350,280 +189,77 @@ def execute_stats(cfg: StatsConfig) -> int:
 # -- explain ---------------------------------------------------------------------------------
 
 def execute_explain(cfg: ExplainConfig) -> int:
-    import numpy as np
-
-    from narrows.attribution import AttributionResult
-    from narrows.attribution.heatmap import target_name
-    from narrows.data import dataset_labels
+    from narrows.attribution.explain import explain_images
+    from narrows.attribution.images import image_batch
+    from narrows.attribution.methods import method_names as registered
     from narrows.errors import UserError
-    from narrows.plotting import pyplot
     from narrows.runs import default_out
-    from narrows.runs.files import atomic_savefig, atomic_write
 
-    if cfg.method not in _method_names():
+    if cfg.method not in registered():
         raise UserError(f"unknown attribution method '{cfg.method}'",
-                        f"choose from {', '.join(_method_names())}")
+                        f"choose from {', '.join(registered())}")
     if cfg.gif and cfg.method != "iba":
         raise UserError("--gif shows IBA's optimisation steps", "use --method iba, or drop --gif")
-    if cfg.method == "readout" and not cfg.readout:
-        raise UserError("--method readout needs --readout FILE",
-                        "train one with 'narrows attribution readout-train'")
+    readout_needed([cfg.method], cfg)
     session = start(cfg)
-    net, bundle, normalizer, name, stem = _subject(cfg)
+    net, bundle, normalizer, name, stem = subject(cfg)
     dataset = bundle.split("test")
     indices = pick_indices(cfg, dataset)
-    probe = normalizer(_batch(dataset, indices[:1])[0])
+    probe = normalizer(image_batch(dataset, indices[:1])[0])
     check_methods([cfg.method], net, cfg, probe)  # what can fail, before --out is written
-    class_names = bundle.info.class_names
-    all_labels = dataset_labels(dataset)
-    labels = [all_labels[i] for i in indices]
     run = open_run(cfg, "attribution explain",
                    default_out("attribution", "explain", stem, cfg.method), session)
     net.to(session.device)
-    stats = (_statistics(cfg, net, bundle, normalizer, session, run.file("statistics.pt"))
+    stats = (statistics(cfg, net, bundle, normalizer, session, run.file("statistics.pt"))
              if cfg.method == "iba" else None)
-    todo = [i for i in indices if not (run.file(f"heatmap_{i}.png").is_file()
-                                       and (run.file("items") / f"{i}" / "arrays.npz").is_file()
-                                       and (not cfg.gif or run.file(f"iba_{i}.gif").is_file()))]
-    per_image = f"{cfg.steps} steps × {cfg.iba_batch} noise samples" if cfg.method == "iba" \
-        else "1 attribution"
-    print(f"{name}: {cfg.method} on {describe_images(indices, labels, class_names)}; "
-          f"{len(indices) - len(todo)} already done, {per_image} each"
-          + (f" = {len(todo) * cfg.steps * cfg.iba_batch:,} suffix forwards to go"
-             if cfg.method == "iba" else ""))
-    plt = pyplot()
-    for i in _progress(todo, cfg.progress, cfg.method):
-        image, label = _batch(dataset, [i])
-        result = _attribute(cfg.method, net, normalizer(image.to(session.device)),
-                            label.to(session.device), cfg, stats, record_steps=cfg.gif,
-                            ids=[i])
-        result.meta = {**result.meta, "model": name, "data": bundle.info.spec, "index": i}
-        result.save(run.file("items") / f"{i}")
-        fig, _ = result.plot(0, image[0], class_names=class_names,
-                             subject=f"{name} · test image {i}")
-        atomic_savefig(run.file(f"heatmap_{i}.png"), fig, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        if cfg.gif:
-            write_gif(run.file(f"iba_{i}.gif"), result.step_heatmaps[0], image[0].numpy())
-    results = [AttributionResult.load(run.file("items") / f"{i}") for i in indices]
-    heatmaps = np.stack([r.heatmaps[0] for r in results])
-    targets = [r.targets[0] if r.targets else -1 for r in results]
-    names = [target_name(t, class_names) if t >= 0 else "" for t in targets]
-    atomic_write(run.file("heatmaps.npz"), lambda fh: np.savez_compressed(
-        fh, heatmaps=heatmaps.astype(np.float32), indices=np.array(indices),
-        targets=np.array(targets), target_names=np.array(names)))
-    meta = {k: v for k, v in results[0].meta.items()
-            if not k.startswith("seconds") and k != "index"}
-    AttributionResult(heatmaps=heatmaps, targets=targets,
-                      meta={**meta, "indices": indices, "target_names": names,
-                            "class_names": list(class_names)}).save(run.file("result"))
+    explain_images(net, dataset, indices, cfg.method, run, normalizer=normalizer,
+                   settings=method_settings(cfg), statistics=stats, gif=cfg.gif,
+                   device=session.device, progress=cfg.progress,
+                   class_names=bundle.info.class_names, name=name, data=bundle.info.spec)
     print(f"→ {run.file('heatmap_<index>.png')} ({len(indices)}), {run.file('heatmaps.npz')}"
           + (f", {run.file('iba_<index>.gif')}" if cfg.gif else ""))
     return 0
 
 
-def write_gif(path: Path, steps: np.ndarray, image: np.ndarray, size: int = 160,
-              ms_per_frame: int = 250) -> Path:
-    """An animated GIF of per-step heatmaps (T, H, W) blended over a grey ``image`` (C, H, W).
-
-    Every frame uses one colour scale and one palette, so colours mean the same in every frame:
-    0 to the peak of the final map in bits per pixel (the early steps, before the bottleneck
-    has closed, exceed it and saturate; a scale set by them would draw the result blank). A
-    strip under each frame gives the step and that scale.
-    """
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    from narrows.attribution.heatmap import _bits_colormap, _greyscale
-    from narrows.runs.files import atomic_write
-
-    grey = _greyscale(image)
-    cmap = _bits_colormap()
-    steps = np.nan_to_num(np.asarray(steps, dtype=np.float64))
-    final = float(steps[-1].max()) if steps.size else 0.0
-    peak = final if final > 0 else (float(steps.max()) if steps.size else 0.0)
-    vmax = peak if peak > 0 else 1.0
-    strip = 36
-    bar = cmap(np.linspace(0, 1, size - 16))[None, :, :3].repeat(6, axis=0)
-    rgb_frames = []
-    for step, heat in enumerate(steps, 1):
-        rgba = cmap(np.clip(heat / vmax, 0, 1))
-        alpha = rgba[..., 3:] * 0.7
-        rgb = rgba[..., :3] * alpha + grey[..., None] * (1 - alpha)
-        heat_img = Image.fromarray((rgb * 255).astype(np.uint8)).resize((size, size),
-                                                                        Image.NEAREST)
-        frame = Image.new("RGB", (size, size + strip), "white")
-        frame.paste(heat_img, (0, 0))
-        frame.paste(Image.fromarray((bar * 255).astype(np.uint8)), (8, size + 2))
-        draw = ImageDraw.Draw(frame)
-        scale = f"0 to {peak:.3g} bits/px" if peak > 0 else "all-zero map"
-        draw.text((8, size + 10), f"step {step}/{len(steps)}", fill="black")
-        draw.text((8, size + 22), scale, fill="black")
-        rgb_frames.append(frame)
-    # one adaptive palette for all frames (a palette per frame would shift the colours)
-    sheet = Image.new("RGB", (size, (size + strip) * len(rgb_frames)))
-    for k, frame in enumerate(rgb_frames):
-        sheet.paste(frame, (0, k * (size + strip)))
-    palette = sheet.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
-    frames = [f.quantize(palette=palette, dither=Image.Dither.NONE) for f in rgb_frames]
-    return atomic_write(path, lambda fh: frames[0].save(
-        fh, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0))
-
-
 # -- evaluate --------------------------------------------------------------------------------
 
-def resolve_metrics(cfg: EvaluateConfig, dataset, spec: str) -> list[str]:
-    """The metrics to compute. Without boxes, the default list drops bbox with a note and an
-    explicit ``--metrics bbox`` is a :class:`UserError`."""
-    from narrows.data import dataset_has_boxes
-    from narrows.errors import UserError
-
-    metrics = _split_names(cfg.metrics or DEFAULT_METRICS, "metrics", METRICS)
-    if "bbox" in metrics and not dataset_has_boxes(dataset):
-        if cfg.metrics is not None:
-            raise UserError(f"{spec} has no bounding boxes for the bbox metric",
-                            "drop bbox from --metrics, or use data with boxes (shapes, or "
-                            "imagenet:/folder: with VOC XML box files beside the images)")
-        metrics.remove("bbox")
-        note_once("no-boxes", f"{spec} has no object boxes, so the bbox metric is skipped "
-                  "(boxes: shapes, or VOC XML files beside imagenet:/folder: images)")
-    return metrics
-
-
 def execute_evaluate(cfg: EvaluateConfig) -> int:
-    import numpy as np
-
-    from narrows.data import dataset_labels
-    from narrows.errors import UserError
+    from narrows.attribution.evaluation import (
+        METRICS,
+        check_tile,
+        evaluate_methods,
+        resolve_metrics,
+    )
+    from narrows.attribution.images import image_batch
+    from narrows.attribution.methods import parse_names
     from narrows.runs import default_out
-    from narrows.runs.files import atomic_write
 
-    methods = _split_names(cfg.methods, "methods", _method_names())
-    _split_names(cfg.metrics or DEFAULT_METRICS, "metrics", METRICS)
-    if "readout" in methods and not cfg.readout:
-        raise UserError("--method readout needs --readout FILE",
-                        "train one with 'narrows attribution readout-train'")
+    methods = method_names(cfg.methods)
+    chosen = parse_names(cfg.metrics or DEFAULT_METRICS, "metrics", METRICS)
+    readout_needed(methods, cfg)
     session = start(cfg)
-    net, bundle, normalizer, name, stem = _subject(cfg)
+    net, bundle, normalizer, name, stem = subject(cfg)
     dataset = bundle.split("test")
-    metrics = resolve_metrics(cfg, dataset, bundle.info.spec)
+    metrics = resolve_metrics(dataset, bundle.info.spec, chosen if cfg.metrics is not None else None,
+                              FLAGS)
     indices = pick_indices(cfg, dataset)
-    probe = normalizer(_batch(dataset, indices[:1])[0])
+    probe = normalizer(image_batch(dataset, indices[:1])[0])
     check_methods(methods, net, cfg, probe)  # what can fail, before --out is written
-    h, w = probe.shape[-2:]
-    if {"degradation", "sensitivity-n"} & set(metrics) and math.ceil(h / cfg.tile) * math.ceil(
-            w / cfg.tile) < 2:
-        raise UserError(f"--tile {cfg.tile} leaves one tile of the {h}×{w} images, and "
-                        "degradation and sensitivity-n remove tiles one by one",
-                        f"pass --tile of at most {math.ceil(max(h, w) / 2)}")
-    all_labels = dataset_labels(dataset)
-    class_names = bundle.info.class_names
+    check_tile(cfg.tile, tuple(probe.shape[-2:]), metrics, FLAGS)
     run = open_run(cfg, "attribution evaluate",
                    default_out("attribution", "evaluate", stem), session)
     net.to(session.device)
-    images, labels = _batch(dataset, indices)
-    inputs = normalizer(images.to(session.device))
-    labels = labels.to(session.device)
-    stats = (_statistics(cfg, net, bundle, normalizer, session, run.file("statistics.pt"))
+    stats = (statistics(cfg, net, bundle, normalizer, session, run.file("statistics.pt"))
              if "iba" in methods else None)
-    n, (h, w) = len(indices), images.shape[-2:]
-    tiles = math.ceil(h / cfg.tile) * math.ceil(w / cfg.tile)
-    forwards = {"degradation": n * 2 * cfg.points,
-                "sensitivity-n": n * cfg.n_sets * min(16, tiles)}
-    cost = sum(forwards.get(m, 0) for m in metrics) * len(methods)
-    print(f"{name}: {len(methods)} methods × "
-          f"{describe_images(indices, [all_labels[i] for i in indices], class_names)}; "
-          + (f"IBA {cfg.steps} steps × {cfg.iba_batch} samples per image; "
-             if "iba" in methods else "")
-          + "metrics "
-          f"{', '.join(metrics) or 'none'} ≈ {cost:,} perturbed forwards")
-    rows, curves, shown = [], {}, {}
-    for method in methods:
-        cache = run.file(f"heatmaps_{method}.npz")
-        heatmaps = _cached(cache, indices)
-        if heatmaps is None:
-            maps = []
-            for i in _progress(range(n), cfg.progress, method):
-                result = _attribute(method, net, inputs[i : i + 1], labels[i : i + 1], cfg, stats,
-                                    ids=[indices[i]])
-                maps.append(result.heatmaps[0])
-            heatmaps = np.stack(maps).astype(np.float32)
-            atomic_write(cache, lambda fh, m=heatmaps: np.savez_compressed(
-                fh, heatmaps=m, indices=np.array(indices)))
-        row, curve = _metrics(run, method, metrics, net, inputs, labels, heatmaps, dataset,
-                              indices, cfg)
-        rows.append(row)
-        shown[method] = heatmaps[:EXAMPLES]
-        if curve:
-            curves[method] = curve
-    subject = f"{name}, {n} images"
-    write_results(run, rows, curves, cfg.tile, subject=subject)
-    draw_examples(run, shown, images[:EXAMPLES], dataset, indices[:EXAMPLES],
-                  class_names=class_names, subject=f"{name} · {min(EXAMPLES, n)} of {n} images")
-    if "sensitivity-n" in metrics:
-        draw_sensitivity(run, methods, subject=subject)
-    print(run.file("results.md").read_text())
-    print(f"→ {run.file('results.csv')}, {run.file('results.md')}, {run.file('examples.png')}"
-          + (f", {run.file('degradation.png')}" if curves else "")
-          + (f", {run.file('sensitivity_n.png')}" if "sensitivity-n" in metrics else ""))
+    result = evaluate_methods(net, dataset, indices, methods, run, normalizer=normalizer,
+                              settings=method_settings(cfg), statistics=stats, metrics=metrics,
+                              tile=cfg.tile, points=cfg.points, n_sets=cfg.n_sets,
+                              eval_batch_size=cfg.eval_batch_size, device=session.device,
+                              progress=cfg.progress, class_names=bundle.info.class_names,
+                              name=name)
+    print(result.summary())
+    print("→ " + ", ".join(str(f) for f in result.files))
     return 0
-
-
-def _cached(path: Path, indices: list[int]):
-    if not path.is_file():
-        return None
-    from narrows.runs.files import read_npz, reading
-
-    data = read_npz(path, "cached heatmaps file", required=("indices", "heatmaps"))
-    with reading(path, "cached heatmaps file"):
-        if list(data["indices"]) != indices:
-            return None
-        if data["heatmaps"].ndim < 3 or len(data["heatmaps"]) != len(indices):
-            raise ValueError(f"heatmaps of shape {data['heatmaps'].shape} for {len(indices)} images")
-        return data["heatmaps"]
-
-
-def _metrics(run, method, metrics, net, inputs, labels, heatmaps, dataset, indices, cfg):
-    """One results row for ``method`` (each metric cached in metric_<method>_<metric>.json)."""
-    import torch
-
-    from narrows.attribution import bbox_ratio, degradation, sensitivity_n
-    from narrows.data import dataset_boxes
-
-    maps = torch.from_numpy(heatmaps)
-    row: dict[str, Any] = {"method": method}
-    curve = None
-    for metric in metrics:
-        file = f"metric_{method}_{metric}.json"
-        cached = run.exists(file)
-        if cached:
-            values = run.read_json(file, kind=dict)
-        elif metric == "degradation":
-            r = degradation(net, inputs, maps.to(inputs.device), labels, tile=cfg.tile,
-                            n_points=cfg.points, batch_size=cfg.eval_batch_size, seed=cfg.seed)
-            morf, lerf = r.morf.mean(dim=0), r.lerf.mean(dim=0)
-            values = {f"degradation_tile{cfg.tile}": r.raw_score,
-                      "degradation_normalised": r.score,
-                      "degradation_median": r.median_score,
-                      "morf_area": float(morf.mean()), "lerf_area": float(lerf.mean()),
-                      "curve": {"x": r.fractions.tolist(), "morf": morf.tolist(),
-                                "lerf": lerf.tolist()}}
-        elif metric == "bbox":
-            r = bbox_ratio(maps, [dataset_boxes(dataset, i) for i in indices], seed=cfg.seed)
-            values = {"bbox_ratio": r.mean, "bbox_images": r.n_used}
-        else:
-            r = sensitivity_n(net, inputs, maps.to(inputs.device), labels, tile=cfg.tile,
-                              n_sets=cfg.n_sets, batch_size=cfg.eval_batch_size, seed=cfg.seed)
-            values = {"sensitivity_n": nanmean(r.pooled),
-                      "sensitivity_n_per_image": nanmean(r.per_image),
-                      "sensitivity": {"n": list(r.ns), "pooled": r.pooled.tolist(),
-                                      "per_image": r.per_image.tolist()}}
-        if not cached:
-            run.write_json(file, values)
-        curve = values.pop("curve", curve)
-        values.pop("sensitivity", None)
-        row.update(values)
-    return row, curve
 
 
 # -- quickstart ------------------------------------------------------------------------------

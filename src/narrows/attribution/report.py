@@ -1,5 +1,8 @@
-"""What ``narrows attribution evaluate`` writes besides the heatmaps: the results table (CSV and
-Markdown), degradation.png, examples.png and sensitivity_n.png."""
+"""What :func:`~narrows.attribution.evaluation.evaluate_methods` writes besides the heatmaps:
+the results table (CSV and Markdown), degradation.png, examples.png and sensitivity_n.png.
+
+Each writer takes ``run``, a :class:`~narrows.runs.RunDir` (or anything with its
+``write_text``, ``save_figure``, ``read_json`` and ``exists``)."""
 
 from __future__ import annotations
 
@@ -75,6 +78,7 @@ def draw_examples(run, maps: dict[str, Any], images: torch.Tensor, dataset,
 
 
 def nanmean(values: torch.Tensor) -> float:
+    """The mean of the non-NaN entries (NaN when there are none)."""
     import torch
 
     finite = values[~torch.isnan(values)]
@@ -121,6 +125,8 @@ LABELS = {"degradation_tile": "degradation {t}×{t} (LeRF − MoRF)",
 
 def write_results(run, rows: list[dict[str, Any]], curves: dict[str, dict], tile: int,
                   subject: str | None = None) -> None:
+    """results.csv and results.md (one row per method) and, given ``curves`` (method → its
+    mean MoRF/LeRF curves), degradation.png."""
     import csv
     import io
 

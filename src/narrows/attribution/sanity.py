@@ -1,0 +1,194 @@
+"""The cascading model-parameter randomisation check of several methods, cached per method.
+
+:func:`sanity_check` is ``narrows attribution sanity`` as a function: each method's
+:class:`~narrows.attribution.metrics.RandomisationResult` is cached in ``sanity_<method>.pt``
+of a :class:`~narrows.runs.RunDir`; the table goes to sanity.csv and sanity.md, the curves to
+sanity.png.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from narrows.attribution.methods import MethodSettings
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from narrows.attribution.metrics import RandomisationResult
+    from narrows.runs import RunDir
+
+__all__ = ["SanityResult", "sanity_check"]
+
+
+@dataclass
+class SanityResult:
+    """Each method's randomisation result, the Markdown table and the files written."""
+
+    results: dict[str, Any]
+    table: str = ""
+    files: list[Path] = field(default_factory=list)
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One record per method and randomisation step."""
+        return [{"method": m, **row} for m, r in self.results.items() for row in r.to_rows()]
+
+    def summary(self) -> str:
+        """The Markdown table."""
+        return self.table
+
+
+def _iba(settings: MethodSettings, net: nn.Module, stats: Any, estimate: Any, run: RunDir,
+         probe: torch.Tensor):
+    """IBA as ``attribute(model, inputs, targets)``, re-estimating statistics when needed.
+
+    Once a layer at or below the bottleneck is re-initialised, the bottleneck sees other
+    features, so IBA is given statistics of the randomised model (``estimate(model, path)``,
+    saved as statistics_randomised_<k>.pt). A change is detected by the bottleneck's output on
+    ``probe``.
+    """
+    import torch
+
+    from narrows.attribution.evaluation import _attribute
+    from narrows.attribution.layers import default_layer, run_to_layer
+
+    layer = settings.layer or default_layer(net)
+
+    def features(model) -> torch.Tensor:
+        with torch.no_grad():
+            return run_to_layer(model, layer, probe).cpu()
+
+    known = [(features(net), stats)]
+
+    def attribute(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        seen = features(model)
+        match = next((s for f, s in known if f.shape == seen.shape
+                      and torch.allclose(f, seen, rtol=1e-4, atol=1e-6)), None)
+        if match is None:
+            match = estimate(model, run.file(f"statistics_randomised_{len(known)}.pt"))
+            known.append((seen, match))
+        return torch.from_numpy(_attribute("iba", model, inputs, targets, settings,
+                                           match).heatmaps)
+
+    return attribute
+
+
+def _baseline(method: str, settings: MethodSettings):
+    """A baseline as ``attribute(model, inputs, targets)``."""
+    import torch
+
+    from narrows.attribution.evaluation import _attribute
+
+    def attribute(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(_attribute(method, model, inputs, targets, settings,
+                                           None).heatmaps)
+
+    return attribute
+
+
+def cached_result(run: RunDir, method: str, indices: list[int]) -> RandomisationResult | None:
+    """``method``'s result cached in ``run`` if it is of ``indices``, else None."""
+    from narrows.attribution.metrics import RandomisationResult
+
+    path = run.file(f"sanity_{method}.pt")
+    if not path.is_file():
+        return None
+    result = RandomisationResult.load(path)
+    return result if result.meta.get("indices") == indices else None
+
+
+def sanity_check(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                 indices: list[int], methods: list[str], layers: list[str] | None,
+                 out: RunDir, *,
+                 settings: MethodSettings | None = None, statistics: Any = None,
+                 estimate: Any = None, repeats: int = 2, progress: bool = True,
+                 name: str = "model", n_samples: int = 10_000, log: Any = print
+                 ) -> SanityResult:
+    """Cascading randomisation of ``layers`` (top first; None: the model's top-level children
+    with parameters, last called first) for each of ``methods`` on the
+    normalised ``inputs`` (dataset ``indices``) towards ``labels``; ``repeats`` runs on the
+    unmodified model give the noise floor. Results are cached in ``out`` (methods done are
+    skipped). IBA needs ``statistics`` (or a function returning them, called only when IBA
+    has work left) and ``estimate(model, path)`` to re-estimate them on a randomised model
+    (on at most ``n_samples`` images, as ``log`` says with the cost). ``name`` is the model in
+    titles. Returns a :class:`SanityResult`."""
+    import narrows.attribution.metrics as metric_functions
+
+    settings = settings or MethodSettings()
+    if layers is None:
+        layers = metric_functions.cascade_layers(model, inputs[:1])
+    results = {m: cached_result(out, m, indices) for m in methods}
+    todo = [m for m in methods if results[m] is None]
+    per_method = len(indices) * (repeats + len(layers))
+    log(f"{name}: {len(methods)} methods ({len(todo)} to do) × {len(indices)} images × "
+        f"({repeats} runs + {len(layers)} randomised steps: {' → '.join(layers)}) = "
+        f"{per_method * len(todo):,} heatmaps to compute"
+        + (f"; IBA {settings.steps} steps × {settings.iba_batch} samples each, statistics "
+           f"re-estimated ({n_samples:,} images at most) once the bottleneck's input changes"
+           if "iba" in todo else ""))
+    if "iba" in todo and callable(statistics):
+        statistics = statistics()
+    for method in todo:
+        attribute = (_iba(settings, model, statistics, estimate, out, inputs[:1])
+                     if method == "iba" else _baseline(method, settings))
+        result = metric_functions.cascading_randomisation(
+            model, attribute, inputs, labels, layers=layers, seed=settings.seed,
+            repeats=repeats, batch_size=1 if method == "iba" else 8, progress=progress,
+            description=method)
+        result.meta = {"method": method, "indices": indices}
+        result.save(out.file(f"sanity_{method}.pt"))
+        results[method] = result
+    table = write_sanity(out, results, subject=f"{name}, {len(indices)} images")
+    return SanityResult(results=results, table=table, files=[
+        out.file("sanity.csv"), out.file("sanity.md"), out.file("sanity.png")])
+
+
+def write_sanity(run: RunDir, results: dict[str, RandomisationResult],
+                 subject: str | None = None) -> str:
+    """Write sanity.csv, sanity.md and sanity.png (only what changed); return the table."""
+    import csv
+    import io
+
+    from narrows.plotting import pyplot
+
+    rows = [{"method": method, **row} for method, result in results.items()
+            for row in result.to_rows()]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+
+    def cell(mean: float, std: float) -> str:
+        if math.isnan(mean):
+            return "–"
+        return f"{mean:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
+
+    lines = ["| method | randomised down to | Spearman ρ | SSIM | images |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        where = row["randomised_to"] or "none (run-to-run)"
+        lines.append(f"| {row['method']} | {where} | {cell(row['spearman_mean'], row['spearman_std'])}"
+                     f" | {cell(row['ssim_mean'], row['ssim_std'])} | {row['n_images']} |")
+    table = "\n".join(lines) + "\n"
+    csv_text = text.getvalue()
+    unchanged = (run.exists("sanity.csv") and run.file("sanity.csv").read_text() == csv_text
+                 and run.exists("sanity.md") and run.exists("sanity.png"))
+    if unchanged:
+        return table
+    run.write_text("sanity.csv", csv_text)
+    run.write_text("sanity.md", table)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for index, (method, result) in enumerate(results.items()):
+        result.plot(axes, label=method, color=f"C{index % 10}")
+    fig.suptitle("cascading randomisation: original vs randomised heatmaps"
+                 + (f"\n{subject}" if subject else ""), fontsize=10)
+    fig.tight_layout()
+    run.save_figure("sanity.png", fig)
+    plt.close(fig)
+    return table
+
