@@ -23,7 +23,7 @@ class Subject:
     stem: str  # a directory-name-friendly identifier
 
 
-def load_subject(checkpoint: str | None, model: str | None, data: str | None,
+def load_subject(checkpoint: str | None = None, model: str | None = None, data: str | None = None,
                  image_size: int | None = None, say: Any = print) -> Subject:
     """The model of ``checkpoint`` (or a fresh ``model``), the data set and normalisation.
 
