@@ -126,22 +126,19 @@ def _refused_cleanly(argv: list[str], tmp_path: Path, out: str, capsys) -> None:
     assert not Path("/proc/narrows-x").exists()
 
 
-@pytest.mark.parametrize("case", ["existing-file", "under-file", "proc", "immutable", "read-only"])
-@pytest.mark.parametrize("command", DIR_COMMANDS, ids=_id)
-def test_bad_output_directory_is_one_line(command, case, inputs, tmp_path, monkeypatch, request,
-                                          capsys):
-    monkeypatch.chdir(tmp_path)
-    out = _place(case, tmp_path, request, figure=False)
-    _refused_cleanly(_argv(command, inputs, out), tmp_path, out, capsys)
+DIR_CASES = ["existing-file", "under-file", "proc", "immutable", "read-only"]
+FILE_CASES = ["existing-dir", "unknown-format", "under-file", "proc", "immutable", "read-only"]
+PLACES = ([(command, case, False) for case in DIR_CASES for command in DIR_COMMANDS]
+          + [(command, case, True) for case in FILE_CASES for command in FILE_COMMANDS])
 
 
-@pytest.mark.parametrize("case", ["existing-dir", "unknown-format", "under-file", "proc",
-                                  "immutable", "read-only"])
-@pytest.mark.parametrize("command", FILE_COMMANDS, ids=_id)
-def test_bad_output_file_is_one_line(command, case, inputs, tmp_path, monkeypatch, request,
-                                     capsys):
+@pytest.mark.parametrize(("command", "case", "figure"), PLACES,
+                         ids=[f"{_id(c)}-{case}" for c, case, _ in PLACES])
+def test_bad_output_place_is_one_line(command, case, figure, inputs, tmp_path, monkeypatch,
+                                      request, capsys):
+    """A directory ``--out`` (or a figure file ``--out`` for FILE_COMMANDS) in a bad place."""
     monkeypatch.chdir(tmp_path)
-    out = _place(case, tmp_path, request, figure=True)
+    out = _place(case, tmp_path, request, figure=figure)
     _refused_cleanly(_argv(command, inputs, out), tmp_path, out, capsys)
 
 

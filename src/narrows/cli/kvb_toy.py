@@ -9,7 +9,7 @@ from typing import Literal
 
 from narrows.cli.app import GROUPS, Command, register
 from narrows.cli.common import CommonOptions, open_run, start
-from narrows.cli.sweep import SweepConfig, sweep_command
+from narrows.cli.sweep import SWEEP_BEHAVIOUR, SweepConfig, sweep_command, sweep_epilog
 from narrows.config import distinct, not_empty, option, positive, seed_range, unit_open
 from narrows.kvb.registry import TOY_MODEL_NAMES as TOY_MODELS
 from narrows.kvb.toy_run import DEFAULT_SEEDS as TOY_DEFAULT_SEEDS
@@ -116,16 +116,8 @@ register(Command(
     summary="run a grid over the options of a kvb command (resumable) into one results table "
     "(an alias of 'narrows sweep')",
     description="SWEEP.yaml names a command ('command: kvb toy' or 'command: kvb train'), "
-    "'options' every run shares and a 'grid' of option: [values]; every combination runs "
-    "locally, one after the other, in OUT/runs/<option=value-...>. A run whose directory holds "
-    "results.json is finished and skipped, so rerunning the sweep (or growing its grid) does only "
-    "what is missing; an interrupted run resumes as its command does. The numbers of each run's "
-    "results.json ('metrics' picks dotted keys; default: every number at the top level and one "
-    "level down) form results.csv and results.md in OUT. With --wandb (package wandb installed) "
-    "each run's options and numbers are also logged to Weights & Biases.",
+    "'options' every run shares and a 'grid' of option: [values]; " + SWEEP_BEHAVIOUR,
     config=KvbSweepConfig,
     target="narrows.cli.kvb_toy:execute_sweep",
-    epilog="example SWEEP.yaml:\n  command: kvb toy\n  options: {seeds: [0, 1]}\n  grid:\n"
-    "    steps: [100, 1000]\n    kv_lr: [0.001, 0.01]\n  metrics: [final_kv-1x400, final_mlp]\n"
-    "\n  narrows kvb sweep sweep.yaml [--out DIR] [--wandb --wandb-project NAME] [--dry-run]",
+    epilog=sweep_epilog("kvb sweep"),
 ))

@@ -88,20 +88,30 @@ def execute_sweep(cfg: SweepConfig) -> int:
     return sweep_command(cfg)
 
 
+SWEEP_BEHAVIOUR = (
+    "every combination runs locally, one after the other, in OUT/runs/<option=value-...>. A run "
+    "whose directory holds results.json is finished and skipped, so rerunning the sweep (or "
+    "growing its grid) does only what is missing; an interrupted run resumes as its command "
+    "does. The numbers of each run's results.json ('metrics' picks dotted keys; default: every "
+    "number at the top level and one level down) form results.csv and results.md in OUT. With "
+    "--wandb (package wandb installed) each run's options and numbers are also logged to "
+    "Weights & Biases.")
+
+
+def sweep_epilog(words: str) -> str:
+    """The example SWEEP.yaml and command line of ``narrows WORDS``."""
+    return ("example SWEEP.yaml:\n  command: kvb toy\n  options: {seeds: [0, 1]}\n  grid:\n"
+            "    steps: [100, 1000]\n    kv_lr: [0.001, 0.01]\n  metrics: [final_kv-1x400, "
+            f"final_mlp]\n\n  narrows {words} sweep.yaml [--out DIR] [--wandb --wandb-project "
+            "NAME] [--dry-run]")
+
+
 register(Command(
     words=("sweep",),
     summary="run a grid over the options of any command (resumable) into one results table",
     description="SWEEP.yaml names a command (e.g. 'command: kvb toy' or 'command: evaluate'), "
-    "'options' every run shares and a 'grid' of option: [values]; every combination runs "
-    "locally, one after the other, in OUT/runs/<option=value-...>. A run whose directory holds "
-    "results.json is finished and skipped, so rerunning the sweep (or growing its grid) does only "
-    "what is missing; an interrupted run resumes as its command does. The numbers of each run's "
-    "results.json ('metrics' picks dotted keys; default: every number at the top level and one "
-    "level down) form results.csv and results.md in OUT. With --wandb (package wandb installed) "
-    "each run's options and numbers are also logged to Weights & Biases.",
+    "'options' every run shares and a 'grid' of option: [values]; " + SWEEP_BEHAVIOUR,
     config=SweepConfig,
     target="narrows.cli.sweep:execute_sweep",
-    epilog="example SWEEP.yaml:\n  command: kvb toy\n  options: {seeds: [0, 1]}\n  grid:\n"
-    "    steps: [100, 1000]\n    kv_lr: [0.001, 0.01]\n  metrics: [final_kv-1x400, final_mlp]\n"
-    "\n  narrows sweep sweep.yaml [--out DIR] [--wandb --wandb-project NAME] [--dry-run]",
+    epilog=sweep_epilog("sweep"),
 ))
