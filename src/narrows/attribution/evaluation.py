@@ -34,6 +34,7 @@ __all__ = ["DEFAULT_METRICS", "METRICS", "EvaluationResult", "evaluate_methods",
 
 METRICS = ("degradation", "bbox", "sensitivity-n")
 DEFAULT_METRICS = ("degradation", "bbox")
+FORMAT_KIND = "attribution_evaluation"  # saved files: "format": narrows.attribution_evaluation/1
 
 
 @dataclass
@@ -45,14 +46,53 @@ class EvaluationResult:
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     table: str = ""
     files: list[Path] = field(default_factory=list)
+    tile: int | None = None
 
     def to_rows(self) -> list[dict[str, Any]]:
         """The results table as flat records."""
         return [dict(row) for row in self.rows]
 
     def summary(self) -> str:
-        """The Markdown results table."""
-        return self.table
+        """One line: each method's numbers (the full table is :attr:`table`)."""
+        def numbers(row: dict[str, Any]) -> str:
+            return ", ".join(f"{k} {v:.3g}" for k, v in row.items()
+                             if isinstance(v, float) and k != "method")
+
+        return "; ".join(f"{row.get('method', '?')}: {numbers(row)}" for row in self.rows)
+
+    def plot(self, ax: Any = None, subject: str | None = None) -> tuple[Any, Any]:
+        """Each method's mean MoRF and LeRF curves (degradation.png); returns ``(fig, ax)``."""
+        from narrows.attribution.report import draw_degradation
+
+        if ax is None:
+            from narrows.plotting import pyplot
+
+            _, ax = pyplot().subplots(figsize=(5.5, 3.8))
+        draw_degradation(ax, self.curves, self.tile, subject)
+        return ax.figure, ax
+
+    def save(self, path: str | Path) -> Path:
+        """Write the rows, curves, table and file list to one JSON file, after the header."""
+        from narrows.attribution.result_files import save_json_result
+        from narrows.runs.results import provenance
+
+        state = {"rows": self.rows, "curves": self.curves, "table": self.table,
+                 "files": [str(f) for f in self.files], "tile": self.tile}
+        origin = provenance(options={"tile": self.tile} if self.tile is not None else None)
+        return save_json_result(path, FORMAT_KIND, state, origin)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvaluationResult:
+        """Read a result written by :meth:`save`."""
+        from narrows.attribution.result_files import load_json_result
+        from narrows.runs.files import reading
+
+        what, fix = "attribution evaluation file", "delete it and run the evaluation again"
+        state = load_json_result(path, FORMAT_KIND, what, fix, required_keys=("rows",))
+        with reading(path, what, fix):
+            return cls(rows=list(state["rows"]), curves=dict(state.get("curves", {})),
+                       table=str(state.get("table", "")),
+                       files=[Path(f) for f in state.get("files", [])], tile=state.get("tile"))
 
 
 def resolve_metrics(dataset: Any, spec: str, metrics: list[str] | None = None,
@@ -176,7 +216,7 @@ def evaluate_methods(model: nn.Module, dataset: Any, indices: list[int], methods
         draw_sensitivity(out, methods, subject=subject)
         files.append(out.file("sensitivity_n.png"))
     return EvaluationResult(rows=rows, curves=curves, table=out.file("results.md").read_text(),
-                            files=files)
+                            files=files, tile=tile)
 
 
 def _cached(path: Path, indices: list[int]) -> Any:

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from narrows.errors import UserError
 
+FORMAT_KIND, FORMAT_VERSION = "attribution", 1  # meta.json's "format": narrows.attribution/1
+
 
 def bits_per_cell(cap: torch.Tensor) -> torch.Tensor:
     """Capacity shaped S → bits per feature cell shaped (h, w).
@@ -72,8 +74,17 @@ class AttributionResult:
         if self.step_heatmaps is not None:
             arrays["step_heatmaps"] = self.step_heatmaps.astype(np.float32)
         atomic_write(directory / "arrays.npz", lambda fh: np.savez_compressed(fh, **arrays))
-        atomic_write_json(directory / "meta.json", {"targets": self.targets, "meta": self.meta})
+        atomic_write_json(directory / "meta.json", {**self._header(), "targets": self.targets,
+                                                    "meta": self.meta})
         return directory
+
+    def _header(self) -> dict[str, Any]:
+        from narrows.runs.results import header, provenance
+
+        known = {k: self.meta[k] for k in ("method", "layer") if self.meta.get(k) is not None}
+        origin = provenance(model=self.meta.get("model"), data=self.meta.get("data"),
+                            seed=self.meta.get("seed"), options=known or None)
+        return header(FORMAT_KIND, FORMAT_VERSION, origin)
 
     @classmethod
     def load(cls, directory: str | Path) -> AttributionResult:
@@ -86,6 +97,9 @@ class AttributionResult:
 
         fix = "delete it and compute the heatmaps again"
         doc = read_json_file(directory / "meta.json", "attribution meta file", fix, kind=dict)
+        from narrows.runs.results import check_header
+
+        check_header(doc, FORMAT_KIND, FORMAT_VERSION, str(directory / "meta.json"))
         arrays = read_npz(directory / "arrays.npz", "attribution heatmaps file", fix,
                           required=("heatmaps",))
         with reading(directory / "meta.json", "attribution meta file", fix):
@@ -95,6 +109,26 @@ class AttributionResult:
         return cls(heatmaps=arrays["heatmaps"], targets=doc.get("targets"),
                    capacity=arrays.get("capacity"), step_heatmaps=arrays.get("step_heatmaps"),
                    meta=meta)
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One record per heatmap: its target, method, units and value statistics."""
+        rows = []
+        for index, heat in enumerate(np.asarray(self.heatmaps, dtype=np.float64)):
+            target = self.targets[index] if self.targets else None
+            rows.append({"index": index, "target": None if target is None else int(target),
+                         "method": str(self.meta.get("method", "IBA")), "units": self.units,
+                         "min": float(np.nanmin(heat)), "max": float(np.nanmax(heat)),
+                         "mean": float(np.nanmean(heat)), "sum": float(np.nansum(heat))})
+        return rows
+
+    def summary(self) -> str:
+        """One line: how many heatmaps of which method, their size, units and value range."""
+        heat = np.asarray(self.heatmaps, dtype=np.float64)
+        n, size = int(heat.shape[0]), "×".join(str(v) for v in heat.shape[1:])
+        span = (f"values {np.nanmin(heat):.3g} to {np.nanmax(heat):.3g}" if heat.size
+                else "no values")
+        return (f"{self.meta.get('method', 'IBA')}: {n} heatmap{'s' if n != 1 else ''} of "
+                f"{size} in {self.units}, {span}")
 
     @property
     def units(self) -> str:

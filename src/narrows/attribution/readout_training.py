@@ -18,11 +18,12 @@ if TYPE_CHECKING:
 
     from narrows.runs import RunDir
 
-__all__ = ["ReadoutOptions", "ReadoutRun", "train_readout_run", "write_curves"]
+__all__ = ["ReadoutOptions", "ReadoutRun", "draw_curves", "train_readout_run", "write_curves"]
 
 STATISTICS_FILE = "readout_statistics.pt"
 READOUT_FILE = "readout.pt"
 CURVES_FILE = "readout_curves.png"
+FORMAT_KIND = "readout_run"  # saved files: "format": narrows.readout_run/1
 
 
 @dataclass
@@ -58,6 +59,45 @@ class ReadoutRun:
         last = self.history[-1]
         return (f"done: loss {last['loss']:.4f}, cross-entropy {last['ce']:.4f}, capacity "
                 f"{last['capacity']:.4f} nats after {last['epoch']} epochs")
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One record per epoch (epoch, loss, ce, capacity, samples, seconds)."""
+        return [dict(h) for h in self.history]
+
+    def plot(self, ax: Any = None) -> tuple[Any, Any]:
+        """The loss and capacity curves on two axes (``ax``: a pair of axes, or None for a new
+        figure, as readout_curves.png); returns ``(fig, axes)``."""
+        if ax is None:
+            from narrows.plotting import pyplot
+
+            _, ax = pyplot().subplots(1, 2, figsize=(9, 3.4))
+        draw_curves(ax, self.history)
+        return ax[0].figure, ax
+
+    def save(self, path: str | Path) -> Path:
+        """Write the readout's path, the history and the training record to one JSON file,
+        after the format header (the readout itself stays in its own file)."""
+        from narrows.attribution.result_files import save_json_result
+        from narrows.runs.results import provenance
+
+        options = {k: v for k, v in self.training.items() if k not in ("data", "seed", "final")}
+        origin = provenance(data=self.training.get("data"), seed=self.training.get("seed"),
+                            options=options or None)
+        state = {"path": str(self.path), "history": self.history, "training": self.training}
+        return save_json_result(path, FORMAT_KIND, state, origin)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReadoutRun:
+        """Read a record written by :meth:`save`."""
+        from narrows.attribution.result_files import load_json_result
+        from narrows.runs.files import reading
+
+        what, fix = "readout run file", "delete it and train the readout again"
+        state = load_json_result(path, FORMAT_KIND, what, fix,
+                                 required_keys=("path", "history"))
+        with reading(path, what, fix):
+            return cls(path=Path(state["path"]), history=list(state["history"]),
+                       training=dict(state.get("training", {})))
 
 
 def readout_statistics(model: nn.Module, dataset: Any, normalizer: Any, device: Any,
@@ -123,6 +163,15 @@ def write_curves(run: Any, history: list[dict[str, Any]]) -> None:
     run.write_metrics(history)
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    draw_curves(axes, history)
+    fig.suptitle("readout training")
+    fig.tight_layout()
+    run.save_figure(CURVES_FILE, fig)
+    plt.close(fig)
+
+
+def draw_curves(axes: Any, history: list[dict[str, Any]]) -> None:
+    """Loss and cross-entropy on ``axes[0]``, mean capacity on ``axes[1]``, per epoch."""
     epochs = [h["epoch"] for h in history]
     axes[0].plot(epochs, [h["loss"] for h in history], marker="o", label="loss")
     axes[0].plot(epochs, [h["ce"] for h in history], marker="o", label="cross-entropy")
@@ -134,10 +183,6 @@ def write_curves(run: Any, history: list[dict[str, Any]]) -> None:
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-    fig.suptitle("readout training")
-    fig.tight_layout()
-    run.save_figure(CURVES_FILE, fig)
-    plt.close(fig)
 
 
 def train_readout_run(model: nn.Module, bundle: Any, out: RunDir,

@@ -156,17 +156,23 @@ def write_results(run, rows: list[dict[str, Any]], curves: dict[str, dict], tile
     if curves:
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for index, (method, curve) in enumerate(curves.items()):
-            if not curve["morf"]:
-                continue
-            colour = f"C{index % 10}"
-            ax.plot(curve["x"], curve["morf"], color=colour, label=f"{method} MoRF")
-            ax.plot(curve["x"], curve["lerf"], color=colour, linestyle="--",
-                    label=f"{method} LeRF")
-        ax.set_xlabel("fraction of tiles replaced")
-        ax.set_ylabel("target-class probability (mean)")
-        ax.set_title(f"degradation, {tile}×{tile} tiles" + (f"\n{subject}" if subject else ""),
-                     fontsize=9)
-        ax.legend(fontsize=7)
+        draw_degradation(ax, curves, tile, subject)
         run.save_figure("degradation.png", fig)
         plt.close(fig)
+
+
+def draw_degradation(ax: Any, curves: dict[str, dict], tile: int | None,
+                     subject: str | None = None) -> None:
+    """Each method's mean MoRF (solid) and LeRF (dashed) curve on ``ax``."""
+    for index, (method, curve) in enumerate(curves.items()):
+        if not curve["morf"]:
+            continue
+        colour = f"C{index % 10}"
+        ax.plot(curve["x"], curve["morf"], color=colour, label=f"{method} MoRF")
+        ax.plot(curve["x"], curve["lerf"], color=colour, linestyle="--",
+                label=f"{method} LeRF")
+    ax.set_xlabel("fraction of tiles replaced")
+    ax.set_ylabel("target-class probability (mean)")
+    tiles = f", {tile}×{tile} tiles" if tile is not None else ""
+    ax.set_title(f"degradation{tiles}" + (f"\n{subject}" if subject else ""), fontsize=9)
+    ax.legend(fontsize=7)

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SanityResult", "sanity_check"]
 
+FORMAT_KIND = "attribution_sanity"  # saved files: "format": narrows.attribution_sanity/1
+
 
 @dataclass
 class SanityResult:
@@ -38,8 +40,50 @@ class SanityResult:
         return [{"method": m, **row} for m, r in self.results.items() for row in r.to_rows()]
 
     def summary(self) -> str:
-        """The Markdown table."""
-        return self.table
+        """One line: each method's randomisation summary (the full table is :attr:`table`)."""
+        return "; ".join(f"{method}: {result.summary()}" for method, result in
+                         self.results.items())
+
+    def plot(self, ax: Any = None) -> tuple[Any, Any]:
+        """Every method's Spearman ρ and SSIM curves on two axes (``ax``: a pair of axes, or
+        None for a new figure); returns ``(fig, axes)``."""
+        if ax is None:
+            from narrows.plotting import pyplot
+
+            _, ax = pyplot().subplots(1, 2, figsize=(10, 4), sharex=True)
+        for index, (method, result) in enumerate(self.results.items()):
+            result.plot(ax, label=method, color=f"C{index % 10}")
+        return ax[0].figure, ax
+
+    def save(self, path: str | Path) -> Path:
+        """Write every method's randomisation result, the table and the file list to one torch
+        file, after the format header."""
+        from dataclasses import fields
+
+        from narrows.attribution.result_files import save_torch_result
+        from narrows.runs.results import provenance
+
+        state = {"results": {m: {f.name: getattr(r, f.name) for f in fields(r)}
+                             for m, r in self.results.items()},
+                 "table": self.table, "files": [str(f) for f in self.files]}
+        seeds = {r.seed for r in self.results.values()}
+        origin = provenance(seed=next(iter(seeds)) if len(seeds) == 1 else None,
+                            options={"methods": list(self.results)})
+        return save_torch_result(path, FORMAT_KIND, state, origin)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SanityResult:
+        """Read a result written by :meth:`save`."""
+        from narrows.attribution.metrics import RandomisationResult
+        from narrows.attribution.result_files import load_torch_result
+        from narrows.runs.files import reading
+
+        what, fix = "sanity result file", "delete it and run the sanity check again"
+        state = load_torch_result(path, FORMAT_KIND, what, fix)
+        with reading(path, what, fix):
+            return cls(results={m: RandomisationResult(**r) for m, r in state["results"].items()},
+                       table=str(state.get("table", "")),
+                       files=[Path(f) for f in state.get("files", [])])
 
 
 def _iba(settings: MethodSettings, net: nn.Module, stats: Any, estimate: Any, run: RunDir,

@@ -257,7 +257,7 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
                               eval_batch_size=cfg.eval_batch_size, device=session.device,
                               progress=cfg.progress, class_names=bundle.info.class_names,
                               name=name)
-    print(result.summary())
+    print(result.table)
     print("→ " + ", ".join(str(f) for f in result.files))
     return 0
 

@@ -65,7 +65,7 @@ def execute_sanity(cfg: SanityConfig) -> int:
                                                 path, re_estimate=True),
         repeats=cfg.repeats, progress=cfg.progress, name=name, n_samples=n_samples(cfg),
         log=session.say)
-    session.say(result.summary())
+    session.say(result.table)
     session.say("→ " + ", ".join(str(f) for f in result.files))
     return 0
 

@@ -149,7 +149,7 @@ def execute_train(cfg: TrainConfig) -> int:
                                  device=session.device, progress=cfg.progress, say=say)
     run = opened[-1]
     result.save(run)
-    say(result.summary())
+    say(result.table())
     say(f"→ {run.file('table.md')} (table.csv, accuracy_matrix.csv, results.json, "
         f"comparison.png, accuracy_matrices.png, results/)")
     session.close()
@@ -183,6 +183,7 @@ def quickstart_step(cfg: CommonOptions, out: Path) -> str:
     (``out/train/best.pt``): DKVB vs linear probe vs MLP, incremental vs i.i.d., into
     ``out/kvb``."""
     from narrows.runs.files import read_json_file
+    from narrows.runs.sweep import flatten_results
 
     target = out / "kvb"
     embeddings = target / "embeddings"
@@ -191,11 +192,10 @@ def quickstart_step(cfg: CommonOptions, out: Path) -> str:
     execute_train(TrainConfig(embeddings=str(embeddings), data="digits",
                               model=["dkvb", "linear", "mlp"], protocol=["incremental", "iid"],
                               **QUICKSTART, **cfg.inherited(target / "train")))
-    rows = {(r["model"], r["protocol"]): r
-            for r in read_json_file(target / "train" / "results.json", "kvb results file",
-                                    kind=list)}
-    parts = [f"{m} {100 * rows[(m, 'incremental')]['final_accuracy']:.1f}% "
-             f"(iid {100 * rows[(m, 'iid')]['final_accuracy']:.1f}%)"
+    flat = flatten_results(read_json_file(target / "train" / "results.json",
+                                          "kvb results file"), None)  # a list or a flat dict
+    parts = [f"{m} {100 * flat[f'{m}/incremental.final_accuracy']:.1f}% "
+             f"(iid {100 * flat[f'{m}/iid.final_accuracy']:.1f}%)"
              for m in ("dkvb", "linear", "mlp")]
     return (f"class-incremental digits (5 tasks of 2), final accuracy: {', '.join(parts)}: "
             f"{target / 'train' / 'table.md'}")

@@ -55,7 +55,7 @@ def execute_toy(cfg: ToyConfig) -> int:
     result = run_toy(ToySettings.from_options(cfg), run=run, say=say,
                      threads=cfg.threads or 1)  # tiny tensors: 1 thread by default
     result.save(run)
-    say(f"\n{result.summary()}\n")
+    say(f"\n{result.table()}\n")
     say(f"({format_duration(time.perf_counter() - began)}) → {run.file('toy.md')}, toy.csv, "
         f"toy.png, {RESULTS}")
     session.close()

@@ -308,22 +308,80 @@ class ContinualRun:
     path: Path | None = None
 
     def summary(self) -> str:
+        """One line: final accuracy and forgetting per model and protocol."""
+        return "; ".join(f"{r.model}/{r.protocol}: final {r.final_accuracy:.3f}, forgetting "
+                         f"{r.forgetting:.3f}" for r in self.results) or "no results"
+
+    def table(self) -> str:
         """The comparison table (Markdown): final accuracy and forgetting per model."""
         from narrows.kvb.results import comparison_table
 
         return comparison_table(self.results).rstrip()
+
+    def flat(self) -> dict[str, Any]:
+        """A flat summary: ``<model>/<protocol>.<score>`` for every number of every result's
+        :meth:`~narrows.kvb.results.ContinualResult.scores` (the names ``narrows sweep`` gives
+        the list-shaped results.json)."""
+        from narrows.runs.sweep import flatten_results
+
+        return flatten_results(self.scores(), None)
+
+    def scores(self) -> list[dict[str, Any]]:
+        """Every result's scores, one entry per model and protocol (``results/*.json``; the
+        run's ``results.json`` is their :meth:`flat` form)."""
+        return [r.scores() for r in self.results]
 
     def to_rows(self) -> list[dict[str, Any]]:
         """One record per model, protocol, phase and task: its accuracy."""
         return [row for r in self.results for row in r.to_rows()]
 
     def plot(self, ax: Any = None) -> tuple[Any, Any]:
-        """The comparison figure (final accuracy and forgetting per model); ``ax`` is unused
-        (the figure has its own axes)."""
+        """The comparison figure (final accuracy and forgetting per model) on its own axes, or
+        the first result's accuracy per task on ``ax``. Returns ``(fig, ax)``."""
         from narrows.kvb.results import plot_comparison
 
+        if ax is not None:  # one axes: the first result's accuracy curves
+            return self.results[0].plot(ax)
         fig = plot_comparison(self.results)
         return fig, fig.axes
+
+    def document(self) -> dict[str, Any]:
+        """``continual.json``: the header, the tasks, class names, backbone and settings."""
+        from narrows.kvb.results import FORMAT_VERSION
+        from narrows.runs.results import header, provenance
+
+        settings = dataclasses.asdict(self.settings)
+        origin = provenance(model=self.backbone, data=self.settings.data,
+                            seed=self.settings.seed, options=settings)
+        return {**header(RUN_FORMAT_KIND, FORMAT_VERSION, origin), "tasks": self.tasks,
+                "class_names": self.class_names, "backbone": self.backbone,
+                "results": [f"results/{r.model}-{r.protocol}.json" for r in self.results]}
+
+    @classmethod
+    def load(cls, path: str | Path) -> ContinualRun:
+        """The run saved in the directory ``path`` (by :meth:`save` or ``narrows kvb train``);
+        directories without ``continual.json`` (older runs) are read from results.json."""
+        from narrows.kvb.results import FORMAT_VERSION, ContinualResult
+        from narrows.runs.files import read_json_file
+        from narrows.runs.results import check_header
+
+        path = Path(path)
+        doc: dict[str, Any] = {}
+        if (path / RUN_FILE).is_file():
+            doc = read_json_file(path / RUN_FILE, "kvb run file", kind=dict)
+            check_header(doc, RUN_FORMAT_KIND, FORMAT_VERSION, str(path / RUN_FILE))
+            files = [path / f for f in doc.get("results", [])]
+        else:
+            files = [path / "results" / f"{m}-{p}.json" for m, p in result_names(
+                read_json_file(path / "results.json", "kvb results file"))]
+        results = [ContinualResult.load(f) for f in files]
+        options = doc.get("provenance", {}).get("options", {})
+        known = {f.name for f in dataclasses.fields(ContinualSettings)}
+        settings = ContinualSettings(**{k: v for k, v in options.items() if k in known})
+        first = results[0] if results else None
+        tasks = doc.get("tasks", first.tasks if first else [])
+        names = doc.get("class_names", first.class_names() if first else [])
+        return cls(results, settings, tasks, list(names), str(doc.get("backbone", "")), path)
 
     def save(self, run: Any) -> None:
         """Write table.csv, table.md, accuracy_matrix.csv, results.json (one summary per model
@@ -341,11 +399,30 @@ class ContinualRun:
         run.write_text("table.csv", csv)
         run.write_text("table.md", comparison_table(self.results) + "\n" + md)
         run.write_text("accuracy_matrix.csv", _long_csv(self.results))
-        run.write_json("results.json", [r.summary() for r in self.results])
+        run.write_json("results.json", self.flat())
+        for r in self.results:
+            if not run.exists(f"results/{r.model}-{r.protocol}.json"):
+                run.write_json(f"results/{r.model}-{r.protocol}.json", r.document())
+        run.write_json(RUN_FILE, self.document())
         for name, fig in (("comparison.png", comparison(self.results)),
                           ("accuracy_matrices.png", plot_matrices(self.results))):
             run.save_figure(name, fig)
             pyplot().close(fig)
+
+
+RUN_FILE, RUN_FORMAT_KIND = "continual.json", "kvb.run"
+
+
+def result_names(results: Any) -> list[tuple[str, str]]:
+    """The (model, protocol) pairs of a run's results.json, list-shaped (one entry per model
+    and protocol) or flat (``<model>/<protocol>.<score>`` keys)."""
+    if isinstance(results, list):
+        return [(str(r["model"]), str(r["protocol"])) for r in results
+                if isinstance(r, dict) and "model" in r and "protocol" in r]
+    if isinstance(results, dict):
+        pairs = [tuple(k.split(".", 1)[0].split("/", 1)) for k in results if "/" in k]
+        return list(dict.fromkeys(p for p in pairs if len(p) == 2))  # type: ignore[misc]
+    return []
 
 
 def _long_csv(results: list[Any]) -> str:

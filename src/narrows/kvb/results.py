@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+FORMAT_KIND, FORMAT_VERSION = "kvb.continual", 1  # the "format" of a saved result file
+
 
 @dataclass
 class ContinualResult:
@@ -71,7 +73,14 @@ class ContinualResult:
         values = [v for v in self.task_forgetting() if not math.isnan(v)]
         return float(np.mean(values)) if values else math.nan
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> str:
+        """One line: the model, protocol, final accuracy and forgetting."""
+        return (f"{self.model}, {self.protocol}: final accuracy {self.final_accuracy:.3f}, "
+                f"forgetting {self.forgetting:.3f}, {int(sum(self.visits))} sample visits")
+
+    def scores(self) -> dict[str, Any]:
+        """The numbers of the result as a flat dict (final accuracy, forgetting, first task at
+        the end, visits and the scalar ``meta`` entries)."""
         a = self.matrix()
         return {"model": self.model, "protocol": self.protocol,
                 "final_accuracy": self.final_accuracy, "balanced_accuracy": self.balanced_accuracy,
@@ -111,7 +120,7 @@ class ContinualResult:
         out["matrix"] = [[None if math.isnan(v) else float(v) for v in row]
                          for row in self.matrix()]
         out["summary"] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                          for k, v in self.summary().items()}
+                          for k, v in self.scores().items()}
         return out
 
     @classmethod
@@ -122,45 +131,68 @@ class ContinualResult:
                               for row in data["per_class"]],
                    visits=[int(v) for v in data["visits"]], meta=dict(data.get("meta", {})))
 
+    def document(self) -> dict[str, Any]:
+        """What :meth:`save` writes: the header, then :meth:`to_dict`."""
+        from narrows.runs.results import header, provenance
+
+        seed = self.meta.get("seed")
+        origin = provenance(model=self.model, seed=seed if isinstance(seed, int) else None,
+                            options={"protocol": self.protocol})
+        return {**header(FORMAT_KIND, FORMAT_VERSION, origin), **self.to_dict()}
+
     def save(self, path: str | Path) -> Path:
+        """Write the result as JSON (with its header) to ``path``."""
         from narrows.runs import atomic_write_json
 
-        return atomic_write_json(path, self.to_dict())
+        return atomic_write_json(path, self.document())
 
     @classmethod
     def load(cls, path: str | Path) -> ContinualResult:
         from narrows.runs.files import read_json_file, reading
 
         fix = "delete it and run 'narrows kvb train' again (or pass --overwrite)"
+        from narrows.runs.results import check_header
+
         data = read_json_file(path, "continual-learning result file", fix, kind=dict)
+        check_header(data, FORMAT_KIND, FORMAT_VERSION, str(path))
         with reading(path, "continual-learning result file", fix):
             return cls.from_dict(data)
 
     # -- figures ---------------------------------------------------------------------------
-    def plot(self, axes: Any = None) -> tuple[Any, Any]:
-        """The accuracy matrix (heat map) and each task's accuracy over the phases."""
+    def plot(self, ax: Any = None, *, axes: Any = None) -> tuple[Any, Any]:
+        """The accuracy matrix (heat map) and each task's accuracy over the phases, on two new
+        axes, or on ``ax`` (two axes; one axes gets only the accuracy curves). ``axes`` is the
+        older name of ``ax``. Returns ``(fig, ax)``."""
         from narrows.plotting import pyplot
 
         plt = pyplot()
-        if axes is None:
-            fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-        fig = axes[0].figure
+        ax = axes if ax is None else ax
+        if ax is None:
+            fig, ax = plt.subplots(1, 2, figsize=(9, 3.6))
         a = self.matrix()
+        if not isinstance(ax, (list, tuple)) and not hasattr(ax, "__len__"):
+            self._plot_curves(ax, a)
+            return ax.figure, ax
+        axes = ax
+        fig = axes[0].figure
         draw_matrix(axes[0], a, f"{self.model}, {self.protocol}", self.task_labels())
-        phases = np.arange(1, a.shape[0] + 1)
-        for s in range(a.shape[1]):
-            axes[1].plot(phases, a[:, s], marker="o", label=f"task {s + 1}: {self.task_label(s)}")
-        axes[1].plot(phases, np.nanmean(a, 1), color="black", lw=2, label="mean")
-        axes[1].set_xlabel("after phase")
-        axes[1].set_ylabel("test accuracy")
-        axes[1].set_ylim(-0.02, 1.02)
-        axes[1].set_xticks(phases)
-        axes[1].grid(alpha=0.3)
-        axes[1].legend(fontsize=7, loc="best")
-        axes[1].set_title(f"forgetting {self.forgetting:.3f}" if not math.isnan(self.forgetting)
-                          else "accuracy per task")
+        self._plot_curves(axes[1], a)
         fig.tight_layout()
         return fig, axes
+
+    def _plot_curves(self, ax: Any, a: np.ndarray) -> None:
+        phases = np.arange(1, a.shape[0] + 1)
+        for s in range(a.shape[1]):
+            ax.plot(phases, a[:, s], marker="o", label=f"task {s + 1}: {self.task_label(s)}")
+        ax.plot(phases, np.nanmean(a, 1), color="black", lw=2, label="mean")
+        ax.set_xlabel("after phase")
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(phases)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        ax.set_title(f"forgetting {self.forgetting:.3f}" if not math.isnan(self.forgetting)
+                          else "accuracy per task")
 
 
 def draw_matrix(ax: Any, a: np.ndarray, title: str, tasks: list[str] | None = None) -> None:
@@ -245,7 +277,7 @@ def summary_table(results: list[ContinualResult]) -> tuple[str, str]:
     md = ["| model | protocol | final avg. accuracy | forgetting | task 1 at the end | visits |",
           "|---|---|---|---|---|---|"]
     for r in results:
-        s = r.summary()
+        s = r.scores()
         lines.append(",".join([s["model"], s["protocol"], _num(s["final_accuracy"]),
                                _num(s["forgetting"]), _num(s["first_task_final"]),
                                str(s["visits"])]))

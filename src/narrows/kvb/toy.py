@@ -33,6 +33,7 @@ CENTRES: tuple[tuple[float, float], ...] = (
 STAGES: tuple[tuple[int, int], ...] = ((0, 4), (1, 5), (2, 6), (3, 7))
 """The classes of each stage, in order of arrival."""
 SIGMA = 0.035
+SEED_FORMAT_KIND = "kvb.toy-seed"  # the "format" of a saved SeedResult: narrows.kvb.toy-seed/1
 NUM_CLASSES = 8
 
 # derive_seed tags: one independent stream per purpose
@@ -364,6 +365,63 @@ class SeedResult:
     def to_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "seconds": self.seconds,
                 "evaluations": [e.to_dict() for e in self.evaluations]}
+
+    def document(self) -> dict[str, Any]:
+        """What :meth:`save` writes as JSON: the header, then :meth:`to_dict`."""
+        from narrows.runs.results import header, provenance
+
+        origin = provenance(data="toy", seed=self.seed,
+                            options={"models": [e.key for e in self.evaluations]})
+        return {**header(SEED_FORMAT_KIND, 1, origin), **self.to_dict()}
+
+    def save(self, path: Any) -> Any:
+        """Write ``path`` (JSON, with the header) and the decision maps next to it
+        (``<stem>_maps.pt``); returns ``path``."""
+        from pathlib import Path
+
+        from narrows.runs.files import atomic_torch_save, atomic_write_json
+
+        path = Path(path)
+        atomic_torch_save(path.with_name(f"{path.stem}_maps.pt"), self.maps)
+        return atomic_write_json(path, self.document())
+
+    @classmethod
+    def load(cls, path: Any) -> SeedResult:
+        """A result written by :meth:`save` (or a run's ``seeds/seed<N>.json``)."""
+        from pathlib import Path
+
+        from narrows.kvb.toy_run import load_seed
+        from narrows.runs import RunDir
+        from narrows.runs.files import read_json_file
+        from narrows.runs.results import check_header
+
+        path = Path(path)
+        check_header(read_json_file(path, "per-seed result", kind=dict), SEED_FORMAT_KIND, 1,
+                     str(path))
+        return load_seed(RunDir(path.parent, writer=False), path.stem)
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One row per model, pruning and moment (as toy.csv)."""
+        return csv_rows([self])
+
+    def summary(self) -> str:
+        """One line: the seed and each model's final 8-class accuracy."""
+        return f"seed {self.seed}: final accuracy " + ", ".join(
+            f"{e.key} {e.final():.3f}" for e in self.evaluations)
+
+    def plot(self, ax: Any = None) -> tuple[Any, Any]:
+        """Each model's final 8-class accuracy as bars, on ``ax`` or a new figure."""
+        from narrows.plotting import pyplot
+
+        if ax is None:
+            _, ax = pyplot().subplots(figsize=(5, 3))
+        keys = [e.key for e in self.evaluations]
+        ax.bar(range(len(keys)), [e.final() for e in self.evaluations])
+        ax.set_xticks(range(len(keys)), keys, fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("final accuracy, 8 classes")
+        ax.set_title(f"toy, seed {self.seed}", fontsize=9)
+        return ax.figure, ax
 
 
 def run_seeds(seeds: Sequence[int], models: Sequence[str] = tuple(MODELS), *,

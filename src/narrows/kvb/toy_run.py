@@ -16,6 +16,8 @@ from typing import Any
 from narrows.kvb.registry import TOY_MODEL_NAMES
 
 RESULTS = "results.json"
+RUN_FILE = "toy.json"
+FORMAT_KIND, FORMAT_VERSION = "kvb.toy", 1
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 
 
@@ -60,6 +62,11 @@ class ToyRun:
     summary_by_model: dict[str, dict[str, Any]]
 
     def summary(self) -> str:
+        """One line: every model's final 8-class accuracy (mean over the seeds)."""
+        return (f"toy, {len(self.results)} seed(s): final accuracy " + ", ".join(
+            f"{key} {s['final_mean']:.3f}" for key, s in self.summary_by_model.items()))
+
+    def table(self) -> str:
         """The summary table (Markdown): final accuracy, task 1, per class, pairs used."""
         from narrows.kvb import toy
 
@@ -72,19 +79,26 @@ class ToyRun:
         return toy.csv_rows(self.results)
 
     def flat(self) -> dict[str, Any]:
-        """results.json: ``final_<model>`` and ``task1_end_<model>`` (means over seeds), the
-        seeds and the full summary."""
+        """results.json, a flat summary: ``final_<model>``, ``final_std_<model>``,
+        ``task1_after1_<model>``, ``task1_end_<model>`` and ``used_<model>`` (over seeds) and
+        the seeds; the full summary is in toy.md and toy.csv."""
         flat: dict[str, Any] = {}
         for key, s in self.summary_by_model.items():
             flat[f"final_{key}"] = s["final_mean"]
             flat[f"task1_end_{key}"] = s["task1_end"]
-        return {**flat, "seeds": [r.seed for r in self.results], "summary": self.summary_by_model}
+        for key, s in self.summary_by_model.items():
+            flat[f"final_std_{key}"] = s["final_std"]
+            flat[f"task1_after1_{key}"] = s["task1_after1"]
+            flat[f"used_{key}"] = s["used"]
+        return {**flat, "seeds": [r.seed for r in self.results]}
 
     def plot(self, ax: Any = None) -> tuple[Any, Any]:
-        """The decision maps of every model and stage for the first seed; ``ax`` is unused
-        (the figure is a grid of its own axes)."""
+        """The decision maps of every model and stage for the first seed (a grid of its own
+        axes), or the first seed's final accuracy per model on ``ax``. Returns ``(fig, ax)``."""
         from narrows.kvb import toy
 
+        if ax is not None:
+            return self.results[0].plot(ax)
         first, cfg = self.results[0], self.settings
         labels = {ev.model: ev.label for ev in first.evaluations}
         fig = toy.decision_figure(first.maps, toy.make_data(first.seed, cfg.train_points,
@@ -116,7 +130,46 @@ class ToyRun:
         fig, _ = self.plot()
         run.save_figure("toy.png", fig)
         pyplot().close(fig)
+        for result in results:  # run_toy saved them already when given the run
+            if not (run.exists(f"seeds/seed{result.seed}.json")
+                    and run.exists(f"seeds/seed{result.seed}_maps.pt")):
+                _save_seed(run, result)
         run.write_json(RESULTS, self.flat())
+        run.write_json(RUN_FILE, self.document())
+
+    def document(self) -> dict[str, Any]:
+        """``toy.json``: the header (the settings as options) and the seeds."""
+        import dataclasses
+
+        from narrows.runs.results import header, provenance
+
+        origin = provenance(data="toy", options=dataclasses.asdict(self.settings))
+        return {**header(FORMAT_KIND, FORMAT_VERSION, origin),
+                "seeds": [r.seed for r in self.results]}
+
+    @classmethod
+    def load(cls, path: Any) -> ToyRun:
+        """The run saved in the directory ``path`` (its ``seeds/`` files, settings from
+        ``toy.json``, else the seeds of results.json with default settings)."""
+        from pathlib import Path
+
+        from narrows.kvb import toy
+        from narrows.runs import RunDir
+        from narrows.runs.files import read_json_file
+        from narrows.runs.results import check_header
+
+        path = Path(path)
+        run = RunDir(path, writer=False)
+        if (path / RUN_FILE).is_file():
+            doc = read_json_file(path / RUN_FILE, "toy run file", kind=dict)
+            check_header(doc, FORMAT_KIND, FORMAT_VERSION, str(path / RUN_FILE))
+            settings = ToySettings.from_options(None, **doc.get("provenance", {}).get(
+                "options", {}))
+        else:
+            doc = read_json_file(path / RESULTS, "toy results file", kind=dict)
+            settings = ToySettings(seeds=[int(seed) for seed in doc.get("seeds", [])])
+        results = [load_seed(run, f"seeds/seed{int(seed)}") for seed in doc.get("seeds", [])]
+        return cls(settings, results, toy.summarise(results))
 
 
 def run_toy(settings: ToySettings | None = None, *, run: Any = None, threads: int = 1,
@@ -157,7 +210,7 @@ def _save_seed(run: Any, result: Any) -> None:
     stem = f"seeds/seed{result.seed}"
     if run.writer:
         runs.atomic_torch_save(run.file(f"{stem}_maps.pt"), result.maps)
-    run.write_json(f"{stem}.json", result.to_dict())
+    run.write_json(f"{stem}.json", result.document())
 
 
 def load_seed(run: Any, stem: str) -> Any:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from narrows.errors import UserError
 
 RESULTS = "results.json"
+FORMAT_KIND, FORMAT_VERSION = "sweep", 1  # the "format" of a saved SweepResult
 NAME_FIELDS = ("model", "protocol")  # what names an entry of a list-shaped results.json
 SWEEP_KEYS = ("command", "name", "options", "grid", "metrics", "wandb_project")
 
@@ -84,8 +85,65 @@ class SweepResult:
     failures: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        """One line: how many runs finished, were done before or failed."""
+        done = sum(1 for r in self.rows if r.get("status") == "done")
+        before = sum(1 for r in self.rows if r.get("status") == "done before")
+        return (f"sweep {self.path.name}: {len(self.rows)} run(s), {done} done, {before} done "
+                f"before, {len(self.failures)} failed")
+
+    def table(self) -> str:
         """The results table as Markdown."""
         return markdown_table(self.rows)
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One flat record per run: name, grid values, status, metrics."""
+        return [dict(row) for row in self.rows]
+
+    def save(self, path: str | Path) -> Path:
+        """Write the rows and failures as JSON (with the header) to ``path``."""
+        from narrows.runs.files import atomic_write_json
+        from narrows.runs.results import header, provenance
+
+        origin = provenance(options={"out": str(self.path)})
+        return atomic_write_json(path, {**header(FORMAT_KIND, FORMAT_VERSION, origin),
+                                        "path": str(self.path), "rows": self.rows,
+                                        "failures": self.failures})
+
+    @classmethod
+    def load(cls, path: str | Path) -> SweepResult:
+        """A result written by :meth:`save`."""
+        from narrows.runs.files import read_json_file
+        from narrows.runs.results import check_header
+
+        doc = read_json_file(path, "sweep result file", required_keys=("rows",), kind=dict)
+        check_header(doc, FORMAT_KIND, FORMAT_VERSION, str(path))
+        return cls(Path(doc.get("path", Path(path).parent)), list(doc["rows"]),
+                   list(doc.get("failures", [])))
+
+    def plot(self, ax: Any = None) -> tuple[Any, Any]:
+        """The first numeric metric per run as bars (the runs' count per status when there is
+        none), on ``ax`` or a new figure."""
+        from narrows.plotting import pyplot
+
+        if ax is None:
+            _, ax = pyplot().subplots(figsize=(6, 3))
+        skip = {"run", "status"}
+        metric = next((k for row in self.rows for k, v in row.items()
+                       if k not in skip and _number(v)), None)
+        if metric is not None:
+            names = [str(r.get("run")) for r in self.rows]
+            values = [r.get(metric) if _number(r.get(metric)) else float("nan") for r in self.rows]
+            ax.bar(range(len(names)), values)
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+            ax.set_ylabel(metric)
+        else:
+            statuses = list(dict.fromkeys(str(r.get("status")) for r in self.rows))
+            ax.bar(range(len(statuses)),
+                   [sum(1 for r in self.rows if str(r.get("status")) == s) for s in statuses])
+            ax.set_xticks(range(len(statuses)), statuses, fontsize=7)
+            ax.set_ylabel("runs")
+        ax.set_title(f"sweep {self.path.name}", fontsize=9)
+        return ax.figure, ax
 
 
 def read_sweep(path: str | Path) -> Sweep:

@@ -23,7 +23,8 @@ Ties at the ``n``-th score are broken deterministically, in one of two ways:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -32,6 +33,7 @@ from torch import Tensor
 from narrows.errors import UserError
 
 Ties = Literal["random", "average"]
+FORMAT_KIND = "bbox"  # saved files: "format": narrows.bbox/1
 
 
 def boxes_to_mask(boxes: Tensor, height: int, width: int) -> Tensor:
@@ -93,6 +95,51 @@ class BBoxResult:
                 "seed": self.seed,
             }
         ]
+
+    def summary(self) -> str:
+        """One line: the mean ratio against what a random heatmap scores."""
+        return (f"bbox ratio {self.mean:.3f} (random ≈ {self.mean_box_fraction:.3f}) over "
+                f"{self.n_used} images, {self.n_skipped} skipped")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result (tensors and settings, after the format header) to one torch file."""
+        from narrows.attribution.result_files import save_torch_result
+        from narrows.runs.results import provenance
+
+        origin = provenance(seed=self.seed, options={"max_box_fraction": self.max_box_fraction,
+                                                      "ties": self.ties})
+        return save_torch_result(path, FORMAT_KIND,
+                                 {f.name: getattr(self, f.name) for f in fields(self)}, origin)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BBoxResult:
+        """Read a result written by :meth:`save`."""
+        from narrows.attribution.result_files import load_torch_result
+        from narrows.runs.files import reading
+
+        what, fix = "bbox result file", "delete it and compute the bbox ratio again"
+        state = load_torch_result(path, FORMAT_KIND, what, fix)
+        with reading(path, what, fix):
+            return cls(**state)
+
+    def plot(self, ax: Any = None, label: str = "") -> tuple[Any, Any]:
+        """Each used image's ratio against its box's area fraction (what a random heatmap
+        scores: the diagonal); returns ``(fig, ax)``."""
+        if ax is None:
+            from narrows.plotting import pyplot
+
+            _, ax = pyplot().subplots(figsize=(4.2, 3.8))
+        used = self.used
+        ax.scatter(self.box_fractions[used].numpy(), self.ratios[used].numpy(), s=14,
+                   label=f"{label + ' ' if label else ''}mean {self.mean:.3f}")
+        ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1, label="random heatmap")
+        ax.set_xlim(0, max(self.max_box_fraction, 0.05) * 1.05)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("box area fraction")
+        ax.set_ylabel("top-n pixels inside the box")
+        ax.set_title(f"bbox ratio: {self.n_used} images ({self.n_skipped} skipped)")
+        ax.legend(fontsize=8)
+        return ax.figure, ax
 
 
 def _masks(heatmaps: Tensor, boxes: Sequence[Tensor | None] | None, masks: Tensor | None) -> Tensor:

@@ -34,7 +34,8 @@ The baseline defaults to the per-channel mean colour of each image in the model'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -45,6 +46,7 @@ from narrows.errors import UserError
 Output = Literal["softmax", "logit"]
 Baseline = str | float | Tensor
 DEGENERATE_EPS = 1e-8
+FORMAT_KIND = "degradation"  # saved files: "format": narrows.degradation/1
 
 
 # --- shared helpers (also used by sensitivity-n) ------------------------------------------------
@@ -224,8 +226,38 @@ class DegradationResult:
             }
         ]
 
+    def summary(self) -> str:
+        """One line: the score (normalised, median, raw) and the images used."""
+        return (f"degradation {self.tile}×{self.tile} ({self.output}): score {self.score:.3f} "
+                f"(median {self.median_score:.3f}, raw {self.raw_score:.3f}) over "
+                f"{int(self.scores.numel())} images, {self.n_degenerate} degenerate")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result (tensors and settings, after the format header) to one torch file."""
+        from narrows.attribution.result_files import save_torch_result
+        from narrows.runs.results import provenance
+
+        origin = provenance(seed=self.seed, options={"tile": self.tile, "output": self.output,
+                                                      "points": int(self.steps.numel())})
+        return save_torch_result(path, FORMAT_KIND,
+                                 {f.name: getattr(self, f.name) for f in fields(self)}, origin)
+
+    @classmethod
+    def load(cls, path: str | Path) -> DegradationResult:
+        """Read a result written by :meth:`save`."""
+        from narrows.attribution.result_files import load_torch_result
+        from narrows.runs.files import reading
+
+        what, fix = "degradation result file", "delete it and compute the degradation again"
+        state = load_torch_result(path, FORMAT_KIND, what, fix)
+        with reading(path, what, fix):
+            return cls(**state)
+
     def plot(self, ax: Any = None, label: str = "") -> Any:
-        """Mean normalised MoRF and LeRF curves against the fraction of tiles removed."""
+        """Mean normalised MoRF and LeRF curves against the fraction of tiles removed; returns
+        ``(fig, ax)`` (which also answers as the axes, as it did before)."""
+        from narrows.attribution.result_files import Drawn
+
         if ax is None:
             from narrows.plotting import pyplot
 
@@ -238,7 +270,7 @@ class DegradationResult:
         ax.set_ylabel(f"normalised {self.output}")
         ax.set_title(f"degradation {self.tile}×{self.tile}: score {self.score:.3f}")
         ax.legend()
-        return ax
+        return Drawn(ax.figure, ax, ax)
 
 
 # --- metric -------------------------------------------------------------------------------------

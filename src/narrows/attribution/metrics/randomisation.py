@@ -48,6 +48,7 @@ AttributeFn = Callable[[nn.Module, Tensor, Tensor], Any]
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
+FORMAT_KIND = "randomisation"  # saved files: "format": narrows.randomisation/1
 
 
 # -- comparisons -----------------------------------------------------------------------------
@@ -287,11 +288,26 @@ class RandomisationResult:
             })
         return rows
 
-    def plot(self, axes: Any = None, label: str = "", color: str | None = None) -> Any:
+    def summary(self) -> str:
+        """One line: agreement with the original maps once every layer is randomised, and the
+        run-to-run floor."""
+        rows = self.to_rows()
+        last = rows[-1]
+        floor = rows[0]["spearman_mean"]
+        return (f"randomisation of {self.n_images} images down to '{last['randomised_to']}' "
+                f"({len(self.layers)} steps): Spearman {last['spearman_mean']:.3f}, SSIM "
+                f"{last['ssim_mean']:.3f}; run-to-run Spearman {floor:.3f}")
+
+    def plot(self, ax: Any = None, label: str = "", color: str | None = None, *,
+             axes: Any = None) -> Any:
         """Spearman ρ and SSIM against the randomised-down-to layer, with the run-to-run band.
 
-        ``axes``: two matplotlib axes to draw into (to overlay methods); returns the figure.
+        ``ax`` (or ``axes``): two matplotlib axes to draw into (to overlay methods); returns
+        ``(fig, axes)``, which also answers as the figure (what it returned before).
         """
+        from narrows.attribution.result_files import Drawn
+
+        axes = ax if ax is not None else axes
         if axes is None:
             from narrows.plotting import pyplot
 
@@ -325,24 +341,27 @@ class RandomisationResult:
         axes[0].set_ylabel("agreement with the original maps")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
-        return fig
+        return Drawn(fig, axes, fig)
 
     def save(self, path: str | Path) -> Path:
-        """Write the result to one torch file (atomically)."""
-        from narrows.runs.files import atomic_torch_save
+        """Write the result to one torch file (atomically), after the format header."""
+        from narrows.attribution.result_files import save_torch_result
+        from narrows.runs.results import provenance
 
-        return atomic_torch_save(path, {f.name: getattr(self, f.name) for f in fields(self)})
+        origin = provenance(seed=self.seed, options={"layers": list(self.layers),
+                                                      "repeats": self.repeats, **self.meta})
+        return save_torch_result(path, FORMAT_KIND,
+                                 {f.name: getattr(self, f.name) for f in fields(self)}, origin)
 
     @classmethod
     def load(cls, path: str | Path) -> RandomisationResult:
-        """Read a result written by :meth:`save`."""
-        from narrows.runs.files import read_torch_file, reading
+        """Read a result written by :meth:`save` (files without a header load too)."""
+        from narrows.attribution.result_files import load_torch_result
+        from narrows.runs.files import reading
 
         fix = "delete it and run the randomisation check again"
-        state = read_torch_file(path, "randomisation result file", fix)
+        state = load_torch_result(path, FORMAT_KIND, "randomisation result file", fix)
         with reading(path, "randomisation result file", fix):
-            if not isinstance(state, dict):
-                raise ValueError("not a dict")
             return cls(**state)
 
 

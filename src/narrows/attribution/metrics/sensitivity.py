@@ -20,7 +20,8 @@ small ``N`` the log-spaced values repeat).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -38,6 +39,7 @@ from narrows.attribution.metrics.degradation import (
 from narrows.errors import UserError
 
 Aggregate = Literal["pooled", "per_image"]
+FORMAT_KIND = "sensitivity_n"  # saved files: "format": narrows.sensitivity_n/1
 
 
 def default_ns(n_tiles: int, count: int = 16, max_fraction: float = 0.8) -> list[int]:
@@ -95,8 +97,42 @@ class SensitivityNResult:
             for i, n in enumerate(self.ns)
         ]
 
+    def summary(self) -> str:
+        """One line: the mean correlation over the ``n`` values, both aggregations."""
+        from narrows.attribution.report import nanmean
+
+        return (f"sensitivity-n (tiles {self.tile}×{self.tile}, {len(self.ns)} n from "
+                f"{min(self.ns)} to {max(self.ns)}, {self.n_sets} sets, "
+                f"{int(self.deltas.shape[1])} images): mean correlation pooled "
+                f"{nanmean(self.pooled):.3f}, per image {nanmean(self.per_image):.3f}")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result (tensors and settings, after the format header) to one torch file."""
+        from narrows.attribution.result_files import save_torch_result
+        from narrows.runs.results import provenance
+
+        origin = provenance(seed=self.seed, options={
+            "tile": self.tile, "n_sets": self.n_sets, "aggregate": self.aggregate,
+            "output": self.output})
+        return save_torch_result(path, FORMAT_KIND,
+                                 {f.name: getattr(self, f.name) for f in fields(self)}, origin)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SensitivityNResult:
+        """Read a result written by :meth:`save`."""
+        from narrows.attribution.result_files import load_torch_result
+        from narrows.runs.files import reading
+
+        what, fix = "sensitivity-n result file", "delete it and compute sensitivity-n again"
+        state = load_torch_result(path, FORMAT_KIND, what, fix)
+        with reading(path, what, fix):
+            return cls(**state)
+
     def plot(self, ax: Any = None, label: str = "") -> Any:
-        """Correlation against ``n`` on a log axis."""
+        """Correlation against ``n`` on a log axis; returns ``(fig, ax)`` (which also answers
+        as the axes, as it did before)."""
+        from narrows.attribution.result_files import Drawn
+
         if ax is None:
             from narrows.plotting import pyplot
 
@@ -106,7 +142,7 @@ class SensitivityNResult:
         ax.set_xlabel(f"n (tiles of {self.tile}×{self.tile})")
         ax.set_ylabel("Pearson correlation")
         ax.legend()
-        return ax
+        return Drawn(ax.figure, ax, ax)
 
 
 def subset_masks(n_tiles: int, n: int, n_sets: int, seed: int) -> Tensor:

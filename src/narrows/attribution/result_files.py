@@ -1,0 +1,93 @@
+"""What attribution's result classes share to follow the result contract: one-file save and
+load with the format header (:mod:`narrows.runs.results`), and a ``(fig, ax)`` that old callers
+can still use as the one object ``plot`` returned before."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+
+
+class Drawn(tuple):
+    """``(fig, ax)`` from a ``plot`` that used to return only the axes or only the figure.
+
+    Unpack it (``fig, ax = result.plot()``); attribute look-ups that a tuple does not answer go
+    to ``legacy`` (that earlier return value), so ``result.plot().lines`` keeps working.
+    """
+
+    _legacy: Any
+
+    def __new__(cls, fig: Any, ax: Any, legacy: Any) -> Drawn:
+        drawn = super().__new__(cls, (fig, ax))
+        drawn._legacy = legacy
+        return drawn
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_legacy":
+            raise AttributeError(name)
+        return getattr(self._legacy, name)
+
+
+def _document(kind: str, state: Mapping[str, Any], origin: Mapping[str, Any]) -> dict[str, Any]:
+    from narrows.runs.results import header
+
+    return {**header(kind, FORMAT_VERSION, origin), **state}
+
+
+def save_torch_result(path: str | Path, kind: str, state: Mapping[str, Any],
+                      origin: Mapping[str, Any]) -> Path:
+    """``torch.save`` of the header (``narrows.<kind>/1`` and ``origin``, a
+    :func:`~narrows.runs.results.provenance`) followed by ``state`` (plain tensors and
+    values), atomically."""
+    from narrows.runs.files import atomic_torch_save
+
+    return atomic_torch_save(path, _document(kind, state, origin))
+
+
+def load_torch_result(path: str | Path, kind: str, what: str, fix: str) -> dict[str, Any]:
+    """The state saved by :func:`save_torch_result` (header checked, then dropped); files
+    written before headers existed load too."""
+    from narrows.runs.files import read_torch_file, reading
+
+    state = read_torch_file(path, what, fix)
+    with reading(path, what, fix):
+        if not isinstance(state, dict):
+            raise ValueError("not a dict")
+    return _without_header(state, kind, path)
+
+
+def save_json_result(path: str | Path, kind: str, state: Mapping[str, Any],
+                     origin: Mapping[str, Any]) -> Path:
+    """A JSON file: the header, then ``state``."""
+    from narrows.runs.files import atomic_write_json
+
+    return atomic_write_json(path, _document(kind, state, origin))
+
+
+def load_json_result(path: str | Path, kind: str, what: str, fix: str,
+                     required_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The state saved by :func:`save_json_result` (header checked, then dropped)."""
+    from narrows.errors import UserError
+    from narrows.runs.files import read_json_file
+
+    if not Path(path).is_file():
+        raise UserError(f"no {what} {path}", fix)
+    state = read_json_file(path, what, fix, required_keys=required_keys, kind=dict)
+    return _without_header(state, kind, path)
+
+
+def _without_header(state: dict[str, Any], kind: str, path: str | Path) -> dict[str, Any]:
+    from narrows.runs.results import check_header
+
+    check_header(state, kind, FORMAT_VERSION, str(path))
+    return {k: v for k, v in state.items() if k not in ("format", "provenance")}
+
+
+def plain(value: Any) -> Any:
+    """A float, int, bool or None for a flat record (a 0-d tensor or numpy scalar unwrapped)."""
+    if hasattr(value, "item"):
+        return value.item()
+    return value

@@ -1,0 +1,128 @@
+"""The result contract (narrows.runs.results) for kvb's result classes and the sweep's."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from narrows.kvb.continual import ContinualRun, ContinualSettings  # noqa: E402
+from narrows.kvb.results import ContinualResult  # noqa: E402
+from narrows.kvb.toy import NUM_CLASSES, Evaluation, SeedResult, summarise  # noqa: E402
+from narrows.kvb.toy_run import ToyRun, ToySettings  # noqa: E402
+from narrows.runs.results import Result  # noqa: E402
+from narrows.runs.sweep import SweepResult, flatten_results  # noqa: E402
+
+
+def _continual(model: str = "dkvb", protocol: str = "incremental") -> ContinualResult:
+    return ContinualResult(model, protocol, [[0, 1], [2, 3]],
+                           [[0.9, 0.8, 0.0, math.nan], [0.5, 0.4, 0.9, 0.7]], [10, 10],
+                           {"class_names": ["a", "b", "c", "d"], "seconds": 0.5})
+
+
+def _seed(seed: int = 0) -> SeedResult:
+    per_class = [[(i + c) % 3 / 2 for c in range(NUM_CLASSES)] for i in range(5)]
+    evaluations = [Evaluation("mlp", "MLP", None, per_class, [None] * 5),
+                   Evaluation("kv-1x400", "KV 1x400", True, per_class, [0.1, 0.2, 0.3, 0.4, 0.5])]
+    maps = {"mlp": torch.zeros(5, 6, 6, dtype=torch.uint8),
+            "kv-1x400": torch.ones(5, 6, 6, dtype=torch.uint8)}
+    return SeedResult(seed, evaluations, maps, 0.25)
+
+
+def _toy() -> ToyRun:
+    results = [_seed(0), _seed(1)]
+    settings = ToySettings(seeds=[0, 1], models=["mlp", "kv-1x400"], steps=5, train_points=8,
+                           test_points=16, resolution=6)
+    return ToyRun(settings, results, summarise(results))
+
+
+def _continual_run() -> ContinualRun:
+    return ContinualRun([_continual(), _continual("linear", "iid")], ContinualSettings(seed=3),
+                        [[0, 1], [2, 3]], ["a", "b", "c", "d"], "resnet@abc")
+
+
+def _sweep(path: Path) -> SweepResult:
+    return SweepResult(path, [{"run": "seeds=0", "seeds": "0", "status": "done", "final_mlp": 0.5},
+                              {"run": "seeds=1", "seeds": "1", "status": "failed: x"}], ["x"])
+
+
+# (build, file name to save to, the file holding the header, kind)
+CASES = {
+    "ContinualResult": (lambda tmp: _continual(), "r.json", "r.json", "kvb.continual"),
+    "ContinualRun": (lambda tmp: _continual_run(), "run", "run/continual.json", "kvb.run"),
+    "SeedResult": (lambda tmp: _seed(4), "seed4.json", "seed4.json", "kvb.toy-seed"),
+    "ToyRun": (lambda tmp: _toy(), "toy", "toy/toy.json", "kvb.toy"),
+    "SweepResult": (lambda tmp: _sweep(tmp), "sweep.json", "sweep.json", "sweep"),
+}
+
+
+def _flat(rows: list[dict]) -> bool:
+    return all(isinstance(v, (str, int, float, bool, type(None))) for r in rows
+               for v in r.values())
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    def norm(v):
+        return "nan" if isinstance(v, float) and math.isnan(v) else v
+    return [{k: norm(v) for k, v in r.items()} for r in a] == \
+        [{k: norm(v) for k, v in r.items()} for r in b]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_contract(name, tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    build, file, header_file, kind = CASES[name]
+    x = build(tmp_path)
+    assert isinstance(x, Result)
+    rows = x.to_rows()
+    assert rows and all(isinstance(r, dict) for r in rows) and _flat(rows)
+    line = x.summary()
+    assert isinstance(line, str) and line and "\n" not in line
+    x.save(tmp_path / file)
+    loaded = type(x).load(tmp_path / file)
+    assert _same(loaded.to_rows(), rows)
+    doc = json.loads((tmp_path / header_file).read_text())
+    assert doc["format"] == f"narrows.{kind}/1" and doc["provenance"]["versions"]["torch"]
+    fig, ax = x.plot()
+    assert isinstance(fig, Figure)
+    plt.close(fig)
+    fig, mine = plt.subplots()
+    got_fig, got_ax = x.plot(ax=mine)
+    assert got_fig is fig and got_ax is mine and mine.has_data()
+    plt.close(fig)
+
+
+def test_old_files_without_header_still_load(tmp_path):
+    r = _continual()
+    (tmp_path / "old.json").write_text(json.dumps(r.to_dict()))
+    assert _same(ContinualResult.load(tmp_path / "old.json").to_rows(), r.to_rows())
+
+
+def test_continual_run_reads_list_and_flat_results_json(tmp_path):
+    from narrows.kvb.continual import result_names
+
+    run = _continual_run()
+    listed = run.scores()
+    flat = run.flat()
+    assert result_names(listed) == result_names(flat) == [("dkvb", "incremental"),
+                                                          ("linear", "iid")]
+    assert flatten_results(listed, None) == flatten_results(flat, None) == flat
+    run.save(tmp_path)
+    (tmp_path / "continual.json").unlink()  # an older run directory
+    assert _same(ContinualRun.load(tmp_path).to_rows(), run.to_rows())
+
+
+def test_toy_results_json_is_flat(tmp_path):
+    _toy().save(tmp_path)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["seeds"] == [0, 1] and 0 <= doc["final_mlp"] <= 1
+    assert all(not isinstance(v, dict) for v in doc.values())
