@@ -203,8 +203,8 @@ def test_degradation_plot():
     model = Linear().eval()
     images, targets = data(n=2)
     res = degradation(model, images, torch.randn(2, H, W), targets, tile=8, n_points=3)
-    ax = res.plot()
-    assert len(ax.lines) == 2
+    fig, ax = res.plot()
+    assert len(ax.lines) == 2 and ax.figure is fig
 
 
 # --- bounding box -------------------------------------------------------------------------------

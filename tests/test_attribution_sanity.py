@@ -252,8 +252,8 @@ def test_explicit_layers_rows_plot_and_round_trip(tmp_path):
     assert [r["randomised_to"] for r in rows] == ["", "head", "conv2"]
     assert rows[0]["comparison"] == "run-to-run" and np.isnan(rows[0]["spearman_mean"])
     assert result.original.shape == (1, 3, 20, 20) and result.randomised.shape == (2, 3, 20, 20)
-    fig = result.plot(label="saliency")
-    assert len(fig.axes) == 2
+    fig, axes = result.plot(label="saliency")
+    assert len(fig.axes) == 2 and len(axes) == 2
     result.save(tmp_path / "r.pt")
     loaded = RandomisationResult.load(tmp_path / "r.pt")
     assert loaded.layers == result.layers and torch.equal(loaded.ssim, result.ssim)

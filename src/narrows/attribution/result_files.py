@@ -11,26 +11,6 @@ from typing import Any
 FORMAT_VERSION = 1
 
 
-class Drawn(tuple):
-    """``(fig, ax)`` from a ``plot`` that used to return only the axes or only the figure.
-
-    Unpack it (``fig, ax = result.plot()``); attribute look-ups that a tuple does not answer go
-    to ``legacy`` (that earlier return value), so ``result.plot().lines`` keeps working.
-    """
-
-    _legacy: Any
-
-    def __new__(cls, fig: Any, ax: Any, legacy: Any) -> Drawn:
-        drawn = super().__new__(cls, (fig, ax))
-        drawn._legacy = legacy
-        return drawn
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name == "_legacy":
-            raise AttributeError(name)
-        return getattr(self._legacy, name)
-
-
 def _document(kind: str, state: Mapping[str, Any], origin: Mapping[str, Any]) -> dict[str, Any]:
     from narrows.runs.results import header
 

@@ -121,7 +121,7 @@ def execute_extract(cfg: ExtractConfig) -> int:
 
 
 def _report_extract(result: Any, run: Any, say: Any, session: Any) -> int:
-    summary = result.summary()
+    summary = result.diagnostics()
     chosen = result.chosen()
     say(f"k = {chosen.k or 'per class ' + str([len(r) for r in chosen.indices])} "
         f"(per image: {result.k_img}); union of the classes' channels: {summary['union_size']} "

@@ -84,11 +84,57 @@ class EssentialComparison:
         return [{"model": name, **row} for name, r in self.results.items()
                 for row in r.to_rows()]
 
+    def summary(self) -> str:
+        """One line: per model, the fractions still correct at :attr:`level`."""
+        parts = []
+        for name, r in self.results.items():
+            lv, rates = r.level(self.level), r.rates()
+            parts.append(f"{name} clean {100 * rates['clean'][lv]:.1f}% / I_c "
+                         f"{100 * rates['inf'][lv]:.1f}% / others {100 * rates['noninf'][lv]:.1f}%"
+                         f" / random {100 * rates['random'][lv]:.1f}%")
+        return f"still correct at σ = {self.level:g}: " + "; ".join(parts)
+
+    def plot(self, ax: Any = None) -> tuple[Any, Any]:
+        """One panel per model; ``ax``: one axes per model (a sequence), or one axes for a
+        single model; None makes the figure. Returns ``(fig, axes)``."""
+        if ax is None:
+            return plot_results(self.results)
+        axes = list(ax) if hasattr(ax, "__len__") else [ax]
+        if len(axes) != len(self.results):
+            raise UserError(f"{len(self.results)} models need {len(self.results)} axes, "
+                            f"got {len(axes)}", "pass one axes per model, or none")
+        for one, (name, result) in zip(axes, self.results.items(), strict=True):
+            result.plot(ax=one, title=name)
+        return axes[0].figure, ax
+
+    @classmethod
+    def load(cls, path: str | Path) -> EssentialComparison:
+        """Read the directory :meth:`save` wrote: the models named in
+        ``results_essential_features.json``, each from its ``essential_<name>.json``."""
+        from narrows.runs.files import read_json_file
+
+        path = Path(path)
+        names = read_json_file(path / "results_essential_features.json",
+                               "essential-features results file",
+                               "run 'narrows decompose essential' again", kind=dict)
+        missing = [n for n in names if not (path / f"essential_{n}.json").is_file()]
+        if missing:
+            raise UserError(f"{path} has no essential_{missing[0]}.json",
+                            "run 'narrows decompose essential' again on this --out")
+        return cls({n: EssentialResult.load(path / f"essential_{n}.json") for n in names})
+
     def save(self, run: Any) -> None:
         """``results_essential_features.json`` (upstream schema at :attr:`level`),
-        ``essential.csv``/``.md`` and ``essential.png`` into ``run`` (a RunDir)."""
+        ``essential.csv``/``.md`` and ``essential.png`` into ``run`` (a RunDir); given a
+        directory path instead, also each model's ``essential_<name>.json`` (which a run keeps
+        as its cache), so that :meth:`load` can read it back."""
+        from narrows.decompose.saving import as_run
         from narrows.plotting import pyplot
 
+        if not hasattr(run, "write_json"):
+            run = as_run(run)
+            for name, result in self.results.items():
+                result.save(run.file(f"essential_{name}.json"))
         level = self.level
         run.write_json("results_essential_features.json",
                        {name: r.to_upstream(level) for name, r in self.results.items()})

@@ -83,16 +83,46 @@ class Curve:
         return cls(list(data["ks"]), dict(data["top1"]), float(data["full_top1"]),
                    int(data["n"]), dict(data.get("meta", {})))
 
+    def to_rows(self) -> list[dict[str, Any]]:
+        """Flat records for CSV and pandas: :meth:`rows`."""
+        return self.rows()
+
+    def summary(self) -> str:
+        """One line: each source's top-1 at the largest k, and the full model's."""
+        k = self.ks[-1] if self.ks else None
+        parts = [f"{s} {100 * self.at(s, k):.2f}%" for s in self.top1] if k is not None else []
+        return (f"top-1 at k = {k}: " + ", ".join(parts) + "; " if parts else "") + \
+            f"full model {100 * self.full:.2f}% on {self.n} images"
+
     def save(self, directory: str | Path) -> None:
-        """``curve.json`` and ``curve.csv`` (one column per source) in ``directory``."""
+        """``curve.json`` (after the header) and ``curve.csv`` (one column per source) in
+        ``directory``."""
+        from narrows.decompose.saving import decompose_header
+
         directory = Path(directory)
-        atomic_write_json(directory / "curve.json", self.to_json())
+        atomic_write_json(directory / "curve.json",
+                          {**decompose_header("curve", self.meta), **self.to_json()})
         text = io.StringIO()
         writer = csv.writer(text)
         writer.writerow(["k", *self.top1, "full"])
         for i, k in enumerate(self.ks):
             writer.writerow([k, *(f"{v[i]:.6f}" for v in self.top1.values()), f"{self.full:.6f}"])
         atomic_write_text(directory / "curve.csv", text.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Curve:
+        """Read ``curve.json`` (``path``: the file or the directory :meth:`save` wrote to)."""
+        from narrows.runs.files import read_json_file, reading
+        from narrows.runs.results import check_header
+
+        path = Path(path)
+        file = path / "curve.json" if path.is_dir() else path
+        fix = "run 'narrows decompose validate' again"
+        document = read_json_file(file, "accuracy curve file", fix,
+                                  required_keys=("ks", "top1", "full_top1", "n"))
+        check_header(document, "decompose.curve", 1, str(file))
+        with reading(file, "accuracy curve file", fix):
+            return cls.from_json(document)
 
     def table(self, ks: Sequence[int] | None = None) -> str:
         """A Markdown table of top-1 (%) per k (rows) and source (columns)."""

@@ -137,11 +137,29 @@ class EssentialResult:
                    images, dict(data.get("meta", {})))
 
     def save(self, path: str | Path) -> Path:
-        return atomic_write_json(path, self.to_json())
+        """The JSON of :meth:`to_json`, its ``format`` followed by the provenance."""
+        from narrows.decompose.saving import decompose_header
+
+        return atomic_write_json(path, {**decompose_header("essential", self.meta),
+                                        **self.to_json()})
 
     @classmethod
     def load(cls, path: str | Path) -> EssentialResult:
-        return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if isinstance(data, Mapping) and data.get("format") != FORMAT:
+            from narrows.runs.results import check_header
+
+            check_header(data, "decompose.essential", 1, str(path))  # a newer version: says so
+        return cls.from_json(data)
+
+    def summary(self) -> str:
+        """One line: the fractions still correct at the default level (:meth:`level`)."""
+        lv = self.level()
+        rates = self.rates()
+        return (f"σ = {self.sigmas[lv]:g} ({self.mode}), {int(self.images.sum())} images: "
+                f"clean {100 * rates['clean'][lv]:.1f}%, noise on I_c "
+                f"{100 * rates['inf'][lv]:.1f}%, on the others {100 * rates['noninf'][lv]:.1f}%, "
+                f"on |I_c| random others {100 * rates['random'][lv]:.1f}% still correct")
 
     def plot(self, ax: Any = None, title: str | None = None):
         """Fraction still correct against σ for each condition, clean as a dashed line."""

@@ -181,7 +181,31 @@ class Extraction:
         values = torch.arange(self.num_channels + 1, dtype=torch.float64)
         return (hist * values).sum(dim=1) / hist.sum(dim=1).clamp(min=1)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> str:
+        """One line for the terminal (the numbers behind it: :meth:`diagnostics`)."""
+        found = self.diagnostics()
+        chosen = found["indices"]
+        lengths = sorted({len(row) for row in chosen})
+        per = str(lengths[0]) if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+        line = (f"{self.num_classes} classes × {self.num_channels} channels: k = {per} "
+                f"(per image {self.k_img}), union {found['union_size']}, mean top-{self.k_mass} "
+                f"mass {found['mean_mass_overall']:.3f}")
+        for t, psi in found.get("psi", {}).items():
+            line += f", Ψ({t}) = {psi['overall_median']:.3f}"
+        return line
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One row per class: name, images, images without positive response, mean mass and
+        the chosen ids (space-separated)."""
+        names = class_labels(self.meta.get("class_names"), self.num_classes)
+        chosen = self.chosen().indices
+        mass = self.mean_mass().tolist()
+        return [{"class": c, "name": names[c], "images": int(self.images[c]),
+                 "images_without_positive_response": int(self.dead[c]),
+                 "mean_mass": float(mass[c]), "k": len(chosen[c]),
+                 "indices": " ".join(map(str, chosen[c]))} for c in range(self.num_classes)]
+
+    def diagnostics(self) -> dict[str, Any]:
         """JSON-ready diagnostics: images, mean mass, Ψ per threshold, union size."""
         chosen = self.chosen()
         out: dict[str, Any] = {
@@ -213,8 +237,10 @@ class Extraction:
 
     # -- files -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        from narrows.decompose.saving import decompose_header
+
         return {
-            "format": "narrows.decompose.extraction/1",
+            **decompose_header("extraction", self.meta),
             "buckets": self.buckets.cpu(),
             "ks": list(self.ks),
             "images": self.images.cpu(),
@@ -250,7 +276,12 @@ class Extraction:
 
         fix = "delete it and run 'narrows decompose extract' again (or pass --overwrite)"
         state = read_torch_file(file, "extraction file", fix)
+        from narrows.runs.results import check_header
+
         with reading(file, "extraction file", fix):
+            if not isinstance(state, dict):
+                raise ValueError(f"it holds a {type(state).__name__}, not a dict")
+            check_header(state, "decompose.extraction", 1, str(file))
             return cls.from_state(state, state["k"], state["k_img"], state.get("meta"))
 
     # -- figures -----------------------------------------------------------------------------

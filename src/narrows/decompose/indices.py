@@ -82,8 +82,42 @@ class ClassIndices:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the wrapped form atomically."""
-        return atomic_write_json(path, self.to_json())
+        """Write the wrapped form atomically, after the header (format and provenance)."""
+        from narrows.decompose.saving import decompose_header
+
+        return atomic_write_json(path, {**decompose_header("indices", self.meta),
+                                        **self.to_json()})
+
+    # -- the result contract -------------------------------------------------------------------
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One row per class and rank: ``class``, ``rank`` (0: most influential), ``channel``."""
+        return [{"class": c, "rank": r, "channel": j}
+                for c, row in enumerate(self.indices) for r, j in enumerate(row)]
+
+    def summary(self) -> str:
+        """One line: classes, ids per class, channels and their union."""
+        per = self.k if self.k is not None else f"{min(map(len, self.indices))}-" \
+            f"{max(map(len, self.indices))}"
+        return (f"{self.num_classes} classes × {per} ids of {self.num_channels} channels; "
+                f"union {len(self.union())}")
+
+    def plot(self, ax: Any = None) -> tuple[Any, Any]:
+        """The ``(C, D)`` mask (a dark cell: the class uses the channel); returns ``(fig, ax)``."""
+        from narrows.plotting import pyplot
+
+        plt = pyplot()
+        c, d = self.num_classes, self.num_channels
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(min(2 + d * 0.14, 16), 1.2 + c * 0.32))
+        else:
+            fig = ax.figure
+        ax.imshow(self.mask().numpy(), aspect="auto", cmap="Greys", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_xlabel("channel")
+        ax.set_ylabel("class")
+        ax.set_title(self.summary(), fontsize=9)
+        fig.tight_layout()
+        return fig, ax
 
     def save_upstream(self, path: str | Path) -> Path:
         """Write the bare upstream form ``{"0": [...], ...}`` atomically."""
@@ -111,7 +145,8 @@ class ClassIndices:
                     f"{source} has format {data['format']!r}, not {FORMAT!r}",
                     "write it with narrows decompose extract",
                 )
-            meta = {k: v for k, v in data.items() if k not in ("format", "indices")}
+            meta = {k: v for k, v in data.items()
+                    if k not in ("format", "indices", "provenance")}
             table = data["indices"]
             if not isinstance(table, Mapping):
                 raise UserError(f"{source}: 'indices' is not an object", "re-extract the file")

@@ -116,12 +116,49 @@ class MIComparison:
                                              for n, v in self.mis.items()]))
         return "\n".join(parts)
 
+    def to_rows(self) -> list[dict[str, Any]]:
+        """Flat records: the table's rows (``k``, ``source`` and each score)."""
+        return self.table.to_rows()
+
+    def summary(self) -> str:
+        """One line: the table's summary, then each model's MIS."""
+        line = self.table.summary()
+        if self.mis:
+            line += "; MIS " + ", ".join(f"{n} {v['mis']:.4f}" for n, v in self.mis.items())
+        return line
+
+    def plot(self, ax: Any = None, diagonal: bool = True) -> tuple[Any, Any]:
+        """The upstream score (or without ``diagonal`` the corrected one) against k."""
+        return self.table.plot("upstream" if diagonal else "no_diagonal", ax=ax)
+
+    @classmethod
+    def load(cls, path: str | Path) -> MIComparison:
+        """Read ``mutual_info.json`` (``path``: the file or the directory :meth:`save` wrote)."""
+        from narrows.decompose.mutual_info import MITable
+        from narrows.runs.files import read_json_file, reading
+        from narrows.runs.results import check_header
+
+        path = Path(path)
+        file = path / "mutual_info.json" if path.is_dir() else path
+        fix = "run 'narrows decompose mutual-info' again"
+        data = read_json_file(file, "mutual-information results file", fix,
+                              required_keys=("ks", "scores"))
+        check_header(data, "decompose.mutual_info", 1, str(file))
+        with reading(file, "mutual-information results file", fix):
+            return cls(MITable.from_json(data), dict(data.get("mis", {})))
+
     def save(self, run: Any, diagonal: bool = True) -> None:
-        """``mutual_info.json``/``.csv``/``.md`` and ``mutual_info.png`` (the upstream score,
-        or without ``diagonal`` the corrected one) into ``run`` (a RunDir)."""
+        """``mutual_info.json`` (after the header)/``.csv``/``.md`` and ``mutual_info.png``
+        (the upstream score, or without ``diagonal`` the corrected one) into ``run`` (a
+        RunDir, or a directory path)."""
+        from narrows.decompose.saving import as_run, decompose_header
         from narrows.plotting import pyplot
 
-        run.write_json("mutual_info.json", self.to_json())
+        run = as_run(run)
+        seed = self.table.meta.get("seed")
+        run.write_json("mutual_info.json",
+                       {**decompose_header("mutual_info", self.table.meta, seed),
+                        **self.to_json()})
         run.write_text("mutual_info.csv", csv_text(self.table.to_rows()))
         run.write_text("mutual_info.md", self.markdown())
         fig, _ = self.table.plot("upstream" if diagonal else "no_diagonal")

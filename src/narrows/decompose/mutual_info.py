@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -127,6 +128,45 @@ class MITable:
                 "scores": {s: {str(k): v for k, v in by_k.items()}
                            for s, by_k in self.scores.items()}}
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MITable:
+        """The table of a :meth:`to_json` document (its header, if any, ignored)."""
+        return cls([int(k) for k in data["ks"]],
+                   {s: {int(k): dict(v) for k, v in by_k.items()}
+                    for s, by_k in data["scores"].items()},
+                   dict(data.get("meta", {})))
+
+    def save(self, path: str | Path) -> Path:
+        """The JSON of :meth:`to_json` after the header, atomically."""
+        from narrows.decompose.saving import decompose_header
+        from narrows.runs.files import atomic_write_json
+
+        return atomic_write_json(path, {**decompose_header("mi_table", self.meta),
+                                        **self.to_json()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> MITable:
+        """Read what :meth:`save` wrote (a ``mutual_info.json`` reads too)."""
+        from narrows.runs.files import read_json_file, reading
+        from narrows.runs.results import check_header
+
+        fix = "run 'narrows decompose mutual-info' again"
+        data = read_json_file(path, "mutual-information table", fix,
+                              required_keys=("ks", "scores"))
+        if data.get("format") != "narrows.decompose.mutual_info/1":
+            check_header(data, "decompose.mi_table", 1, str(path))
+        with reading(path, "mutual-information table", fix):
+            return cls.from_json(data)
+
+    def summary(self) -> str:
+        """One line: the corrected MI (no diagonal) of each source at the first k."""
+        if not self.ks:
+            return "no k scored"
+        k = self.ks[0]
+        parts = [f"{s} {_cell(by_k[k].get('no_diagonal'), 'no_diagonal') or 'n/a'}"
+                 for s, by_k in self.scores.items() if k in by_k]
+        return f"MI without diagonal at k = {k}: " + (", ".join(parts) or "no source")
+
     def plot(self, score: str = "upstream", ax: Any = None):
         """``score`` against ``k``, one line per source; returns ``(fig, ax)``."""
         from narrows.plotting import pyplot
@@ -181,6 +221,64 @@ class MISResult:
     matrix: np.ndarray
     score: float
     images: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One row per class and channel: ``class``, ``channel``, ``mi`` (nats)."""
+        return [{"class": c, "channel": j, "mi": float(v)}
+                for c, row in enumerate(self.matrix.tolist()) for j, v in enumerate(row)]
+
+    def summary(self) -> str:
+        """One line: MIS, images, classes and channels."""
+        classes, channels = self.matrix.shape
+        return (f"MIS {self.score:.4f} on {self.images} images "
+                f"({classes} classes × {channels} channels)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mis": self.score, "images": self.images, "matrix": self.matrix.tolist(),
+                "meta": self.meta}
+
+    def save(self, path: str | Path) -> Path:
+        """The JSON of :meth:`to_json` after the header, atomically (the shape of the
+        ``mis_<name>.json`` files of ``narrows decompose mutual-info``)."""
+        from narrows.decompose.saving import decompose_header
+        from narrows.runs.files import atomic_write_json
+
+        return atomic_write_json(path, {**decompose_header("mis", self.meta), **self.to_json()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> MISResult:
+        """Read what :meth:`save` wrote, or a ``mis_<name>.json`` file."""
+        from narrows.runs.files import read_json_file, reading
+        from narrows.runs.results import check_header
+
+        fix = "run 'narrows decompose mutual-info --mis' again"
+        data = read_json_file(path, "MIS file", fix, required_keys=("mis", "images", "matrix"))
+        check_header(data, "decompose.mis", 1, str(path))
+        with reading(path, "MIS file", fix):
+            matrix = np.asarray(data["matrix"], dtype=np.float64)
+            if matrix.ndim != 2:
+                raise ValueError(f"the matrix has shape {matrix.shape}, not (classes, channels)")
+            return cls(matrix, float(data["mis"]), int(data["images"]),
+                       dict(data.get("meta", {})))
+
+    def plot(self, ax: Any = None) -> tuple[Any, Any]:
+        """Heat map of ``matrix`` (class × channel); returns ``(fig, ax)``."""
+        from narrows.plotting import pyplot
+
+        plt = pyplot()
+        classes, channels = self.matrix.shape
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(min(2 + channels * 0.14, 16), 1.2 + classes * 0.32))
+        else:
+            fig = ax.figure
+        image = ax.imshow(self.matrix, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xlabel("channel")
+        ax.set_ylabel("class")
+        ax.set_title(f"I(h_j ; y = c) in nats; {self.summary()}", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
+        fig.tight_layout()
+        return fig, ax
 
 
 def mis(features: Tensor | np.ndarray, labels: Tensor | np.ndarray, num_classes: int | None = None,

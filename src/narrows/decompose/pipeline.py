@@ -101,7 +101,7 @@ def save_extraction(result: Extraction, run: Any) -> None:
     fig, _ = result.plot()
     run.save_figure("histogram.png", fig)
     _close(fig)
-    run.write_json("results.json", result.summary())
+    run.write_json("results.json", result.diagnostics())
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -118,14 +118,82 @@ class ValidationReport:
     title: str = ""
 
     def save(self, run: Any) -> None:
-        """``results.json`` and, with a curve, ``curve.csv``/``curve.json`` and
-        ``accuracy_vs_k.png`` into ``run`` (a RunDir)."""
+        """``results.json`` (after the header) and, with a curve, ``curve.csv``/``curve.json``
+        and ``accuracy_vs_k.png`` into ``run`` (a RunDir, or a directory path)."""
+        from narrows.decompose.saving import as_run, decompose_header
+
+        run = as_run(run)
         if self.curve is not None and run.writer:
             self.curve.save(run.path)
             fig, _ = self.curve.plot(title=self.title)
             run.save_figure("accuracy_vs_k.png", fig)
             _close(fig)
-        run.write_json("results.json", self.results)
+        seed = self.curve.meta.get("seed") if self.curve is not None else None
+        run.write_json("results.json",
+                       {**decompose_header("validation", self.results, seed), **self.results})
+
+    @classmethod
+    def load(cls, path: str | Path) -> ValidationReport:
+        """Read what :meth:`save` wrote (``path``: the directory or its ``results.json``)."""
+        from narrows.decompose.saving import strip_header
+        from narrows.runs.files import read_json_file, reading
+        from narrows.runs.results import check_header
+
+        path = Path(path)
+        file = path / "results.json" if path.is_dir() else path
+        fix = "run 'narrows decompose validate' again"
+        document = read_json_file(file, "validation results file", fix, required_keys=("n",))
+        check_header(document, "decompose.validation", 1, str(file))
+        results = strip_header(document)
+        with reading(file, "validation results file", fix):
+            curve = Curve.from_json(results["curve"]) if "curve" in results else None
+        return cls(results, curve)
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One row for the full model, one for the decomposed one (when scored), one per point
+        of the curve: ``source``, ``k``, ``top1``, ``top5``, ``loss``, ``n``."""
+        rows = []
+        for source in ("full", "decomposed"):
+            scores = self.results.get(source)
+            if isinstance(scores, dict):
+                rows.append({"source": source, "k": scores.get("k"),
+                             **{key: scores.get(key) for key in ("top1", "top5", "loss")},
+                             "n": self.results.get("n")})
+        if self.curve is not None:
+            rows += [{**row, "top5": None, "loss": None, "n": self.curve.n}
+                     for row in self.curve.rows()]
+        return rows
+
+    def summary(self) -> str:
+        """One line: full and decomposed top-1, and the curve's size."""
+        parts = []
+        for source in ("full", "decomposed"):
+            scores = self.results.get(source)
+            if isinstance(scores, dict) and "top1" in scores:
+                k = f" (k = {scores['k']})" if scores.get("k") is not None else ""
+                parts.append(f"{source}{k} top-1 {100 * float(scores['top1']):.2f}%")
+        line = "; ".join(parts) + f" on {self.results.get('n')} test images"
+        if self.curve is not None:
+            line += f"; curve: {len(self.curve.top1)} sources × {len(self.curve.ks)} k"
+        return line
+
+    def plot(self, ax: Any = None) -> tuple[Any, Any]:
+        """The accuracy-vs-k curve when there is one, else a bar of each top-1; returns
+        ``(fig, ax)``."""
+        if self.curve is not None:
+            return self.curve.plot(ax=ax, title=self.title or None)
+        from narrows.plotting import pyplot
+
+        if ax is None:
+            fig, ax = pyplot().subplots(figsize=(4, 3.2))
+        else:
+            fig = ax.figure
+        names = [s for s in ("full", "decomposed") if isinstance(self.results.get(s), dict)]
+        ax.bar(names, [100 * float(self.results[s]["top1"]) for s in names])
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(self.title or "accuracy", fontsize=10)
+        fig.tight_layout()
+        return fig, ax
 
 
 def _sources(classes: int, width: int, linear: Any, extraction: Extraction | None,

@@ -256,8 +256,6 @@ class DegradationResult:
     def plot(self, ax: Any = None, label: str = "") -> Any:
         """Mean normalised MoRF and LeRF curves against the fraction of tiles removed; returns
         ``(fig, ax)`` (which also answers as the axes, as it did before)."""
-        from narrows.attribution.result_files import Drawn
-
         if ax is None:
             from narrows.plotting import pyplot
 
@@ -270,7 +268,7 @@ class DegradationResult:
         ax.set_ylabel(f"normalised {self.output}")
         ax.set_title(f"degradation {self.tile}×{self.tile}: score {self.score:.3f}")
         ax.legend()
-        return Drawn(ax.figure, ax, ax)
+        return ax.figure, ax
 
 
 # --- metric -------------------------------------------------------------------------------------

@@ -305,8 +305,6 @@ class RandomisationResult:
         ``ax`` (or ``axes``): two matplotlib axes to draw into (to overlay methods); returns
         ``(fig, axes)``, which also answers as the figure (what it returned before).
         """
-        from narrows.attribution.result_files import Drawn
-
         axes = ax if ax is not None else axes
         if axes is None:
             from narrows.plotting import pyplot
@@ -341,7 +339,7 @@ class RandomisationResult:
         axes[0].set_ylabel("agreement with the original maps")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
-        return Drawn(fig, axes, fig)
+        return fig, axes
 
     def save(self, path: str | Path) -> Path:
         """Write the result to one torch file (atomically), after the format header."""

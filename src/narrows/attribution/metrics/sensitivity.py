@@ -131,8 +131,6 @@ class SensitivityNResult:
     def plot(self, ax: Any = None, label: str = "") -> Any:
         """Correlation against ``n`` on a log axis; returns ``(fig, ax)`` (which also answers
         as the axes, as it did before)."""
-        from narrows.attribution.result_files import Drawn
-
         if ax is None:
             from narrows.plotting import pyplot
 
@@ -142,7 +140,7 @@ class SensitivityNResult:
         ax.set_xlabel(f"n (tiles of {self.tile}×{self.tile})")
         ax.set_ylabel("Pearson correlation")
         ax.legend()
-        return Drawn(ax.figure, ax, ax)
+        return ax.figure, ax
 
 
 def subset_masks(n_tiles: int, n: int, n_sets: int, seed: int) -> Tensor:
