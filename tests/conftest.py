@@ -1,12 +1,20 @@
-"""Shared test setup: keep torch to two threads; random-init checkpoints with a full card."""
+"""Shared test setup: keep torch to two threads; random-init checkpoints with a full card.
+
+The tests mirror the source tree: ``core/``, one folder per method (``interactions/``,
+``attribution/``, ``decompose/``, ``kvb/``) and ``cli/`` for end-to-end command lines;
+``userdata.py`` (this folder, on ``sys.path``) writes the users' kinds of data for all of them.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # userdata.py for every folder
 
 torch.set_num_threads(2)
 

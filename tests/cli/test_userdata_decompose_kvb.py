@@ -36,7 +36,7 @@ from narrows.models import ModelCard, create, load_model, save_model
 from narrows.models.decomposed import DecomposedLinear, find_decomposed
 from narrows.training import Normalizer
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: userdata.py
 from userdata import make_flat_folder, make_folder_split, make_imagenet_tree  # noqa: E402
 
 TINY = "shapes:classes=3,size=16,train=24,test=12"

@@ -14,7 +14,7 @@ from narrows.errors import UserError
 from narrows.models.card import ModelCard
 from narrows.models.inputs import data_for_model
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: userdata.py
 from userdata import CLASS_NAMES, make_folder_split  # noqa: E402
 
 

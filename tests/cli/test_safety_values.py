@@ -14,7 +14,7 @@ import pytest
 
 from narrows.cli import main
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: userdata.py
 from userdata import make_cifar10_tree  # noqa: E402
 
 

@@ -16,7 +16,7 @@ from narrows.data import load
 from narrows.data.cifar import LAYOUTS, read_batch
 from narrows.errors import UserError
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: userdata.py
 from userdata import make_cifar10_tree  # noqa: E402
 
 LAYOUT = LAYOUTS["cifar10"]

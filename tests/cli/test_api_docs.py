@@ -9,7 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-API = Path(__file__).resolve().parents[1] / "docs" / "api.md"
+API = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 
 
 def test_every_api_example_runs(tmp_path, monkeypatch, capsys):
