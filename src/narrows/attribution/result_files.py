@@ -1,12 +1,13 @@
 """What attribution's result classes share to follow the result contract: one-file save and
-load with the format header (:mod:`narrows.runs.results`), and a ``(fig, ax)`` that old callers
-can still use as the one object ``plot`` returned before."""
+load with the format header (:mod:`narrows.runs.results`), and :class:`SavedAsTorch`, the
+``save``/``load`` pair of a dataclass result kept in one torch file."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 FORMAT_VERSION = 1
 
@@ -71,3 +72,33 @@ def plain(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return value
+
+
+class SavedAsTorch:
+    """``save``/``load`` for a dataclass result whose fields are plain tensors and values:
+    one torch file with the header. A class sets ``FORMAT_KIND``, ``WHAT`` (the file in error
+    messages), ``FIX`` (what to do with a damaged one) and may override :meth:`origin`."""
+
+    FORMAT_KIND: ClassVar[str]
+    WHAT: ClassVar[str]
+    FIX: ClassVar[str]
+
+    def origin(self) -> dict[str, Any]:
+        """The provenance written in the header (seed and options where the result has them)."""
+        from narrows.runs.results import provenance
+
+        return provenance()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result (tensors and settings, after the format header) to one torch file."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        return save_torch_result(path, self.FORMAT_KIND, state, self.origin())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        """Read a result written by :meth:`save` (or before headers existed)."""
+        from narrows.runs.files import reading
+
+        state = load_torch_result(path, cls.FORMAT_KIND, cls.WHAT, cls.FIX)
+        with reading(path, cls.WHAT, cls.FIX):
+            return cls(**state)

@@ -66,6 +66,12 @@ def curve_ks(num_channels: int) -> list[int]:
     return sorted(k for k in grid | {num_channels} if k <= num_channels)
 
 
+def plain_split(data: Any, split: str = "train") -> Any:
+    """``data`` itself when it is a data set; a data bundle's ``split`` without augmentation
+    (counting on augmented images would count other images than the command does)."""
+    return data.split(split, "none") if hasattr(data, "split") and hasattr(data, "info") else data
+
+
 def extract(
     model: nn.Module,
     dataset: Dataset,
@@ -73,7 +79,7 @@ def extract(
     num_classes: int,
     k: int,
     k_img: int | None = None,
-    ks: Sequence[int] = (),
+    ks: Sequence[int] | None = None,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     layer: str | None = None,
     normalizer: Callable[[Tensor], Tensor] | None = None,
@@ -90,9 +96,12 @@ def extract(
 
     The indices are each class's ``k`` most frequent channels among its images' top ``k_img``
     (default ``k``) positive responses. ``ks`` are further per-image k counted in the same pass
-    (for accuracy-vs-k curves); ``thresholds`` the mass fractions of Ψ. ``dataset`` yields
-    ``(image in [0, 1], label)``; ``normalizer`` maps a batch to model inputs.
+    (for accuracy-vs-k curves; default :func:`curve_ks`, as ``narrows decompose extract``);
+    ``thresholds`` the mass fractions of Ψ. ``dataset`` yields ``(image in [0, 1], label)``, or
+    is a data bundle, whose train split is used without augmentation (as the command does);
+    ``normalizer`` maps a batch to model inputs.
     """
+    dataset = plain_split(dataset)
     device = torch.device(device)
     features = features_at(model, layer)
     width = _width(model, features, dataset, normalizer, device)
@@ -100,6 +109,7 @@ def extract(
     for name, value in (("k", k), ("k_img", k_img)):
         if not 1 <= value <= width:
             raise UserError(f"{name} must lie in [1, {width}], got {value}", f"pass a valid {name}")
+    ks = curve_ks(width) if ks is None else ks
     hist = TopKHistogram(num_classes, width, {k_img, *[x for x in ks if 1 <= x <= width]},
                          k_mass=k, thresholds=thresholds, device=device)
     stream(model, features, dataset, hist, normalizer=normalizer, device=device,
@@ -131,6 +141,7 @@ def extract_fractional(
     class's ``k_c``, the second for the histograms at those ``k_c``."""
     if not 0.0 < fraction < 1.0:
         raise UserError(f"the fraction must lie in (0, 1), got {fraction}", "pass e.g. 0.5")
+    dataset = plain_split(dataset)
     device = torch.device(device)
     features = features_at(model, layer)
     width = _width(model, features, dataset, normalizer, device)

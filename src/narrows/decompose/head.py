@@ -40,12 +40,21 @@ __all__ = ["EXTRA_KEY", "DecomposedLinear", "LoadedDecomposed", "decompose", "de
            "load_decomposed"]
 
 
-def decompose(model: nn.Module, indices: ClassIndices, *, inplace: bool = False) -> nn.Module:
+def decompose(model: nn.Module, indices: Any, *, inplace: bool = False) -> nn.Module:
     """``model`` (a copy unless ``inplace``) with its final linear layer decomposed.
 
-    The model's classifier must be its last ``nn.Linear`` (see :func:`split_head`); indices for
-    another number of classes or channels are a :class:`UserError`.
+    ``indices`` is a :class:`ClassIndices`, or an :class:`~narrows.decompose.Extraction` (its
+    chosen indices). The model's classifier must be its last ``nn.Linear`` (see
+    :func:`split_head`); indices for another number of classes or channels are a
+    :class:`UserError`.
     """
+    if not isinstance(indices, ClassIndices) and hasattr(indices, "chosen"):
+        indices = indices.chosen()
+    if callable(indices) and not isinstance(indices, ClassIndices):  # ex.indices, not ex.indices()
+        indices = indices()
+    if not isinstance(indices, ClassIndices):
+        raise UserError(f"indices are a {type(indices).__name__}, not ClassIndices",
+                        "pass ClassIndices.load(path), extraction.indices() or the extraction")
     target = model if inplace else copy.deepcopy(model)
     _, linear = split_head(target)
     return replace_classifier(target, DecomposedLinear(linear, indices))

@@ -23,13 +23,13 @@ Ties at the ``n``-th score are broken deterministically, in one of two ways:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from narrows.attribution.result_files import SavedAsTorch
 from narrows.errors import UserError
 
 Ties = Literal["random", "average"]
@@ -50,8 +50,12 @@ def boxes_to_mask(boxes: Tensor, height: int, width: int) -> Tensor:
 
 
 @dataclass
-class BBoxResult:
+class BBoxResult(SavedAsTorch):
     """Per-image ratios (NaN where skipped), box fractions and in-box heatmap mass."""
+
+    FORMAT_KIND = FORMAT_KIND
+    WHAT = "bbox result file"
+    FIX = "delete it and compute the bbox ratio again"
 
     ratios: Tensor
     used: Tensor
@@ -101,26 +105,12 @@ class BBoxResult:
         return (f"bbox ratio {self.mean:.3f} (random ≈ {self.mean_box_fraction:.3f}) over "
                 f"{self.n_used} images, {self.n_skipped} skipped")
 
-    def save(self, path: str | Path) -> Path:
-        """Write the result (tensors and settings, after the format header) to one torch file."""
-        from narrows.attribution.result_files import save_torch_result
+    def origin(self) -> dict[str, Any]:
+        """Seed and options, for the saved file's header."""
         from narrows.runs.results import provenance
 
-        origin = provenance(seed=self.seed, options={"max_box_fraction": self.max_box_fraction,
-                                                      "ties": self.ties})
-        return save_torch_result(path, FORMAT_KIND,
-                                 {f.name: getattr(self, f.name) for f in fields(self)}, origin)
-
-    @classmethod
-    def load(cls, path: str | Path) -> BBoxResult:
-        """Read a result written by :meth:`save`."""
-        from narrows.attribution.result_files import load_torch_result
-        from narrows.runs.files import reading
-
-        what, fix = "bbox result file", "delete it and compute the bbox ratio again"
-        state = load_torch_result(path, FORMAT_KIND, what, fix)
-        with reading(path, what, fix):
-            return cls(**state)
+        return provenance(seed=self.seed, options={"max_box_fraction": self.max_box_fraction,
+                                                   "ties": self.ties})
 
     def plot(self, ax: Any = None, label: str = "") -> tuple[Any, Any]:
         """Each used image's ratio against its box's area fraction (what a random heatmap

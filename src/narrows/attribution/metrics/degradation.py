@@ -34,13 +34,13 @@ The baseline defaults to the per-channel mean colour of each image in the model'
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from narrows.attribution.result_files import SavedAsTorch
 from narrows.errors import UserError
 
 Output = Literal["softmax", "logit"]
@@ -146,9 +146,13 @@ def removal_steps(n_tiles: int, n_points: int) -> Tensor:
 
 
 @dataclass
-class DegradationResult:
+class DegradationResult(SavedAsTorch):
     """Per-image MoRF/LeRF curves (``N×P`` float64 on the CPU, raw and normalised), the number of
     removed tiles at each point (``steps``) and per-image scores (NaN where degenerate)."""
+
+    FORMAT_KIND = FORMAT_KIND
+    WHAT = "degradation result file"
+    FIX = "delete it and compute the degradation again"
 
     tile: int
     n_tiles: int
@@ -232,30 +236,16 @@ class DegradationResult:
                 f"(median {self.median_score:.3f}, raw {self.raw_score:.3f}) over "
                 f"{int(self.scores.numel())} images, {self.n_degenerate} degenerate")
 
-    def save(self, path: str | Path) -> Path:
-        """Write the result (tensors and settings, after the format header) to one torch file."""
-        from narrows.attribution.result_files import save_torch_result
+    def origin(self) -> dict[str, Any]:
+        """Seed and options, for the saved file's header."""
         from narrows.runs.results import provenance
 
-        origin = provenance(seed=self.seed, options={"tile": self.tile, "output": self.output,
-                                                      "points": int(self.steps.numel())})
-        return save_torch_result(path, FORMAT_KIND,
-                                 {f.name: getattr(self, f.name) for f in fields(self)}, origin)
-
-    @classmethod
-    def load(cls, path: str | Path) -> DegradationResult:
-        """Read a result written by :meth:`save`."""
-        from narrows.attribution.result_files import load_torch_result
-        from narrows.runs.files import reading
-
-        what, fix = "degradation result file", "delete it and compute the degradation again"
-        state = load_torch_result(path, FORMAT_KIND, what, fix)
-        with reading(path, what, fix):
-            return cls(**state)
+        return provenance(seed=self.seed, options={"tile": self.tile, "output": self.output,
+                                                   "points": int(self.steps.numel())})
 
     def plot(self, ax: Any = None, label: str = "") -> Any:
         """Mean normalised MoRF and LeRF curves against the fraction of tiles removed; returns
-        ``(fig, ax)`` (which also answers as the axes, as it did before)."""
+        ``(fig, ax)``."""
         if ax is None:
             from narrows.plotting import pyplot
 

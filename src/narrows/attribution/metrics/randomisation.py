@@ -303,7 +303,7 @@ class RandomisationResult:
         """Spearman ρ and SSIM against the randomised-down-to layer, with the run-to-run band.
 
         ``ax`` (or ``axes``): two matplotlib axes to draw into (to overlay methods); returns
-        ``(fig, axes)``, which also answers as the figure (what it returned before).
+        ``(fig, axes)``.
         """
         axes = ax if ax is not None else axes
         if axes is None:

@@ -20,8 +20,7 @@ small ``N`` the log-spaced values repeat).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -36,6 +35,7 @@ from narrows.attribution.metrics.degradation import (
     tile_grid,
     tile_reduce,
 )
+from narrows.attribution.result_files import SavedAsTorch
 from narrows.errors import UserError
 
 Aggregate = Literal["pooled", "per_image"]
@@ -59,8 +59,12 @@ def pearson(a: Tensor, b: Tensor, dim: int = -1) -> Tensor:
 
 
 @dataclass
-class SensitivityNResult:
+class SensitivityNResult(SavedAsTorch):
     """``attributions`` and ``deltas`` are ``len(ns)×N×n_sets``; correlations are per ``n``."""
+
+    FORMAT_KIND = FORMAT_KIND
+    WHAT = "sensitivity-n result file"
+    FIX = "delete it and compute sensitivity-n again"
 
     ns: list[int]
     tile: int
@@ -106,31 +110,16 @@ class SensitivityNResult:
                 f"{int(self.deltas.shape[1])} images): mean correlation pooled "
                 f"{nanmean(self.pooled):.3f}, per image {nanmean(self.per_image):.3f}")
 
-    def save(self, path: str | Path) -> Path:
-        """Write the result (tensors and settings, after the format header) to one torch file."""
-        from narrows.attribution.result_files import save_torch_result
+    def origin(self) -> dict[str, Any]:
+        """Seed and options, for the saved file's header."""
         from narrows.runs.results import provenance
 
-        origin = provenance(seed=self.seed, options={
+        return provenance(seed=self.seed, options={
             "tile": self.tile, "n_sets": self.n_sets, "aggregate": self.aggregate,
             "output": self.output})
-        return save_torch_result(path, FORMAT_KIND,
-                                 {f.name: getattr(self, f.name) for f in fields(self)}, origin)
-
-    @classmethod
-    def load(cls, path: str | Path) -> SensitivityNResult:
-        """Read a result written by :meth:`save`."""
-        from narrows.attribution.result_files import load_torch_result
-        from narrows.runs.files import reading
-
-        what, fix = "sensitivity-n result file", "delete it and compute sensitivity-n again"
-        state = load_torch_result(path, FORMAT_KIND, what, fix)
-        with reading(path, what, fix):
-            return cls(**state)
 
     def plot(self, ax: Any = None, label: str = "") -> Any:
-        """Correlation against ``n`` on a log axis; returns ``(fig, ax)`` (which also answers
-        as the axes, as it did before)."""
+        """Correlation against ``n`` on a log axis; returns ``(fig, ax)``."""
         if ax is None:
             from narrows.plotting import pyplot
 
