@@ -69,6 +69,7 @@ class TrainResult:
 
 
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
+    """The plain supervised loss ``fit`` uses by default: ``(loss, logits)`` of a batch."""
     def loss_fn(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor):
         logits = model(inputs)
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
