@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from narrows.cli.app import Command, register
 from narrows.cli.common import CommonOptions, open_run, start
-from narrows.config import at_least, increasing, non_negative, option, positive, unit_open
+from narrows.config import option, positive
+from narrows.training.settings import TrainOptions
 
 RESERVED_KWARGS = ("num_classes", "in_chans", "pretrained", "checkpoint_path")
 MODEL_KWARGS_EXAMPLE = "e.g. --model-kwargs drop_rate=0.1,patch_size=8"
@@ -81,7 +82,9 @@ DATA_HELP = ("data spec: digits, shapes[:k=v,...], cifar10:PATH, cifar100:PATH, 
 
 
 @dataclass
-class TrainConfig(CommonOptions):
+class TrainSubject:
+    """What to train, on which data (listed before :class:`TrainOptions` in ``--help``)."""
+
     model: str | None = option(None, "any timm model name or a narrows one (resnet20_cifar ... "
                                "resnet110_cifar, alexnet_cifar; list: narrows models), or your "
                                "own nn.Module as path/to/file.py:ClassName or module:ClassName "
@@ -99,56 +102,21 @@ class TrainConfig(CommonOptions):
                                     "[default: 224, or the card's size with --checkpoint]",
                                     check=positive)
     download: bool = option(False, "allow CIFAR to be downloaded when missing (needs network)")
-    epochs: int = option(15, "training epochs", check=positive)
-    batch_size: int = option(64, "images per step (per process under torchrun)", check=positive)
-    optimizer: Literal["sgd", "adamw"] = option("sgd", "optimizer")
-    lr: float = option(0.1, "peak learning rate", check=positive)
-    momentum: float = option(0.9, "SGD momentum", check=unit_open)
-    weight_decay: float = option(5e-4, "weight decay (not on biases and norm weights)",
-                                 check=non_negative)
-    schedule: Literal["cosine", "step", "log", "constant"] = option(
-        "cosine", "learning-rate schedule: cosine to 0; step (--milestones, --gamma); log "
-        "(geometric per epoch, --log-decades powers of ten over the run); constant")
-    milestones: list[int] = option([], "epochs where the step schedule multiplies lr by --gamma "
-                                   "(increasing, each within --epochs)",
-                                   check=at_least(1).also(increasing))
-    gamma: float = option(0.1, "step-schedule factor", check=positive)
-    log_decades: float = option(1.0, "log schedule: powers of ten the lr falls over the run",
-                                check=non_negative)
-    warmup_epochs: float = option(0.0, "linear warm-up length in epochs", check=non_negative)
-    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy",
-                                    check=unit_open)
-    augment: Literal["auto", "none", "crop", "flip", "crop-flip", "resized-crop-flip"] = option(
-        "auto", "augmentation; auto = the data set's standard one (digits: crop, no flip)")
-    workers: int = option(0, "data-loading worker processes (0 = in the main process; "
-                          "in-memory data sets need none)", check=non_negative,
-                          affects_result=False)
-    eval_batch_size: int = option(256, "images per evaluation batch", check=positive,
-                                  affects_result=False)
+
+
+@dataclass
+class TrainConfig(TrainOptions, TrainSubject, CommonOptions):
+    """``narrows train``: what to train (:class:`TrainSubject`) and how (:class:`TrainOptions`)."""
+
     resume: bool = option(False, "require an unfinished run in --out to continue (re-running "
                           "on the same --out resumes anyway)", affects_result=False)
 
-    def check_together(self) -> None:
-        """Milestones past the last epoch would never apply: refuse them before any work."""
-        from narrows.errors import UserError
-
-        late = [m for m in self.milestones if m > self.epochs]
-        if late:
-            raise UserError(f"--milestones {late[0]} lies beyond --epochs {self.epochs}",
-                            f"give milestones between 1 and {self.epochs}")
-
 
 def settings_from(cfg: TrainConfig):
+    """The :class:`~narrows.training.TrainSettings` of the command's options."""
     from narrows.training import TrainSettings
 
-    return TrainSettings(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
-        momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-        milestones=list(cfg.milestones), gamma=cfg.gamma, log_decades=cfg.log_decades,
-        warmup_epochs=cfg.warmup_epochs,
-        label_smoothing=cfg.label_smoothing, augment=cfg.augment, workers=cfg.workers,
-        eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
-    )
+    return TrainSettings.from_options(cfg, seed=cfg.seed)
 
 
 def load_start(cfg: TrainConfig):

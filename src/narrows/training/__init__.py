@@ -18,7 +18,7 @@ from narrows.training.loop import (
     make_optimizer,
     train_one_epoch,
 )
-from narrows.training.settings import TrainSettings, learning_rate
+from narrows.training.settings import TrainOptions, TrainSettings, learning_rate
 from narrows.training.setup import (
     model_for_training,
     training_data,
@@ -32,6 +32,7 @@ __all__ = [
     "EvalResult",
     "LossFn",
     "Normalizer",
+    "TrainOptions",
     "TrainResult",
     "TrainSettings",
     "cross_entropy",
