@@ -248,9 +248,11 @@ def _same_files(a: Path, b: Path, names: list[str]) -> None:
 
 
 def _untimed(value):
-    """``value`` without the keys named ``seconds`` (timings differ from run to run)."""
+    """``value`` without the keys named ``seconds`` or ending ``.seconds`` (flat summaries):
+    timings differ from run to run."""
     if isinstance(value, dict):
-        return {k: _untimed(v) for k, v in value.items() if k != "seconds"}
+        return {k: _untimed(v) for k, v in value.items()
+                if k != "seconds" and not k.endswith(".seconds")}
     if isinstance(value, list):
         return [_untimed(v) for v in value]
     return value

@@ -11,80 +11,64 @@
 * Evaluation: :func:`degradation`, :func:`bbox_ratio`, :func:`sensitivity_n`; the sanity check
   :func:`cascading_randomisation`. The commands as functions: :func:`explain_images`,
   :func:`evaluate_methods`, :func:`sanity_check`, :func:`statistics_for` (load or estimate IBA's
-  statistics), :func:`pick_indices` (which test images).
+  statistics), :func:`pick_indices` (which test images). Their options, with the commands'
+  defaults: :mod:`narrows.attribution.options` (:class:`IBAOptions`, :class:`EvaluateOptions`,
+  ...; torch-free, as is importing this package).
 
 Importing this package does not import captum.
 """
 
-from narrows.attribution.baselines import BASELINES, available_methods, make_method
-from narrows.attribution.bottleneck import Bottleneck, capacity, gaussian_kernel
-from narrows.attribution.evaluation import EvaluationResult, evaluate_methods
-from narrows.attribution.explain import explain_images
-from narrows.attribution.heatmap import AttributionResult, bits_per_cell, heatmap_from_capacity
-from narrows.attribution.images import describe_images, pick_indices
-from narrows.attribution.layers import default_layer, get_layer, run_to_layer
-from narrows.attribution.methods import (
-    METHODS,
-    Method,
-    MethodSettings,
-    check_methods,
-    get_method,
-    method_names,
-)
-from narrows.attribution.metrics import (
-    bbox_ratio,
-    cascading_randomisation,
-    degradation,
-    sensitivity_n,
-)
-from narrows.attribution.per_sample import IBA
-from narrows.attribution.readout import (
-    ReadoutBottleneck,
-    ReadoutIBA,
-    default_readout_layers,
-    estimate_readout_statistics,
-    train_readout,
-)
-from narrows.attribution.sanity import SanityResult, sanity_check
-from narrows.attribution.statistics import FeatureStatistics, estimate_statistics, statistics_for
+from narrows.lazy import lazy_package
 
-__all__ = [
-    "BASELINES",
-    "METHODS",
-    "AttributionResult",
-    "Bottleneck",
-    "EvaluationResult",
-    "FeatureStatistics",
-    "IBA",
-    "Method",
-    "MethodSettings",
-    "SanityResult",
-    "ReadoutBottleneck",
-    "ReadoutIBA",
-    "available_methods",
-    "bbox_ratio",
-    "bits_per_cell",
-    "capacity",
-    "cascading_randomisation",
-    "check_methods",
-    "default_layer",
-    "default_readout_layers",
-    "degradation",
-    "describe_images",
-    "evaluate_methods",
-    "explain_images",
-    "estimate_readout_statistics",
-    "estimate_statistics",
-    "gaussian_kernel",
-    "get_layer",
-    "get_method",
-    "heatmap_from_capacity",
-    "make_method",
-    "method_names",
-    "pick_indices",
-    "run_to_layer",
-    "sanity_check",
-    "sensitivity_n",
-    "statistics_for",
-    "train_readout",
-]
+_WHERE = {
+    "BASELINES": "narrows.attribution.baselines",
+    "available_methods": "narrows.attribution.baselines",
+    "make_method": "narrows.attribution.baselines",
+    "Bottleneck": "narrows.attribution.bottleneck",
+    "capacity": "narrows.attribution.bottleneck",
+    "gaussian_kernel": "narrows.attribution.bottleneck",
+    "EvaluationResult": "narrows.attribution.evaluation",
+    "evaluate_methods": "narrows.attribution.evaluation",
+    "explain_images": "narrows.attribution.explain",
+    "AttributionResult": "narrows.attribution.heatmap",
+    "bits_per_cell": "narrows.attribution.heatmap",
+    "heatmap_from_capacity": "narrows.attribution.heatmap",
+    "describe_images": "narrows.attribution.images",
+    "pick_indices": "narrows.attribution.images",
+    "default_layer": "narrows.attribution.layers",
+    "get_layer": "narrows.attribution.layers",
+    "run_to_layer": "narrows.attribution.layers",
+    "METHODS": "narrows.attribution.methods",
+    "Method": "narrows.attribution.methods",
+    "MethodSettings": "narrows.attribution.methods",
+    "check_methods": "narrows.attribution.methods",
+    "get_method": "narrows.attribution.methods",
+    "method_names": "narrows.attribution.methods",
+    "bbox_ratio": "narrows.attribution.metrics",
+    "cascading_randomisation": "narrows.attribution.metrics",
+    "degradation": "narrows.attribution.metrics",
+    "sensitivity_n": "narrows.attribution.metrics",
+    "IBA": "narrows.attribution.per_sample",
+    "ReadoutBottleneck": "narrows.attribution.readout",
+    "ReadoutIBA": "narrows.attribution.readout",
+    "default_readout_layers": "narrows.attribution.readout",
+    "estimate_readout_statistics": "narrows.attribution.readout",
+    "train_readout": "narrows.attribution.readout",
+    "SanityResult": "narrows.attribution.sanity",
+    "sanity_check": "narrows.attribution.sanity",
+    "FeatureStatistics": "narrows.attribution.statistics",
+    "estimate_statistics": "narrows.attribution.statistics",
+    "statistics_for": "narrows.attribution.statistics",
+    "EvaluateOptions": "narrows.attribution.options",
+    "ExplainOptions": "narrows.attribution.options",
+    "IBAOptions": "narrows.attribution.options",
+    "ImageChoice": "narrows.attribution.options",
+    "LayerOption": "narrows.attribution.options",
+    "ReadoutTrainOptions": "narrows.attribution.options",
+    "SanityOptions": "narrows.attribution.options",
+    "StatisticsOptions": "narrows.attribution.options",
+    "StatsOptions": "narrows.attribution.options",
+}
+
+
+__all__ = lazy_package(__name__, _WHERE)

@@ -152,25 +152,35 @@ def _attribute(method: str, model: nn.Module, inputs: torch.Tensor, targets: tor
 
 def evaluate_methods(model: nn.Module, dataset: Any, indices: list[int], methods: list[str],
                      out: RunDir, *, normalizer: Any, settings: MethodSettings | None = None,
-                     statistics: Any = None, metrics: list[str] | None = None, tile: int = 8,
-                     points: int = 100, n_sets: int = 100, eval_batch_size: int = 128,
+                     statistics: Any = None, metrics: list[str] | None = None,
+                     tile: int | None = None, points: int | None = None,
+                     n_sets: int | None = None, eval_batch_size: int | None = None,
                      device: Any = None, progress: bool = True, class_names: Any = None,
-                     name: str = "model", log: Any = print) -> EvaluationResult:
+                     name: str = "model", log: Any = print, options: Any = None
+                     ) -> EvaluationResult:
     """Compute each of ``methods``' heatmaps of the ``indices`` images of ``dataset`` (towards
     their labels), then each of ``metrics`` (default: degradation and bbox), caching both in
     ``out``; write the results table and figures there.
 
     ``normalizer`` maps the data set's images to model inputs; ``settings`` holds the methods'
     options and the seed; IBA needs ``statistics``. ``name`` is the model in titles and
-    ``log`` prints the cost line. Returns an :class:`EvaluationResult`.
+    ``log`` prints the cost line. Returns an :class:`EvaluationResult`. ``options`` (an
+    :class:`~narrows.attribution.options.EvaluateOptions`, or the command's config) gives
+    ``tile``, ``points``, ``n_sets`` and ``eval_batch_size`` where they are None and, without
+    ``settings``, the methods' settings; the rest default as ``narrows attribution evaluate``.
     """
     import numpy as np
 
     from narrows.attribution.images import describe_images, image_batch
+    from narrows.attribution.options import EvaluateOptions, pick
     from narrows.data import dataset_labels
     from narrows.runs.files import atomic_write
 
-    settings = settings or MethodSettings()
+    given = pick(options, EvaluateOptions, tile=tile, points=points, n_sets=n_sets,
+                 eval_batch_size=eval_batch_size)
+    tile, points, n_sets = given["tile"], given["points"], given["n_sets"]
+    eval_batch_size = given["eval_batch_size"]
+    settings = settings or MethodSettings.from_options(options, getattr(options, "seed", 0))
     metrics = list(metrics if metrics is not None else DEFAULT_METRICS)
     images, labels = image_batch(dataset, indices)
     inputs = normalizer(images.to(device))

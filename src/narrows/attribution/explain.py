@@ -24,26 +24,31 @@ __all__ = ["explain_images"]
 
 def explain_images(model: nn.Module, dataset: Any, indices: list[int], method: str,
                    out: RunDir, *, normalizer: Any, settings: MethodSettings | None = None,
-                   statistics: Any = None, gif: bool = False, device: Any = None,
+                   statistics: Any = None, gif: bool | None = None, device: Any = None,
                    progress: bool = True, class_names: Any = None, name: str = "model",
-                   data: str = "", log: Any = print) -> AttributionResult:
+                   data: str = "", log: Any = print, options: Any = None) -> AttributionResult:
     """Heatmaps of ``method`` for the ``indices`` images of ``dataset`` (towards their labels),
     saved into ``out`` image by image (``gif``: IBA's steps as animated GIFs too).
 
     ``normalizer`` maps the data set's images to model inputs; ``settings`` holds the method's
     options; IBA needs ``statistics``. ``name`` and ``data`` describe the model and data in the
     results and titles; ``log`` prints the cost line. Returns the result of all images.
+    ``options`` (an :class:`~narrows.attribution.options.ExplainOptions`, or the command's
+    config) gives ``gif`` if None and, without ``settings``, the methods' settings; the rest
+    default as ``narrows attribution explain`` does.
     """
     import numpy as np
 
     from narrows.attribution.evaluation import progress_bar
     from narrows.attribution.heatmap import target_name, write_gif
     from narrows.attribution.images import describe_images, image_batch
+    from narrows.attribution.options import ExplainOptions, pick
     from narrows.data import dataset_labels
     from narrows.plotting import pyplot
     from narrows.runs.files import atomic_savefig, atomic_write
 
-    settings = settings or MethodSettings()
+    gif = pick(options, ExplainOptions, gif=gif)["gif"]
+    settings = settings or MethodSettings.from_options(options, getattr(options, "seed", 0))
     all_labels = dataset_labels(dataset)
     labels = [all_labels[i] for i in indices]
     todo = [i for i in indices if not (out.file(f"heatmap_{i}.png").is_file()

@@ -22,6 +22,7 @@ from torch import nn
 
 from narrows.attribution.baselines import ALIASES, BASELINES, available_methods, make_method
 from narrows.attribution.heatmap import AttributionResult
+from narrows.attribution.options import IBAOptions, LayerOption
 from narrows.errors import UserError
 
 __all__ = [
@@ -182,13 +183,22 @@ class MethodSettings:
     """The options of every method: IBA's (``layer``, ``beta``, ``steps``, ``iba_batch``),
     the readout file, Grad-CAM's ``cam_layer`` and the ``seed`` of per-image draws."""
 
-    layer: str | None = None
-    beta: float = 10.0
-    steps: int = 10
-    iba_batch: int = 10
-    readout: str | None = None
-    cam_layer: str | None = None
+    layer: str | None = LayerOption.layer
+    beta: float = IBAOptions.beta
+    steps: int = IBAOptions.steps
+    iba_batch: int = IBAOptions.iba_batch
+    readout: str | None = IBAOptions.readout
+    cam_layer: str | None = IBAOptions.cam_layer
     seed: int = 0
+
+    @classmethod
+    def from_options(cls, options: Any = None, seed: int = 0, **overrides: Any
+                     ) -> MethodSettings:
+        """The settings of ``options`` (an :class:`~narrows.attribution.options.IBAOptions`, or
+        a command's config: any object with some of these fields), then ``overrides``."""
+        names = ("layer", "beta", "steps", "iba_batch", "readout", "cam_layer")
+        values = {n: getattr(options, n) for n in names if hasattr(options, n)}
+        return cls(**{**values, "seed": seed, **overrides})
 
     def build(self, name: str, model: nn.Module, statistics: Any = None,
               record_steps: bool = False, seeded: bool = True) -> Method:

@@ -9,9 +9,11 @@ everything needed to rebuild it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
+
+from narrows.attribution.options import ReadoutTrainOptions
 
 if TYPE_CHECKING:
     from torch import nn
@@ -27,23 +29,19 @@ FORMAT_KIND = "readout_run"  # saved files: "format": narrows.readout_run/1
 
 
 @dataclass
-class ReadoutOptions:
-    """What readout to train and how (the defaults of ``attribution readout-train``)."""
+class ReadoutOptions(ReadoutTrainOptions):
+    """What readout to train and how (the defaults of ``attribution readout-train``), and the
+    ``seed``."""
 
-    layer: str | None = None
-    readout_layers: list[str] | None = None
-    variant: Literal["A", "B"] = "B"
-    epochs: int = 10
-    lr: float = 1e-5
-    batch_size: int = 32
-    beta: float = 10.0
-    sigma: float = 1.0
-    train_images: int | None = None
-    augment: str = "none"
-    n_samples: int | None = None
-    kind: Literal["welford", "relu_rms"] = "welford"
-    stats_batch_size: int = 64
     seed: int = 0
+
+    @classmethod
+    def from_options(cls, options: Any, seed: int = 0, **overrides: Any) -> ReadoutOptions:
+        """The readout options of ``options`` (a
+        :class:`~narrows.attribution.options.ReadoutTrainOptions` or the command's config),
+        then ``overrides``."""
+        values = {f.name: getattr(options, f.name) for f in fields(ReadoutTrainOptions)}
+        return cls(**{**values, "seed": seed, **overrides})
 
 
 @dataclass

@@ -149,9 +149,9 @@ def sanity_check(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                  indices: list[int], methods: list[str], layers: list[str] | None,
                  out: RunDir, *,
                  settings: MethodSettings | None = None, statistics: Any = None,
-                 estimate: Any = None, repeats: int = 2, progress: bool = True,
-                 name: str = "model", n_samples: int = 10_000, log: Any = print
-                 ) -> SanityResult:
+                 estimate: Any = None, repeats: int | None = None, progress: bool = True,
+                 name: str = "model", n_samples: int = 10_000, log: Any = print,
+                 options: Any = None) -> SanityResult:
     """Cascading randomisation of ``layers`` (top first; None: the model's top-level children
     with parameters, last called first) for each of ``methods`` on the
     normalised ``inputs`` (dataset ``indices``) towards ``labels``; ``repeats`` runs on the
@@ -159,10 +159,15 @@ def sanity_check(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     skipped). IBA needs ``statistics`` (or a function returning them, called only when IBA
     has work left) and ``estimate(model, path)`` to re-estimate them on a randomised model
     (on at most ``n_samples`` images, as ``log`` says with the cost). ``name`` is the model in
-    titles. Returns a :class:`SanityResult`."""
+    titles. Returns a :class:`SanityResult`. ``options`` (a
+    :class:`~narrows.attribution.options.SanityOptions`, or the command's config) gives
+    ``repeats`` if None and, without ``settings``, the methods' settings; the rest default as
+    ``narrows attribution sanity`` does."""
     import narrows.attribution.metrics as metric_functions
+    from narrows.attribution.options import SanityOptions, pick
 
-    settings = settings or MethodSettings()
+    repeats = pick(options, SanityOptions, repeats=repeats)["repeats"]
+    settings = settings or MethodSettings.from_options(options, getattr(options, "seed", 0))
     if layers is None:
         layers = metric_functions.cascade_layers(model, inputs[:1])
     results = {m: cached_result(out, m, indices) for m in methods}

@@ -246,10 +246,10 @@ def few_samples_note(n_samples: int | None, n: int, split: str,
                   f"{flag} sets the count and silences this note")
 
 
-def statistics_for(model: nn.Module, dataset: Any, normalizer: Any, path: str | Path, *,
-                   layer: str | None = None, statistics: str | None = None,
-                   n_samples: int | None = None, kind: Kind = "welford", batch_size: int = 64,
-                   seed: int = 0, device: Any = None, split: str = "train",
+def statistics_for(model: nn.Module, dataset: Any, normalizer: Any, path: str | Path,
+                   options: Any = None, *, layer: str | None = None,
+                   statistics: str | None = None, n_samples: int | None = None,
+                   kind: Kind | None = None, batch_size: int | None = None, seed: int = 0, device: Any = None, split: str = "train",
                    re_estimate: bool = False, log: Any = print, stale_fix: str = "delete it, "
                    "or give another path", names: dict[str, str] | None = None
                    ) -> FeatureStatistics:
@@ -257,8 +257,19 @@ def statistics_for(model: nn.Module, dataset: Any, normalizer: Any, path: str | 
     on up to ``n_samples`` (default 10,000) shuffled images of ``dataset`` (the ``split`` named
     in messages) and saved into ``path``. ``normalizer`` maps the data set's images to model
     inputs. A ``path`` estimated on other weights is refused (``stale_fix`` says what to do),
-    or with ``re_estimate`` (models drawn anew on every run) estimated again."""
+    or with ``re_estimate`` (models drawn anew on every run) estimated again.
+
+    ``options`` (a :class:`~narrows.attribution.options.StatisticsOptions` or a command's
+    config) gives ``layer``, ``statistics``, ``n_samples``, ``kind`` and ``batch_size`` where
+    they are left None; the rest default as ``narrows attribution stats`` does."""
     from narrows.attribution.layers import default_layer
+    from narrows.attribution.options import IBAOptions, LayerOption, StatisticsOptions, pick
+
+    given = pick(options, StatisticsOptions, n_samples=n_samples, kind=kind,
+                 batch_size=batch_size)
+    n_samples, kind, batch_size = given["n_samples"], given["kind"], given["batch_size"]
+    layer = pick(options, LayerOption, layer=layer)["layer"]
+    statistics = pick(options, IBAOptions, statistics=statistics)["statistics"]
 
     if statistics:
         return FeatureStatistics.load(statistics)

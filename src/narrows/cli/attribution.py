@@ -4,89 +4,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
+from narrows.attribution.options import (
+    DEFAULT_METRICS,
+    EvaluateOptions,
+    ExplainOptions,
+    IBAOptions,
+    ImageChoice,
+    LayerOption,
+    StatisticsOptions,
+    StatsOptions,
+)
 from narrows.cli.app import GROUPS, Command, register
 from narrows.cli.common import CommonOptions, SubjectOptions, open_run, start
-from narrows.config import at_least, distinct, non_negative, not_empty, option, positive
 
 GROUPS["attribution"] = ("Information Bottleneck Attribution (IBA) heatmaps, Captum baselines "
                          "and their evaluation (degradation, bounding boxes, sensitivity-n)")
-DEFAULT_METRICS = "degradation,bbox"
 
 
 @dataclass
-class LayerSubject(SubjectOptions):
+class LayerSubject(LayerOption, SubjectOptions):
     """Which model, on which data, at which layer (listed first in --help)."""
 
-    layer: str | None = option(None, "IBA bottleneck layer [default: the stride-8 stage, e.g. "
-                               "layer2 of a ResNet]")
+
+@dataclass
+class StatsConfig(StatsOptions, StatisticsOptions, LayerSubject, CommonOptions):
+    pass
 
 
 @dataclass
-class StatisticsOptions:
-    n_samples: int | None = option(None, "images for the feature statistics [default: 10,000, "
-                                   "or all the split has; ≥ 1,000 advised]", check=positive)
-    kind: Literal["welford", "relu_rms"] = option(
-        "welford", "statistics: welford (mean and std, IBA package) or relu_rms (μ = 0, RMS of "
-        "non-zero values, paper code for post-ReLU layers)")
-    batch_size: int = option(64, "images per forward pass while estimating", check=positive,
-                             affects_result=False)
+class ExplainConfig(ExplainOptions, ImageChoice, IBAOptions, StatisticsOptions, LayerSubject,
+                    CommonOptions):
+    pass
 
 
 @dataclass
-class IBAOptions:
-    beta: float = option(10.0, "IBA: weight of the information loss", check=positive)
-    steps: int = option(10, "IBA: optimisation steps per image", check=positive)
-    iba_batch: int = option(10, "IBA: noise samples per step", check=positive)
-    statistics: str | None = option(None, "IBA: feature statistics file from 'attribution "
-                                    "stats' [default: estimated into --out/statistics.pt from "
-                                    "the train split]", metavar="FILE")
-    readout: str | None = option(None, "method readout: the readout.pt written by 'attribution "
-                                 "readout-train' (trained for the same checkpoint)",
-                                 metavar="FILE")
-    cam_layer: str | None = option(None, "Grad-CAM and Guided Grad-CAM: the layer whose "
-                                   "activations are weighted [default: the last stage, e.g. "
-                                   "layer4 of a ResNet]", metavar="LAYER")
-
-
-@dataclass
-class ImageChoice:
-    select: Literal["spread", "first"] = option(
-        "spread", "which test images: spread = round-robin over the classes, in an order drawn "
-        "from --seed; first = the first N")
-
-
-@dataclass
-class StatsConfig(StatisticsOptions, LayerSubject, CommonOptions):
-    split: Literal["train", "test"] = option("train", "split the images come from")
-
-
-@dataclass
-class ExplainConfig(ImageChoice, IBAOptions, StatisticsOptions, LayerSubject, CommonOptions):
-    method: str = option("iba", "iba or a baseline: " + "saliency, gradcam, random, ... "
-                         "(see narrows.attribution.method_names())")
-    images: int = option(8, "explain N test images (chosen by --select)", check=positive)
-    indices: list[int] | None = option(None, "explain these test images instead of --images",
-                                      check=non_negative.also(not_empty, distinct))
-    gif: bool = option(False, "IBA only: also write an animated GIF of the optimisation steps "
-                       "per image (iba_<index>.gif)", affects_result=False)
-
-
-@dataclass
-class EvaluateConfig(ImageChoice, IBAOptions, StatisticsOptions, LayerSubject, CommonOptions):
-    methods: str = option("iba,saliency,gradcam,random", "comma-separated methods; each one's "
-                          "heatmaps are cached in heatmaps_<method>.npz", affects_result=False)
-    metrics: str | None = option(None, "comma-separated: degradation, bbox (needs boxes), "
-                                 "sensitivity-n [default: degradation,bbox; bbox is skipped "
-                                 "with a note on data without boxes]", affects_result=False)
-    images: int = option(50, "evaluate on N test images (chosen by --select)", check=positive)
-    tile: int = option(8, "tile side in pixels for degradation and sensitivity-n",
-                       check=positive)
-    points: int = option(100, "degradation: points per MoRF/LeRF curve", check=at_least(2))
-    n_sets: int = option(100, "sensitivity-n: random tile subsets per n", check=positive)
-    eval_batch_size: int = option(128, "perturbed images per forward pass", check=positive,
-                                  affects_result=False)
+class EvaluateConfig(EvaluateOptions, ImageChoice, IBAOptions, StatisticsOptions, LayerSubject,
+                     CommonOptions):
+    pass
 
 
 # -- shared ----------------------------------------------------------------------------------
@@ -120,9 +75,7 @@ def statistics(cfg, net, bundle, normalizer, session, path: Path, split: str = "
     """IBA's statistics: ``--statistics``, or ``path``, or estimated into ``path``."""
     from narrows.attribution.statistics import statistics_for
 
-    return statistics_for(net, bundle.split(split), normalizer, path, layer=cfg.layer,
-                          statistics=getattr(cfg, "statistics", None), n_samples=cfg.n_samples,
-                          kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed,
+    return statistics_for(net, bundle.split(split), normalizer, path, cfg, seed=cfg.seed,
                           device=session.device, split=split, re_estimate=re_estimate,
                           stale_fix=STALE, names=FLAGS)
 
@@ -131,9 +84,7 @@ def method_settings(cfg):
     """The methods' options of ``cfg`` as a :class:`MethodSettings`."""
     from narrows.attribution.methods import MethodSettings
 
-    return MethodSettings(layer=cfg.layer, beta=cfg.beta, steps=cfg.steps,
-                          iba_batch=cfg.iba_batch, readout=cfg.readout,
-                          cam_layer=cfg.cam_layer, seed=cfg.seed)
+    return MethodSettings.from_options(cfg, cfg.seed)
 
 
 def check_methods(methods: list[str], net, cfg, probe=None) -> None:
@@ -212,9 +163,8 @@ def execute_explain(cfg: ExplainConfig) -> int:
     net.to(session.device)
     stats = (statistics(cfg, net, bundle, normalizer, session, run.file("statistics.pt"))
              if cfg.method == "iba" else None)
-    explain_images(net, dataset, indices, cfg.method, run, normalizer=normalizer,
-                   settings=method_settings(cfg), statistics=stats, gif=cfg.gif,
-                   device=session.device, progress=cfg.progress,
+    explain_images(net, dataset, indices, cfg.method, run, normalizer=normalizer, options=cfg,
+                   statistics=stats, device=session.device, progress=cfg.progress,
                    class_names=bundle.info.class_names, name=name, data=bundle.info.spec)
     print(f"→ {run.file('heatmap_<index>.png')} ({len(indices)}), {run.file('heatmaps.npz')}"
           + (f", {run.file('iba_<index>.gif')}" if cfg.gif else ""))
@@ -252,11 +202,9 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
     stats = (statistics(cfg, net, bundle, normalizer, session, run.file("statistics.pt"))
              if "iba" in methods else None)
     result = evaluate_methods(net, dataset, indices, methods, run, normalizer=normalizer,
-                              settings=method_settings(cfg), statistics=stats, metrics=metrics,
-                              tile=cfg.tile, points=cfg.points, n_sets=cfg.n_sets,
-                              eval_batch_size=cfg.eval_batch_size, device=session.device,
-                              progress=cfg.progress, class_names=bundle.info.class_names,
-                              name=name)
+                              options=cfg, statistics=stats, metrics=metrics,
+                              device=session.device, progress=cfg.progress,
+                              class_names=bundle.info.class_names, name=name)
     print(result.table)
     print("→ " + ", ".join(str(f) for f in result.files))
     return 0

@@ -4,35 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from narrows.attribution.options import IBAOptions, ImageChoice, SanityOptions, StatisticsOptions
 from narrows.cli.app import Command, register
 from narrows.cli.attribution import (
-    IBAOptions,
-    ImageChoice,
     LayerSubject,
-    StatisticsOptions,
     check_methods,
     method_names,
-    method_settings,
     n_samples,
     pick_indices,
     statistics,
     subject,
 )
 from narrows.cli.common import CommonOptions, open_run, replace, start
-from narrows.config import option, positive
 
 
 @dataclass
-class SanityConfig(ImageChoice, IBAOptions, StatisticsOptions, LayerSubject, CommonOptions):
-    methods: str = option("iba,saliency,gradcam", "comma-separated methods; each one's result "
-                          "is cached in sanity_<method>.pt", affects_result=False)
-    images: int = option(16, "check on N test images (chosen by --select)", check=positive)
-    repeats: int = option(2, "runs of each method on the unmodified model; their mutual "
-                          "agreement is the run-to-run noise floor (needs ≥ 2)", check=positive)
-    randomise: str | None = option(None, "comma-separated layers to re-initialise, top "
-                                   "(output) first, cumulatively [default: the model's "
-                                   "top-level children with parameters, last called first]",
-                                   metavar="LAYERS")
+class SanityConfig(SanityOptions, ImageChoice, IBAOptions, StatisticsOptions, LayerSubject,
+                   CommonOptions):
+    pass
 
 
 def execute_sanity(cfg: SanityConfig) -> int:
@@ -58,12 +47,12 @@ def execute_sanity(cfg: SanityConfig) -> int:
                    session)
     fresh = replace(cfg, statistics=None)
     result = sanity_check(
-        net, inputs, labels, indices, methods, layers, run, settings=method_settings(cfg),
+        net, inputs, labels, indices, methods, layers, run, options=cfg,
         statistics=lambda: statistics(cfg, net, bundle, normalizer, session,
                                       run.file("statistics.pt")),
         estimate=lambda model, path: statistics(fresh, model, bundle, normalizer, session,
                                                 path, re_estimate=True),
-        repeats=cfg.repeats, progress=cfg.progress, name=name, n_samples=n_samples(cfg),
+        progress=cfg.progress, name=name, n_samples=n_samples(cfg),
         log=session.say)
     session.say(result.table)
     session.say("→ " + ", ".join(str(f) for f in result.files))

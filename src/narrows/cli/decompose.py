@@ -4,77 +4,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from narrows.cli.app import GROUPS, Command, register
 from narrows.cli.common import CommonOptions, SubjectOptions, open_run, start
-from narrows.config import Range, at_least, distinct, non_negative, not_empty, option, positive
+from narrows.decompose.options import ExtractOptions, FinetuneOptions, ValidateOptions
 
 GROUPS["decompose"] = ("class-specific filters (\"Decomposing the Deep\"): per-class influential "
                        "channels, the decomposed final layer, essential features, mutual "
                        "information, CSG")
-BASELINES = ("random", "top-weights")
 
 
 @dataclass
-class ExtractConfig(SubjectOptions, CommonOptions):
-    k: int | None = option(None, "influential channels per class [default: 5, or 50 when the "
-                           "head reads ≥ 1024 channels]", short="-k", check=positive)
-    k_img: int | None = option(None, "channels counted per image (its top k_img positive "
-                               "responses) [default: k]", check=positive)
-    fraction: float | None = option(None, "variant A instead of k: a fraction in (0, 1); each "
-                                    "class gets its own number of channels (two passes)",
-                                    check=Range(0, 1, low_open=True, high_open=True))
-    layer: str | None = option(None, "module whose output is pooled (e.g. layer3.2) [default: "
-                               "the pooled input of the final linear layer]")
-    split: Literal["train", "test"] = option("train", "split the histograms are counted on "
-                                             "(no augmentation)")
-    ks: list[int] | None = option(None, "further per-image k counted in the same pass, for "
-                                  "'validate --extraction' curves [default: 1 2 3 4 5 8 10 16 "
-                                  "20 ... up to D]", check=at_least(1).also(not_empty, distinct))
-    thresholds: list[float] = option([0.5, 0.75, 0.9], "mass fractions t of the selectivity Ψ",
-                                     check=Range(0, 1, low_open=True).also(not_empty))
-    batch_size: int = option(256, "images per forward pass", check=positive,
-                             affects_result=False)
-    workers: int = option(0, "data-loading worker processes", check=non_negative,
-                          affects_result=False)
-    save_every: int = option(200, "save the counts every N batches (a killed run resumes "
-                             "there)", check=positive, affects_result=False)
+class ExtractConfig(ExtractOptions, SubjectOptions, CommonOptions):
+    pass
 
 
 @dataclass
-class ValidateConfig(SubjectOptions, CommonOptions):
-    indices: str | None = option(None, "indices JSON (upstream or narrows form): report the "
-                                 "accuracy decomposed with them", metavar="FILE")
-    extraction: str | None = option(None, "an 'extract' --out directory: its histograms give "
-                                    "the 'histogram' curve", metavar="DIR")
-    ks: list[int] | None = option(None, "k of the accuracy-vs-k curve [default: 1 2 3 4 5 8 "
-                                  "10 16 20 ... up to D]",
-                                  check=at_least(1).also(not_empty, distinct))
-    baselines: list[Literal["random", "top-weights"]] = option(
-        list(BASELINES), "baseline indices on the curve: random channels (from --seed) and "
-                         "each class's top-|W| weights")
-    curve: bool = option(True, "compute the accuracy-vs-k curve")
-    batch_size: int = option(256, "images per forward pass", check=positive,
-                             affects_result=False)
-    workers: int = option(0, "data-loading worker processes", check=non_negative,
-                          affects_result=False)
+class ValidateConfig(ValidateOptions, SubjectOptions, CommonOptions):
+    pass
 
 
 @dataclass
-class FinetuneConfig(SubjectOptions, CommonOptions):
-    indices: str | None = option(None, "indices JSON (upstream or narrows form) to decompose "
-                                 "with (required)", metavar="FILE")
-    epochs: int = option(1, "fine-tuning epochs (upstream CIFAR: 1-3)", check=positive)
-    lr: float = option(1e-4, "Adam learning rate, constant (upstream CIFAR 1e-4, ImageNet 1e-6)",
-                       check=positive)
-    batch_size: int = option(128, "images per step", check=positive)
-    augment: Literal["auto", "none", "crop", "flip", "crop-flip", "resized-crop-flip"] = option(
-        "auto", "augmentation; auto = the data set's standard one")
-    workers: int = option(0, "data-loading worker processes", check=non_negative,
-                          affects_result=False)
-    eval_batch_size: int = option(256, "images per evaluation batch", check=positive,
-                                  affects_result=False)
+class FinetuneConfig(FinetuneOptions, SubjectOptions, CommonOptions):
+    pass
 
 
 # -- shared helpers ---------------------------------------------------------------------------
@@ -112,11 +65,8 @@ def execute_extract(cfg: ExtractConfig) -> int:
     if run.exists("results.json") and run.exists("histogram.pt"):
         say(f"already extracted in {run.path}; pass --overwrite to extract again")
         return _report_extract(Extraction.load(run.path), run, say, session)
-    result = extract_subject(
-        subject, k=k, k_img=cfg.k_img, fraction=cfg.fraction, ks=cfg.ks,
-        thresholds=cfg.thresholds, layer=cfg.layer, split=cfg.split, checkpoint=cfg.checkpoint,
-        device=session.device, batch_size=cfg.batch_size, workers=cfg.workers,
-        progress=cfg.progress, save_every=cfg.save_every, run=run, say=say)
+    result = extract_subject(subject, cfg, k=k, checkpoint=cfg.checkpoint, device=session.device,
+                             progress=cfg.progress, run=run, say=say)
     return _report_extract(result, run, say, session)
 
 
@@ -164,11 +114,9 @@ def execute_validate(cfg: ValidateConfig) -> int:
         with reading(run.file("results.json"), "cached validate result"):
             return _report_validate(run.read_json("results.json", kind=dict), run, say, session)
     within_width((("--ks", max(cfg.ks or [0])),), head_shape(subject.model)[1])
-    results = validation_report(
-        subject, indices=cfg.indices, extraction=cfg.extraction, ks=cfg.ks,
-        baselines=cfg.baselines, curve=cfg.curve, seed=cfg.seed, checkpoint=cfg.checkpoint,
-        device=session.device, batch_size=cfg.batch_size, workers=cfg.workers,
-        progress=cfg.progress, run=run, say=say).results
+    results = validation_report(subject, cfg, seed=cfg.seed, checkpoint=cfg.checkpoint,
+                                device=session.device, progress=cfg.progress, run=run,
+                                say=say).results
     return _report_validate(results, run, say, session)
 
 
@@ -229,9 +177,7 @@ def execute_finetune(cfg: FinetuneConfig) -> int:
                    session)
     if run.writer:
         indices.save(run.file("indices.json"))
-    settings = finetune_settings(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                                 augment=cfg.augment, workers=cfg.workers,
-                                 eval_batch_size=cfg.eval_batch_size, seed=cfg.seed)
+    settings = finetune_settings(cfg, seed=cfg.seed)
     say = session.say
     train = subject.bundle.train(cfg.augment)
     say(f"fine-tuning {subject.name} decomposed with {cfg.indices} (k = {indices.k}) on "

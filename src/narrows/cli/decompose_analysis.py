@@ -4,101 +4,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from narrows.cli.app import GROUPS, Command, register
 from narrows.cli.common import CommonOptions, SubjectOptions, open_run, start
 from narrows.cli.train import DATA_HELP, TrainConfig
-from narrows.config import at_least, distinct, fraction, non_negative, not_empty, option, positive
+from narrows.config import option
+from narrows.decompose.options import CSGTrainOptions, EssentialOptions, MutualInfoOptions
 from narrows.errors import UserError
 
 GROUPS.setdefault("decompose", "influential filters per class ('Decomposing the Deep'): "
                   "extraction, the decomposed head, essential features, MI, CSG baseline")
-CSG = "CSG comparison"
-NOISE = "noise"
 
 
 @dataclass
-class CSGOptions:
-    csg_checkpoint: str | None = option(
-        None, "a CSG-trained network with its gate (the csg.pt of 'narrows decompose "
-        "csg-train') to compare with", metavar="FILE",
-        short="--csg-weights", group=CSG)
-    csg_k: int = option(5, "channels per class taken from the CSG gate", check=positive,
-                        group=CSG)
-    csg_order: Literal["largest", "upstream", "both"] = option(
-        "largest", "which gates name a class's channels: largest; upstream = the k smallest "
-        "(a bug of the original code, only to reproduce its figures); both = one of each",
-        group=CSG)
+class EssentialConfig(EssentialOptions, SubjectOptions, CommonOptions):
+    pass
 
 
 @dataclass
-class EssentialConfig(CSGOptions, SubjectOptions, CommonOptions):
-    indices: str | None = option(None, "indices JSON of --checkpoint's model (upstream or "
-                                 "narrows form)", metavar="FILE")
-    k: int | None = option(None, "use the first k ids of each class [default: all in the file]",
-                           check=positive)
-    sigma: list[float] = option([0.5, 1.0, 2.0], "noise levels σ (upstream: 1); the upstream "
-                                "JSON is written at σ = 1 when listed, else at the first",
-                                check=non_negative.also(not_empty, distinct),
-                                group=NOISE)
-    mode: Literal["replace", "add"] = option(
-        "replace", "replace the entries by σ·N(0,1) (upstream; σ = 0 zeroes them) or add it "
-        "(σ = 0 changes nothing)", group=NOISE)
-    split: Literal["test", "train"] = option("test", "split the images come from")
-    images: int | None = option(None, "use the first N images of the split [default: all]",
-                                check=positive)
-    batch_size: int = option(128, "images per forward pass", check=positive,
-                             affects_result=False)
+class MutualInfoConfig(MutualInfoOptions, SubjectOptions, CommonOptions):
+    pass
 
 
 @dataclass
-class MutualInfoConfig(CSGOptions, SubjectOptions, CommonOptions):
-    indices: list[str] = option([], "indices JSON files ('ours'): each is used at its own k, "
-                                "or truncated to a smaller --ks", metavar="FILE")
-    ks: list[int] | None = option(None, "k values, one row each [default: the k of each "
-                                  "--indices file, else 5 10 20]", check=at_least(1).also(not_empty))
-    channels: int | None = option(None, "the feature width D the ids index into [default: "
-                                  "from the model, or recorded in the file]", check=positive)
-    random_draws: int = option(10, "random index sets per k averaged into the 'random' "
-                               "column (0 = none)", check=non_negative)
-    diagonal: bool = option(True, "plot the upstream score (diagonal pairs included); "
-                            "--no-diagonal plots the corrected score (all scores are in the "
-                            "tables either way)", affects_result=False)
-    mis: bool = option(False, "also compute MIS (kNN MI of each channel with each class) of "
-                       "the model(s) on test features; needs --checkpoint or --csg-checkpoint")
-    images: int | None = option(None, "MIS: use the first N test images [default: all]",
-                                check=positive)
-    batch_size: int = option(128, "MIS: images per forward pass", check=positive,
-                             affects_result=False)
-
-
-@dataclass
-class CSGTrainConfig(TrainConfig):
+class CSGTrainConfig(CSGTrainOptions, TrainConfig):
     data: str | None = option(None, DATA_HELP + " [default: the data of --checkpoint, else "
                               "digits]", short="-d")
-    schedule: Literal["alternate", "joint"] = option(
-        "alternate", "alternate: whole epochs alternate between the ordinary path (CE) and the "
-        "CSG path (CE of the gated logits + sparsity), as the official code; joint: both "
-        "terms every step (the paper's form)", group=CSG)
-    period: int = option(2, "alternate: epochs per cycle", check=positive, group=CSG)
-    csg_epochs: int = option(1, "alternate: CSG epochs at the end of each cycle",
-                             check=positive, group=CSG)
-    warmup: int = option(0, "alternate: ordinary epochs before the first cycle",
-                         check=non_negative, group=CSG)
-    lam_ce: float = option(1.0, "weight of the CSG path's cross-entropy", check=non_negative,
-                           group=CSG)
-    lam_l1: float = option(0.05, "weight of the sparsity hinge max(0, |G|_1 - density·C·D)",
-                           check=non_negative, group=CSG)
-    target_density: float = option(0.1, "gate density below which the hinge is 0 (official "
-                                   "0.2)", check=fraction, group=CSG)
-    clip: Literal["clamp", "official", "none"] = option(
-        "clamp", "gate constraint after each step: clamp to [0, 1]; official = divide each "
-        "channel's gates by their maximum over classes, then clamp; none", group=CSG)
-    gate_init: float = option(0.5, "initial value of every gate (official 0.5)",
-                              check=fraction, group=CSG)
-    k: int = option(5, "channels per class written to indices_csg.json (largest gates)",
-                    check=positive, group=CSG)
 
 
 # -- shared ----------------------------------------------------------------------------------
@@ -123,17 +55,13 @@ def execute_essential(cfg: EssentialConfig) -> int:
                         "pass --checkpoint FILE (or --model NAME for initial weights)")
     session = start(cfg)
     subject = _load_subject(cfg) if cfg.indices else None
-    tested = essential_sets(subject=subject, indices=cfg.indices, k=cfg.k,
-                            csg_checkpoint=cfg.csg_checkpoint, csg_k=cfg.csg_k,
-                            csg_order=cfg.csg_order, data=cfg.data, model_name=cfg.model,
+    tested = essential_sets(cfg, subject=subject, data=cfg.data, model_name=cfg.model,
                             image_size=cfg.image_size, k_name="--k")
     stem = Path(cfg.checkpoint or cfg.csg_checkpoint or cfg.model or "model").stem
     run = open_run(cfg, "decompose essential", default_out("decompose", "essential", stem),
                    session)
-    comparison = essential_comparison(
-        tested, sigmas=cfg.sigma, mode=cfg.mode, split=cfg.split, images=cfg.images,
-        seed=cfg.seed, device=session.device, batch_size=cfg.batch_size, progress=cfg.progress,
-        cache_dir=run.path)
+    comparison = essential_comparison(tested, cfg, seed=cfg.seed, device=session.device,
+                                      progress=cfg.progress, cache_dir=run.path)
     comparison.save(run)
     print(comparison.table(), end="")
     print(f"→ {run.file('results_essential_features.json')} (σ = {comparison.level:g}), "
@@ -163,11 +91,9 @@ def execute_mutual_info(cfg: MutualInfoConfig) -> int:
     run = open_run(cfg, "decompose mutual-info", default_out("decompose", "mutual-info", stem),
                    session)
     comparison = mutual_info_comparison(
-        indices=cfg.indices, subject=subject, csg=csg, csg_checkpoint=cfg.csg_checkpoint,
-        csg_order=cfg.csg_order, ks=cfg.ks, channels=cfg.channels,
-        random_draws=cfg.random_draws, seed=cfg.seed, mis=cfg.mis,
-        mis_models=("ours", "csg") if cfg.checkpoint else ("csg",), images=cfg.images,
-        batch_size=cfg.batch_size, device=session.device, progress=cfg.progress, run=run)
+        cfg, subject=subject, csg=csg, seed=cfg.seed,
+        mis_models=("ours", "csg") if cfg.checkpoint else ("csg",), device=session.device,
+        progress=cfg.progress, run=run)
     comparison.save(run, diagonal=cfg.diagonal)
     print(comparison.markdown(), end="")
     print(f"→ {run.file('mutual_info.md')}, {run.file('mutual_info.csv')}, "
@@ -180,14 +106,14 @@ def execute_mutual_info(cfg: MutualInfoConfig) -> int:
 
 def execute_csg_train(cfg: CSGTrainConfig) -> int:
     from narrows.cli.train import build_model, load_training_data, open_training_run, settings_from
-    from narrows.decompose.csg_train import GATE_OPTIONS, CSGOptions, train_csg
+    from narrows.decompose.csg_train import csg_options, train_csg
     from narrows.runs import default_out
 
     session = start(cfg)
     if session.dist.enabled:
         raise UserError("csg-train runs in one process (the gate is unused in ordinary "
                         "epochs, which DDP does not allow)", "run it without torchrun")
-    options = CSGOptions(**{k: getattr(cfg, k) for k in (*GATE_OPTIONS, "k")})
+    options = csg_options(cfg)
     options.check()
     cfg = _with_data(cfg)
     data = load_training_data(cfg)

@@ -8,42 +8,11 @@ from typing import Literal
 
 from narrows.cli.app import GROUPS, Command, register
 from narrows.cli.common import CommonOptions, SubjectOptions, open_run, start
-from narrows.config import fraction, increasing, not_empty, option, positive
+from narrows.config import option, positive
+from narrows.interactions.options import EstimateOptions
 
 GROUPS["interactions"] = ("multi-order interaction strength (representation bottleneck) and "
                           "training with order losses")
-PRESET_NAMES = Literal["paper-cifar", "fork-imagenet", "cpu-small", "smoke"]
-
-
-@dataclass
-class EstimateOptions:
-    """What every estimate takes: the preset and its overrides."""
-
-    preset: PRESET_NAMES = option("cpu-small", "settings: paper-cifar (grid 16, 200 pairs, 100 "
-                                  "contexts, 50 images), fork-imagenet (14/50/50/500), cpu-small "
-                                  "(8/20/20/10), smoke (4/4/4/2, plumbing only)")
-    grid: int | None = option(None, "players on a GRID×GRID patch grid [preset]", check=positive)
-    pairs: int | None = option(None, "pairs per image [preset]", check=positive)
-    contexts: int | None = option(None, "contexts K per pair and order [preset]", check=positive)
-    ratios: list[float] | None = option(None, "orders as fractions r of n − 2 [preset: the 13 "
-                                        "upstream ratios]",
-                                        check=fraction.also(not_empty, increasing))
-    images: int | None = option(None, "images to explain: the first of each class [preset]",
-                                check=positive)
-    pair_sampling: Literal["neighbour", "uniform"] = option(
-        "neighbour", "neighbour: j within --radius of i (upstream); uniform: any two players")
-    radius: int = option(2, "neighbourhood radius (Chebyshev) for neighbour pairs",
-                         check=positive)
-    reward: Literal["logodds", "logprob", "logit"] = option(
-        "logodds", "v(S): log-odds (upstream), log-probability or logit of the true class")
-    baseline: Literal["mean", "zero"] = option("mean", "masked patches become the data set's "
-                                               "mean colour (upstream) or black")
-    only_correct: bool = option(True, "keep only images the model classifies correctly "
-                                "(upstream)")
-    split: Literal["train", "test"] = option("train", "split the images come from (upstream: "
-                                             "train)")
-    batch_size: int = option(64, "masked images per forward pass", check=positive,
-                             affects_result=False)
 
 
 @dataclass
@@ -61,11 +30,7 @@ def settings_for(cfg: EstimateOptions, seed: int, extra: dict):
     """The estimator's settings: ``--preset`` with the options given over it."""
     from narrows.interactions.measure import settings_from_preset
 
-    return settings_from_preset(
-        cfg.preset, seed=seed, extra_meta={"split": cfg.split, **extra}, grid=cfg.grid,
-        pairs=cfg.pairs, contexts=cfg.contexts, ratios=cfg.ratios, images=cfg.images,
-        pair_sampling=cfg.pair_sampling, radius=cfg.radius, reward=cfg.reward,
-        baseline=cfg.baseline, only_correct=cfg.only_correct, batch_size=cfg.batch_size)
+    return settings_from_preset(cfg, seed=seed, extra_meta=extra)
 
 
 def execute_run(cfg: RunConfig) -> int:

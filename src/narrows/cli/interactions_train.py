@@ -3,47 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from narrows.cli.app import Command, register
 from narrows.cli.train import TrainConfig, run_training
-from narrows.config import fraction, non_negative, option, positive
 from narrows.errors import UserError
-
-ORDER = "order loss"
+from narrows.interactions.options import OrderLossOptions
 
 
 @dataclass
-class OrderTrainConfig(TrainConfig):
-    recipe: Literal["custom", "normal", "high", "mid", "low"] = option(
-        "custom", "upstream recipe: normal = plain cross-entropy; high = penalize 0-0.5 "
-        "(keeps high orders); mid = encourage 0.3-0.7; low = penalize 0.7-1 (keeps low "
-        "orders); custom = give --loss, --r1 and --r2", group=ORDER)
-    loss: Literal["encourage", "penalize"] | None = option(
-        None, "encourage (cross-entropy of softmax Δu) or penalize (its negative entropy) the "
-        "orders between r1·n and r2·n [default: from --recipe]", group=ORDER)
-    r1: float | None = option(None, "smaller kept-player rate, 0 <= r1 < r2 (upstream "
-                              "--preserve_rate2) [default: from --recipe]", check=fraction,
-                              group=ORDER)
-    r2: float | None = option(None, "larger kept-player rate, r2 <= 1 (upstream "
-                              "--preserve_rate1) [default: from --recipe]", check=fraction,
-                              group=ORDER)
-    grid: int = option(8, "players grid: the image is cut into grid×grid patches; must divide "
-                       "the image size (upstream 16 on CIFAR)", check=positive, group=ORDER)
-    baseline: Literal["mean", "zero"] = option(
-        "mean", "value of masked patches: mean = the data set's mean colour (upstream), zero = "
-        "black", group=ORDER)
-    lam_cls: float = option(1.0, "weight of the classification cross-entropy (upstream --lam1)",
-                            check=non_negative, group=ORDER)
-    lam_order: float = option(1.0, "weight of the order loss (upstream --lam2)",
-                              check=non_negative, group=ORDER)
-    bn_mode: Literal["freeze_stats", "eval_for_masked", "train"] = option(
-        "freeze_stats", "BatchNorm in the two masked passes: freeze_stats = batch statistics "
-        "as upstream, running statistics untouched; eval_for_masked = running statistics "
-        "(can diverge when training from scratch); train = upstream (masked images enter the "
-        "running statistics)", group=ORDER)
-    n_draws: int = option(1, "mask draws per image and step, averaged (upstream 1)",
-                          check=positive, group=ORDER)
+class OrderTrainConfig(OrderLossOptions, TrainConfig):
+    pass
 
 
 def resolve_recipe(cfg: OrderTrainConfig) -> tuple[str, float, float] | None:
@@ -89,10 +58,8 @@ def build_loss(cfg: OrderTrainConfig, recipe: tuple[str, float, float]):
     info = load_training_data(cfg).info
     PlayerGrid(cfg.grid, info.image_size, info.image_size)  # fail before training starts
     kind, r1, r2 = recipe
-    return OrderLoss(kind, r1, r2, cfg.grid, baseline=cfg.baseline, mean=tuple(info.mean),
-                     std=tuple(info.std), n_draws=cfg.n_draws, bn_mode=cfg.bn_mode,
-                     lam_cls=cfg.lam_cls, lam_order=cfg.lam_order,
-                     label_smoothing=cfg.label_smoothing)
+    return OrderLoss.from_options(cfg, kind, r1, r2, mean=tuple(info.mean), std=tuple(info.std),
+                                  label_smoothing=cfg.label_smoothing)
 
 
 def execute(cfg: OrderTrainConfig) -> int:

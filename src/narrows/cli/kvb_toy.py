@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from narrows.cli.app import GROUPS, Command, register
 from narrows.cli.common import CommonOptions, open_run, start
 from narrows.cli.sweep import SWEEP_BEHAVIOUR, SweepConfig, sweep_command, sweep_epilog
-from narrows.config import distinct, not_empty, option, positive, seed_range, unit_open
-from narrows.kvb.registry import TOY_MODEL_NAMES as TOY_MODELS
-from narrows.kvb.toy_run import DEFAULT_SEEDS as TOY_DEFAULT_SEEDS
+from narrows.config import option
+from narrows.kvb.options import DEFAULT_SEEDS as TOY_DEFAULT_SEEDS
+from narrows.kvb.options import ToyOptions
+from narrows.kvb.registry import TOY_MODEL_NAMES as TOY_MODELS  # noqa: F401  (re-exported)
 from narrows.kvb.toy_run import RESULTS
 
 GROUPS.setdefault("kvb", "the discrete key-value bottleneck: frozen-encoder class-incremental "
@@ -22,20 +22,8 @@ QUICKSTART_MODELS = ("linear", "mlp", "kv-1x400", "kv-20x20")  # the rows of Fig
 
 
 @dataclass
-class ToyConfig(CommonOptions):
-    seeds: list[int] = option(list(DEFAULT_SEEDS), "seeds, each a full repetition (data, keys, "
-                              "initialisation)", check=seed_range.also(not_empty, distinct))
-    models: list[Literal[TOY_MODELS]] = option(list(TOY_MODELS), "models to train")
-    steps: int = option(1000, "full-batch steps per stage", check=positive)
-    train_points: int = option(100, "training points per stage (class of each by a fair coin)",
-                               check=positive)
-    test_points: int = option(1000, "test points per stage", check=positive)
-    key_batches: int = option(1000, "batches of 100 uniform points the keys are fitted on",
-                              check=positive)
-    decay: float = option(0.95, "EMA decay of the key fitting", check=unit_open)
-    kv_lr: float | None = option(None, "learning rate of the KV values [default: 1e-3, the "
-                                 "authors']", check=positive)
-    resolution: int = option(100, "decision-map points per axis", check=positive)
+class ToyConfig(ToyOptions, CommonOptions):
+    pass
 
 
 # -- toy --------------------------------------------------------------------------------------

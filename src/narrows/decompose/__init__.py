@@ -22,101 +22,46 @@
   :func:`mutual_info_comparison` (:class:`MIComparison`, with MIS), CSG gates via
   :func:`load_csg_subject` and :func:`csg_orders`; :func:`plot_gate` draws a CSG gate;
   :func:`train_csg` (:class:`CSGOptions`) trains one.
+* The commands' options (:mod:`~narrows.decompose.options`): :class:`ExtractOptions`,
+  :class:`ValidateOptions`, :class:`FinetuneOptions`, :class:`EssentialOptions`,
+  :class:`MutualInfoOptions` (both with :class:`CSGCompareOptions`), :class:`CSGTrainOptions`
+  (:func:`csg_options`); the functions above take them and default to them.
 
-The command line is ``narrows decompose extract | validate | finetune | ...``.
+Names are imported on first use, so :mod:`~narrows.decompose.options` (the commands'
+options) loads without torch. The command line is ``narrows decompose extract | validate |
+finetune | ...``.
 """
 
-from narrows.decompose.compare import (
-    EssentialComparison,
-    Tested,
-    essential_comparison,
-    essential_sets,
-)
-from narrows.decompose.csg import csg_orders, load_csg_subject, plot_gate
-from narrows.decompose.csg_train import CSGOptions, train_csg
-from narrows.decompose.curve import Curve, accuracy_curve, validate
-from narrows.decompose.extract import (
-    DEFAULT_THRESHOLDS,
-    curve_ks,
-    extract,
-    extract_fractional,
-    features_at,
-)
-from narrows.decompose.extraction import Extraction
-from narrows.decompose.finetune import finetune, finetune_settings
-from narrows.decompose.head import (
-    DecomposedLinear,
-    LoadedDecomposed,
-    decompose,
-    decomposed_parts,
-    find_decomposed,
-    head_indices,
-    load_decomposed,
-)
-from narrows.decompose.histogram import TopKHistogram
-from narrows.decompose.indices import ClassIndices
-from narrows.decompose.mi_compare import MIComparison, mis_scores, mutual_info_comparison
-from narrows.decompose.parts import check_split, classifier_name, replace_classifier, split_head
-from narrows.decompose.pipeline import (
-    ValidationReport,
-    extract_subject,
-    save_extraction,
-    validation_report,
-)
-from narrows.decompose.rules import (
-    default_k,
-    head_shape,
-    load_indices,
-    nearest_k,
-    truncate,
-    within_width,
-)
+from __future__ import annotations
 
-__all__ = [
-    "CSGOptions",
-    "ClassIndices",
-    "Curve",
-    "DEFAULT_THRESHOLDS",
-    "DecomposedLinear",
-    "EssentialComparison",
-    "Extraction",
-    "LoadedDecomposed",
-    "MIComparison",
-    "Tested",
-    "TopKHistogram",
-    "ValidationReport",
-    "accuracy_curve",
-    "check_split",
-    "classifier_name",
-    "csg_orders",
-    "curve_ks",
-    "decompose",
-    "decomposed_parts",
-    "default_k",
-    "essential_comparison",
-    "essential_sets",
-    "extract",
-    "extract_fractional",
-    "extract_subject",
-    "features_at",
-    "find_decomposed",
-    "finetune",
-    "finetune_settings",
-    "head_indices",
-    "head_shape",
-    "load_csg_subject",
-    "load_decomposed",
-    "load_indices",
-    "mis_scores",
-    "mutual_info_comparison",
-    "nearest_k",
-    "plot_gate",
-    "replace_classifier",
-    "save_extraction",
-    "split_head",
-    "truncate",
-    "validate",
-    "validation_report",
-    "within_width",
-    "train_csg",
-]
+from narrows.lazy import lazy_package
+
+_WHERE = {
+    "EssentialComparison": "compare", "Tested": "compare", "essential_comparison": "compare",
+    "essential_sets": "compare",
+    "csg_orders": "csg", "load_csg_subject": "csg", "plot_gate": "csg",
+    "CSGOptions": "csg_train", "train_csg": "csg_train",
+    "Curve": "curve", "accuracy_curve": "curve", "validate": "curve",
+    "DEFAULT_THRESHOLDS": "extract", "curve_ks": "extract", "extract": "extract",
+    "extract_fractional": "extract", "features_at": "extract",
+    "Extraction": "extraction",
+    "finetune": "finetune", "finetune_settings": "finetune",
+    "DecomposedLinear": "head", "LoadedDecomposed": "head", "decompose": "head",
+    "decomposed_parts": "head", "find_decomposed": "head", "head_indices": "head",
+    "load_decomposed": "head",
+    "TopKHistogram": "histogram",
+    "ClassIndices": "indices",
+    "MIComparison": "mi_compare", "mis_scores": "mi_compare",
+    "mutual_info_comparison": "mi_compare",
+    "check_split": "parts", "classifier_name": "parts", "replace_classifier": "parts",
+    "split_head": "parts",
+    "ValidationReport": "pipeline", "extract_subject": "pipeline",
+    "save_extraction": "pipeline", "validation_report": "pipeline",
+    "default_k": "rules", "head_shape": "rules", "load_indices": "rules", "nearest_k": "rules",
+    "truncate": "rules", "within_width": "rules",
+    "ExtractOptions": "options", "ValidateOptions": "options", "FinetuneOptions": "options",
+    "CSGCompareOptions": "options", "EssentialOptions": "options",
+    "MutualInfoOptions": "options", "CSGTrainOptions": "options", "csg_options": "csg_train",
+}
+
+__all__ = lazy_package(__name__, _WHERE, shadowed=("extract", "finetune"))

@@ -8,13 +8,14 @@ runs the essential-features noise test on each, reusing a per-model cache
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from narrows.decompose.csg import csg_orders, csg_topk, load_csg_subject
 from narrows.decompose.essential import EssentialResult, essential_markdown, plot_results
 from narrows.decompose.indices import ClassIndices
+from narrows.decompose.options import EssentialOptions
 from narrows.decompose.rules import load_indices
 from narrows.decompose.tables import csv_text
 from narrows.errors import UserError
@@ -32,14 +33,19 @@ class Tested:
     description: str
 
 
-def essential_sets(*, subject: Any = None, indices: str | None = None, k: int | None = None,
-                   csg_checkpoint: str | None = None, csg_k: int = 5,
-                   csg_order: str = "largest", data: str | None = None,
-                   model_name: str | None = None, image_size: int | None = None,
-                   k_name: str = "k") -> list[Tested]:
+def essential_sets(options: EssentialOptions | None = None, *, subject: Any = None,
+                   data: str | None = None, model_name: str | None = None,
+                   image_size: int | None = None, k_name: str = "k",
+                   **overrides: Any) -> list[Tested]:
     """``ours`` (``subject``, a loaded :class:`~narrows.models.subject.Subject`, with the first
     ``k`` ids of the indices file ``indices``) and the CSG network of ``csg_checkpoint`` with its
-    ``csg_k`` gates per class in each order of ``csg_order`` (on ``data``, else ours' data)."""
+    ``csg_k`` gates per class in each order of ``csg_order`` (on ``data``, else ours' data).
+
+    Those five are fields of ``options`` (default: those of ``narrows decompose essential``),
+    each replaced by a keyword argument of its name in ``overrides``."""
+    opts = replace(EssentialOptions() if options is None else options, **overrides)
+    indices, k, csg_checkpoint = opts.indices, opts.k, opts.csg_checkpoint
+    csg_k, csg_order = opts.csg_k, opts.csg_order
     from narrows.training import Normalizer
 
     if not indices and not csg_checkpoint:
@@ -145,14 +151,23 @@ class EssentialComparison:
         pyplot().close(fig)
 
 
-def essential_comparison(tested: Sequence[Tested], *, sigmas: Sequence[float] = (0.5, 1.0, 2.0),
-                         mode: str = "replace", split: str = "test", images: int | None = None,
-                         seed: int = 0, device: Any = "cpu", batch_size: int = 128,
-                         progress: bool = False, cache_dir: str | Path | None = None,
-                         say: Callable[[str], None] = print) -> EssentialComparison:
+def essential_comparison(tested: Sequence[Tested], options: EssentialOptions | None = None, *,
+                         seed: int = 0, device: Any = "cpu", progress: bool = False,
+                         cache_dir: str | Path | None = None,
+                         say: Callable[[str], None] = print,
+                         **overrides: Any) -> EssentialComparison:
     """The essential-features test of each of ``tested`` on the plain ``split`` (first
     ``images``); each result is kept in ``cache_dir/essential_<name>.json`` and reused while
-    its index lists are unchanged."""
+    its index lists are unchanged.
+
+    The options are ``options`` (default: those of ``narrows decompose essential``) with
+    ``overrides`` by field name of :class:`EssentialOptions` (``sigma=``, also spelt
+    ``sigmas=``, ``mode=``, ``split=``, ``images=``, ``batch_size=``)."""
+    if "sigmas" in overrides:
+        overrides["sigma"] = overrides.pop("sigmas")
+    opts = replace(EssentialOptions() if options is None else options, **overrides)
+    sigmas, mode, split, images = opts.sigma, opts.mode, opts.split, opts.images
+    batch_size = opts.batch_size
     from narrows.decompose.essential import essential_features  # looked up at call time
 
     results: dict[str, EssentialResult] = {}

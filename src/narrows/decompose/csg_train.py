@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from narrows.decompose.options import CSGTrainOptions
 from narrows.errors import UserError
 
 GATE_OPTIONS = ("schedule", "period", "csg_epochs", "warmup", "lam_ce", "lam_l1",
@@ -18,16 +19,16 @@ GATE_OPTIONS = ("schedule", "period", "csg_epochs", "warmup", "lam_ce", "lam_l1"
 class CSGOptions:
     """The CSG part of a run (the training settings are a :class:`TrainSettings`)."""
 
-    schedule: str = "alternate"
-    period: int = 2
-    csg_epochs: int = 1
-    warmup: int = 0
-    lam_ce: float = 1.0
-    lam_l1: float = 0.05
-    target_density: float = 0.1
-    clip: str = "clamp"
-    gate_init: float = 0.5
-    k: int = 5
+    schedule: str = CSGTrainOptions.schedule
+    period: int = CSGTrainOptions.period
+    csg_epochs: int = CSGTrainOptions.csg_epochs
+    warmup: int = CSGTrainOptions.warmup
+    lam_ce: float = CSGTrainOptions.lam_ce
+    lam_l1: float = CSGTrainOptions.lam_l1
+    target_density: float = CSGTrainOptions.target_density
+    clip: str = CSGTrainOptions.clip
+    gate_init: float = CSGTrainOptions.gate_init
+    k: int = CSGTrainOptions.k
 
     def check(self) -> None:
         if self.csg_epochs > self.period:
@@ -35,17 +36,31 @@ class CSGOptions:
                             f"{self.period}", "use --csg-epochs <= --period")
 
 
-def train_csg(model: Any, card: Any, data: Any, settings: Any, options: CSGOptions, *,
+def csg_options(options: CSGTrainOptions | None = None, **overrides: Any) -> CSGOptions:
+    """The :class:`CSGOptions` of ``options`` (a :class:`CSGTrainOptions`, or anything with
+    its fields, such as the command's config; default: those of ``narrows decompose
+    csg-train``), with ``overrides`` by field name; not checked yet (:meth:`CSGOptions.check`)."""
+    source = CSGTrainOptions() if options is None else options
+    values = {name: getattr(source, name) for name in (*GATE_OPTIONS, "k")}
+    return CSGOptions(**{**values, **overrides})
+
+
+def train_csg(model: Any, card: Any, data: Any, settings: Any,
+              options: CSGOptions | CSGTrainOptions | None = None, *,
               run: Any, device: Any, dist: Any = None, progress: bool = True,
               say: Callable[..., None] = print, threads: int | None = None,
               spec: str | None = None) -> dict[str, Any]:
     """Gate ``model`` (built for ``data`` with its ``card``), train it with the CSG loss by
     :func:`narrows.training.fit` into ``run`` (resuming there) and save the gate, the top-k
-    indices and the figure; returns the flat summary also written to ``results.json``."""
+    indices and the figure; returns the flat summary also written to ``results.json``.
+    ``options``: a :class:`CSGOptions`, or a :class:`CSGTrainOptions` read by
+    :func:`csg_options` (default: those of ``narrows decompose csg-train``)."""
     from narrows.decompose.csg import Alternate, CSGLoss, CSGNetwork, csg_topk, density, save_csg
     from narrows.runtime import Distributed
     from narrows.training import fit
 
+    if not isinstance(options, CSGOptions):
+        options = csg_options(options)
     options.check()
     dist = dist or Distributed()
     if dist.enabled:

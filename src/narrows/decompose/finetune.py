@@ -11,6 +11,7 @@ nothing and is never reported.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from narrows.decompose.head import decompose, decomposed_extra, find_decomposed, head_indices
 from narrows.decompose.indices import ClassIndices
+from narrows.decompose.options import FinetuneOptions
 from narrows.errors import UserError
 from narrows.runs.run import RunDir
 from narrows.training import BEST, TrainSettings, fit
@@ -26,22 +28,20 @@ from narrows.training import BEST, TrainSettings, fit
 DECOMPOSED = "decomposed.pt"
 
 
-def finetune_settings(
-    *,
-    epochs: int = 1,
-    lr: float = 1e-4,
-    batch_size: int = 128,
-    augment: str = "auto",
-    workers: int = 0,
-    eval_batch_size: int = 256,
-    seed: int = 0,
-) -> TrainSettings:
+def finetune_settings(options: FinetuneOptions | None = None, *, seed: int = 0,
+                      **overrides: Any) -> TrainSettings:
     """Upstream's recipe as :class:`TrainSettings`: AdamW without weight decay (that is Adam),
-    a constant learning rate; the data set's standard augmentation."""
+    a constant learning rate; the data set's standard augmentation.
+
+    The options are ``options`` (default: those of ``narrows decompose finetune``) with
+    ``overrides`` by field name of :class:`FinetuneOptions` (``epochs=``, ``lr=``,
+    ``batch_size=``, ``augment=``, ``workers=``, ``eval_batch_size=``); its ``indices`` are
+    not a setting (pass them to :func:`finetune`)."""
+    opts = replace(FinetuneOptions() if options is None else options, **overrides)
     return TrainSettings(
-        epochs=epochs, batch_size=batch_size, optimizer="adamw", lr=lr, momentum=0.0,
-        weight_decay=0.0, schedule="constant", augment=augment, workers=workers,
-        eval_batch_size=eval_batch_size, seed=seed,
+        epochs=opts.epochs, batch_size=opts.batch_size, optimizer="adamw", lr=opts.lr,
+        momentum=0.0, weight_decay=0.0, schedule="constant", augment=opts.augment,
+        workers=opts.workers, eval_batch_size=opts.eval_batch_size, seed=seed,
     )
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from narrows.decompose.csg import LoadedCSG, csg_orders, csg_topk
 from narrows.decompose.indices import ClassIndices
+from narrows.decompose.options import MutualInfoOptions
 from narrows.decompose.rules import head_shape
 from narrows.decompose.tables import csv_text, markdown
 from narrows.errors import UserError
@@ -167,20 +168,27 @@ class MIComparison:
 
 
 def mutual_info_comparison(
-    *, indices: Sequence[str] = (), subject: Any = None,
-    csg: tuple[LoadedCSG, Any, Any] | None = None, csg_checkpoint: str | None = None,
-    csg_order: str = "largest", ks: Sequence[int] | None = None, channels: int | None = None,
-    random_draws: int = 10, seed: int = 0, mis: bool = False,
-    mis_models: Sequence[str] = ("ours", "csg"), images: int | None = None,
-    batch_size: int = 128, device: Any = "cpu", progress: bool = False, run: Any = None,
-    say: Callable[[str], None] = print,
+    options: MutualInfoOptions | None = None, *, subject: Any = None,
+    csg: tuple[LoadedCSG, Any, Any] | None = None, seed: int = 0,
+    mis_models: Sequence[str] = ("ours", "csg"), device: Any = "cpu", progress: bool = False,
+    run: Any = None, say: Callable[[str], None] = print, **overrides: Any,
 ) -> MIComparison:
     """Pairwise MI of the index sets of the ``indices`` files (``ours``) and of the CSG gates
     (``csg``: ``load_csg_subject(csg_checkpoint)``) for each k (default: each file's k, else 5
     10 20) and ``random_draws`` random sets; with ``mis``, the MIS of ``subject``'s model
     (``ours``) and of the CSG network (``csg``), those named in ``mis_models``, on their test
-    images (cached in ``run``)."""
+    images (cached in ``run``).
+
+    The options are ``options`` (default: those of ``narrows decompose mutual-info``) with
+    ``overrides`` by field name of :class:`MutualInfoOptions` (``indices=``,
+    ``csg_checkpoint=``, ``csg_order=``, ``ks=``, ``channels=``, ``random_draws=``, ``mis=``,
+    ``images=``, ``batch_size=``; ``csg_k`` and ``diagonal`` are not used here)."""
     from narrows.decompose.mutual_info import mi_table
+
+    opts = replace(MutualInfoOptions() if options is None else options, **overrides)
+    indices, csg_checkpoint, csg_order = opts.indices, opts.csg_checkpoint, opts.csg_order
+    ks, channels, random_draws, mis = opts.ks, opts.channels, opts.random_draws, opts.mis
+    images, batch_size = opts.images, opts.batch_size
 
     if not indices and csg is None:
         raise UserError("no index sets given", "pass indices and/or csg")

@@ -8,19 +8,18 @@ data)``): the model, its data bundle and its normalisation. With ``run`` (a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from narrows.decompose.curve import Curve, accuracy_curve
 from narrows.decompose.curve import validate as validate_model
-from narrows.decompose.extract import DEFAULT_THRESHOLDS, curve_ks, extract, extract_fractional
+from narrows.decompose.extract import curve_ks, extract, extract_fractional
 from narrows.decompose.extraction import Extraction
 from narrows.decompose.indices import ClassIndices
+from narrows.decompose.options import ExtractOptions, ValidateOptions
 from narrows.decompose.rules import default_k, head_shape, load_indices, nearest_k, within_width
 from narrows.errors import UserError
-
-BASELINES = ("random", "top-weights")
 
 
 def _close(fig: Any) -> None:
@@ -51,18 +50,24 @@ def load_plain_subject(checkpoint: str | None, model: str | None = None,
 
 
 # -- extraction -------------------------------------------------------------------------------
-def extract_subject(subject: Any, *, k: int | None = None, k_img: int | None = None,
-                    fraction: float | None = None, ks: Sequence[int] | None = None,
-                    thresholds: Sequence[float] = DEFAULT_THRESHOLDS, layer: str | None = None,
-                    split: str = "train", checkpoint: str | None = None,
-                    device: Any = "cpu", batch_size: int = 256, workers: int = 0,
-                    progress: bool = False, save_every: int = 200, run: Any = None,
-                    say: Callable[[str], None] = print) -> Extraction:
+def extract_subject(subject: Any, options: ExtractOptions | None = None, *,
+                    checkpoint: str | None = None, device: Any = "cpu", progress: bool = False,
+                    run: Any = None, say: Callable[[str], None] = print,
+                    **overrides: Any) -> Extraction:
     """The :class:`Extraction` of ``subject`` on its plain (unaugmented) ``split``: k most
     frequent channels per class (``k`` default: :func:`default_k` of the width), or variant A
     with ``fraction``; ``ks`` (default :func:`curve_ks`) are counted in the same pass. With
     ``run``, resumes from its ``partial.pt`` and saves every file of ``narrows decompose
-    extract`` there."""
+    extract`` there.
+
+    The options are ``options`` (default: those of ``narrows decompose extract``) with
+    ``overrides`` by field name of :class:`ExtractOptions` (``k=``, ``k_img=``, ``fraction=``,
+    ``ks=``, ``thresholds=``, ``layer=``, ``split=``, ``batch_size=``, ``workers=``,
+    ``save_every=``)."""
+    opts = replace(ExtractOptions() if options is None else options, **overrides)
+    k, k_img, fraction, ks, thresholds = opts.k, opts.k_img, opts.fraction, opts.ks, opts.thresholds
+    layer, split, batch_size, workers = opts.layer, opts.split, opts.batch_size, opts.workers
+    save_every = opts.save_every
     classes, width = head_shape(subject.model)
     k = k or default_k(width)
     if k_img is not None and fraction is not None:
@@ -221,15 +226,20 @@ def _load_extraction(path: str | None, classes: int, width: int) -> Extraction |
     return extraction
 
 
-def validation_report(subject: Any, *, indices: str | None = None,
-                      extraction: str | None = None, ks: Sequence[int] | None = None,
-                      baselines: Sequence[str] = BASELINES, curve: bool = True, seed: int = 0,
-                      checkpoint: str | None = None, device: Any = "cpu", batch_size: int = 256,
-                      workers: int = 0, progress: bool = False, run: Any = None,
-                      say: Callable[[str], None] = print) -> ValidationReport:
+def validation_report(subject: Any, options: ValidateOptions | None = None, *, seed: int = 0,
+                      checkpoint: str | None = None, device: Any = "cpu",
+                      progress: bool = False, run: Any = None,
+                      say: Callable[[str], None] = print, **overrides: Any) -> ValidationReport:
     """Accuracy of ``subject``'s model on its test split: full, decomposed with the indices
     file ``indices``, and (``curve``) vs k for the histograms of the ``extraction`` directory
-    and the ``baselines`` (``ks`` default :func:`curve_ks`). With ``run``, saved there."""
+    and the ``baselines`` (``ks`` default :func:`curve_ks`). With ``run``, saved there.
+
+    The options are ``options`` (default: those of ``narrows decompose validate``) with
+    ``overrides`` by field name of :class:`ValidateOptions` (``indices=``, ``extraction=``,
+    ``ks=``, ``baselines=``, ``curve=``, ``batch_size=``, ``workers=``)."""
+    opts = replace(ValidateOptions() if options is None else options, **overrides)
+    indices, extraction, ks, baselines = opts.indices, opts.extraction, opts.ks, opts.baselines
+    curve, batch_size, workers = opts.curve, opts.batch_size, opts.workers
     from narrows.decompose.parts import split_head
     from narrows.training import Normalizer
 

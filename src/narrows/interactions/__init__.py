@@ -11,36 +11,28 @@
   ``narrows interactions run`` and ``compare`` do: plan, warn, run with resume, save in a run
   directory.
 
-The command line is ``narrows interactions run | plot | compare | train``.
+* :class:`~narrows.interactions.options.EstimateOptions`,
+  :class:`~narrows.interactions.options.OrderLossOptions` — the options of the commands, with
+  their defaults.
+
+The command line is ``narrows interactions run | plot | compare | train``. Names are imported
+on first use, so ``narrows.interactions.options`` (what ``--help`` needs) loads without torch.
 """
 
-from narrows.interactions.estimator import estimate_image, planned_forwards, upstream_forwards
-from narrows.interactions.measure import compare_models, measure_into, settings_from_preset
-from narrows.interactions.order_loss import RECIPES, OrderLoss
-from narrows.interactions.players import PlayerGrid, normalised_baseline
-from narrows.interactions.presets import PRESETS
-from narrows.interactions.result import InteractionResult, plot_curves
-from narrows.interactions.rewards import reward
-from narrows.interactions.runner import InteractionSettings, multi_order
-from narrows.interactions.sampling import UPSTREAM_RATIOS, order_of
+from narrows.lazy import lazy_package
 
-__all__ = [
-    "PRESETS",
-    "RECIPES",
-    "UPSTREAM_RATIOS",
-    "InteractionResult",
-    "InteractionSettings",
-    "OrderLoss",
-    "PlayerGrid",
-    "compare_models",
-    "estimate_image",
-    "measure_into",
-    "multi_order",
-    "normalised_baseline",
-    "order_of",
-    "planned_forwards",
-    "plot_curves",
-    "reward",
-    "settings_from_preset",
-    "upstream_forwards",
-]
+_WHERE = {
+    "estimate_image": "estimator", "planned_forwards": "estimator",
+    "upstream_forwards": "estimator",
+    "compare_models": "measure", "measure_into": "measure", "settings_from_preset": "measure",
+    "RECIPES": "order_loss", "OrderLoss": "order_loss",
+    "PlayerGrid": "players", "normalised_baseline": "players",
+    "PRESETS": "presets",
+    "InteractionResult": "result", "plot_curves": "result",
+    "reward": "rewards",
+    "InteractionSettings": "runner", "multi_order": "runner",
+    "UPSTREAM_RATIOS": "sampling", "order_of": "sampling",
+    "EstimateOptions": "options", "OrderLossOptions": "options",
+}
+
+__all__ = lazy_package(__name__, _WHERE)

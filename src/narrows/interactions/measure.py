@@ -9,23 +9,41 @@ the cost), warns when the output ignores the patches, runs with per-image resume
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from narrows.errors import UserError
 from narrows.interactions.result import InteractionResult
 from narrows.interactions.runner import InteractionSettings
 
+if TYPE_CHECKING:
+    from narrows.interactions.options import EstimateOptions
+
 Say = Callable[..., None]
 
 
-def settings_from_preset(preset: str, *, seed: int = 0, extra_meta: dict | None = None,
-                         **overrides: Any) -> InteractionSettings:
+def settings_from_preset(preset: str | EstimateOptions | None = None, *, seed: int = 0,
+                         extra_meta: dict | None = None, **overrides: Any) -> InteractionSettings:
     """The :class:`InteractionSettings` of ``preset`` (see :data:`PRESETS`) with ``overrides``;
-    an override of ``None`` keeps the preset's value."""
+    an override of ``None`` keeps the preset's value.
+
+    ``preset`` may be an :class:`~narrows.interactions.options.EstimateOptions` (what ``narrows
+    interactions run`` takes): its preset with its options over it (its ``split`` goes into the
+    metadata), then ``overrides``; ``None`` is ``EstimateOptions()``, the command's defaults."""
+    from narrows.interactions.options import EstimateOptions
     from narrows.interactions.presets import PRESETS
 
+    if preset is None:
+        preset = EstimateOptions()
+    if isinstance(preset, EstimateOptions):
+        options = preset
+        given = {f.name: getattr(options, f.name) for f in dataclasses.fields(EstimateOptions)
+                 if f.name not in ("preset", "split")}
+        overrides = {**given, **overrides}
+        extra_meta = {"split": options.split, **(extra_meta or {})}
+        preset = options.preset
     if preset not in PRESETS:
         raise UserError(f"unknown preset '{preset}'", f"use one of {', '.join(PRESETS)}")
     chosen = dict(PRESETS[preset])

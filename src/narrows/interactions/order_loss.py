@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from torch import nn
 
 from narrows.errors import UserError
 from narrows.interactions.players import BaselineName, PlayerGrid, normalised_baseline
+
+if TYPE_CHECKING:
+    from narrows.interactions.options import OrderLossOptions
 
 OrderKind = Literal["encourage", "penalize"]
 BNMode = Literal["train", "eval_for_masked", "freeze_stats"]
@@ -180,6 +183,18 @@ class OrderLoss:
         self._players: PlayerGrid | None = None
         self._baseline: torch.Tensor | None = None
         self._reset_metrics()
+
+    @classmethod
+    def from_options(cls, options: OrderLossOptions, kind: OrderKind, r1: float, r2: float, *,
+                     mean: tuple[float, ...] | None = None,
+                     std: tuple[float, ...] | None = None,
+                     label_smoothing: float = 0.0) -> OrderLoss:
+        """The loss of ``narrows interactions train``: ``(kind, r1, r2)`` (e.g. a
+        :data:`RECIPES` entry) with the grid, baseline, draws, BatchNorm mode and weights of
+        ``options`` (an :class:`~narrows.interactions.options.OrderLossOptions`)."""
+        return cls(kind, r1, r2, options.grid, baseline=options.baseline, mean=mean, std=std,
+                   n_draws=options.n_draws, bn_mode=options.bn_mode, lam_cls=options.lam_cls,
+                   lam_order=options.lam_order, label_smoothing=label_smoothing)
 
     # -- the loss -------------------------------------------------------------------------
     def __call__(self, model: nn.Module, inputs: torch.Tensor,

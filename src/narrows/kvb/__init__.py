@@ -18,8 +18,7 @@ offers) loads without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from narrows.lazy import lazy_package
 
 _WHERE = {
     "KeyInitStats": "keys", "StepResult": "keys", "ema_step": "keys", "fit_keys": "keys",
@@ -36,16 +35,4 @@ _WHERE = {
     "ToySettings": "toy_run", "ToyRun": "toy_run", "run_toy": "toy_run",
 }
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'narrows.kvb' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"narrows.kvb.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+__all__ = lazy_package(__name__, _WHERE)

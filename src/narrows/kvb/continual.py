@@ -18,51 +18,25 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from narrows.errors import UserError
+from narrows.kvb.options import ContinualOptions
 
 #: The models run when none are named (``narrows kvb train``'s default).
 DEFAULT_MODELS = ("dkvb", "linear", "mlp")
 
 
 @dataclass
-class ContinualSettings:
+class ContinualSettings(ContinualOptions):
     """The options of :func:`train_continual`, with the command line's defaults.
 
     ``None`` means "from the embeddings" (see :func:`resolve_settings`). See ``narrows kvb
     train --help`` for each option (the flag is the name with dashes).
     """
 
-    data: str | None = None
-    backbone: str | None = None
-    key_data: str | None = None
-    key_split: Literal["train", "test"] = "train"
-    protocol: list[str] = field(default_factory=lambda: ["incremental", "iid"])
-    model: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
-    classes_per_task: int | None = None
-    class_order: list[int] | None = None
-    epochs: int | None = None
-    batch_size: int = 256
-    num_books: int = 256
-    num_pairs: int | None = None
-    dim_key: int | None = None
-    topk: int = 1
-    splitting_mode: Literal["random_projection", "chunk"] = "random_projection"
-    decay: float = 0.95
-    threshold_factor: float = 0.1
-    init_epochs: int | None = None
-    lr: float = 0.3
-    label_smoothing: float = 0.1
-    gradient_clip: float = 1.0
-    prune: bool = True
-    probe_optimizer: Literal["sgd", "adam"] = "sgd"
-    probe_lr: float = 1e-3
-    hidden: int = 128
-    ridge_decay: float = 1e-4
-    vq_decoder: Literal["mlp", "linear"] = "mlp"
     seed: int = 0
 
     @classmethod

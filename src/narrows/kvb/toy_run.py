@@ -10,31 +10,20 @@ run is repeated.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from narrows.kvb.registry import TOY_MODEL_NAMES
+from narrows.kvb.options import DEFAULT_SEEDS, ToyOptions  # noqa: F401  (re-exported)
 
 RESULTS = "results.json"
 RUN_FILE = "toy.json"
 FORMAT_KIND, FORMAT_VERSION = "kvb.toy", 1
-DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 
 
 @dataclass
-class ToySettings:
+class ToySettings(ToyOptions):
     """The options of :func:`run_toy`, with the command line's defaults (``narrows kvb toy
     --help`` explains each; the flag is the name with dashes)."""
-
-    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
-    models: list[str] = field(default_factory=lambda: list(TOY_MODEL_NAMES))
-    steps: int = 1000
-    train_points: int = 100
-    test_points: int = 1000
-    key_batches: int = 1000
-    decay: float = 0.95
-    kv_lr: float | None = None
-    resolution: int = 100
 
     @classmethod
     def from_options(cls, options: Any = None, **changes: Any) -> ToySettings:

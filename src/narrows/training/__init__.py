@@ -1,48 +1,24 @@
 """The supervised training loop shared by ``narrows train`` and every method that trains.
 
 :func:`fit` runs the loop; :func:`training_data`, :func:`model_for_training` and
-:func:`training_summary` (``narrows.training.setup``) are what ``narrows train`` does around it.
+:func:`training_summary` (``narrows.training.setup``) are what ``narrows train`` does around it;
+:class:`TrainOptions` / :class:`TrainSettings` say how to train (the command's flags and
+defaults). Names load on first use, so ``narrows.training.settings`` (the options the command
+line is built from) imports without torch.
 """
 
-from narrows.training.batches import Normalizer
-from narrows.training.evaluate import EvalResult, evaluate
-from narrows.training.loop import (
-    BEST,
-    LAST,
-    EpochStats,
-    LossFn,
-    TrainResult,
-    cross_entropy,
-    epoch_loader,
-    fit,
-    make_optimizer,
-    train_one_epoch,
-)
-from narrows.training.settings import TrainOptions, TrainSettings, learning_rate
-from narrows.training.setup import (
-    model_for_training,
-    training_data,
-    training_summary,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BEST",
-    "LAST",
-    "EpochStats",
-    "EvalResult",
-    "LossFn",
-    "Normalizer",
-    "TrainOptions",
-    "TrainResult",
-    "TrainSettings",
-    "cross_entropy",
-    "epoch_loader",
-    "evaluate",
-    "fit",
-    "learning_rate",
-    "make_optimizer",
-    "model_for_training",
-    "train_one_epoch",
-    "training_data",
-    "training_summary",
-]
+from narrows.lazy import lazy_package
+
+_WHERE = {
+    "Normalizer": "batches",
+    "EvalResult": "evaluate", "evaluate": "evaluate",
+    "BEST": "loop", "LAST": "loop", "EpochStats": "loop", "LossFn": "loop",
+    "TrainResult": "loop", "cross_entropy": "loop", "epoch_loader": "loop", "fit": "loop",
+    "make_optimizer": "loop", "train_one_epoch": "loop",
+    "TrainOptions": "settings", "TrainSettings": "settings", "learning_rate": "settings",
+    "model_for_training": "setup", "training_data": "setup", "training_summary": "setup",
+}
+
+__all__ = lazy_package(__name__, _WHERE, shadowed=("evaluate",))
