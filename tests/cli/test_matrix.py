@@ -176,7 +176,7 @@ def test_analysis_serves_the_cards_size(analysis, data, model, checkpoints, tmp_
 # them and every model (a covering of the grid; the analyses above cover it whole). digits, the
 # embedded demo set, is left out here: every command's own tests and the quickstart run on it.
 
-WORKFLOWS = [("split", "vit"), ("flat", "resnet18"), ("imagenet", "resnet18"),
+WORKFLOWS = [("split", "vit"), ("flat", "resnet20"), ("imagenet", "resnet18"),
              ("cifar10", "resnet20"), ("shapes", "vit")]
 
 

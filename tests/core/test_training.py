@@ -89,11 +89,20 @@ def train_run(out, data, settings, *, interrupt_after_epoch=None, interrupt_at_s
     return model, result
 
 
-@pytest.mark.parametrize("where", ["after_epoch", "mid_epoch"])
-def test_interrupted_run_resumes_to_identical_weights(tmp_path, where):
+RESUME_SETTINGS = TrainSettings(epochs=4, batch_size=32, lr=0.05, augment="crop", seed=3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted run, the reference of both kill points."""
     data = small_digits()
-    settings = TrainSettings(epochs=4, batch_size=32, lr=0.05, augment="crop", seed=3)
-    reference, ref_result = train_run(tmp_path / "ref", data, settings)
+    return data, *train_run(tmp_path_factory.mktemp("ref") / "ref", data, RESUME_SETTINGS)
+
+
+@pytest.mark.parametrize("where", ["after_epoch", "mid_epoch"])
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, where, uninterrupted):
+    data, reference, ref_result = uninterrupted
+    settings = RESUME_SETTINGS
 
     out = tmp_path / "killed"
     kwargs = ({"interrupt_after_epoch": 2} if where == "after_epoch"
