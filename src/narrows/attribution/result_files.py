@@ -51,13 +51,9 @@ def save_json_result(path: str | Path, kind: str, state: Mapping[str, Any],
 def load_json_result(path: str | Path, kind: str, what: str, fix: str,
                      required_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """The state saved by :func:`save_json_result` (header checked, then dropped)."""
-    from narrows.errors import UserError
-    from narrows.runs.files import read_json_file
+    from narrows.runs.results import read_result_json
 
-    if not Path(path).is_file():
-        raise UserError(f"no {what} {path}", fix)
-    state = read_json_file(path, what, fix, required_keys=required_keys, kind=dict)
-    return _without_header(state, kind, path)
+    return read_result_json(path, kind, FORMAT_VERSION, what, fix, required_keys=required_keys)
 
 
 def _without_header(state: dict[str, Any], kind: str, path: str | Path) -> dict[str, Any]:

@@ -112,16 +112,13 @@ class Curve:
     @classmethod
     def load(cls, path: str | Path) -> Curve:
         """Read ``curve.json`` (``path``: the file or the directory :meth:`save` wrote to)."""
-        from narrows.runs.files import read_json_file, reading
-        from narrows.runs.results import check_header
+        from narrows.runs.files import reading
+        from narrows.runs.results import read_result_json
 
-        path = Path(path)
-        file = path / "curve.json" if path.is_dir() else path
-        fix = "run 'narrows decompose validate' again"
-        document = read_json_file(file, "accuracy curve file", fix,
-                                  required_keys=("ks", "top1", "full_top1", "n"))
-        check_header(document, "decompose.curve", 1, str(file))
-        with reading(file, "accuracy curve file", fix):
+        what, fix = "accuracy curve file", "run 'narrows decompose validate' again"
+        document = read_result_json(path, "decompose.curve", 1, what, fix, file_name="curve.json",
+                                    required_keys=("ks", "top1", "full_top1", "n"))
+        with reading(path, what, fix):
             return cls.from_json(document)
 
     def table(self, ks: Sequence[int] | None = None) -> str:

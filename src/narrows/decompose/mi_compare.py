@@ -136,16 +136,13 @@ class MIComparison:
     def load(cls, path: str | Path) -> MIComparison:
         """Read ``mutual_info.json`` (``path``: the file or the directory :meth:`save` wrote)."""
         from narrows.decompose.mutual_info import MITable
-        from narrows.runs.files import read_json_file, reading
-        from narrows.runs.results import check_header
+        from narrows.runs.files import reading
+        from narrows.runs.results import read_result_json
 
-        path = Path(path)
-        file = path / "mutual_info.json" if path.is_dir() else path
-        fix = "run 'narrows decompose mutual-info' again"
-        data = read_json_file(file, "mutual-information results file", fix,
-                              required_keys=("ks", "scores"))
-        check_header(data, "decompose.mutual_info", 1, str(file))
-        with reading(file, "mutual-information results file", fix):
+        what, fix = "mutual-information results file", "run 'narrows decompose mutual-info' again"
+        data = read_result_json(path, "decompose.mutual_info", 1, what, fix,
+                                file_name="mutual_info.json", required_keys=("ks", "scores"))
+        with reading(path, what, fix):
             return cls(MITable.from_json(data), dict(data.get("mis", {})))
 
     def save(self, run: Any, diagonal: bool = True) -> None:

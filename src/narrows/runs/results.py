@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from narrows.errors import UserError
@@ -77,3 +78,21 @@ def check_header(document: Mapping[str, Any], kind: str, version: int, source: s
     if not number.isdigit() or int(number) > version:
         raise UserError(f"{source} was written by a newer narrows ({found})",
                         "upgrade narrows to read it")
+
+
+def read_result_json(path: str | Path, kind: str, version: int, what: str, fix: str, *,
+                     file_name: str | None = None,
+                     required_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A saved JSON result: ``path`` (or ``path/file_name`` when ``path`` is a directory),
+    checked for ``required_keys`` and its header (:func:`check_header`), without the header.
+    A missing or damaged file is one line naming it (``what``, ``fix``)."""
+    from narrows.runs.files import read_json_file
+
+    file = Path(path)
+    if file_name is not None and file.is_dir():
+        file = file / file_name
+    if not file.is_file():
+        raise UserError(f"no {what} {file}", fix)
+    document = read_json_file(file, what, fix, required_keys=required_keys, kind=dict)
+    check_header(document, kind, version, str(file))
+    return {k: v for k, v in document.items() if k not in ("format", "provenance")}
