@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import types
 import typing
@@ -119,7 +120,7 @@ def _number(value: float) -> str:
 
 def increasing(values: Any) -> str | None:
     """A rule for lists: strictly increasing (milestones, k values)."""
-    if values and any(b <= a for a, b in zip(values, values[1:], strict=False)):
+    if values and any(b <= a for a, b in itertools.pairwise(values)):
         return "values must be strictly increasing"
     return None
 

@@ -160,14 +160,19 @@ class FeatureStatistics:
         stats._nonzero, stats._sumsq = state["nonzero"].double(), state["sumsq"].double()
         return stats
 
+    def matches(self, model: nn.Module) -> bool:
+        """Whether ``model``'s weights are those the statistics were estimated on (unknown for
+        files written before the fingerprint was recorded: they match)."""
+        from narrows.models.checkpoints import model_fingerprint
+
+        return not self.model_fingerprint or self.model_fingerprint == model_fingerprint(model)
+
     def check_model(self, model: nn.Module, source: str = "the statistics",
                     fix: str = "estimate statistics for this model with 'narrows attribution "
                     "stats', or leave --statistics out") -> None:
         """Refuse a model with other weights than those the statistics were estimated on (a
         file without a fingerprint, written before they were recorded, passes)."""
-        from narrows.models.checkpoints import model_fingerprint
-
-        if self.model_fingerprint and self.model_fingerprint != model_fingerprint(model):
+        if not self.matches(model):
             raise UserError(f"{source} were estimated on another model's weights (layer "
                             f"'{self.layer}')", fix)
 
@@ -276,11 +281,10 @@ def statistics_for(model: nn.Module, dataset: Any, normalizer: Any, path: str | 
     path = Path(path)
     if path.is_file():
         cached = FeatureStatistics.load(path)
-        from narrows.models.checkpoints import model_fingerprint
-
-        if not re_estimate or cached.model_fingerprint in ("", model_fingerprint(model)):
-            cached.check_model(model, str(path), stale_fix)
+        if cached.matches(model):  # the weights are hashed once
             return cached
+        if not re_estimate:
+            cached.check_model(model, str(path), stale_fix)  # refuses, naming the file
     count = n_samples if n_samples is not None else DEFAULT_N_SAMPLES
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
