@@ -15,6 +15,12 @@
   defaults: :mod:`narrows.attribution.options` (:class:`IBAOptions`, :class:`EvaluateOptions`,
   ...; torch-free, as is importing this package).
 
+Inputs follow the one convention of narrows: images in [0, 1] as the data set serves them, and
+``normalizer=`` (a :class:`~narrows.training.Normalizer`, any function of images or a
+``Subject``; the explainers also take ``mean=``/``std=``) given to the explainer, to
+:func:`estimate_statistics` (which also takes a data set or loader) and to the metrics, which
+normalise first (:mod:`narrows.attribution.inputs`). Left out, inputs are model inputs.
+
 Importing this package does not import captum.
 """
 

@@ -1,8 +1,9 @@
 """Baseline attribution methods compared against IBA (spec §7), behind one interface.
 
-``make_method(name, model, layer=None, **options).attribute(x, target)`` returns one float
-heatmap per image, shape (N, H, W). Inputs are (N, C, H, W) in the model's normalised input
-space. ``target`` is a class index (int), one index per image (tensor of shape (N,)), or
+``make_method(name, model, layer=None, normalizer=None, **options).attribute(x, target)``
+returns one float heatmap per image, shape (N, H, W). Inputs are (N, C, H, W) images in [0, 1]
+with ``normalizer`` (see :mod:`narrows.attribution.inputs`), or model inputs (normalised)
+without it. ``target`` is a class index (int), one index per image (tensor of shape (N,)), or
 ``None`` for each image's predicted class (Grad-CAM in the paper code explains the predicted
 class, every other method the label: spec §14.4; pick one per run and record it).
 
@@ -169,9 +170,13 @@ class BaselineMethod:
     units: str = "attribution (a.u.)"
     signed: bool = True
 
-    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, **options: Any) -> None:
+    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, *,
+                 normalizer: Any = None, **options: Any) -> None:
+        from narrows.attribution.inputs import as_normalizer
+
         self.model = model
         self.layer = layer
+        self.normalizer = as_normalizer(normalizer)
         self.options = self._check_options(options)
         if self.needs_captum:
             self.captum = _captum(f"the '{self.name}' attribution baseline")
@@ -196,8 +201,12 @@ class BaselineMethod:
         return dict(self.options)
 
     def attribute(self, inputs: torch.Tensor, target: Target = None) -> torch.Tensor:
-        """Heatmaps (N, H, W), float, detached."""
+        """Heatmaps (N, H, W), float, detached, of ``inputs`` ((N, C, H, W)) towards
+        ``target`` (a class, one per image, or None: the predicted class)."""
+        from narrows.attribution.inputs import model_inputs
+
         _check_inputs(inputs)
+        inputs = model_inputs(inputs, self.normalizer)
         resolved = _resolve_target(self.model, inputs, target)
         maps = self._attribute(inputs.detach().clone().requires_grad_(True), resolved)
         return maps.detach().float()
@@ -362,17 +371,28 @@ def _relu_check(model: nn.Module, name: str) -> None:
                         "use it on ReLU networks (functional relu, GELU and ViTs are not supported)")
 
 
-class GuidedBackpropMethod(BaselineMethod):
-    """Guided Backprop (via Captum's temporary ReLU hooks), max over channels of |·|."""
+class _GuidedMethod(BaselineMethod):
+    """A method that changes the backward pass of the model's ``nn.ReLU`` modules (Captum's
+    temporary hooks); its map is the max over channels of |·| of :meth:`_guided`."""
 
-    name = "guided_backprop"
-    units = "|guided gradient| (a.u.)"
     signed = False
 
     def _attribute(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         _relu_check(self.model, self.name)
-        attr = self.captum.GuidedBackprop(self.model).attribute(inputs, target=target)
-        return attr.abs().amax(dim=1)
+        return self._guided(inputs, target).abs().amax(dim=1)
+
+    def _guided(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GuidedBackpropMethod(_GuidedMethod):
+    """Guided Backprop (via Captum's temporary ReLU hooks), max over channels of |·|."""
+
+    name = "guided_backprop"
+    units = "|guided gradient| (a.u.)"
+
+    def _guided(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
+        return self.captum.GuidedBackprop(self.model).attribute(inputs, target=target)
 
 
 class _LayerMethod(BaselineMethod):
@@ -424,21 +444,18 @@ class GradCamMethod(_LayerMethod):
         return cam[:, 0]
 
 
-class GuidedGradCamMethod(_LayerMethod):
+class GuidedGradCamMethod(_GuidedMethod, _LayerMethod):
     """Guided Grad-CAM (Captum: per-channel product, bilinear upsampling), max over channels of |·|."""
 
     name = "guided_gradcam"
     units = "|guided Grad-CAM| (a.u.)"
-    signed = False
 
-    def _attribute(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
-        _relu_check(self.model, self.name)
+    def _guided(self, inputs: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
         if _is_vit(self.model):
             raise UserError("'guided_gradcam' is not supported on ViT-like models",
                             "use 'gradcam' (token grid) instead")
         method = self.captum.GuidedGradCam(self.model, self._layer())
-        attr = method.attribute(inputs, target=target, interpolate_mode="bilinear")
-        return attr.abs().amax(dim=1)
+        return method.attribute(inputs, target=target, interpolate_mode="bilinear")
 
 
 class OcclusionMethod(BaselineMethod):
@@ -599,7 +616,9 @@ def make_method(name: str, model: nn.Module, layer: str | nn.Module | None = Non
                 **options: Any) -> BaselineMethod:
     """Build baseline ``name`` for ``model``; unknown names raise a UserError listing the rest.
 
-    ``layer`` is used only by layer methods (Grad-CAM, Guided Grad-CAM). Raises
+    ``layer`` is used only by layer methods (Grad-CAM, Guided Grad-CAM); ``options`` are the
+    method's (see its ``defaults``) and ``normalizer`` (a Normalizer or callable) makes
+    ``attribute`` take [0, 1] images. Returns the :class:`BaselineMethod`; raises
     MissingExtraError when the method needs Captum and it is not installed.
     """
     key = ALIASES.get(name, name)

@@ -3,7 +3,10 @@
 :func:`evaluate_methods` is ``narrows attribution evaluate`` as a function. It caches into a
 :class:`~narrows.runs.RunDir`: each method's heatmaps in ``heatmaps_<method>.npz`` (with the
 image indices), each metric in ``metric_<method>_<metric>.json``; it writes results.csv,
-results.md, degradation.png, examples.png and (with sensitivity-n) sensitivity_n.png.
+results.md, degradation.png, examples.png and (with sensitivity-n) sensitivity_n.png. Both
+caches carry the result header (:func:`narrows.runs.results.header`: ``narrows.<kind>/1`` and
+the provenance; the npz as a JSON string in its ``header`` array); caches written before
+headers existed still load.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ __all__ = ["DEFAULT_METRICS", "METRICS", "EvaluationResult", "evaluate_methods",
 METRICS = ("degradation", "bbox", "sensitivity-n")
 DEFAULT_METRICS = ("degradation", "bbox")
 FORMAT_KIND = "attribution_evaluation"  # saved files: "format": narrows.attribution_evaluation/1
+HEATMAPS_KIND = "attribution_heatmaps"  # heatmaps_<method>.npz
+METRIC_KIND = "attribution_metric"  # metric_<method>_<metric>.json
 
 
 @dataclass
@@ -207,8 +212,9 @@ def evaluate_methods(model: nn.Module, dataset: Any, indices: list[int], methods
                                     settings, statistics, ids=[indices[i]])
                 maps.append(result.heatmaps[0])
             heatmaps = np.stack(maps).astype(np.float32)
-            atomic_write(cache, lambda fh, m=heatmaps: np.savez_compressed(
-                fh, heatmaps=m, indices=np.array(indices)))
+            head = np.array(_header_text(HEATMAPS_KIND, method, settings.seed, model=name))
+            atomic_write(cache, lambda fh, m=heatmaps, h=head: np.savez_compressed(
+                fh, heatmaps=m, indices=np.array(indices), header=h))
         row, curve = _metrics(out, method, metrics, model, inputs, labels, heatmaps, dataset,
                               indices, tile, points, n_sets, eval_batch_size, settings.seed)
         rows.append(row)
@@ -229,13 +235,37 @@ def evaluate_methods(model: nn.Module, dataset: Any, indices: list[int], methods
                             files=files, tile=tile)
 
 
+def _origin(method: str, seed: int, model: str | None = None, **options: Any) -> dict[str, Any]:
+    """The provenance of a cache of ``method``: the model, the seed and the options."""
+    from narrows.runs.results import provenance
+
+    return provenance(model=model, seed=seed, options={"method": method, **options})
+
+
+def _header_text(kind: str, method: str, seed: int, model: str | None = None) -> str:
+    """The result header of a heatmaps cache as JSON text (stored as an npz array)."""
+    import json
+
+    from narrows.attribution.result_files import with_header
+
+    return json.dumps(with_header(kind, {}, _origin(method, seed, model)))
+
+
 def _cached(path: Path, indices: list[int]) -> Any:
-    """The heatmaps cached in ``path`` if they are of ``indices``, else None."""
+    """The heatmaps cached in ``path`` if they are of ``indices``, else None (the header, if
+    the file has one, is checked)."""
     if not path.is_file():
         return None
+    import json
+
+    from narrows.attribution.result_files import without_header
     from narrows.runs.files import read_npz, reading
 
     data = read_npz(path, "cached heatmaps file", required=("indices", "heatmaps"))
+    if "header" in data:
+        with reading(path, "cached heatmaps file"):
+            document = json.loads(str(data["header"]))
+        without_header(document, HEATMAPS_KIND, path)
     with reading(path, "cached heatmaps file"):
         if list(data["indices"]) != indices:
             return None
@@ -248,10 +278,12 @@ def _metrics(run: RunDir, method: str, metrics: list[str], net: nn.Module, input
              labels: torch.Tensor, heatmaps: Any, dataset: Any, indices: list[int], tile: int,
              points: int, n_sets: int, batch_size: int, seed: int
              ) -> tuple[dict[str, Any], dict | None]:
-    """One results row for ``method`` (each metric cached in metric_<method>_<metric>.json)."""
+    """One results row for ``method`` (each metric cached in metric_<method>_<metric>.json,
+    after the result header)."""
     import torch
 
     from narrows.attribution import bbox_ratio, degradation, sensitivity_n
+    from narrows.attribution.result_files import with_header, without_header
     from narrows.data import dataset_boxes
 
     maps = torch.from_numpy(heatmaps)
@@ -261,7 +293,8 @@ def _metrics(run: RunDir, method: str, metrics: list[str], net: nn.Module, input
         file = f"metric_{method}_{metric}.json"
         cached = run.exists(file)
         if cached:
-            values = run.read_json(file, kind=dict)
+            values = without_header(run.read_json(file, kind=dict), METRIC_KIND,
+                                    run.file(file))
         elif metric == "degradation":
             r = degradation(net, inputs, maps.to(inputs.device), labels, tile=tile,
                             n_points=points, batch_size=batch_size, seed=seed)
@@ -283,7 +316,9 @@ def _metrics(run: RunDir, method: str, metrics: list[str], net: nn.Module, input
                       "sensitivity": {"n": list(r.ns), "pooled": r.pooled.tolist(),
                                       "per_image": r.per_image.tolist()}}
         if not cached:
-            run.write_json(file, values)
+            origin = _origin(method, seed, metric=metric, tile=tile, points=points,
+                             n_sets=n_sets)
+            run.write_json(file, with_header(METRIC_KIND, values, origin))
         curve = values.pop("curve", curve)
         values.pop("sensitivity", None)
         row.update(values)

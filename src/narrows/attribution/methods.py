@@ -3,8 +3,10 @@
 ``get_method(name)(model, layer=None, **options).attribute(inputs, target)`` returns an
 :class:`~narrows.attribution.heatmap.AttributionResult` for IBA (``iba``), the readout
 bottleneck (``readout``) and each Captum baseline (``saliency``, ``gradcam``, ...; see
-:func:`method_names`). Inputs are (N, C, H, W) normalised images, ``target`` one class per
-image (a tensor), one class for all (an int) or ``None`` (the predicted class).
+:func:`method_names`). Inputs are (N, C, H, W) images in [0, 1] as the data set serves them,
+with ``normalizer=`` (or ``mean=``/``std=``) given when the method is built; without it they
+are taken to be model inputs (normalised). ``target`` is one class per image (a tensor), one
+class for all (an int) or ``None`` (the predicted class).
 
 :class:`MethodSettings` holds the options of every method at once (as ``attribution
 explain|evaluate|sanity`` take them) and builds any of them by name.
@@ -44,20 +46,35 @@ PARAMETER_NAMES = {"layer": "layer", "cam_layer": "cam_layer", "method": "method
 
 
 class Method:
-    """One explainer bound to a model: ``attribute(inputs, target, ids=None)``.
+    """One explainer bound to ``model`` (at ``layer``, for methods that use one):
+    ``attribute(inputs, target, ids=None)`` returns an :class:`AttributionResult`.
 
-    ``ids`` (the images' dataset indices) key each image's random draws on ``(seed, id)`` for
-    methods that draw (IBA's noise; random and SmoothGrad given one image at a time), so a
-    heatmap does not depend on the images explained before it.
+    ``normalizer`` (a :class:`~narrows.training.Normalizer`, a callable or a ``Subject``) or
+    ``mean``/``std`` map [0, 1] images to model inputs (see :mod:`narrows.attribution.inputs`);
+    without them ``inputs`` are model inputs. ``ids`` (the images' dataset indices) key each
+    image's random draws on ``(seed, id)`` for methods that draw (IBA's noise; random and
+    SmoothGrad given one image at a time), so a heatmap does not depend on the images
+    explained before it.
     """
 
     name: ClassVar[str] = ""
 
-    def __init__(self, model: nn.Module, layer: str | None = None, **options: Any) -> None:
+    def __init__(self, model: nn.Module, layer: str | None = None, *, normalizer: Any = None,
+                 mean: Any = None, std: Any = None, **options: Any) -> None:
+        from narrows.attribution.inputs import as_normalizer
+
         self.model, self.layer, self.options = model, layer, options
+        self.normalizer = as_normalizer(normalizer, mean, std)
+
+    def model_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` normalised when the method was given a normaliser, else unchanged."""
+        from narrows.attribution.inputs import model_inputs
+
+        return model_inputs(inputs, self.normalizer)
 
     def attribute(self, inputs: torch.Tensor, target: Any = None,
                   ids: list[int] | None = None) -> AttributionResult:
+        """Heatmaps of ``inputs`` towards ``target`` (``ids``: the images' dataset indices)."""
         raise NotImplementedError
 
 
@@ -68,8 +85,9 @@ class IBAMethod(Method):
 
     def __init__(self, model: nn.Module, layer: str | None = None, *, statistics: Any,
                  beta: float = 10.0, steps: int = 10, batch_size: int = 10,
-                 record_steps: bool = False, seed: int | None = None) -> None:
-        super().__init__(model, layer)
+                 record_steps: bool = False, seed: int | None = None, normalizer: Any = None,
+                 mean: Any = None, std: Any = None) -> None:
+        super().__init__(model, layer, normalizer=normalizer, mean=mean, std=std)
         self.statistics, self.beta, self.steps = statistics, beta, steps
         self.batch_size, self.record_steps, self.seed = batch_size, record_steps, seed
 
@@ -80,7 +98,7 @@ class IBAMethod(Method):
         iba = IBA(self.model, self.layer, self.statistics, beta=self.beta, steps=self.steps,
                   batch_size=self.batch_size, record_steps=self.record_steps,
                   seed=None if ids is None else self.seed)
-        return iba.attribute(inputs, target, ids=ids)
+        return iba.attribute(self.model_inputs(inputs), target, ids=ids)
 
 
 _READOUTS: dict[tuple[str, int, int], Any] = {}
@@ -104,14 +122,16 @@ class ReadoutMethod(Method):
     name = "readout"
 
     def __init__(self, model: nn.Module, layer: str | None = None, *,
-                 readout: str | Path) -> None:
-        super().__init__(model, layer)
+                 readout: str | Path, normalizer: Any = None, mean: Any = None,
+                 std: Any = None) -> None:
+        super().__init__(model, layer, normalizer=normalizer, mean=mean, std=std)
         self.path = readout
         self.readout_iba = load_readout_iba(readout, model)
 
     def attribute(self, inputs: torch.Tensor, target: Any = None,
                   ids: list[int] | None = None) -> AttributionResult:
         readout = self.readout_iba
+        inputs = self.model_inputs(inputs)
         readout.readout.to(inputs.device)
         expected = readout.readout.input_shape
         if expected and tuple(inputs.shape[1:]) != expected:
@@ -128,8 +148,9 @@ class BaselineExplainer(Method):
     """
 
     def __init__(self, model: nn.Module, layer: str | None = None, *, seed: int | None = None,
+                 normalizer: Any = None, mean: Any = None, std: Any = None,
                  **options: Any) -> None:
-        super().__init__(model, layer, **options)
+        super().__init__(model, layer, normalizer=normalizer, mean=mean, std=std, **options)
         self.seed = seed
         make_method(self.name, model, layer=layer, **options)  # unknown options fail now
 
@@ -142,7 +163,7 @@ class BaselineExplainer(Method):
             options["seed"] = (derive_seed(self.seed, ids[0]) if ids is not None and len(ids) == 1
                                else self.seed)
         baseline = make_method(self.name, self.model, layer=self.layer, **options)
-        maps = baseline.attribute(inputs, target)
+        maps = baseline.attribute(self.model_inputs(inputs), target)
         targets = target.tolist() if isinstance(target, torch.Tensor) else target
         return AttributionResult(heatmaps=maps.cpu().numpy(), targets=targets,
                                  meta=baseline.describe())
@@ -201,20 +222,23 @@ class MethodSettings:
         return cls(**{**values, "seed": seed, **overrides})
 
     def build(self, name: str, model: nn.Module, statistics: Any = None,
-              record_steps: bool = False, seeded: bool = True) -> Method:
+              record_steps: bool = False, seeded: bool = True,
+              normalizer: Any = None) -> Method:
         """Explainer ``name`` for ``model`` (IBA needs ``statistics``); ``seeded=False``
-        leaves the baselines at their own default seed."""
+        leaves the baselines at their own default seed; ``normalizer`` as for :class:`Method`
+        (None: it takes model inputs)."""
         cls = get_method(name)
         if cls is IBAMethod:
             return IBAMethod(model, self.layer, statistics=statistics, beta=self.beta,
                              steps=self.steps, batch_size=self.iba_batch,
-                             record_steps=record_steps, seed=self.seed)
+                             record_steps=record_steps, seed=self.seed, normalizer=normalizer)
         if cls is ReadoutMethod:
             if not self.readout:
                 raise UserError("method readout needs a readout file",
                                 "train one with 'narrows attribution readout-train'")
-            return ReadoutMethod(model, readout=self.readout)
-        return cls(model, self.cam_layer, seed=self.seed if seeded else None)
+            return ReadoutMethod(model, readout=self.readout, normalizer=normalizer)
+        return cls(model, self.cam_layer, seed=self.seed if seeded else None,
+                   normalizer=normalizer)
 
 
 def check_methods(methods: list[str], model: nn.Module, settings: MethodSettings,
@@ -223,7 +247,8 @@ def check_methods(methods: list[str], model: nn.Module, settings: MethodSettings
     """Fail now, before any work, on what would fail later: a baseline that needs a missing
     extra or has no default layer on this model, a bad IBA layer, a statistics file
     (``statistics``) of another layer or (given a normalised ``probe`` image batch) of another
-    feature shape. ``names`` says how messages name the parameters (default: their names)."""
+    feature shape. ``methods`` are names, ``settings`` their options; ``names`` says how
+    messages name the parameters (default: their names). Returns None; raises a UserError."""
     from narrows.attribution.baselines import uses_layer
     from narrows.attribution.layers import default_layer, get_layer
     from narrows.attribution.statistics import FeatureStatistics

@@ -28,6 +28,9 @@ class LayerOption:
 
 @dataclass
 class StatisticsOptions:
+    """How IBA's feature statistics are estimated: ``n_samples`` images (None: 10,000 or
+    the whole split), the noise ``kind`` and the ``batch_size`` of the forwards."""
+
     n_samples: int | None = option(None, "images for the feature statistics [default: 10,000, "
                                    "or all the split has; ≥ 1,000 advised]", check=positive)
     kind: Literal["welford", "relu_rms"] = option(
@@ -39,6 +42,9 @@ class StatisticsOptions:
 
 @dataclass
 class IBAOptions:
+    """IBA's options (``beta``, ``steps``, ``iba_batch`` samples per step), a ``statistics``
+    or ``readout`` file to use, and Grad-CAM's ``cam_layer``."""
+
     beta: float = option(10.0, "IBA: weight of the information loss", check=positive)
     steps: int = option(10, "IBA: optimisation steps per image", check=positive)
     iba_batch: int = option(10, "IBA: noise samples per step", check=positive)
@@ -55,6 +61,8 @@ class IBAOptions:
 
 @dataclass
 class ImageChoice:
+    """How the images to explain are chosen: ``select`` spread (over the classes) or first."""
+
     select: Literal["spread", "first"] = option(
         "spread", "which test images: spread = round-robin over the classes, in an order drawn "
         "from --seed; first = the first N")
@@ -62,11 +70,16 @@ class ImageChoice:
 
 @dataclass
 class StatsOptions:
+    """The ``split`` that ``attribution stats`` estimates the statistics on."""
+
     split: Literal["train", "test"] = option("train", "split the images come from")
 
 
 @dataclass
 class ExplainOptions:
+    """What ``attribution explain`` explains: the ``method``, how many ``images`` (or which
+    ``indices``) and whether to write IBA's steps as a ``gif``."""
+
     method: str = option("iba", "iba or a baseline: " + "saliency, gradcam, random, ... "
                          "(see narrows.attribution.method_names())")
     images: int = option(8, "explain N test images (chosen by --select)", check=positive)
@@ -78,6 +91,10 @@ class ExplainOptions:
 
 @dataclass
 class EvaluateOptions:
+    """What ``attribution evaluate`` compares: ``methods`` and ``metrics`` (comma-separated),
+    the number of ``images``, the ``tile`` size, degradation's ``points``, sensitivity-n's
+    ``n_sets`` and the ``eval_batch_size`` of the perturbed forwards."""
+
     methods: str = option("iba,saliency,gradcam,random", "comma-separated methods; each one's "
                           "heatmaps are cached in heatmaps_<method>.npz", affects_result=False)
     metrics: str | None = option(None, "comma-separated: degradation, bbox (needs boxes), "
@@ -94,6 +111,9 @@ class EvaluateOptions:
 
 @dataclass
 class SanityOptions:
+    """What ``attribution sanity`` checks: ``methods``, the number of ``images``, the
+    ``repeats`` on the unmodified model and the layers to ``randomise`` (None: all, top first)."""
+
     methods: str = option("iba,saliency,gradcam", "comma-separated methods; each one's result "
                           "is cached in sanity_<method>.pt", affects_result=False)
     images: int = option(16, "check on N test images (chosen by --select)", check=positive)

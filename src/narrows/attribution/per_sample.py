@@ -37,6 +37,10 @@ class IBA:
     input resolution used (see :meth:`estimate`). With ``seed`` set, each image's noise comes
     from its own generator seeded from ``(seed, image id)`` (see :meth:`attribute`), so a heatmap
     does not depend on which images were explained before it; ``None`` uses the global RNG.
+    ``normalizer`` (or ``mean``/``std``) makes :meth:`attribute` and :meth:`estimate` take
+    [0, 1] images (see :mod:`narrows.attribution.inputs`); without it they take model inputs.
+    ``beta``, ``steps``, ``batch_size`` (noise samples per step), ``lr``, ``alpha_init`` and
+    ``sigma`` are the optimisation's; :meth:`attribute` returns an :class:`AttributionResult`.
     """
 
     def __init__(self, model: nn.Module, layer: str | None = None,
@@ -44,7 +48,10 @@ class IBA:
                  steps: int = 10, batch_size: int = 10, lr: float = 1.0,
                  alpha_init: float = 5.0, sigma: float = 1.0, final_eval: bool = False,
                  record_steps: bool = False, relu: bool | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, normalizer: Any = None, mean: Any = None,
+                 std: Any = None) -> None:
+        from narrows.attribution.inputs import as_normalizer
+
         if steps < 1 or batch_size < 1:
             raise UserError(f"steps={steps} and batch_size={batch_size} must be ≥ 1",
                             "use the defaults steps=10, batch_size=10")
@@ -56,12 +63,15 @@ class IBA:
         self.alpha_init, self.sigma, self.final_eval = alpha_init, sigma, final_eval
         self.record_steps, self.relu = record_steps, relu
         self.seed = seed
+        self.normalizer = as_normalizer(normalizer, mean, std)
 
     def estimate(self, batches: Iterable[Any], n_samples: int = 10_000,
                  kind: Kind = "welford", device: str | torch.device | None = None) -> FeatureStatistics:
-        """Estimate and keep the statistics of ``self.layer``."""
+        """Estimate, keep and return the statistics of ``self.layer`` on ``batches`` (as
+        :func:`~narrows.attribution.statistics.estimate_statistics` takes them)."""
         self.statistics = estimate_statistics(self.model, self.layer, batches, n_samples,
-                                              device=device, kind=kind)
+                                              device=device, kind=kind,
+                                              normalizer=self.normalizer)
         return self.statistics
 
     def _bottleneck(self, device: torch.device) -> Bottleneck:
@@ -84,7 +94,9 @@ class IBA:
         ``ids``: one id per image (e.g. its dataset index) keying its noise when ``seed`` is set
         [default: the position in ``inputs``].
         """
-        x = as_batch(inputs)
+        from narrows.attribution.inputs import model_inputs
+
+        x = model_inputs(as_batch(inputs), self.normalizer)
         targets = per_image_targets(target, x.shape[0])
         ids = list(range(x.shape[0])) if ids is None else [int(i) for i in ids]
         if len(ids) != x.shape[0]:

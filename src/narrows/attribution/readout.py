@@ -158,12 +158,18 @@ def estimate_readout_statistics(model: nn.Module, batches: Iterable[Any], *,
                                 n_samples: int = 10_000, kind: Kind = "welford",
                                 min_std: float = 0.01,
                                 device: str | torch.device | None = None,
-                                warn: bool = True) -> ReadoutStatistics:
-    """All statistics a readout needs, from one eval-mode forward per batch of ``batches``.
+                                warn: bool = True, normalizer: Any = None,
+                                batch_size: int = 128) -> ReadoutStatistics:
+    """All statistics a readout needs (a :class:`ReadoutStatistics`), from one eval-mode
+    forward per batch of ``batches``.
 
-    Exactly ``n_samples`` images are used (or all, when ``batches`` runs out first); ``warn``
-    as in :func:`~narrows.attribution.statistics.estimate_statistics`.
+    Exactly ``n_samples`` images are used (or all, when ``batches`` runs out first);
+    ``batches``, ``normalizer``, ``batch_size`` and ``warn`` as in
+    :func:`~narrows.attribution.statistics.estimate_statistics`.
     """
+    from narrows.attribution.inputs import as_normalizer, model_inputs
+    from narrows.attribution.statistics import image_batches
+
     layer, readout_layers = _resolve_layers(model, layer, readout_layers)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -174,11 +180,12 @@ def estimate_readout_statistics(model: nn.Module, batches: Iterable[Any], *,
     captured: dict[str, torch.Tensor] = {}
     names = list(dict.fromkeys([layer, *readout_layers]))
     with frozen(model), capture(model, names, captured, fix=_TENSOR_FIX):
-        for batch in batches:
+        normalise = as_normalizer(normalizer)
+        for batch in image_batches(batches, batch_size):
             images = batch_images(batch)[: max(n_samples - logits.n, 0)]
             if images.shape[0]:
                 captured.clear()
-                out = model(images.to(device))
+                out = model(model_inputs(images.to(device), normalise))
                 bottleneck.update(captured[layer])
                 for name in readout_layers:
                     readouts[name].update(captured[name])
@@ -594,12 +601,18 @@ def load_readout(path: str | Path, model: nn.Module, *,
 
 # -- attribution -----------------------------------------------------------------------------
 class ReadoutIBA:
-    """Heatmaps from a trained readout: one clean and one noisy forward per batch of images."""
+    """Heatmaps from a trained ``readout``: one clean and one noisy forward per batch of
+    ``batch_size`` images; :meth:`attribute` returns an :class:`AttributionResult`.
+    ``normalizer`` makes it take [0, 1] images (see :mod:`narrows.attribution.inputs`)."""
 
-    def __init__(self, readout: ReadoutBottleneck, *, batch_size: int = 32) -> None:
+    def __init__(self, readout: ReadoutBottleneck, *, batch_size: int = 32,
+                 normalizer: Any = None) -> None:
+        from narrows.attribution.inputs import as_normalizer
+
         if batch_size < 1:
             raise UserError(f"batch_size={batch_size} must be ≥ 1", "use e.g. 32")
         self.readout, self.batch_size = readout, batch_size
+        self.normalizer = as_normalizer(normalizer)
 
     @torch.no_grad()
     def attribute(self, inputs: torch.Tensor, target: Any = None) -> AttributionResult:
@@ -607,8 +620,11 @@ class ReadoutIBA:
 
         The maps do not depend on ``target`` (the readout sees the logits, not the label); it
         is recorded in the result (an int or one class per image; None: the predicted class).
+        With a ``normalizer`` the inputs are [0, 1] images, normalised first.
         """
-        x = as_batch(inputs)
+        from narrows.attribution.inputs import model_inputs
+
+        x = model_inputs(as_batch(inputs), self.normalizer)
         readout, model = self.readout, self.readout.model
         size = (int(x.shape[-2]), int(x.shape[-1]))
         heatmaps, caps, predicted = [], [], []

@@ -12,7 +12,9 @@ from typing import Any, ClassVar
 FORMAT_VERSION = 1
 
 
-def _document(kind: str, state: Mapping[str, Any], origin: Mapping[str, Any]) -> dict[str, Any]:
+def with_header(kind: str, state: Mapping[str, Any], origin: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` after the header of :func:`narrows.runs.results.header` (``kind``, version 1,
+    provenance ``origin``)."""
     from narrows.runs.results import header
 
     return {**header(kind, FORMAT_VERSION, origin), **state}
@@ -25,7 +27,7 @@ def save_torch_result(path: str | Path, kind: str, state: Mapping[str, Any],
     values), atomically."""
     from narrows.runs.files import atomic_torch_save
 
-    return atomic_torch_save(path, _document(kind, state, origin))
+    return atomic_torch_save(path, with_header(kind, state, origin))
 
 
 def load_torch_result(path: str | Path, kind: str, what: str, fix: str) -> dict[str, Any]:
@@ -37,7 +39,7 @@ def load_torch_result(path: str | Path, kind: str, what: str, fix: str) -> dict[
     with reading(path, what, fix):
         if not isinstance(state, dict):
             raise ValueError("not a dict")
-    return _without_header(state, kind, path)
+    return without_header(state, kind, path)
 
 
 def save_json_result(path: str | Path, kind: str, state: Mapping[str, Any],
@@ -45,7 +47,7 @@ def save_json_result(path: str | Path, kind: str, state: Mapping[str, Any],
     """A JSON file: the header, then ``state``."""
     from narrows.runs.files import atomic_write_json
 
-    return atomic_write_json(path, _document(kind, state, origin))
+    return atomic_write_json(path, with_header(kind, state, origin))
 
 
 def load_json_result(path: str | Path, kind: str, what: str, fix: str,
@@ -56,7 +58,9 @@ def load_json_result(path: str | Path, kind: str, what: str, fix: str,
     return read_result_json(path, kind, FORMAT_VERSION, what, fix, required_keys=required_keys)
 
 
-def _without_header(state: dict[str, Any], kind: str, path: str | Path) -> dict[str, Any]:
+def without_header(state: Mapping[str, Any], kind: str, path: str | Path) -> dict[str, Any]:
+    """``state`` without its header, checked first with :func:`narrows.runs.results.check_header`
+    (a file of another kind or a newer version raises; one without a header passes)."""
     from narrows.runs.results import check_header
 
     check_header(state, kind, FORMAT_VERSION, str(path))
@@ -73,17 +77,25 @@ def plain(value: Any) -> Any:
 class SavedAsTorch:
     """``save``/``load`` for a dataclass result whose fields are plain tensors and values:
     one torch file with the header. A class sets ``FORMAT_KIND``, ``WHAT`` (the file in error
-    messages), ``FIX`` (what to do with a damaged one) and may override :meth:`origin`."""
+    messages), ``FIX`` (what to do with a damaged one) and ``OPTIONS`` (the fields that are
+    the options it was computed with, for the header's provenance; a ``seed`` field is the
+    seed)."""
 
     FORMAT_KIND: ClassVar[str]
     WHAT: ClassVar[str]
     FIX: ClassVar[str]
+    OPTIONS: ClassVar[tuple[str, ...]] = ()
+
+    def header_options(self) -> dict[str, Any]:
+        """The options recorded in the header: the ``OPTIONS`` fields."""
+        return {name: getattr(self, name) for name in self.OPTIONS}
 
     def origin(self) -> dict[str, Any]:
         """The provenance written in the header (seed and options where the result has them)."""
         from narrows.runs.results import provenance
 
-        return provenance()
+        return provenance(seed=getattr(self, "seed", None),
+                          options=self.header_options() or None)
 
     def save(self, path: str | Path) -> Path:
         """Write the result (tensors and settings, after the format header) to one torch file."""

@@ -151,10 +151,10 @@ def sanity_check(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                  settings: MethodSettings | None = None, statistics: Any = None,
                  estimate: Any = None, repeats: int | None = None, progress: bool = True,
                  name: str = "model", n_samples: int = 10_000, log: Any = print,
-                 options: Any = None) -> SanityResult:
+                 options: Any = None, normalizer: Any = None) -> SanityResult:
     """Cascading randomisation of ``layers`` (top first; None: the model's top-level children
-    with parameters, last called first) for each of ``methods`` on the
-    normalised ``inputs`` (dataset ``indices``) towards ``labels``; ``repeats`` runs on the
+    with parameters, last called first) for each of ``methods`` on ``inputs`` (N, C, H, W;
+    dataset ``indices``) towards ``labels``; ``repeats`` runs on the
     unmodified model give the noise floor. Results are cached in ``out`` (methods done are
     skipped). IBA needs ``statistics`` (or a function returning them, called only when IBA
     has work left) and ``estimate(model, path)`` to re-estimate them on a randomised model
@@ -162,12 +162,15 @@ def sanity_check(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     titles. Returns a :class:`SanityResult`. ``options`` (a
     :class:`~narrows.attribution.options.SanityOptions`, or the command's config) gives
     ``repeats`` if None and, without ``settings``, the methods' settings; the rest default as
-    ``narrows attribution sanity`` does."""
+    ``narrows attribution sanity`` does. With ``normalizer`` (a Normalizer, callable or
+    ``Subject``) ``inputs`` are [0, 1] images, normalised first."""
     import narrows.attribution.metrics as metric_functions
+    from narrows.attribution.inputs import as_normalizer, model_inputs
     from narrows.attribution.options import SanityOptions, pick
 
     repeats = pick(options, SanityOptions, repeats=repeats)["repeats"]
     settings = settings or MethodSettings.from_options(options, getattr(options, "seed", 0))
+    inputs = model_inputs(inputs, as_normalizer(normalizer))
     if layers is None:
         layers = metric_functions.cascade_layers(model, inputs[:1])
     results = {m: cached_result(out, m, indices) for m in methods}

@@ -29,7 +29,11 @@ _FORMAT = "narrows.feature-statistics/1"
 
 
 class FeatureStatistics:
-    """Streaming per-element mean, M2, non-zero count and sum of squares of one layer's output."""
+    """Streaming per-element mean, M2, non-zero count and sum of squares of one layer's output.
+
+    ``kind`` is the noise model (module docstring), ``layer`` the layer's name, ``min_std`` the
+    floor of σ and ``model_fingerprint`` the weights estimated on. Fill it with :meth:`update`
+    (or :func:`estimate_statistics`); read :attr:`mean`, :attr:`std` and :attr:`active`."""
 
     def __init__(self, kind: Kind = "welford", *, layer: str = "", min_std: float = 0.01,
                  model_fingerprint: str = "") -> None:
@@ -182,6 +186,8 @@ class FeatureStatistics:
 
 
 def batch_images(batch: Any) -> torch.Tensor:
+    """The images of ``batch``: a tensor, the first of an (images, labels) pair, or the
+    ``image``/``input`` entry of a dict."""
     if isinstance(batch, (tuple, list)):
         batch = batch[0]
     if isinstance(batch, dict):
@@ -192,18 +198,36 @@ def batch_images(batch: Any) -> torch.Tensor:
     return batch
 
 
+def image_batches(source: Any, batch_size: int = 128) -> Iterable[Any]:
+    """``source`` as an iterable of batches: a map-style data set is read in order in batches
+    of ``batch_size``; a loader or any other iterable of batches is returned as is."""
+    data = torch.utils.data
+    if isinstance(source, data.Dataset) and not isinstance(source, data.IterableDataset):
+        return data.DataLoader(source, batch_size=batch_size)
+    return source
+
+
 @torch.no_grad()
 def estimate_statistics(model: nn.Module, layer: str | None, batches: Iterable[Any],
                         n_samples: int = 10_000, device: str | torch.device | None = None,
                         kind: Kind = "welford", min_std: float = 0.01,
-                        warn: bool = True) -> FeatureStatistics:
-    """Statistics of ``layer``'s output over the images of ``batches`` (normalised inputs).
+                        warn: bool = True, *, normalizer: Any = None,
+                        batch_size: int = 128) -> FeatureStatistics:
+    """The :class:`FeatureStatistics` of ``layer``'s output (None: :func:`default_layer`)
+    over the images of ``batches``.
+
+    ``batches`` is a data set (read in order, ``batch_size`` images at a time), a loader or
+    any iterable of image batches or (images, labels) pairs. With ``normalizer`` (a
+    :class:`~narrows.training.Normalizer`, callable or ``Subject``) the images are [0, 1] and
+    are normalised first; without it they are model inputs. ``kind`` and ``min_std`` are the
+    noise model's (see :class:`FeatureStatistics`); ``device`` defaults to the model's.
 
     The model runs in eval mode and only up to the layer. Exactly ``n_samples`` images are used
     (the batch that crosses the count is cut), or all of them when ``batches`` runs out first.
     With ``warn``, fewer than 1,000 images give a :class:`UserWarning` (callers with their own
     message, such as the command line, pass ``warn=False`` and use :func:`few_samples`).
     """
+    from narrows.attribution.inputs import as_normalizer, model_inputs
     from narrows.attribution.layers import default_layer, run_to_layer
     from narrows.models.checkpoints import model_fingerprint
 
@@ -212,13 +236,15 @@ def estimate_statistics(model: nn.Module, layer: str | None, batches: Iterable[A
                               model_fingerprint=model_fingerprint(model))
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    normalise = as_normalizer(normalizer)
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
+        for batch in image_batches(batches, batch_size):
             images = batch_images(batch)[: max(n_samples - stats.n, 0)]
             if images.shape[0]:
-                stats.update(run_to_layer(model, name, images.to(device)))
+                stats.update(run_to_layer(model, name, model_inputs(images.to(device),
+                                                                    normalise)))
             if stats.n >= n_samples:
                 break
     finally:

@@ -1,8 +1,11 @@
 """Evaluation metrics for attribution heatmaps: degradation, bounding-box ratio, sensitivity-n,
 and the cascading model-parameter randomisation check.
 
-All work on images already in the model's input space (normalised), ``N×H×W`` heatmaps and
-batched forwards; they are model-agnostic (any ``nn.Module`` returning ``N×classes`` logits).
+The metrics that run the model take ``N×C×H×W`` images in [0, 1] with ``normalizer=`` (a
+:class:`~narrows.training.Normalizer`, callable or ``Subject``; the one input convention), or
+model inputs (normalised) without it; ``N×H×W`` heatmaps; batched forwards. They are
+model-agnostic (any ``nn.Module`` returning ``N×classes`` logits). :func:`bbox_ratio` reads only
+the heatmaps.
 """
 
 from narrows.attribution.metrics.bbox import BBoxResult, bbox_ratio, boxes_to_mask

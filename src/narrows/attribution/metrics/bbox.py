@@ -56,6 +56,7 @@ class BBoxResult(SavedAsTorch):
     FORMAT_KIND = FORMAT_KIND
     WHAT = "bbox result file"
     FIX = "delete it and compute the bbox ratio again"
+    OPTIONS = ("max_box_fraction", "ties")
 
     ratios: Tensor
     used: Tensor
@@ -104,13 +105,6 @@ class BBoxResult(SavedAsTorch):
         """One line: the mean ratio against what a random heatmap scores."""
         return (f"bbox ratio {self.mean:.3f} (random ≈ {self.mean_box_fraction:.3f}) over "
                 f"{self.n_used} images, {self.n_skipped} skipped")
-
-    def origin(self) -> dict[str, Any]:
-        """Seed and options, for the saved file's header."""
-        from narrows.runs.results import provenance
-
-        return provenance(seed=self.seed, options={"max_box_fraction": self.max_box_fraction,
-                                                   "ties": self.ties})
 
     def plot(self, ax: Any = None, label: str = "") -> tuple[Any, Any]:
         """Each used image's ratio against its box's area fraction (what a random heatmap
@@ -177,7 +171,9 @@ def bbox_ratio(
 
     Give ``boxes`` (one ``K×4`` xyxy pixel tensor per image, as ``TensorImageDataset.boxes``;
     ``None`` or ``K = 0`` means no box) or boolean ``masks`` (``N×H×W``). NaN heatmap values rank
-    lowest.
+    lowest. Images whose mask covers more than ``max_box_fraction`` or nothing are skipped;
+    ``ties`` and ``seed`` break ties (module docstring). Returns a :class:`BBoxResult`. It takes
+    no images, so heatmaps made from [0, 1] images with a normaliser are scored as any others.
     """
     if heatmaps.ndim != 3:
         raise UserError(f"heatmaps must be N×H×W, got shape {tuple(heatmaps.shape)}",

@@ -236,12 +236,9 @@ class DegradationResult(SavedAsTorch):
                 f"(median {self.median_score:.3f}, raw {self.raw_score:.3f}) over "
                 f"{int(self.scores.numel())} images, {self.n_degenerate} degenerate")
 
-    def origin(self) -> dict[str, Any]:
-        """Seed and options, for the saved file's header."""
-        from narrows.runs.results import provenance
-
-        return provenance(seed=self.seed, options={"tile": self.tile, "output": self.output,
-                                                   "points": int(self.steps.numel())})
+    def header_options(self) -> dict[str, Any]:
+        """The options recorded in the header: tile, output and the number of points."""
+        return {"tile": self.tile, "output": self.output, "points": int(self.steps.numel())}
 
     def plot(self, ax: Any = None, label: str = "") -> Any:
         """Mean normalised MoRF and LeRF curves against the fraction of tiles removed; returns
@@ -285,13 +282,22 @@ def degradation(
     reduce: Literal["mean", "sum"] = "mean",
     batch_size: int = 64,
     seed: int = 0,
+    normalizer: Any = None,
 ) -> DegradationResult:
-    """MoRF/LeRF degradation of ``model`` on normalised ``images`` ordered by ``heatmaps``.
+    """The :class:`DegradationResult` (MoRF/LeRF curves and scores) of ``model`` on ``images``
+    (``N×C×H×W``) as the tiles of ``tile×tile`` pixels are replaced by ``baseline`` in the
+    order of ``heatmaps`` (``N×H×W``), at ``n_points`` steps.
 
+    With ``normalizer`` (a :class:`~narrows.training.Normalizer`, callable or ``Subject``)
+    ``images`` are [0, 1] images, normalised first; without it they are model inputs.
     ``targets`` are the tracked classes (``None``: the top-1 class of each clean image).
-    ``output`` is ``"softmax"`` (probability, the paper's) or ``"logit"``. All ``N·2·P`` perturbed
+    ``output`` is ``"softmax"`` (probability, the paper's) or ``"logit"``; ``reduce`` scores a
+    tile by the mean or sum of its heatmap; ``seed`` breaks ties. All ``N·2·P`` perturbed
     inputs are built and run in chunks of ``batch_size``; ``model`` should be in eval mode.
     """
+    from narrows.attribution.inputs import as_normalizer, model_inputs
+
+    images = model_inputs(images, as_normalizer(normalizer))
     check_inputs(images, heatmaps, targets)
     if batch_size < 1:
         raise UserError(f"batch_size must be positive, got {batch_size}", "pass batch_size >= 1")

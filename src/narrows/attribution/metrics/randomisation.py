@@ -394,6 +394,7 @@ def cascading_randomisation(
     batch_size: int | None = None,
     progress: bool = False,
     description: str = "randomisation",
+    normalizer: Any = None,
 ) -> RandomisationResult:
     """Cascading model-parameter randomisation of ``attribute`` on ``inputs`` and ``targets``.
 
@@ -401,8 +402,15 @@ def cascading_randomisation(
     batch; it is called ``repeats + len(layers)`` times per chunk of ``batch_size`` images
     (default: all at once) on a deep copy of ``model``, which keeps its training mode. A
     stochastic method's draws depend on the chunking: the result is reproducible for the same
-    ``seed`` and ``batch_size``.
+    ``seed`` and ``batch_size``. With ``normalizer`` (a :class:`~narrows.training.Normalizer`, callable or ``Subject``)
+    ``inputs`` are [0, 1] images, normalised first; without it they are model inputs.
+    ``layers`` (top first; None: :func:`cascade_layers`) are re-initialised one after the other;
+    ``repeats`` runs on the unmodified model give the noise floor. Returns a
+    :class:`RandomisationResult`.
     """
+    from narrows.attribution.inputs import as_normalizer, model_inputs
+
+    inputs = model_inputs(inputs, as_normalizer(normalizer))
     if repeats < 1:
         raise UserError(f"repeats={repeats} must be ≥ 1", "use 2 or more to measure the "
                         "run-to-run noise floor")

@@ -65,6 +65,7 @@ class SensitivityNResult(SavedAsTorch):
     FORMAT_KIND = FORMAT_KIND
     WHAT = "sensitivity-n result file"
     FIX = "delete it and compute sensitivity-n again"
+    OPTIONS = ("tile", "n_sets", "aggregate", "output")
 
     ns: list[int]
     tile: int
@@ -109,14 +110,6 @@ class SensitivityNResult(SavedAsTorch):
                 f"{min(self.ns)} to {max(self.ns)}, {self.n_sets} sets, "
                 f"{int(self.deltas.shape[1])} images): mean correlation pooled "
                 f"{nanmean(self.pooled):.3f}, per image {nanmean(self.per_image):.3f}")
-
-    def origin(self) -> dict[str, Any]:
-        """Seed and options, for the saved file's header."""
-        from narrows.runs.results import provenance
-
-        return provenance(seed=self.seed, options={
-            "tile": self.tile, "n_sets": self.n_sets, "aggregate": self.aggregate,
-            "output": self.output})
 
     def plot(self, ax: Any = None, label: str = "") -> Any:
         """Correlation against ``n`` on a log axis; returns ``(fig, ax)``."""
@@ -175,11 +168,20 @@ def sensitivity_n(
     aggregate: Aggregate = "pooled",
     batch_size: int = 64,
     seed: int = 0,
+    normalizer: Any = None,
 ) -> SensitivityNResult:
-    """Sensitivity-n of ``heatmaps`` for ``model`` on normalised ``images`` and ``targets``.
+    """The :class:`SensitivityNResult` of ``heatmaps`` (``N×H×W``) for ``model`` on ``images``
+    (``N×C×H×W``) and ``targets``: for each ``n`` of ``ns`` (default :func:`default_ns`),
+    ``n_sets`` random sets of ``n`` tiles (``tile×tile`` pixels) set to ``baseline``.
 
+    With ``normalizer`` (a :class:`~narrows.training.Normalizer`, callable or ``Subject``)
+    ``images`` are [0, 1] images, normalised first; without it they are model inputs.
+    ``output`` is ``"logit"`` or ``"softmax"``, ``aggregate`` the reported correlation.
     Runs ``N·n_sets`` perturbed forwards per ``n`` in chunks of ``batch_size``.
     """
+    from narrows.attribution.inputs import as_normalizer, model_inputs
+
+    images = model_inputs(images, as_normalizer(normalizer))
     check_inputs(images, heatmaps, targets)
     if aggregate not in ("pooled", "per_image"):
         raise UserError(f"unknown aggregate {aggregate!r}", "use 'pooled' or 'per_image'")
