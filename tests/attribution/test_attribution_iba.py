@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 import timm
 import torch
+from tiny import quietly, random_batches, seeded_model
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
@@ -25,24 +25,19 @@ from narrows.attribution import (
     heatmap_from_capacity,
 )
 from narrows.errors import UserError
-from narrows.models.cifar_resnet import resnet20_cifar
 
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
 def cifar_net() -> nn.Module:
-    torch.manual_seed(0)
-    return resnet20_cifar(num_classes=10).eval()
+    return seeded_model("resnet20_cifar", num_classes=10).eval()
 
 
 @pytest.fixture(scope="module")
 def cifar_stats(cifar_net: nn.Module) -> FeatureStatistics:
-    torch.manual_seed(1)
-    batches = [torch.randn(32, 3, 32, 32) for _ in range(2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return estimate_statistics(cifar_net, "layer2", batches, n_samples=64)
+    batches = random_batches(2, 32, 32, seed=1)
+    return quietly(estimate_statistics, cifar_net, "layer2", batches, n_samples=64)
 
 
 @pytest.fixture(scope="module")
@@ -266,9 +261,7 @@ def test_heatmap_matches_capacity_and_weights_untouched(cifar_net, cifar_stats, 
 def test_vit_token_layer(image) -> None:
     vit = _tiny_vit()
     layer = default_layer(vit)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        stats = estimate_statistics(vit, layer, [torch.randn(16, 3, 32, 32)], n_samples=16)
+    stats = quietly(estimate_statistics, vit, layer, [torch.randn(16, 3, 32, 32)], n_samples=16)
     assert stats.shape == (17, 192)
     torch.manual_seed(0)
     result = IBA(vit, layer, stats, steps=2, batch_size=2).attribute(image, 4)

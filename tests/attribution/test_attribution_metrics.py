@@ -40,6 +40,14 @@ def data(n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, C, H, W, generator=gen), torch.randint(0, 3, (n,), generator=gen)
 
 
+def float64_case(heat_seed: int) -> tuple[Linear, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float64 model, three images with targets and a seeded random heatmap per image."""
+    model = Linear().double().eval()
+    images, targets = data(n=3)
+    heat = torch.randn(3, H, W, generator=torch.Generator().manual_seed(heat_seed))
+    return model, images.double(), targets, heat
+
+
 def grad_x_input(model: Linear, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Exact per-pixel contributions of a linear model: Σ_c W[y] · x."""
     return (model.weight.detach()[targets] * images).sum(dim=1)
@@ -150,10 +158,7 @@ def test_random_heatmap_degradation_is_about_zero_and_antisymmetric():
 @torch.no_grad()
 def test_degradation_is_batch_size_invariant():
     # float64 so that the model's own summation order cannot differ between batch sizes
-    model = Linear().double().eval()
-    images, targets = data(n=3)
-    images = images.double()
-    heat = torch.randn(3, H, W, generator=torch.Generator().manual_seed(2))
+    model, images, targets, heat = float64_case(heat_seed=2)
     kwargs = dict(tile=4, n_points=7)
     one = degradation(model, images, heat, targets, batch_size=1, **kwargs)
     many = degradation(model, images, heat, targets, batch_size=64, **kwargs)
@@ -304,10 +309,7 @@ def test_sensitivity_n_of_exact_linear_attribution_is_one(tile):
 
 @torch.no_grad()
 def test_sensitivity_n_batch_size_invariant_and_seeded():
-    model = Linear().double().eval()
-    images, targets = data(n=3)
-    images = images.double()
-    heat = torch.randn(3, H, W, generator=torch.Generator().manual_seed(0))
+    model, images, targets, heat = float64_case(heat_seed=0)
     kwargs = dict(tile=4, ns=[1, 3, 8], n_sets=5)
     one = sensitivity_n(model, images, heat, targets, batch_size=1, **kwargs)
     many = sensitivity_n(model, images, heat, targets, batch_size=64, **kwargs)

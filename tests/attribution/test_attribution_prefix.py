@@ -6,6 +6,7 @@ import contextlib
 
 import timm
 import torch
+from tiny import quietly, random_batches
 from torch import nn
 
 from narrows.attribution import IBA, estimate_statistics, per_sample
@@ -100,12 +101,7 @@ class _NoReplay:
 def test_iba_with_replay_equals_iba_running_the_whole_model(monkeypatch) -> None:
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False, num_classes=5).eval()
-    batches = [torch.randn(8, 3, 64, 64) for _ in range(4)]
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        stats = estimate_statistics(model, "layer2", batches, n_samples=32)
+    stats = quietly(estimate_statistics, model, "layer2", random_batches(4, 8, 64), n_samples=32)
     image = torch.randn(3, 64, 64)
     torch.manual_seed(1)
     fast = IBA(model, "layer2", stats, steps=4, batch_size=3, record_steps=True).attribute(image, 2)

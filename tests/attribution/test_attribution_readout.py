@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
+from tiny import quietly, random_batches, seeded_model
 from torch import nn
 
 from narrows.attribution.readout import (
@@ -28,17 +28,18 @@ SIZE = 16
 
 @pytest.fixture(scope="module")
 def net() -> nn.Module:
-    torch.manual_seed(0)
-    return resnet20_cifar(num_classes=10).eval()
+    return seeded_model("resnet20_cifar", num_classes=10).eval()
 
 
 @pytest.fixture(scope="module")
 def stats(net: nn.Module) -> ReadoutStatistics:
-    torch.manual_seed(1)
-    batches = [torch.randn(16, 3, SIZE, SIZE) for _ in range(3)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return estimate_readout_statistics(net, batches, n_samples=48)
+    return _statistics(net)
+
+
+def _statistics(net: nn.Module) -> ReadoutStatistics:
+    """Readout statistics of ``net`` on three seeded random batches."""
+    return quietly(estimate_readout_statistics, net, random_batches(3, 16, SIZE, seed=1),
+                   n_samples=48)
 
 
 def _data(n_batches: int = 2, batch: int = 4, seed: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -171,11 +172,7 @@ def test_resume_equals_uninterrupted(tmp_path, net: nn.Module, stats: ReadoutSta
 
 
 def test_min_std_clamp_keeps_capacity_finite(net: nn.Module, stats: ReadoutStatistics) -> None:
-    torch.manual_seed(1)
-    batches = [torch.randn(16, 3, SIZE, SIZE) for _ in range(3)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        s = estimate_readout_statistics(net, batches, n_samples=48)
+    s = _statistics(net)
     # a (near-)constant unit: zero variance in the bottleneck and in a readout layer
     s.bottleneck._m2[0] = 0.0
     s.bottleneck._sumsq[0] = 0.0

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from tiny import seeded_model
 
 from narrows.cli import main
 
@@ -61,10 +62,8 @@ def test_random_baseline_differs_per_image_and_repeats(setup, tmp_path):
 
 def test_seeded_iba_leaves_global_rng_alone():
     from narrows.attribution import IBA
-    from narrows.models import create
 
-    torch.manual_seed(0)
-    net = create("resnet20_cifar", num_classes=2, in_chans=3).eval()
+    net = seeded_model("resnet20_cifar", num_classes=2, in_chans=3).eval()
     x = torch.randn(2, 3, 16, 16)
     iba = IBA(net, "layer2", steps=2, batch_size=2, seed=3)
     iba.estimate([x], n_samples=2)

@@ -15,25 +15,11 @@ import torch
 from narrows.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: userdata.py
+from tiny import quietly, random_checkpoint_at  # noqa: E402
 from userdata import make_folder_split, make_imagenet_tree  # noqa: E402
 
 QUIET = ["--no-progress", "--threads", "1"]
 TINY_SHAPES = "shapes:classes=2,size=16,train=16,test=8"
-
-
-def _checkpoint(path: Path, architecture: str, spec: str, size: int, **model_kwargs) -> str:
-    """A seeded random-init checkpoint whose card says ``size`` and ``model_kwargs``."""
-    from narrows.data import load
-    from narrows.models import ModelCard, create, save_model
-
-    info = load(spec, image_size=size).info
-    torch.manual_seed(0)
-    net = create(architecture, num_classes=info.num_classes, in_chans=3, **model_kwargs)
-    card = ModelCard(architecture=architecture, num_classes=info.num_classes, in_chans=3,
-                     input_size=size, mean=tuple(info.mean), std=tuple(info.std), data_spec=spec,
-                     class_names=tuple(info.class_names), model_kwargs=model_kwargs)
-    save_model(path, net, card)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +185,7 @@ def test_n_samples_is_exact():
     from narrows.models import create
 
     net = create("resnet20_cifar", num_classes=2).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        stats = estimate_statistics(net, "layer2", [torch.randn(5, 3, 16, 16)] * 3, n_samples=7)
+    stats = quietly(estimate_statistics, net, "layer2", [torch.randn(5, 3, 16, 16)] * 3, n_samples=7)
     assert stats.n == 7
 
 
@@ -255,7 +239,8 @@ def test_gif_scale_is_the_final_map_so_the_result_is_not_blank(tmp_path):
 ])
 def test_evaluate_timm_models_at_their_card_size(imagenet, tmp_path, architecture, size,
                                                  kwargs):
-    checkpoint = _checkpoint(tmp_path / "model.pt", architecture, imagenet, size, **kwargs)
+    checkpoint = random_checkpoint_at(tmp_path / "model.pt", imagenet, architecture,
+                                      image_size=size, class_names=True, **kwargs)
     out = tmp_path / "evaluate"
     assert main(["attribution", "evaluate", "--checkpoint", checkpoint, "--methods",
                  "iba,gradcam", "--metrics", "bbox", "--images", "2", "--steps", "1",
@@ -280,7 +265,8 @@ def test_statistics_of_another_image_size_are_refused_before_any_work(tmp_path, 
 
 
 def test_readout_train_on_a_vit_is_one_line_before_any_work(imagenet, tmp_path, capsys):
-    checkpoint = _checkpoint(tmp_path / "vit.pt", "test_vit", imagenet, 32, img_size=32)
+    checkpoint = random_checkpoint_at(tmp_path / "vit.pt", imagenet, "test_vit", image_size=32,
+                                      class_names=True, img_size=32)
     out = tmp_path / "readout"
     assert main(["attribution", "readout-train", "--checkpoint", checkpoint, "--epochs", "1",
                  "--out", str(out), *QUIET]) == 2

@@ -35,6 +35,19 @@ class Dying:
         return self.function(*args, **kwargs)
 
 
+def _patched(monkeypatch, module, name: str):
+    """A ``patch(die_at)`` for :func:`_killed_then_resumed` that wraps ``module.name``."""
+    function = getattr(module, name)
+    current: dict[str, Dying] = {}
+
+    def patch(die_at):
+        current["d"] = Dying(function, die_at)
+        monkeypatch.setattr(module, name, lambda *a, **k: current["d"](*a, **k))
+        return current["d"]
+
+    return patch
+
+
 def _killed_then_resumed(argv_for, patch, die_at: int, tmp_path: Path, capsys):
     """Run uninterrupted into ``tmp_path/a``; run into ``b`` killed at call ``die_at``, then
     again. Returns (a, b, calls uninterrupted, calls of the resumed run)."""
@@ -52,14 +65,7 @@ def _killed_then_resumed(argv_for, patch, die_at: int, tmp_path: Path, capsys):
 def test_decompose_extract_resumes_bit_identically(checkpoint, tmp_path, monkeypatch, capsys):
     from narrows.decompose.histogram import TopKHistogram
 
-    update = TopKHistogram.update
-    current: dict[str, Dying] = {}
-
-    def patch(die_at):
-        current["d"] = Dying(update, die_at)
-        monkeypatch.setattr(TopKHistogram, "update",
-                            lambda self, h, labels: current["d"](self, h, labels))
-        return current["d"]
+    patch = _patched(monkeypatch, TopKHistogram, "update")
 
     def argv(out: Path) -> list[str]:
         return ["decompose", "extract", "--checkpoint", checkpoint, "--data", DATA,
@@ -129,13 +135,7 @@ def test_attribution_evaluate_resumes_bit_identically(checkpoint, tmp_path, monk
 
     import narrows.attribution.evaluation as cli
 
-    attribute = cli._attribute
-    current: dict[str, Dying] = {}
-
-    def patch(die_at):
-        current["d"] = Dying(attribute, die_at)
-        monkeypatch.setattr(cli, "_attribute", lambda *a, **k: current["d"](*a, **k))
-        return current["d"]
+    patch = _patched(monkeypatch, cli, "_attribute")
 
     def argv(out: Path) -> list[str]:
         return ["attribution", "evaluate", "--checkpoint", checkpoint, "--data", DATA,
@@ -179,14 +179,8 @@ def _stamping(patch, directory: Path, pattern: str, current: dict):
 def test_attribution_sanity_resumes_bit_identically(checkpoint, tmp_path, monkeypatch, capsys):
     import narrows.attribution.metrics as metrics
 
-    cascade = metrics.cascading_randomisation
-    current: dict[str, Dying] = {}
-
-    def patch(die_at):
-        current["d"] = Dying(cascade, die_at)
-        monkeypatch.setattr(metrics, "cascading_randomisation",
-                            lambda *a, **k: current["d"](*a, **k))
-        return current["d"]
+    patch = _patched(monkeypatch, metrics, "cascading_randomisation")
+    stamps: dict = {}
 
     def argv(out: Path) -> list[str]:
         return ["attribution", "sanity", "--checkpoint", checkpoint, "--data", DATA,
@@ -195,9 +189,9 @@ def test_attribution_sanity_resumes_bit_identically(checkpoint, tmp_path, monkey
                 "--out", str(out)]
 
     a, b, whole, resumed = _killed_then_resumed(
-        argv, _stamping(patch, tmp_path / "b", "sanity_random.pt", current), 2, tmp_path, capsys)
+        argv, _stamping(patch, tmp_path / "b", "sanity_random.pt", stamps), 2, tmp_path, capsys)
     assert whole == 2 and resumed == 1  # random's result was saved: saliency only
-    assert _mtimes(b, "sanity_random.pt") == current["stamps"]
+    assert _mtimes(b, "sanity_random.pt") == stamps["stamps"]
     for method in ("random", "saliency"):
         _assert_same(torch.load(a / f"sanity_{method}.pt", weights_only=True),
                      torch.load(b / f"sanity_{method}.pt", weights_only=True))
@@ -222,19 +216,6 @@ def csg_and_indices(checkpoint, tmp_path_factory) -> tuple[str, str]:
     save_csg(root / "csg.pt", network, loaded.card)
     ClassIndices.top_weights(loaded.model.linear, 5).save(root / "ind5.json")
     return str(root / "csg.pt"), str(root / "ind5.json")
-
-
-def _patched(monkeypatch, module, name: str):
-    """A ``patch(die_at)`` for :func:`_killed_then_resumed` that wraps ``module.name``."""
-    function = getattr(module, name)
-    current: dict[str, Dying] = {}
-
-    def patch(die_at):
-        current["d"] = Dying(function, die_at)
-        monkeypatch.setattr(module, name, lambda *a, **k: current["d"](*a, **k))
-        return current["d"]
-
-    return patch
 
 
 def _same_files(a: Path, b: Path, names: list[str]) -> None:

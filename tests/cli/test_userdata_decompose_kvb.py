@@ -37,6 +37,7 @@ from narrows.models.decomposed import DecomposedLinear, find_decomposed
 from narrows.training import Normalizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: userdata.py
+from tiny import random_checkpoint_at, seeded_model  # noqa: E402
 from userdata import make_flat_folder, make_folder_split, make_imagenet_tree  # noqa: E402
 
 TINY = "shapes:classes=3,size=16,train=24,test=12"
@@ -55,8 +56,7 @@ def _card(arch: str, classes: int, size: int, spec: str, names=None, **kwargs) -
 
 
 def _decomposed_checkpoint(path: Path, seed: int = 0) -> tuple[nn.Module, ClassIndices]:
-    torch.manual_seed(seed)
-    model = create("resnet20_cifar", num_classes=3).eval()
+    model = seeded_model("resnet20_cifar", seed, num_classes=3).eval()
     indices = ClassIndices.random(3, 64, 5, seed=seed)
     net = decompose(model, indices)
     with torch.no_grad():  # a fine-tuned V differs from W's entries
@@ -195,8 +195,7 @@ def test_class_names_label_decompose_and_kvb_outputs(random_checkpoint, tmp_path
     matplotlib.use("Agg")
     root = tmp_path / "split"
     spec = make_folder_split(root, classes=3, per_class=3, size=16)
-    torch.manual_seed(0)
-    net = create("resnet20_cifar", num_classes=3)
+    net = seeded_model("resnet20_cifar", num_classes=3)
     save_model(tmp_path / "m.pt", net, _card("resnet20_cifar", 3, 16, spec, NAMES))
     assert main(["decompose", "extract", "--checkpoint", str(tmp_path / "m.pt"), "-k", "2",
                  "--out", str(tmp_path / "ex"), *QUIET]) == 0
@@ -283,16 +282,9 @@ MATRIX = [
                          ids=[f"{m[0]}-{m[2]}" for m in MATRIX])
 def test_decompose_and_kvb_run_on_users_data_and_timm_models(layout, make, arch, size, kwargs,
                                                               tmp_path, capsys):
-    from narrows.data import load
-
     spec = make(tmp_path / layout, classes=3, per_class=4, size=size)
-    info = load(spec, image_size=size).info
-    torch.manual_seed(0)
-    net = create(arch, num_classes=3, **kwargs)
-    card = ModelCard(architecture=arch, num_classes=3, in_chans=3, input_size=size,
-                     mean=tuple(info.mean), std=tuple(info.std),
-                     class_names=tuple(info.class_names), data_spec=spec, model_kwargs=kwargs)
-    checkpoint = str(save_model(tmp_path / "m.pt", net, card))
+    checkpoint = random_checkpoint_at(tmp_path / "m.pt", spec, arch, image_size=size,
+                                      class_names=True, **kwargs)
     assert main(["decompose", "extract", "--checkpoint", checkpoint, "-k", "2", "--ks", "2",
                  "--out", str(tmp_path / "ex"), *QUIET]) == 0
     assert main(["decompose", "validate", "--checkpoint", checkpoint, "--indices",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from tiny import seeded_model
 from torch import nn
 
 from narrows.errors import UserError
 from narrows.models import (
     capture,
-    create,
     get_layer,
     hooked,
     pooled_features,
@@ -24,8 +24,7 @@ def _hooks(module: nn.Module) -> int:
 
 @pytest.fixture(scope="module")
 def resnet() -> nn.Module:
-    torch.manual_seed(0)
-    return create("resnet20_cifar", num_classes=3).eval()
+    return seeded_model("resnet20_cifar", num_classes=3).eval()
 
 
 def test_get_layer_names_close_layers(resnet: nn.Module) -> None:

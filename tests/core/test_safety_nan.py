@@ -48,19 +48,15 @@ def test_infinite_rates_are_refused_before_training(tmp_path, capsys, option):
 
 def test_a_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
     """Any loss_fn (order losses, CSG) is watched: NaN in epoch 2 keeps epoch 1's files."""
+    from tiny import random_subject
+
     from narrows.data import load
-    from narrows.models import ModelCard, create
     from narrows.runs import RunDir
     from narrows.training import TrainSettings, fit
     from narrows.training.loop import Diverged
 
     data = load(TINY)
-    info = data.info
-    torch.manual_seed(0)
-    net = create("resnet20_cifar", num_classes=info.num_classes, in_chans=info.in_chans)
-    card = ModelCard(architecture="resnet20_cifar", num_classes=info.num_classes,
-                     in_chans=info.in_chans, input_size=info.image_size, mean=tuple(info.mean),
-                     std=tuple(info.std), data_spec=TINY)
+    net, card = random_subject(TINY)
     calls = []
 
     def loss_fn(model, inputs, labels):

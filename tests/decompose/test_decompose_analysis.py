@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import mutual_info_score
+from tiny import random_subject, seeded_model
 from torch import nn
 
 from narrows.cli import main
@@ -32,7 +33,7 @@ from narrows.decompose.essential import (
 )
 from narrows.decompose.mutual_info import mi_table, mis, overlap_scores, pairwise_mi
 from narrows.errors import UserError
-from narrows.models import ModelCard, create, load_model, save_model
+from narrows.models import ModelCard, load_model, save_model
 
 SHAPES = "shapes:classes=2,size=16,train=16,test=16"
 
@@ -287,8 +288,7 @@ def test_gate_stays_in_unit_interval_after_a_step_with_clipping():
 
 
 def test_csg_checkpoints_round_trip(tmp_path):
-    torch.manual_seed(0)
-    net = create("resnet20_cifar", num_classes=3)
+    net = seeded_model("resnet20_cifar", num_classes=3)
     card = ModelCard("resnet20_cifar", 3, 3, 16, (0.5,) * 3, (0.25,) * 3)
     network = CSGNetwork(net)
     with torch.no_grad():
@@ -320,12 +320,7 @@ def test_csg_checkpoints_round_trip(tmp_path):
 def subject(tmp_path_factory):
     """A ResNet-20 checkpoint for 2-class 16-px shapes and its top-|W| indices."""
     root = tmp_path_factory.mktemp("subject")
-    torch.manual_seed(0)
-    net = create("resnet20_cifar", num_classes=2)
-    from narrows.data import load
-
-    info = load(SHAPES).info
-    card = ModelCard("resnet20_cifar", 2, 3, 16, info.mean, info.std, info.class_names, SHAPES)
+    net, card = random_subject(SHAPES, class_names=True)
     save_model(root / "model.pt", net, card)
     ClassIndices.top_weights(net.linear, 5).save(root / "ind5.json")
     ClassIndices.top_weights(net.linear, 10).save_upstream(root / "ind10.json")

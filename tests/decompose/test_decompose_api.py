@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import seeded_model
 
 from narrows.data import load
 from narrows.decompose import curve_ks, decompose, extract
 from narrows.decompose.head import find_decomposed
 from narrows.errors import UserError
-from narrows.models import create
 from narrows.training import Normalizer
 
 DATA = "shapes:classes=3,size=16,train=24,test=8"
@@ -18,9 +18,8 @@ DATA = "shapes:classes=3,size=16,train=24,test=8"
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
     bundle = load(DATA)
-    model = create("resnet20_cifar", num_classes=3).eval()
+    model = seeded_model("resnet20_cifar", num_classes=3).eval()
     return model, bundle, Normalizer(bundle.info.mean, bundle.info.std)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import seeded_model, uint8_images
 from torch import nn
 
 from narrows.cli import main
@@ -159,12 +160,8 @@ def test_fractional_variant_matches_a_direct_computation():
 # -- a tiny model and data ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = create("resnet20_cifar", num_classes=3).eval()
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (30, 3, 8, 8), generator=gen, dtype=torch.uint8)
-    labels = torch.arange(30) % 3
-    data = TensorImageDataset(images, labels)
+    model = seeded_model("resnet20_cifar", num_classes=3).eval()
+    data = TensorImageDataset(uint8_images(30, 8), torch.arange(30) % 3)
     return model, data, Normalizer((0.5,) * 3, (0.25,) * 3)
 
 
@@ -352,16 +349,8 @@ def test_strict_loading_of_an_upstream_style_checkpoint(tmp_path):
 
 # -- command line -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    from narrows.data import load
-
-    torch.manual_seed(0)
-    info = load(TINY).info
-    net = create("resnet20_cifar", num_classes=3, in_chans=info.in_chans)
-    card = ModelCard(architecture="resnet20_cifar", num_classes=3, in_chans=info.in_chans,
-                     input_size=info.image_size, mean=tuple(info.mean), std=tuple(info.std),
-                     data_spec=TINY)
-    return str(save_model(tmp_path_factory.mktemp("ckpt") / "tiny.pt", net, card))
+def checkpoint(random_checkpoint) -> str:
+    return random_checkpoint(TINY)
 
 
 def test_cli_extract_then_validate(checkpoint, tmp_path, capsys):

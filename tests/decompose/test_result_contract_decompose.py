@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import matplotlib
 import pytest
 import torch
+from tiny import same_rows
 from torch import nn
 
 from narrows.decompose import ClassIndices
@@ -124,14 +124,6 @@ CASES = {
 }
 
 
-def _same(a: list[dict], b: list[dict]) -> bool:
-    def norm(v):
-        return "nan" if isinstance(v, float) and math.isnan(v) else v
-
-    return [{k: norm(v) for k, v in r.items()} for r in a] == \
-        [{k: norm(v) for k, v in r.items()} for r in b]
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_result_contract(name: str, tmp_path: Path) -> None:
     from matplotlib.figure import Figure
@@ -156,7 +148,7 @@ def test_result_contract(name: str, tmp_path: Path) -> None:
     assert document["format"] == f"narrows.{kind}/1"
     assert document["provenance"]["versions"]["torch"]
     again = load(tmp_path)
-    assert _same(again.to_rows(), rows)
+    assert same_rows(again.to_rows(), rows)
 
     plt = pyplot()
     fig, ax = x.plot()

@@ -10,12 +10,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tiny import random_checkpoint_at, seeded_model
 
 from narrows.cli import main
 from narrows.data import load
 from narrows.interactions.players import PlayerGrid, normalised_baseline
 from narrows.interactions.runner import InteractionSettings, multi_order, plan, run
-from narrows.models import ModelCard, create, save_model
 from narrows.training import Normalizer
 
 DATA = "shapes:classes=2,size=16,train=24,test=8"
@@ -41,9 +41,8 @@ def test_player_masks_are_row_major_patches():
 
 
 def tiny_setup():
-    torch.manual_seed(0)
     data = load(DATA)
-    model = create("resnet20_cifar", num_classes=2).eval()
+    model = seeded_model("resnet20_cifar", num_classes=2).eval()
     return data, model
 
 
@@ -103,11 +102,8 @@ def test_killed_run_resumes_without_recomputing_finished_images(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    data, model = tiny_setup()
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    card = ModelCard("resnet20_cifar", 2, 3, 16, data.info.mean, data.info.std,
-                     data.info.class_names, DATA)
-    save_model(path, model, card)
+    random_checkpoint_at(path, DATA, class_names=True)
     return path
 
 

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny import same_rows  # noqa: E402
 
 from narrows.kvb.continual import ContinualRun, ContinualSettings  # noqa: E402
 from narrows.kvb.results import ContinualResult  # noqa: E402
@@ -68,13 +69,6 @@ def _flat(rows: list[dict]) -> bool:
                for v in r.values())
 
 
-def _same(a: list[dict], b: list[dict]) -> bool:
-    def norm(v):
-        return "nan" if isinstance(v, float) and math.isnan(v) else v
-    return [{k: norm(v) for k, v in r.items()} for r in a] == \
-        [{k: norm(v) for k, v in r.items()} for r in b]
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_contract(name, tmp_path):
     import matplotlib.pyplot as plt
@@ -89,7 +83,7 @@ def test_contract(name, tmp_path):
     assert isinstance(line, str) and line and "\n" not in line
     x.save(tmp_path / file)
     loaded = type(x).load(tmp_path / file)
-    assert _same(loaded.to_rows(), rows)
+    assert same_rows(loaded.to_rows(), rows)
     doc = json.loads((tmp_path / header_file).read_text())
     assert doc["format"] == f"narrows.{kind}/1" and doc["provenance"]["versions"]["torch"]
     fig, ax = x.plot()
@@ -104,7 +98,7 @@ def test_contract(name, tmp_path):
 def test_old_files_without_header_still_load(tmp_path):
     r = _continual()
     (tmp_path / "old.json").write_text(json.dumps(r.to_dict()))
-    assert _same(ContinualResult.load(tmp_path / "old.json").to_rows(), r.to_rows())
+    assert same_rows(ContinualResult.load(tmp_path / "old.json").to_rows(), r.to_rows())
 
 
 def test_continual_run_reads_list_and_flat_results_json(tmp_path):
@@ -118,7 +112,7 @@ def test_continual_run_reads_list_and_flat_results_json(tmp_path):
     assert flatten_results(listed, None) == flatten_results(flat, None) == flat
     run.save(tmp_path)
     (tmp_path / "continual.json").unlink()  # an older run directory
-    assert _same(ContinualRun.load(tmp_path).to_rows(), run.to_rows())
+    assert same_rows(ContinualRun.load(tmp_path).to_rows(), run.to_rows())
 
 
 def test_toy_results_json_is_flat(tmp_path):
