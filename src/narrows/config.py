@@ -143,6 +143,23 @@ unit_open = Range(0, 1, high_open=True)
 """In [0, 1): decays, momenta, label smoothing."""
 fraction = Range(0, 1)
 """In [0, 1]: rates and proportions."""
+
+
+def batch_size_option(default: int = 256, help: str = "images per forward pass") -> Any:
+    """The ``batch_size`` field of a command that streams images (not part of its result)."""
+    return option(default, help, check=positive, affects_result=False)
+
+
+def workers_option() -> Any:
+    """The ``workers`` field: data-loading worker processes (not part of the result)."""
+    return option(0, "data-loading worker processes", check=non_negative, affects_result=False)
+
+
+def save_every_option(default: int, saved: str = "the counts") -> Any:
+    """The ``save_every`` field of a resumable streaming command: save ``saved`` every N
+    batches (not part of the result)."""
+    return option(default, f"save {saved} every N batches (a killed run resumes there)",
+                  check=positive, affects_result=False)
 seed_range = Range(0, 2**32 - 1)
 """Seeds numpy, torch and Python's random all take."""
 
@@ -299,12 +316,19 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         where = f" at line {line + 1}" if line is not None else ""
         raise UserError(f"config file {path} is not valid YAML{where}",
                         "fix the syntax (key: value per line)") from None
-    if data is None:
+    return option_mapping(data, f"config file {path} must hold a mapping",
+                          "write one 'option: value' per line")
+
+
+def option_mapping(value: Any, problem: str, fix: str) -> dict[str, Any]:
+    """``value`` (a mapping read from YAML, or ``None`` for none) with option names as
+    identifiers (dashes become underscores); anything else is ``UserError(problem + " of option:
+    value", fix)``."""
+    if value is None:
         return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of option: value",
-                        "write one 'option: value' per line")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    if not isinstance(value, dict):
+        raise UserError(f"{problem} of option: value", fix)
+    return {str(k).replace("-", "_"): v for k, v in value.items()}
 
 
 def build(cls: type[C], *layers: Mapping[str, Any], source: str = "options") -> C:
@@ -369,3 +393,16 @@ def result_fields(config: Any) -> dict[str, Any]:
     """The options that change a run's results (compared when a run directory is reused)."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
             if f.metadata.get("affects_result", True)}
+
+
+def settings_from(cls: type[C], options: Any, changes: Mapping[str, Any], owner: str) -> C:
+    """An instance of the dataclass ``cls`` from the same-named attributes of ``options`` (e.g.
+    a command's config; ``None`` gives the defaults), then ``changes``. ``owner`` names the
+    function in the :class:`UserError` for an unknown name in ``changes``."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(changes) - set(names))
+    if unknown:
+        raise UserError(f"unknown option `{unknown[0]}` of {owner}",
+                        f"use one of: {', '.join(names)}")
+    values = {n: getattr(options, n) for n in names if hasattr(options, n)}
+    return cls(**{**values, **changes})

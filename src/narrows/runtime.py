@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -126,3 +127,21 @@ def format_duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def rebatch(pieces: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive batches of ``batch_size`` rows cut from a stream of tensors (concatenated
+    along dim 0, in order); the last batch may be smaller."""
+    pending: list[torch.Tensor] = []
+    size = 0
+    for piece in pieces:
+        while len(piece):
+            take = min(batch_size - size, len(piece))
+            pending.append(piece[:take])
+            size += take
+            piece = piece[take:]
+            if size == batch_size:
+                yield torch.cat(pending)
+                pending, size = [], 0
+    if size:
+        yield torch.cat(pending)

@@ -77,9 +77,10 @@ def extract(
     dataset: Dataset,
     *,
     num_classes: int,
-    k: int,
+    k: int | None = None,
     k_img: int | None = None,
     ks: Sequence[int] | None = None,
+    fraction: float | None = None,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     layer: str | None = None,
     normalizer: Callable[[Tensor], Tensor] | None = None,
@@ -99,12 +100,25 @@ def extract(
     (for accuracy-vs-k curves; default :func:`curve_ks`, as ``narrows decompose extract``);
     ``thresholds`` the mass fractions of Ψ. ``dataset`` yields ``(image in [0, 1], label)``, or
     is a data bundle, whose train split is used without augmentation (as the command does);
-    ``normalizer`` maps a batch to model inputs.
+    ``normalizer`` maps a batch to model inputs. With ``fraction`` instead of ``k``, variant A
+    (:func:`extract_fractional`) is counted.
     """
+    if fraction is not None and not 0.0 < fraction < 1.0:
+        raise UserError(f"the fraction must lie in (0, 1), got {fraction}", "pass e.g. 0.5")
+    if fraction is None and k is None:
+        raise UserError("extract needs k (channels per class) or a fraction",
+                        "pass e.g. k=5, or fraction=0.5")
     dataset = plain_split(dataset)
     device = torch.device(device)
     features = features_at(model, layer)
     width = _width(model, features, dataset, normalizer, device)
+    common = {"normalizer": normalizer, "device": device, "batch_size": batch_size,
+              "workers": workers, "progress": progress, "save_every": save_every, "say": say}
+    info = {"layer": layer or "pre_logits", **(meta or {})}
+    if fraction is not None:
+        return _fractional(model, features, dataset, width, fraction, num_classes, thresholds,
+                           resume, common, info)
+    assert k is not None
     k_img = k if k_img is None else k_img
     for name, value in (("k", k), ("k_img", k_img)):
         if not 1 <= value <= width:
@@ -112,43 +126,38 @@ def extract(
     ks = curve_ks(width) if ks is None else ks
     hist = TopKHistogram(num_classes, width, {k_img, *[x for x in ks if 1 <= x <= width]},
                          k_mass=k, thresholds=thresholds, device=device)
-    stream(model, features, dataset, hist, normalizer=normalizer, device=device,
-           batch_size=batch_size, workers=workers, progress=progress, resume=resume,
-           save_every=save_every, say=say)
-    info = {"layer": layer or "pre_logits", "images_seen": int(hist.images.sum()), **(meta or {})}
+    stream(model, features, dataset, hist, resume=resume, **common)
+    info = {"layer": info["layer"], "images_seen": int(hist.images.sum()), **(meta or {})}
     return Extraction.from_state(hist.state_dict(), k, k_img, info)
 
 
 def extract_fractional(
-    model: nn.Module,
-    dataset: Dataset,
-    fraction: float,
-    *,
-    num_classes: int,
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    layer: str | None = None,
-    normalizer: Callable[[Tensor], Tensor] | None = None,
-    device: torch.device | str = "cpu",
-    batch_size: int = 256,
-    workers: int = 0,
-    progress: bool = True,
-    resume: str | Path | None = None,
-    save_every: int = 200,
-    say: Say | None = None,
-    meta: dict[str, Any] | None = None,
+    model: nn.Module, dataset: Dataset, fraction: float, *, num_classes: int, **options: Any
 ) -> Extraction:
     """Variant A (see :meth:`Extraction.fractional_indices`): two passes, the first for each
-    class's ``k_c``, the second for the histograms at those ``k_c``."""
-    if not 0.0 < fraction < 1.0:
-        raise UserError(f"the fraction must lie in (0, 1), got {fraction}", "pass e.g. 0.5")
-    dataset = plain_split(dataset)
-    device = torch.device(device)
-    features = features_at(model, layer)
-    width = _width(model, features, dataset, normalizer, device)
+    class's ``k_c``, the second for the histograms at those ``k_c``. ``options`` are the
+    keywords of :func:`extract` from ``thresholds`` on (``thresholds``, ``layer``,
+    ``normalizer``, ``device``, ``batch_size``, ``workers``, ``progress``, ``resume``,
+    ``save_every``, ``say``, ``meta``)."""
+    return extract(model, dataset, num_classes=num_classes, fraction=fraction, **options)
+
+
+def _fractional(
+    model: nn.Module,
+    features: Features,
+    dataset: Dataset,
+    width: int,
+    fraction: float,
+    num_classes: int,
+    thresholds: Sequence[float],
+    resume: str | Path | None,
+    common: dict[str, Any],
+    info: dict[str, Any],
+) -> Extraction:
+    """The two passes of :func:`extract_fractional`."""
+    device = common["device"]
     levels = sorted({fraction, *thresholds})
     first = TopKHistogram(num_classes, width, [1], thresholds=levels, device=device)
-    common = {"normalizer": normalizer, "device": device, "batch_size": batch_size,
-              "workers": workers, "progress": progress, "save_every": save_every, "say": say}
     partial = Path(resume) if resume else None
     stream(model, features, dataset, first, resume=partial and partial.with_suffix(".pass1.pt"),
            desc="extract (pass 1/2)", **common)
@@ -157,8 +166,9 @@ def extract_fractional(
     second = TopKHistogram(num_classes, width, per_class, k_mass=max(per_class),
                            thresholds=levels, device=device)
     stream(model, features, dataset, second, resume=partial, desc="extract (pass 2/2)", **common)
-    info = {"layer": layer or "pre_logits", "fraction": fraction, "k_per_class": per_class,
-            "images_seen": int(second.images.sum()), **(meta or {})}
+    layer, extra = info["layer"], {key: v for key, v in info.items() if key != "layer"}
+    info = {"layer": layer, "fraction": fraction, "k_per_class": per_class,
+            "images_seen": int(second.images.sum()), **extra}
     kmax = max(per_class)
     return Extraction.from_state(second.state_dict(), kmax, kmax, info)
 

@@ -13,12 +13,15 @@ from typing import Literal
 from narrows.config import (
     Range,
     at_least,
+    batch_size_option,
     distinct,
     fraction,
     non_negative,
     not_empty,
     option,
     positive,
+    save_every_option,
+    workers_option,
 )
 
 BASELINES = ("random", "top-weights")
@@ -46,12 +49,9 @@ class ExtractOptions:
                                   "20 ... up to D]", check=at_least(1).also(not_empty, distinct))
     thresholds: list[float] = option([0.5, 0.75, 0.9], "mass fractions t of the selectivity Ψ",
                                      check=Range(0, 1, low_open=True).also(not_empty))
-    batch_size: int = option(256, "images per forward pass", check=positive,
-                             affects_result=False)
-    workers: int = option(0, "data-loading worker processes", check=non_negative,
-                          affects_result=False)
-    save_every: int = option(200, "save the counts every N batches (a killed run resumes "
-                             "there)", check=positive, affects_result=False)
+    batch_size: int = batch_size_option()
+    workers: int = workers_option()
+    save_every: int = save_every_option(200)
 
 
 @dataclass
@@ -69,10 +69,8 @@ class ValidateOptions:
         list(BASELINES), "baseline indices on the curve: random channels (from --seed) and "
                          "each class's top-|W| weights")
     curve: bool = option(True, "compute the accuracy-vs-k curve")
-    batch_size: int = option(256, "images per forward pass", check=positive,
-                             affects_result=False)
-    workers: int = option(0, "data-loading worker processes", check=non_negative,
-                          affects_result=False)
+    batch_size: int = batch_size_option()
+    workers: int = workers_option()
 
 
 @dataclass
@@ -87,10 +85,8 @@ class FinetuneOptions:
     batch_size: int = option(128, "images per step", check=positive)
     augment: Literal["auto", "none", "crop", "flip", "crop-flip", "resized-crop-flip"] = option(
         "auto", "augmentation; auto = the data set's standard one")
-    workers: int = option(0, "data-loading worker processes", check=non_negative,
-                          affects_result=False)
-    eval_batch_size: int = option(256, "images per evaluation batch", check=positive,
-                                  affects_result=False)
+    workers: int = workers_option()
+    eval_batch_size: int = batch_size_option(256, "images per evaluation batch")
 
 
 @dataclass
@@ -127,8 +123,7 @@ class EssentialOptions(CSGCompareOptions):
     split: Literal["test", "train"] = option("test", "split the images come from")
     images: int | None = option(None, "use the first N images of the split [default: all]",
                                 check=positive)
-    batch_size: int = option(128, "images per forward pass", check=positive,
-                             affects_result=False)
+    batch_size: int = batch_size_option(128)
 
 
 @dataclass
@@ -150,8 +145,7 @@ class MutualInfoOptions(CSGCompareOptions):
                        "the model(s) on test features; needs --checkpoint or --csg-checkpoint")
     images: int | None = option(None, "MIS: use the first N test images [default: all]",
                                 check=positive)
-    batch_size: int = option(128, "MIS: images per forward pass", check=positive,
-                             affects_result=False)
+    batch_size: int = batch_size_option(128, "MIS: images per forward pass")
 
 
 @dataclass

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from narrows.runs.results import header, provenance
+from narrows.runs.results import header, provenance, without_header
 
 
 def decompose_header(kind: str, meta: Mapping[str, Any] | None = None,
@@ -35,6 +35,5 @@ def as_run(target: Any) -> Any:
     return target
 
 
-def strip_header(document: Mapping[str, Any]) -> dict[str, Any]:
-    """``document`` without the ``format`` and ``provenance`` keys of its header."""
-    return {k: v for k, v in document.items() if k not in ("format", "provenance")}
+#: ``document`` without the ``format`` and ``provenance`` keys of its header (the core's).
+strip_header = without_header

@@ -1,24 +1,13 @@
-"""Plain-text tables of the decompose results: Markdown and CSV."""
+"""Plain-text tables of the decompose results: Markdown and CSV, through the core's one table
+writer (:mod:`narrows.runs.tables`)."""
 
 from __future__ import annotations
 
-import csv
-import io
-from typing import Any
+from narrows.runs.tables import csv_text, markdown_text
+
+__all__ = ["csv_text", "markdown"]
 
 
 def markdown(columns: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table of ``rows`` (cells already formatted) under ``columns``."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def csv_text(rows: list[dict[str, Any]]) -> str:
-    """CSV of flat records; the columns are every key, in order of first appearance."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue()
+    """A Markdown table of ``rows`` (cells already formatted, as text) under ``columns``."""
+    return markdown_text([dict(zip(columns, row, strict=True)) for row in rows], columns)

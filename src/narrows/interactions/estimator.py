@@ -10,7 +10,7 @@ Rows of one (pair, context k) are, in order (spec §2.4): ``4k+0`` S∪{i,j}, ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,7 @@ from narrows.interactions.sampling import (
     sample_pairs,
     unique_context,
 )
+from narrows.runtime import rebatch
 
 ValueFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -82,29 +83,12 @@ def evaluate_blocks(blocks: Sequence[Block], value_fn: ValueFn, batch_size: int,
     sizes = [b.rows.shape[0] for b in blocks]
     out = torch.empty(sum(sizes), dtype=torch.float64)
     start = 0
-    for chunk in _chunks(blocks, batch_size):
+    for chunk in rebatch((block.rows for block in blocks), batch_size):
         out[start:start + chunk.shape[0]] = value_fn(chunk).double().cpu()
         start += chunk.shape[0]
         if on_batch is not None:
             on_batch(chunk.shape[0])
     return list(out.split(sizes))
-
-
-def _chunks(blocks: Sequence[Block], batch_size: int) -> Iterator[torch.Tensor]:
-    pending: list[torch.Tensor] = []
-    have = 0
-    for block in blocks:
-        rows = block.rows
-        while rows.shape[0]:
-            take = min(batch_size - have, rows.shape[0])
-            pending.append(rows[:take])
-            have += take
-            rows = rows[take:]
-            if have == batch_size:
-                yield torch.cat(pending)
-                pending, have = [], 0
-    if pending:
-        yield torch.cat(pending)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from narrows.config import settings_from
 from narrows.errors import UserError
 from narrows.kvb.options import ContinualOptions
 
@@ -43,13 +44,7 @@ class ContinualSettings(ContinualOptions):
     def from_options(cls, options: Any = None, **changes: Any) -> ContinualSettings:
         """Settings from the same-named attributes of ``options`` (e.g. a command's config),
         then ``changes``; an unknown name in ``changes`` is a :class:`UserError`."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(changes) - set(names))
-        if unknown:
-            raise UserError(f"unknown option `{unknown[0]}` of train_continual",
-                            f"use one of: {', '.join(names)}")
-        values = {n: getattr(options, n) for n in names if hasattr(options, n)}
-        return cls(**{**values, **changes})
+        return settings_from(cls, options, changes, "train_continual")
 
 
 @dataclass
@@ -419,12 +414,15 @@ OpenRun = Callable[[ContinualSettings, ContinualTask], Any]
 
 def train_continual(embeddings: str | Path, settings: ContinualSettings | None = None, *,
                     run: Any = None, device: Any = "cpu", progress: bool = False,
-                    say: Callable[[str], Any] = print, **options: Any) -> ContinualRun:
+                    say: Callable[[str], Any] = print, options: Any = None,
+                    **changes: Any) -> ContinualRun:
     """Train every model of ``settings.model`` on the class-incremental stream and/or the
     i.i.d. control (``settings.protocol``) of the embeddings in the directory ``embeddings``.
 
-    ``settings`` (default: :class:`ContinualSettings`), then ``options`` by name (e.g.
-    ``model=["dkvb", "linear"], epochs=5``); unset options come from the embeddings.
+    ``settings`` (default: :class:`ContinualSettings`; or, by name, ``options``: a
+    :class:`~narrows.kvb.options.ContinualOptions` or any object with its attributes, such as
+    the command's config), then ``changes`` by name (e.g. ``model=["dkvb", "linear"],
+    epochs=5``); unset options come from the embeddings.
     ``run``: a :class:`~narrows.runs.RunDir`, or a callable ``(resolved settings, task) ->
     RunDir`` (so the resolved options can be recorded) — the fitted keys and each model's
     result are cached there and reused when the run is repeated; ``None`` keeps nothing.
@@ -435,7 +433,9 @@ def train_continual(embeddings: str | Path, settings: ContinualSettings | None =
     from narrows.kvb.registry import LEARNERS, MODEL_NAMES
     from narrows.kvb.results import ContinualResult
 
-    s = ContinualSettings.from_options(settings, **options)
+    if settings is not None and options is not None:
+        raise UserError("both `settings` and `options` given", "pass one of them")
+    s = ContinualSettings.from_options(settings if settings is not None else options, **changes)
     unknown = [m for m in s.model if m not in MODEL_NAMES]
     if unknown:
         raise UserError(f"unknown `model` {unknown[0]!r}", f"use one of: {', '.join(MODEL_NAMES)}")

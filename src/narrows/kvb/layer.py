@@ -171,10 +171,9 @@ class KeyValueBottleneck(nn.Module):
             raise ValueError(
                 f"the voting decoder uses the values as logits: dim_value ({dim_value}) must "
                 f"equal num_classes ({num_classes})")
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        for name, value in (("decay", decay), ("dropout", dropout)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
 
         self.dim_embed = int(dim_embed)
         self.num_codebooks = int(num_codebooks)

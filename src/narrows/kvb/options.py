@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from narrows.config import (
+    batch_size_option,
     distinct,
     non_negative,
     not_empty,
     option,
     positive,
+    save_every_option,
     seed_range,
     unit_open,
+    workers_option,
 )
 from narrows.kvb.registry import MODEL_NAMES
 from narrows.kvb.registry import TOY_MODEL_NAMES as TOY_MODELS
@@ -48,12 +51,9 @@ class EmbedOptions:
                                 "ImageNet backbones on 32-px data)", check=positive)
     normalize: Literal["auto", "data", "imagenet"] = option(
         "auto", "input normalisation: auto = the checkpoint card's, else the data's")
-    batch_size: int = option(256, "images per forward pass", check=positive,
-                             affects_result=False)
-    workers: int = option(0, "data-loading worker processes", check=non_negative,
-                          affects_result=False)
-    save_every: int = option(50, "save a partial file every N batches (a killed run resumes "
-                             "there)", check=positive, affects_result=False)
+    batch_size: int = batch_size_option()
+    workers: int = workers_option()
+    save_every: int = save_every_option(50, "a partial file")
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from narrows.kvb.results import ContinualResult
-from narrows.runtime import derive_seed
+from narrows.runtime import derive_seed, rebatch
 
 PROTOCOLS = ("incremental", "iid")
 ProtocolName = Literal["incremental", "iid"]
@@ -85,19 +85,7 @@ class Phase:
 
     def batches(self, batch_size: int) -> Iterator[Tensor]:
         """Consecutive batches of ``batch_size`` visits (the last may be smaller)."""
-        pending: list[Tensor] = []
-        size = 0
-        for piece in self.segments():
-            while len(piece):
-                take = min(batch_size - size, len(piece))
-                pending.append(piece[:take])
-                size += take
-                piece = piece[take:]
-                if size == batch_size:
-                    yield torch.cat(pending)
-                    pending, size = [], 0
-        if size:
-            yield torch.cat(pending)
+        return rebatch(self.segments(), batch_size)
 
     def steps(self, batch_size: int) -> int:
         return math.ceil(self.visits / batch_size)

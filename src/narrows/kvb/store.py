@@ -26,14 +26,21 @@ def embed(checkpoint: str | None = None, *, model: str | None = None, data: str 
           normalize: Literal["auto", "data", "imagenet"] = "auto", batch_size: int = 256,
           workers: int = 0, save_every: int = 50, overwrite: bool = False, seed: int = 0,
           device: Any = "cpu", progress: bool = False,
-          say: Callable[[str], Any] = print) -> dict[str, Path]:
+          say: Callable[[str], Any] = print, options: Any = None) -> dict[str, Path]:
     """Embed the ``splits`` of ``data`` (default: the checkpoint card's) through the frozen
     backbone ``checkpoint`` (or the architecture ``model``, with random initial weights from
     ``seed`` without a checkpoint) into the directory ``out``; returns each split's file.
 
     ``normalize``: ``auto`` (the card's mean/std, else the data's), ``data`` or ``imagenet``;
     ``resize``: images to N×N before the backbone; ``image_size``: the served size of
-    imagenet:/folder: data (default: the card's)."""
+    imagenet:/folder: data (default: the card's). ``options``: an
+    :class:`~narrows.kvb.options.EmbedOptions` (or any object with its attributes, such as the
+    command's config) whose values replace the parameters left at their defaults (its
+    ``split`` is ``splits``)."""
+    if options is not None:
+        given = dict(locals())
+        del given["options"]
+        return embed(**_with_options(given, options))
     from narrows.data import load
     from narrows.data.specs import parse_spec
     from narrows.kvb.embeddings import EmbeddingMeta, embedding_path, load_backbone
@@ -70,6 +77,22 @@ def embed(checkpoint: str | None = None, *, model: str | None = None, data: str 
                      device=device, batch_size=batch_size, workers=workers, progress=progress,
                      save_every=save_every, overwrite=overwrite, say=say)
     return files
+
+
+def _with_options(given: dict[str, Any], options: Any) -> dict[str, Any]:
+    """``given`` (the arguments of :func:`embed`) with the values of ``options``' fields for the
+    arguments left at their defaults."""
+    import dataclasses
+    import inspect
+
+    from narrows.kvb.options import EmbedOptions
+
+    defaults = {p.name: p.default for p in inspect.signature(embed).parameters.values()}
+    for field in dataclasses.fields(EmbedOptions):
+        name = "splits" if field.name == "split" else field.name
+        if hasattr(options, field.name) and given[name] == defaults[name]:
+            given[name] = getattr(options, field.name)
+    return given
 
 
 def _kept(path: Path, meta: Any, overwrite: bool, say: Callable[[str], Any]) -> bool:

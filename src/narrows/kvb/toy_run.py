@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from narrows.config import settings_from
 from narrows.kvb.options import DEFAULT_SEEDS, ToyOptions  # noqa: F401  (re-exported)
 
 RESULTS = "results.json"
@@ -29,17 +30,7 @@ class ToySettings(ToyOptions):
     def from_options(cls, options: Any = None, **changes: Any) -> ToySettings:
         """Settings from the same-named attributes of ``options`` (e.g. a command's config),
         then ``changes``."""
-        import dataclasses
-
-        from narrows.errors import UserError
-
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(changes) - set(names))
-        if unknown:
-            raise UserError(f"unknown option `{unknown[0]}` of run_toy",
-                            f"use one of: {', '.join(names)}")
-        values = {n: getattr(options, n) for n in names if hasattr(options, n)}
-        return cls(**{**values, **changes})
+        return settings_from(cls, options, changes, "run_toy")
 
 
 @dataclass

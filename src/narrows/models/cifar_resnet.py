@@ -7,6 +7,7 @@ once the ``module.`` prefix is stripped. ``fc`` is an alias of ``linear`` that a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -165,31 +166,21 @@ def _create(depth: int, pretrained: bool, kwargs: dict[str, Any]) -> CifarResNet
     return CifarResNet(depth, num_classes, in_chans, float(args.get("drop_rate", 0.0)))
 
 
-@register_model
-def resnet20_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    """ResNet-20 for CIFAR (option A), 269,722 parameters with 10 classes."""
-    return _create(20, pretrained, kwargs)
+def _entry_point(depth: int, parameters: str) -> Callable[..., CifarResNet]:
+    """Register timm's entry point ``resnet{depth}_cifar`` (``parameters``: the count with 10
+    classes, for its docstring)."""
+
+    def entry(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+        return _create(depth, pretrained, kwargs)
+
+    entry.__name__ = entry.__qualname__ = f"resnet{depth}_cifar"
+    entry.__doc__ = (f"ResNet-{depth} for CIFAR (option A), {parameters} parameters with 10 "
+                     "classes.")
+    return register_model(entry)
 
 
-@register_model
-def resnet32_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    """ResNet-32 for CIFAR (option A), 464,154 parameters with 10 classes."""
-    return _create(32, pretrained, kwargs)
-
-
-@register_model
-def resnet44_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    """ResNet-44 for CIFAR (option A), 658,586 parameters with 10 classes."""
-    return _create(44, pretrained, kwargs)
-
-
-@register_model
-def resnet56_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    """ResNet-56 for CIFAR (option A), 853,018 parameters with 10 classes."""
-    return _create(56, pretrained, kwargs)
-
-
-@register_model
-def resnet110_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    """ResNet-110 for CIFAR (option A), 1,727,962 parameters with 10 classes."""
-    return _create(110, pretrained, kwargs)
+resnet20_cifar = _entry_point(20, "269,722")
+resnet32_cifar = _entry_point(32, "464,154")
+resnet44_cifar = _entry_point(44, "658,586")
+resnet56_cifar = _entry_point(56, "853,018")
+resnet110_cifar = _entry_point(110, "1,727,962")

@@ -95,4 +95,9 @@ def read_result_json(path: str | Path, kind: str, version: int, what: str, fix: 
         raise UserError(f"no {what} {file}", fix)
     document = read_json_file(file, what, fix, required_keys=required_keys, kind=dict)
     check_header(document, kind, version, str(file))
+    return without_header(document)
+
+
+def without_header(document: Mapping[str, Any]) -> dict[str, Any]:
+    """``document`` without the ``format`` and ``provenance`` keys of its :func:`header`."""
     return {k: v for k, v in document.items() if k not in ("format", "provenance")}

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from narrows.config import option_mapping
 from narrows.errors import UserError
+from narrows.runs.tables import csv_text, markdown_text
 
 RESULTS = "results.json"
 FORMAT_KIND, FORMAT_VERSION = "sweep", 1  # the "format" of a saved SweepResult
@@ -192,12 +194,8 @@ def read_sweep(path: str | Path) -> Sweep:
 
 
 def _mapping(value: Any, what: str, path: Path) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise UserError(f"'{what}' in {path} must be a mapping of option: value",
-                        "write one 'option: value' per line under it")
-    return {str(k).replace("-", "_"): v for k, v in value.items()}
+    return option_mapping(value, f"'{what}' in {path} must be a mapping",
+                          "write one 'option: value' per line under it")
 
 
 def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -266,26 +264,20 @@ def _number(value: Any) -> bool:
 
 # -- tables -----------------------------------------------------------------------------------
 def csv_table(rows: list[dict[str, Any]]) -> str:
-    """Rows as CSV text: the union of their keys as columns, floats to 6 significant figures,
-    lists joined by spaces, ``None`` empty."""
-    import csv
-    import io
+    """Rows as CSV text (:func:`narrows.runs.tables.csv_text`, lists joined by spaces); no rows
+    give an empty text."""
+    return csv_text([_flat(row) for row in rows]) if rows else ""
 
-    if not rows:
-        return ""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: cell(v) for k, v in row.items()})
-    return buffer.getvalue()
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Rows of a sweep as a Markdown table (:func:`narrows.runs.tables.markdown_text`, lists
+    joined by spaces, no final newline)."""
+    return markdown_text([_flat(row) for row in rows]).rstrip("\n")
 
 
 def cell(value: Any) -> Any:
-    """One value as a CSV cell (see :func:`csv_table`)."""
+    """One grid value in a row: floats to 6 significant figures, lists joined by spaces,
+    ``None`` empty."""
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (list, tuple)):
@@ -293,22 +285,9 @@ def cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Rows of a sweep as a Markdown table (numbers to 4 significant figures)."""
-    if not rows:
-        return ""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-
-    def show(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return "" if value is None else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(show(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+            for k, v in row.items()}
 
 
 # -- planning and running ---------------------------------------------------------------------
