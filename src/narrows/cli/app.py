@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from narrows import __version__, config
@@ -47,6 +47,14 @@ class _Parser(argparse.ArgumentParser):
 def register(command: Command) -> Command:
     COMMANDS.append(command)
     return command
+
+
+def command(words: str, config: type, function: Callable[..., int | None], *, summary: str,
+            description: str, epilog: str = "") -> Command:
+    """Register the command ``words`` (e.g. ``"decompose extract"``), run by ``function(cfg)``
+    with a ``config`` instance; ``summary``, ``description`` and ``epilog`` make its --help."""
+    return register(Command(tuple(words.split()), summary, description, config,
+                            f"{function.__module__}:{function.__name__}", epilog))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,8 +15,8 @@ from narrows.attribution.options import (
     StatisticsOptions,
     StatsOptions,
 )
-from narrows.cli.app import GROUPS, Command, register
-from narrows.cli.common import CommonOptions, SubjectOptions, open_run, start
+from narrows.cli.app import GROUPS, command
+from narrows.cli.common import CommonOptions, SubjectOptions, start
 
 GROUPS["attribution"] = ("Information Bottleneck Attribution (IBA) heatmaps, Captum baselines "
                          "and their evaluation (degradation, bounding boxes, sensitivity-n)")
@@ -55,10 +55,9 @@ STALE = "the model changed since this run: rerun with --overwrite, or pass anoth
 
 def subject(cfg: LayerSubject):
     """(model in eval mode, data bundle, normaliser, description, output stem)."""
-    from narrows.models.subject import load_subject
     from narrows.training import Normalizer
 
-    loaded = load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
+    loaded = cfg.load_subject()
     return (loaded.model.eval(), loaded.bundle, Normalizer(loaded.mean, loaded.std),
             loaded.name, loaded.stem)
 
@@ -80,26 +79,19 @@ def statistics(cfg, net, bundle, normalizer, session, path: Path, split: str = "
                           stale_fix=STALE, names=FLAGS)
 
 
-def method_settings(cfg):
-    """The methods' options of ``cfg`` as a :class:`MethodSettings`."""
-    from narrows.attribution.methods import MethodSettings
+def checked_images(cfg, methods: list[str], net, dataset, normalizer):
+    """``(indices, probe)``: ``--indices`` if given, else ``--images`` test images chosen by
+    ``--select``, and the first one normalised, on which ``methods`` are checked (what can
+    fail, before --out is written)."""
+    from narrows.attribution.images import image_batch, pick_indices
+    from narrows.attribution.methods import MethodSettings, check_methods
 
-    return MethodSettings.from_options(cfg, cfg.seed)
-
-
-def check_methods(methods: list[str], net, cfg, probe=None) -> None:
-    """:func:`narrows.attribution.methods.check_methods` with this command's options."""
-    from narrows.attribution.methods import check_methods as check
-
-    check(methods, net, method_settings(cfg), cfg.statistics, probe, names=FLAGS)
-
-
-def pick_indices(cfg, dataset) -> list[int]:
-    """``--indices`` if given, else ``--images`` test images chosen by ``--select``."""
-    from narrows.attribution.images import pick_indices as pick
-
-    return pick(dataset, cfg.images, getattr(cfg, "indices", None), seed=cfg.seed,
-                select=cfg.select, names=FLAGS)
+    indices = pick_indices(dataset, cfg.images, getattr(cfg, "indices", None), seed=cfg.seed,
+                           select=cfg.select, names=FLAGS)
+    probe = normalizer(image_batch(dataset, indices[:1])[0])
+    check_methods(methods, net, MethodSettings.from_options(cfg, cfg.seed), cfg.statistics,
+                  probe, names=FLAGS)
+    return indices, probe
 
 
 def method_names(text: str) -> list[str]:
@@ -122,12 +114,9 @@ def readout_needed(methods: list[str], cfg) -> None:
 # -- stats -----------------------------------------------------------------------------------
 
 def execute_stats(cfg: StatsConfig) -> int:
-    from narrows.runs import default_out
-
     session = start(cfg)
     net, bundle, normalizer, name, stem = subject(cfg)
-    run = open_run(cfg, "attribution stats", default_out("attribution", "stats", stem),
-                   session)
+    run = session.open(cfg, "attribution stats", "attribution", "stats", stem)
     path = run.file("statistics.pt")
     reused = path.is_file()
     stats = statistics(cfg, net, bundle, normalizer, session, path, cfg.split)
@@ -141,10 +130,8 @@ def execute_stats(cfg: StatsConfig) -> int:
 
 def execute_explain(cfg: ExplainConfig) -> int:
     from narrows.attribution.explain import explain_images
-    from narrows.attribution.images import image_batch
     from narrows.attribution.methods import method_names as registered
     from narrows.errors import UserError
-    from narrows.runs import default_out
 
     if cfg.method not in registered():
         raise UserError(f"unknown attribution method '{cfg.method}'",
@@ -155,11 +142,8 @@ def execute_explain(cfg: ExplainConfig) -> int:
     session = start(cfg)
     net, bundle, normalizer, name, stem = subject(cfg)
     dataset = bundle.split("test")
-    indices = pick_indices(cfg, dataset)
-    probe = normalizer(image_batch(dataset, indices[:1])[0])
-    check_methods([cfg.method], net, cfg, probe)  # what can fail, before --out is written
-    run = open_run(cfg, "attribution explain",
-                   default_out("attribution", "explain", stem, cfg.method), session)
+    indices, _ = checked_images(cfg, [cfg.method], net, dataset, normalizer)
+    run = session.open(cfg, "attribution explain", "attribution", "explain", stem, cfg.method)
     net.to(session.device)
     stats = (statistics(cfg, net, bundle, normalizer, session, run.file("statistics.pt"))
              if cfg.method == "iba" else None)
@@ -180,9 +164,7 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
         evaluate_methods,
         resolve_metrics,
     )
-    from narrows.attribution.images import image_batch
     from narrows.attribution.methods import parse_names
-    from narrows.runs import default_out
 
     methods = method_names(cfg.methods)
     chosen = parse_names(cfg.metrics or DEFAULT_METRICS, "metrics", METRICS)
@@ -192,12 +174,9 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
     dataset = bundle.split("test")
     metrics = resolve_metrics(dataset, bundle.info.spec, chosen if cfg.metrics is not None else None,
                               FLAGS)
-    indices = pick_indices(cfg, dataset)
-    probe = normalizer(image_batch(dataset, indices[:1])[0])
-    check_methods(methods, net, cfg, probe)  # what can fail, before --out is written
+    indices, probe = checked_images(cfg, methods, net, dataset, normalizer)
     check_tile(cfg.tile, tuple(probe.shape[-2:]), metrics, FLAGS)
-    run = open_run(cfg, "attribution evaluate",
-                   default_out("attribution", "evaluate", stem), session)
+    run = session.open(cfg, "attribution evaluate", "attribution", "evaluate", stem)
     net.to(session.device)
     stats = (statistics(cfg, net, bundle, normalizer, session, run.file("statistics.pt"))
              if "iba" in methods else None)
@@ -253,18 +232,15 @@ def quickstart_step(cfg: CommonOptions, out: Path) -> str:
             f"examples.png; IBA heatmaps and GIFs: {target / 'explain'}")
 
 
-register(Command(
-    words=("attribution", "stats"),
+command(
+    "attribution stats", StatsConfig, execute_stats,
     summary="estimate the feature statistics IBA needs at a layer",
     description="Run the model up to the bottleneck layer over training images and save the "
     "per-element mean and standard deviation (statistics.pt in --out; re-running reuses it).",
-    config=StatsConfig,
-    target="narrows.cli.attribution:execute_stats",
     epilog="example:\n  narrows attribution stats --checkpoint runs/train/resnet20_cifar-digits/"
-    "best.pt --n-samples 10000",
-))
-register(Command(
-    words=("attribution", "explain"),
+    "best.pt --n-samples 10000")
+command(
+    "attribution explain", ExplainConfig, execute_explain,
     summary="draw IBA (or baseline) heatmaps of test images",
     description="Explain test images of the checkpoint's data (spread over the classes, see "
     "--select) with IBA (Schulz et al., ICLR 2020) or a baseline, towards each image's label. "
@@ -273,13 +249,10 @@ register(Command(
     "result/ (the AttributionResult, with the method's units and parameters) and, "
     "with --gif, iba_<index>.gif of the optimisation steps. Finished images are skipped on a "
     "rerun. Without --statistics, IBA estimates them into --out/statistics.pt first.",
-    config=ExplainConfig,
-    target="narrows.cli.attribution:execute_explain",
     epilog="examples:\n  narrows attribution explain --checkpoint best.pt --images 8 --gif\n"
-    "  narrows attribution explain --checkpoint best.pt --method gradcam --indices 3 14 15",
-))
-register(Command(
-    words=("attribution", "evaluate"),
+    "  narrows attribution explain --checkpoint best.pt --method gradcam --indices 3 14 15")
+command(
+    "attribution evaluate", EvaluateConfig, execute_evaluate,
     summary="compare attribution methods by degradation, bounding boxes and sensitivity-n",
     description="Compute each method's heatmaps on --images test images spread over the "
     "classes (see --select; cached in heatmaps_<method>.npz), then each metric (cached per method); writes results.csv, "
@@ -293,8 +266,5 @@ register(Command(
     "data with boxes (shapes, ImageNet or folders with VOC XML box files); the default metrics "
     "skip it with a note on data without boxes. Adding methods or metrics on the same "
     "--out reuses what is done.",
-    config=EvaluateConfig,
-    target="narrows.cli.attribution:execute_evaluate",
     epilog="example:\n  narrows attribution evaluate --checkpoint best.pt --methods "
-    "iba,saliency,gradcam,random --metrics degradation,bbox,sensitivity-n --images 50",
-))
+    "iba,saliency,gradcam,random --metrics degradation,bbox,sensitivity-n --images 50")

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from narrows.attribution.options import ReadoutTrainOptions
-from narrows.cli.app import Command, register
+from narrows.cli.app import command
 from narrows.cli.attribution import FLAGS, LayerSubject
-from narrows.cli.common import CommonOptions, open_run, start
+from narrows.cli.common import CommonOptions, start
 
 
 @dataclass
@@ -40,19 +40,17 @@ def execute(cfg: ReadoutTrainConfig) -> int:
         train_readout_run,
     )
     from narrows.errors import UserError
-    from narrows.models.subject import load_subject
-    from narrows.runs import default_out
     from narrows.training import Normalizer
 
     session = start(cfg)
     if session.dist.enabled:
         session.close()
         raise UserError("readout-train runs in one process", "run it without torchrun")
-    subject = load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
+    subject = cfg.load_subject()
     net = subject.model.eval()
     resolve_readout_layers(net, cfg.layer, cfg.readout_layers)  # fails before --out is written
-    run = open_run(cfg, "attribution readout-train",
-                   default_out("attribution", "readout", subject.stem, cfg.variant), session)
+    run = session.open(cfg, "attribution readout-train", "attribution", "readout", subject.stem,
+                       cfg.variant)
     options = ReadoutOptions.from_options(cfg, cfg.seed)
     result = train_readout_run(net, subject.bundle, run, options,
                                normalizer=Normalizer(subject.mean, subject.std),
@@ -65,8 +63,8 @@ def execute(cfg: ReadoutTrainConfig) -> int:
     return 0
 
 
-register(Command(
-    words=("attribution", "readout-train"),
+command(
+    "attribution readout-train", ReadoutTrainConfig, execute,
     summary="train a readout bottleneck: IBA heatmaps in one forward pass",
     description="Train the readout bottleneck of Schulz et al. (ICLR 2020, §6 of the spec): "
     "three 1×1 convs predict the bottleneck's α from the model's feature maps and logits; the "
@@ -76,10 +74,7 @@ register(Command(
     "writes metrics.jsonl and readout_curves.png per epoch and, at the end, readout.pt for "
     "'attribution explain|evaluate --method readout --readout FILE'. Per image and epoch: two "
     "forward passes and a backward pass from the logits to the bottleneck.",
-    config=ReadoutTrainConfig,
-    target="narrows.cli.attribution_readout:execute",
     epilog="examples:\n  narrows attribution readout-train --checkpoint runs/train/"
     "resnet20_cifar-shapes/best.pt --epochs 10 --beta 1 --lr 1e-3\n"
     "  narrows attribution explain --checkpoint runs/train/resnet20_cifar-shapes/best.pt "
-    "--method readout --readout runs/attribution/readout/.../readout.pt",
-))
+    "--method readout --readout runs/attribution/readout/.../readout.pt")

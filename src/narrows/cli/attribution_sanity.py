@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from narrows.attribution.options import IBAOptions, ImageChoice, SanityOptions, StatisticsOptions
-from narrows.cli.app import Command, register
+from narrows.cli.app import command
 from narrows.cli.attribution import (
     LayerSubject,
-    check_methods,
+    checked_images,
     method_names,
     n_samples,
-    pick_indices,
     statistics,
     subject,
 )
-from narrows.cli.common import CommonOptions, open_run, replace, start
+from narrows.cli.common import CommonOptions, start
 
 
 @dataclass
@@ -29,22 +28,19 @@ def execute_sanity(cfg: SanityConfig) -> int:
     from narrows.attribution.metrics import cascade_layers
     from narrows.attribution.metrics.randomisation import check_layers
     from narrows.attribution.sanity import sanity_check
-    from narrows.runs import default_out
 
     methods = method_names(cfg.methods)
     session = start(cfg)
     net, bundle, normalizer, name, stem = subject(cfg)
     dataset = bundle.split("test")
-    indices = pick_indices(cfg, dataset)
-    check_methods(methods, net, cfg, normalizer(image_batch(dataset, indices[:1])[0]))
+    indices, _ = checked_images(cfg, methods, net, dataset, normalizer)
     net.to(session.device)
     images, labels = image_batch(dataset, indices)
     inputs = normalizer(images.to(session.device))
     labels = labels.to(session.device)
     layers = (check_layers(net, [n.strip() for n in cfg.randomise.split(",") if n.strip()])
               if cfg.randomise is not None else cascade_layers(net, inputs[:1]))
-    run = open_run(cfg, "attribution sanity", default_out("attribution", "sanity", stem),
-                   session)
+    run = session.open(cfg, "attribution sanity", "attribution", "sanity", stem)
     fresh = replace(cfg, statistics=None)
     result = sanity_check(
         net, inputs, labels, indices, methods, layers, run, options=cfg,
@@ -59,8 +55,8 @@ def execute_sanity(cfg: SanityConfig) -> int:
     return 0
 
 
-register(Command(
-    words=("attribution", "sanity"),
+command(
+    "attribution sanity", SanityConfig, execute_sanity,
     summary="model-parameter randomisation check: do the heatmaps depend on the weights?",
     description="Cascading randomisation (Adebayo et al. 2018): re-initialise the model from "
     "the top layer down, one layer more per step, and compare each method's heatmaps with the "
@@ -69,8 +65,5 @@ register(Command(
     "sanity.csv, sanity.md and sanity.png and prints the table; each method's result is cached "
     "(sanity_<method>.pt), so a rerun skips finished methods. IBA gets statistics re-estimated "
     "on the randomised model once the layers feeding its bottleneck are re-initialised.",
-    config=SanityConfig,
-    target="narrows.cli.attribution_sanity:execute_sanity",
     epilog="example:\n  narrows attribution sanity --checkpoint best.pt --methods "
-    "iba,saliency,gradcam --images 16 --repeats 3",
-))
+    "iba,saliency,gradcam --images 16 --repeats 3")

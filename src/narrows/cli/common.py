@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +11,7 @@ from narrows.config import non_negative, option, positive, seed_range
 if TYPE_CHECKING:
     import torch
 
+    from narrows.models.subject import Subject
     from narrows.runs import RunDir
     from narrows.runtime import Distributed
 
@@ -61,6 +61,19 @@ class Session:
 
         shutdown_distributed()
 
+    def open(self, cfg: Any, command: str, *default: str | None) -> RunDir:
+        """:func:`open_run` with the default directory ``default_out(*default)``."""
+        from narrows.runs import default_out
+
+        return open_run(cfg, command, default_out(*default), self)
+
+    def done(self, *lines: str) -> int:
+        """Say ``lines`` (where the results are), close, and give the exit code 0."""
+        for line in lines:
+            self.say(line)
+        self.close()
+        return 0
+
 
 def start(cfg: CommonOptions) -> Session:
     """Pick the device, join torchrun's process group if any, set threads and the base seed."""
@@ -106,10 +119,6 @@ def open_run(cfg: Any, command: str, default: Path, session: Session) -> RunDir:
     return opened if opened is not None else RunDir(out, writer=False)
 
 
-def replace(cfg: Any, **changes: Any) -> Any:
-    return dataclasses.replace(cfg, **changes)
-
-
 @dataclass
 class SubjectOptions:
     """Which model, on which data: the options of commands that analyse a trained model."""
@@ -121,3 +130,12 @@ class SubjectOptions:
     data: str | None = option(None, "data spec [default: the checkpoint's data]", short="-d")
     image_size: int | None = option(None, "served image size for imagenet:/folder: data",
                                     check=positive)
+
+    def load_subject(self, *, plain: bool = False) -> Subject:
+        """The model and data these options name (:func:`narrows.models.subject.load_subject`);
+        ``plain`` refuses a decomposed checkpoint (``decompose.pipeline.load_plain_subject``)."""
+        if plain:
+            from narrows.decompose.pipeline import load_plain_subject as load
+        else:
+            from narrows.models.subject import load_subject as load
+        return load(self.checkpoint, self.model, self.data, self.image_size)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from narrows.cli.app import GROUPS, Command, register
-from narrows.cli.common import CommonOptions, SubjectOptions, open_run, start
+from narrows.cli.app import GROUPS, command
+from narrows.cli.common import CommonOptions, SubjectOptions, start
 from narrows.cli.train import DATA_HELP, TrainConfig
 from narrows.config import option
 from narrows.decompose.options import CSGTrainOptions, EssentialOptions, MutualInfoOptions
@@ -33,19 +33,10 @@ class CSGTrainConfig(CSGTrainOptions, TrainConfig):
                               "digits]", short="-d")
 
 
-# -- shared ----------------------------------------------------------------------------------
-
-def _load_subject(cfg: Any):
-    from narrows.models.subject import load_subject
-
-    return load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
-
-
 # -- essential -------------------------------------------------------------------------------
 
 def execute_essential(cfg: EssentialConfig) -> int:
     from narrows.decompose.compare import essential_comparison, essential_sets
-    from narrows.runs import default_out
 
     if not cfg.indices and not cfg.csg_checkpoint:
         raise UserError("nothing to test", "pass --indices FILE with --checkpoint FILE, "
@@ -54,20 +45,24 @@ def execute_essential(cfg: EssentialConfig) -> int:
         raise UserError("--indices needs the model they were extracted from",
                         "pass --checkpoint FILE (or --model NAME for initial weights)")
     session = start(cfg)
-    subject = _load_subject(cfg) if cfg.indices else None
+    subject = cfg.load_subject() if cfg.indices else None
     tested = essential_sets(cfg, subject=subject, data=cfg.data, model_name=cfg.model,
                             image_size=cfg.image_size, k_name="--k")
     stem = Path(cfg.checkpoint or cfg.csg_checkpoint or cfg.model or "model").stem
-    run = open_run(cfg, "decompose essential", default_out("decompose", "essential", stem),
-                   session)
+    run = session.open(cfg, "decompose essential", "decompose", "essential", stem)
     comparison = essential_comparison(tested, cfg, seed=cfg.seed, device=session.device,
                                       progress=cfg.progress, cache_dir=run.path)
     comparison.save(run)
-    print(comparison.table(), end="")
-    print(f"→ {run.file('results_essential_features.json')} (σ = {comparison.level:g}), "
-          f"{run.file('essential.csv')}, {run.file('essential.md')}, {run.file('essential.png')}")
-    session.close()
-    return 0
+    files = [f"{run.file('results_essential_features.json')} (σ = {comparison.level:g})",
+             *map(run.file, ("essential.csv", "essential.md", "essential.png"))]
+    return _report(session, comparison.table(), files)
+
+
+def _report(session: Any, text: str, files: list[Any]) -> int:
+    """Print ``text`` and the files written (on every rank), then close."""
+    print(text, end="")
+    print("→ " + ", ".join(map(str, files)))
+    return session.done()
 
 
 # -- mutual information ----------------------------------------------------------------------
@@ -75,7 +70,6 @@ def execute_essential(cfg: EssentialConfig) -> int:
 def execute_mutual_info(cfg: MutualInfoConfig) -> int:
     from narrows.decompose.csg import load_csg_subject
     from narrows.decompose.mi_compare import mutual_info_comparison
-    from narrows.runs import default_out
 
     if not cfg.indices and not cfg.csg_checkpoint:
         raise UserError("no index sets given", "pass --indices FILE... and/or "
@@ -83,31 +77,27 @@ def execute_mutual_info(cfg: MutualInfoConfig) -> int:
     if cfg.mis and not (cfg.checkpoint or cfg.csg_checkpoint):
         raise UserError("--mis needs a model", "pass --checkpoint and/or --csg-checkpoint")
     session = start(cfg)
-    subject = _load_subject(cfg) if cfg.checkpoint or cfg.model else None
+    subject = cfg.load_subject() if cfg.checkpoint or cfg.model else None
     csg = load_csg_subject(cfg.csg_checkpoint, name=cfg.model, image_size=cfg.image_size,
                            data=cfg.data or (subject.bundle.info.spec if subject else None)
                            ) if cfg.csg_checkpoint else None
     stem = Path(cfg.checkpoint or cfg.csg_checkpoint or cfg.indices[0]).stem
-    run = open_run(cfg, "decompose mutual-info", default_out("decompose", "mutual-info", stem),
-                   session)
+    run = session.open(cfg, "decompose mutual-info", "decompose", "mutual-info", stem)
     comparison = mutual_info_comparison(
         cfg, subject=subject, csg=csg, seed=cfg.seed,
         mis_models=("ours", "csg") if cfg.checkpoint else ("csg",), device=session.device,
         progress=cfg.progress, run=run)
     comparison.save(run, diagonal=cfg.diagonal)
-    print(comparison.markdown(), end="")
-    print(f"→ {run.file('mutual_info.md')}, {run.file('mutual_info.csv')}, "
-          f"{run.file('mutual_info.json')}, {run.file('mutual_info.png')}")
-    session.close()
-    return 0
+    files = [run.file(f"mutual_info.{suffix}") for suffix in ("md", "csv", "json", "png")]
+    return _report(session, comparison.markdown(), files)
 
 
 # -- csg-train -------------------------------------------------------------------------------
 
 def execute_csg_train(cfg: CSGTrainConfig) -> int:
-    from narrows.cli.train import build_model, load_training_data, open_training_run, settings_from
+    from narrows.cli.train import open_training_run, prepare, settings_from
     from narrows.decompose.csg_train import csg_options, train_csg
-    from narrows.runs import default_out
+    from narrows.training.setup import checkpoint_data
 
     session = start(cfg)
     if session.dist.enabled:
@@ -115,11 +105,10 @@ def execute_csg_train(cfg: CSGTrainConfig) -> int:
                         "epochs, which DDP does not allow)", "run it without torchrun")
     options = csg_options(cfg)
     options.check()
-    cfg = _with_data(cfg)
-    data = load_training_data(cfg)
-    model, card = build_model(cfg, data.info)
-    run = open_training_run(cfg, "decompose csg-train", default_out(
-        "decompose-csg-train", card.architecture, cfg.data), session)
+    cfg = replace(cfg, data=cfg.data or checkpoint_data(cfg.checkpoint))
+    model, card, data = prepare(cfg)
+    run = open_training_run(cfg, session, "decompose csg-train", "decompose-csg-train",
+                            card.architecture, cfg.data)
     summary = train_csg(model, card, data, settings_from(cfg), options, run=run,
                         device=session.device, dist=session.dist, progress=cfg.progress,
                         say=session.say, threads=session.threads, spec=cfg.data)
@@ -127,27 +116,11 @@ def execute_csg_train(cfg: CSGTrainConfig) -> int:
     session.say(f"done: test top-1 (ordinary path) {top1}, gate density "
                 f"{summary['gate_density']:.3f}; network + gate in {summary['csg']}, top-"
                 f"{cfg.k} gates in {summary['indices']}, figure {run.file('gate.png')}")
-    session.close()
-    return 0
+    return session.done()
 
 
-def _with_data(cfg: CSGTrainConfig) -> CSGTrainConfig:
-    """``cfg`` with ``data`` filled in: the checkpoint card's data spec, else ``digits``."""
-    from narrows.cli.common import replace
-
-    if cfg.data:
-        return cfg
-    spec = None
-    if cfg.checkpoint:
-        from narrows.models import read_checkpoint
-
-        card = read_checkpoint(cfg.checkpoint).card
-        spec = card.data_spec if card else None
-    return replace(cfg, data=spec or "digits")
-
-
-register(Command(
-    words=("decompose", "essential"),
+command(
+    "decompose essential", EssentialConfig, execute_essential,
     summary="noise on each class's influential channels vs the others vs a random control",
     description="For each image, replace (or perturb) with Gaussian noise the pooled features "
     "at its class's influential channels (I_c), at all the other channels, and at |I_c| random "
@@ -155,18 +128,15 @@ register(Command(
     "linear layer still classifies correctly, per class and noise level. Seeded per image. "
     "Writes results_essential_features.json (the upstream schema, with extra keys), "
     "essential.csv/.md, essential.png; each model's counts are kept, so re-running resumes.",
-    config=EssentialConfig,
-    target="narrows.cli.decompose_analysis:execute_essential",
     epilog="examples:\n"
     "  narrows decompose essential --checkpoint best.pt --indices inds.json\n"
     "  narrows decompose essential --checkpoint resnet20-12fca82f.th -m resnet20_cifar "
     "-d cifar10:data --indices resnet20_cifar-10_indices.json --sigma 1\n"
     "  narrows decompose essential --checkpoint best.pt --indices inds.json "
-    "--csg-checkpoint runs/decompose-csg-train/.../csg.pt --csg-order both",
-))
+    "--csg-checkpoint runs/decompose-csg-train/.../csg.pt --csg-order both")
 
-register(Command(
-    words=("decompose", "mutual-info"),
+command(
+    "decompose mutual-info", MutualInfoConfig, execute_mutual_info,
     summary="pairwise MI of class index sets (upstream score and corrected), over k",
     description="Scores how much the classes' index sets share: the upstream mean pairwise "
     "MI of the indicator vectors with the diagonal (for parity), the same without the "
@@ -174,17 +144,14 @@ register(Command(
     "the mean Jaccard overlap and the union size, for each k and each source (our indices, "
     "CSG gates, random sets). --mis adds the CSG paper's MIS of the model(s). Writes "
     "mutual_info.md/.csv/.json and mutual_info.png.",
-    config=MutualInfoConfig,
-    target="narrows.cli.decompose_analysis:execute_mutual_info",
     epilog="examples:\n"
     "  narrows decompose mutual-info --indices inds5.json inds10.json inds20.json "
     "--channels 64\n"
     "  narrows decompose mutual-info --checkpoint best.pt --indices inds.json --ks 5 10 20 "
-    "--csg-checkpoint csg.pt --csg-order both --mis",
-))
+    "--csg-checkpoint csg.pt --csg-order both --mis")
 
-register(Command(
-    words=("decompose", "csg-train"),
+command(
+    "decompose csg-train", CSGTrainConfig, execute_csg_train,
     summary="train with a class-specific gate (CSG baseline, Liang et al. 2020)",
     description="Train as 'narrows train' does, adding a gate G (classes × channels) on the "
     "pooled features: the CSG path classifies h ⊙ G[y] with the same linear layer, with a "
@@ -192,11 +159,8 @@ register(Command(
     "path. metrics.jsonl gains csg_epoch, std_ce, csg_ce, csg_top1, gate_density and "
     "gate_hinge. Writes csg.pt (the network with its card, loadable anywhere, and the gate), "
     "indices_csg.json (each class's largest gates) and gate.png; resumable.",
-    config=CSGTrainConfig,
-    target="narrows.cli.decompose_analysis:execute_csg_train",
     epilog="examples:\n"
     "  narrows decompose csg-train --checkpoint runs/train/resnet20_cifar-digits/best.pt "
     "--epochs 4 --lr 0.01\n"
     "  narrows decompose csg-train -d cifar10:data --epochs 200 --period 3 --schedule "
-    "alternate --clip official --target-density 0.2",
-))
+    "alternate --clip official --target-density 0.2")

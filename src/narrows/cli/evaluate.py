@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from narrows.cli.app import Command, register
-from narrows.cli.common import CommonOptions, open_run, start
+from narrows.cli.app import command
+from narrows.cli.common import CommonOptions, start
 from narrows.cli.train import DATA_HELP
 from narrows.config import non_negative, option, positive
 
@@ -36,7 +36,6 @@ def execute(cfg: EvaluateConfig) -> int:
     from narrows.errors import UserError
     from narrows.models import load_model
     from narrows.models.inputs import data_for_model
-    from narrows.runs import default_out
     from narrows.training import Normalizer, evaluate
 
     if not cfg.checkpoint:
@@ -52,7 +51,7 @@ def execute(cfg: EvaluateConfig) -> int:
                             say=session.say, what=str(cfg.checkpoint))
     data, mean, std = served.bundle, served.mean, served.std
     name = Path(cfg.checkpoint).parent.name + "-" + Path(cfg.checkpoint).stem
-    run = open_run(cfg, "evaluate", default_out("evaluate", name, spec, cfg.split), session)
+    run = session.open(cfg, "evaluate", "evaluate", name, spec, cfg.split)
     dataset = data.split(cfg.split)
     result = evaluate(loaded.model.to(session.device), dataset, Normalizer(mean, std),
                       session.device, batch_size=cfg.batch_size, workers=cfg.workers,
@@ -61,22 +60,17 @@ def execute(cfg: EvaluateConfig) -> int:
               "image_size": served.image_size,
               **result.to_dict()}
     run.write_json("results.json", record)
-    session.say(f"{cfg.checkpoint} on {spec} ({cfg.split}, {result.n} images): "
-                f"top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
-                f"loss {result.loss:.4f} → {run.file('results.json')}")
-    session.close()
-    return 0
+    return session.done(f"{cfg.checkpoint} on {spec} ({cfg.split}, {result.n} images): "
+                        f"top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
+                        f"loss {result.loss:.4f} → {run.file('results.json')}")
 
 
-register(Command(
-    words=("evaluate",),
+command(
+    "evaluate", EvaluateConfig, execute,
     summary="top-1/top-5 accuracy of a checkpoint on a data set",
     description="Evaluate a checkpoint. A checkpoint written by narrows carries its model card "
     "(architecture, classes, normalisation, data), so --checkpoint alone is enough; for other "
     "checkpoints give --model and --data. Prints and saves results.json.",
-    config=EvaluateConfig,
-    target="narrows.cli.evaluate:execute",
     epilog="examples:\n  narrows evaluate --checkpoint runs/quickstart/train/best.pt\n"
     "  narrows evaluate --checkpoint resnet20-12fca82f.th --model resnet20_cifar "
-    "--data cifar10:data",
-))
+    "--data cifar10:data")

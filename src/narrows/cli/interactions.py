@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-from narrows.cli.app import GROUPS, Command, register
-from narrows.cli.common import CommonOptions, SubjectOptions, open_run, start
+from narrows.cli.app import GROUPS, command
+from narrows.cli.common import CommonOptions, SubjectOptions, start
 from narrows.config import option, positive
 from narrows.interactions.options import EstimateOptions
 
@@ -26,29 +25,19 @@ class RunConfig(EstimateOptions, CurveSubject, CommonOptions):
     pass
 
 
-def settings_for(cfg: EstimateOptions, seed: int, extra: dict):
-    """The estimator's settings: ``--preset`` with the options given over it."""
-    from narrows.interactions.measure import settings_from_preset
-
-    return settings_from_preset(cfg, seed=seed, extra_meta=extra)
-
-
 def execute_run(cfg: RunConfig) -> int:
-    from narrows.interactions.measure import check_settings, measure_into
-    from narrows.models.subject import load_subject
-    from narrows.runs import default_out
+    from narrows.interactions.measure import check_settings, measure_into, settings_from_preset
 
     session = start(cfg)
-    subject = load_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
+    subject = cfg.load_subject()
     info = subject.bundle.info
     dataset = subject.bundle.split(cfg.split)
-    settings = settings_for(cfg, cfg.seed, {"model": subject.name, "checkpoint": cfg.checkpoint,
-                                            "data": info.spec, "image_size": info.image_size,
-                                            "label": cfg.label or subject.name,
-                                            "class_names": list(info.class_names)})
+    settings = settings_from_preset(cfg, seed=cfg.seed, extra_meta={
+        "model": subject.name, "checkpoint": cfg.checkpoint, "data": info.spec,
+        "image_size": info.image_size, "label": cfg.label or subject.name,
+        "class_names": list(info.class_names)})
     check_settings(settings, dataset)  # nothing is written before the options are valid
-    run = open_run(cfg, "interactions run",
-                   default_out("interactions", subject.stem, cfg.preset), session)
+    run = session.open(cfg, "interactions run", "interactions", subject.stem, cfg.preset)
     result = measure_into(run, subject.model, dataset, info.num_classes, settings, subject.mean,
                           subject.std, device=session.device, dist=session.dist,
                           progress=cfg.progress, say=session.say,
@@ -60,8 +49,7 @@ def execute_run(cfg: RunConfig) -> int:
                 f"{r:g}:{v:.2f}" for r, v in zip(result.ratios, result.J(), strict=True)))
         session.say(f"→ {run.file('curve.csv')}, {run.file('curve.png')}, "
                     f"{run.file('meta.json')}")
-    session.close()
-    return 0
+    return session.done()
 
 
 @dataclass
@@ -79,27 +67,15 @@ class PlotConfig:
 
 def execute_plot(cfg: PlotConfig) -> int:
     from narrows.errors import UserError
-    from narrows.interactions.result import InteractionResult, plot_curves
-    from narrows.plotting import pyplot
-    from narrows.runs import atomic_savefig
+    from narrows.interactions.result import plot_runs
 
     if not cfg.runs:
         raise UserError("no run directories given", "narrows interactions plot DIR [DIR ...]")
     if cfg.labels and len(cfg.labels) != len(cfg.runs):
         raise UserError(f"{len(cfg.labels)} labels for {len(cfg.runs)} runs",
                         "give one --labels entry per DIR")
-    results = [InteractionResult.load(d) for d in cfg.runs]
-    for directory, result in zip(cfg.runs, results, strict=True):
-        warning = result.warning()
-        if warning:
-            print(f"warning: {directory} is left out of the figure — {warning}")
-    fig, _ = plot_curves(results, cfg.labels, normalize=cfg.normalize, debiased=cfg.debiased,
-                         title=cfg.title)
-    out = Path(cfg.out)
-    if not out.suffix:  # matplotlib would write PNG bytes under a name without an extension
-        out = out.with_suffix(".png")
-    atomic_savefig(out, fig, dpi=150, bbox_inches="tight")
-    pyplot().close(fig)
+    out = plot_runs(cfg.runs, cfg.out, cfg.labels, normalize=cfg.normalize,
+                    debiased=cfg.debiased, title=cfg.title)
     print(f"→ {out}")
     return 0
 
@@ -116,79 +92,63 @@ class CompareConfig(EstimateOptions, CommonOptions):
 
 def execute_compare(cfg: CompareConfig) -> int:
     from narrows.errors import UserError
-    from narrows.interactions.measure import check_settings, compare_models
+    from narrows.interactions.measure import (
+        check_settings,
+        compare_models,
+        model_entry,
+        settings_from_preset,
+    )
     from narrows.interactions.result import plot_curves
     from narrows.models.subject import load_subject
-    from narrows.runs import default_out
     from narrows.runs.run import safe_name
 
     if len(cfg.models) < 1:
         raise UserError("no models to compare", "list them under 'models:' in --config, as "
                         "LABEL=CHECKPOINT or LABEL=MODEL_NAME")
-    entries = [_entry(text) for text in cfg.models]
+    entries = [model_entry(text) for text in cfg.models]
     labels = [safe_name(e[0], "model label") for e in entries]  # each is --out/LABEL
     if len(set(labels)) != len(labels):
         raise UserError("two models share a label", "give every model its own LABEL")
     session = start(cfg)
     first = load_subject(entries[0][1], entries[0][2], cfg.data, cfg.image_size)
-    check_settings(settings_for(cfg, cfg.seed, {}), first.bundle.split(cfg.split))
-    run = open_run(cfg, "interactions compare", default_out("interactions", "compare"), session)
+    check_settings(settings_from_preset(cfg, seed=cfg.seed), first.bundle.split(cfg.split))
+    run = session.open(cfg, "interactions compare", "interactions", "compare")
     results = compare_models(entries, run, data=first.bundle.info.spec,
                              image_size=cfg.image_size,
-                             settings_of=lambda meta: settings_for(cfg, cfg.seed, meta),
+                             settings_of=lambda meta: settings_from_preset(
+                                 cfg, seed=cfg.seed, extra_meta=meta),
                              device=session.device, dist=session.dist, progress=cfg.progress,
                              say=session.say, split=cfg.split, first=first)
     if run.writer:
         fig, _ = plot_curves(results, labels, title="multi-order interactions")
         run.save_figure("compare.png", fig)
         session.say(f"\n→ {run.file('compare.png')}")
-    session.close()
-    return 0
+    return session.done()
 
 
-def _entry(text: str) -> tuple[str, str | None, str | None]:
-    from narrows.errors import UserError
-
-    label, sep, target = text.partition("=")
-    if not sep or not label or not target:
-        raise UserError(f"model entry '{text}' is not LABEL=CHECKPOINT or LABEL=MODEL_NAME",
-                        "e.g. trained=runs/train/resnet20_cifar-digits/best.pt")
-    is_file = Path(target).suffix in (".pt", ".pth", ".th", ".tar", ".bin", ".safetensors")
-    return (label, target, None) if is_file else (label, None, target)
-
-
-register(Command(
-    words=("interactions", "run"),
+command(
+    "interactions run", RunConfig, execute_run,
     summary="measure the multi-order interaction strength J(m) of a model",
     description="Estimate the multi-order interactions I^(m)(i,j) of a classifier on images of a "
     "data set and the relative strength J of each order (Deng et al., ICLR 2022). Prints the "
     "planned forward passes and an estimated time first; each finished image is saved, so a "
     "killed run resumes where it stopped. Writes meta.json, dv.npy, pairs.npy, curve.csv and "
     "curve.png to --out.",
-    config=RunConfig,
-    target="narrows.cli.interactions:execute_run",
     epilog="examples:\n  narrows interactions run --checkpoint runs/train/resnet20_cifar-digits/"
     "best.pt --preset cpu-small\n  narrows interactions run --model resnet20_cifar --data digits "
     "--preset cpu-small --no-only-correct   # at initialisation\n  narrows interactions run --checkpoint "
-    "alexnet.pt --model alexnet_cifar --data cifar10:data --preset paper-cifar --device cuda",
-))
-register(Command(
-    words=("interactions", "plot"),
+    "alexnet.pt --model alexnet_cifar --data cifar10:data --preset paper-cifar --device cuda")
+command(
+    "interactions plot", PlotConfig, execute_plot,
     summary="overlay the J curves of finished runs in one figure",
     description="Overlay the interaction curves of one or more 'interactions run' directories.",
-    config=PlotConfig,
-    target="narrows.cli.interactions:execute_plot",
     epilog="example:\n  narrows interactions plot runs/interactions/a runs/interactions/b "
-    "--labels trained init --out fig.png",
-))
-register(Command(
-    words=("interactions", "compare"),
+    "--labels trained init --out fig.png")
+command(
+    "interactions compare", CompareConfig, execute_compare,
     summary="run several models on the same images, pairs and contexts and overlay them",
     description="Compare models on identical images, pairs and contexts (the upstream "
     "interaction_in1k.sh use). Give the models in --config FILE.yaml:\n\n"
     "  data: digits\n  preset: cpu-small\n  models:\n    - trained=runs/train/resnet20_cifar-digits/"
     "best.pt\n    - init=runs/train/resnet20_cifar-digits/init.pt\n\nEach model's run is kept in "
-    "--out/LABEL (resumable); the overlay is --out/compare.png.",
-    config=CompareConfig,
-    target="narrows.cli.interactions:execute_compare",
-))
+    "--out/LABEL (resumable); the overlay is --out/compare.png.")

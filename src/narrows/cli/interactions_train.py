@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from narrows.cli.app import Command, register
+from narrows.cli.app import command
 from narrows.cli.train import TrainConfig, run_training
 from narrows.errors import UserError
 from narrows.interactions.options import OrderLossOptions
@@ -69,8 +69,8 @@ def execute(cfg: OrderTrainConfig) -> int:
                         default_name=run_name(cfg, recipe))
 
 
-register(Command(
-    words=("interactions", "train"),
+command(
+    "interactions train", OrderTrainConfig, execute,
     summary="train with a loss that encourages or penalises interactions of some orders",
     description="Train as 'narrows train' does, adding the order loss of Deng et al. (ICLR "
     "2022): for each image two nested random sets of grid patches S1 ⊂ S2 keep r1·n and r2·n "
@@ -80,12 +80,9 @@ register(Command(
     "delta_u_top1 (accuracy of argmax Δu) per epoch. By default the masked passes do not "
     "update BatchNorm running statistics, so that masked images do not distort evaluation "
     "(--bn-mode train = upstream).",
-    config=OrderTrainConfig,
-    target="narrows.cli.interactions_train:execute",
     epilog="examples:\n"
     "  narrows interactions train --data digits --recipe high --epochs 15\n"
     "  narrows interactions train -d digits --loss encourage --r1 0.3 --r2 0.7 --grid 8\n"
     "  # upstream CIFAR-10 mid-order model:\n"
     "  narrows interactions train --model alexnet_cifar --data cifar10:data --recipe mid "
-    "--grid 16 --epochs 200 --lr 0.01 --schedule log --batch-size 128 --bn-mode train",
-))
+    "--grid 16 --epochs 200 --lr 0.01 --schedule log --batch-size 128 --bn-mode train")

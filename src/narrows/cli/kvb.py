@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from narrows.cli.app import GROUPS, Command, register
-from narrows.cli.common import CommonOptions, open_run, replace, start
+from narrows.cli.app import GROUPS, command
+from narrows.cli.common import CommonOptions, open_run, start
 from narrows.config import flag_name
 from narrows.kvb.options import ContinualOptions, EmbeddingsOptions, EmbedOptions
 from narrows.kvb.store import DEFAULT_EMBEDDINGS
@@ -42,8 +42,7 @@ def execute_embed(cfg: EmbedConfig) -> int:
               save_every=cfg.save_every, overwrite=cfg.overwrite, seed=cfg.seed,
               device=session.device, progress=cfg.progress,
               say=lambda text: session.say(as_flags(text)))
-    session.close()
-    return 0
+    return session.done()
 
 
 # -- train --------------------------------------------------------------------------------------
@@ -59,7 +58,8 @@ def execute_train(cfg: TrainConfig) -> int:
         session.say(as_flags(text))
 
     def open_(settings: ContinualSettings, task: Any) -> Any:
-        resolved = replace(cfg, **dataclasses.asdict(settings))  # recorded in config.yaml
+        # the resolved options are recorded in config.yaml
+        resolved = dataclasses.replace(cfg, **dataclasses.asdict(settings))
         out = default_out("kvb-train", task.backbone, data_key(settings.data))
         opened.append(open_run(resolved, "kvb train", out, session))
         return opened[-1]
@@ -72,8 +72,7 @@ def execute_train(cfg: TrainConfig) -> int:
     say(result.table())
     say(f"→ {run.file('table.md')} (table.csv, accuracy_matrix.csv, results.json, "
         f"comparison.png, accuracy_matrices.png, results/)")
-    session.close()
-    return 0
+    return session.done()
 
 
 def as_flags(text: str) -> str:
@@ -121,8 +120,8 @@ def quickstart_step(cfg: CommonOptions, out: Path) -> str:
             f"{target / 'train' / 'table.md'}")
 
 
-register(Command(
-    words=("kvb", "embed"),
+command(
+    "kvb embed", EmbedConfig, execute_embed,
     summary="store a frozen backbone's pooled embeddings of a data set (with their metadata)",
     description="Run a frozen backbone (--checkpoint FILE, or --model NAME with random initial "
     "weights) over the train and/or test split and store its pooled pre-logits features with the "
@@ -131,15 +130,12 @@ register(Command(
     "of the checkpoint. The file records the data spec, split, backbone, checkpoint hash, "
     "preprocessing and dimension; 'kvb train' refuses files whose metadata does not match what "
     "it asks for. Written atomically; a killed run resumes from its partial file.",
-    config=EmbedConfig,
-    target="narrows.cli.kvb:execute_embed",
     epilog="examples:\n  narrows kvb embed --checkpoint runs/train/resnet20_cifar-digits/best.pt "
     "--out embeddings\n  narrows kvb embed --model resnet20_cifar --data digits --out emb-init"
     "\n  narrows kvb embed --checkpoint resnet50.safetensors --model resnet50 "
-    "--data cifar10:data --resize 224 --normalize imagenet",
-))
-register(Command(
-    words=("kvb", "train"),
+    "--data cifar10:data --resize 224 --normalize imagenet")
+command(
+    "kvb train", TrainConfig, execute_train,
     summary="class-incremental protocols on stored embeddings: DKVB against the baselines",
     description="Cut the classes into tasks (shuffled by --seed) and train each model on them "
     "one after another with one shared output and no task boundaries (incremental), and on all "
@@ -154,11 +150,8 @@ register(Command(
     "only one with train and test embeddings in --embeddings), its classes and their names, a "
     "task size that divides the classes, and epochs, key count and key dimension scaled to the "
     "number and dimension of the embeddings; the choices are printed and saved in config.yaml.",
-    config=TrainConfig,
-    target="narrows.cli.kvb:execute_train",
     epilog="examples:\n  narrows kvb train --embeddings embeddings\n"
     "  narrows kvb train --embeddings embeddings --data digits --epochs 50 "
     "--batch-size 32 --num-books 128 --num-pairs 512 --dim-key 8\n  narrows kvb train "
     "--embeddings emb --data cifar10:data --key-data cifar100:data --model dkvb linear mlp "
-    "ridge vq",
-))
+    "ridge vq")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from narrows.cli.app import GROUPS, Command, register
-from narrows.cli.common import CommonOptions, open_run, start
+from narrows.cli.app import GROUPS, command
+from narrows.cli.common import CommonOptions, start
 from narrows.cli.sweep import SWEEP_BEHAVIOUR, SweepConfig, sweep_command, sweep_epilog
 from narrows.config import option
 from narrows.kvb.options import DEFAULT_SEEDS as TOY_DEFAULT_SEEDS
@@ -31,11 +31,10 @@ def execute_toy(cfg: ToyConfig) -> int:
     import time
 
     from narrows.kvb.toy_run import ToySettings, run_toy
-    from narrows.runs import default_out
     from narrows.runtime import format_duration
 
     session = start(cfg)
-    run = open_run(cfg, "kvb toy", default_out("kvb-toy"), session)
+    run = session.open(cfg, "kvb toy", "kvb-toy")
     say = session.say
     say(f"toy experiment: {len(cfg.models)} models × {len(dict.fromkeys(cfg.seeds))} seed(s), "
         f"4 stages × {cfg.steps} steps → {run.path}")
@@ -46,8 +45,7 @@ def execute_toy(cfg: ToyConfig) -> int:
     say(f"\n{result.table()}\n")
     say(f"({format_duration(time.perf_counter() - began)}) → {run.file('toy.md')}, toy.csv, "
         f"toy.png, {RESULTS}")
-    session.close()
-    return 0
+    return session.done()
 
 
 # -- quickstart -------------------------------------------------------------------------------
@@ -78,8 +76,8 @@ def execute_sweep(cfg: KvbSweepConfig) -> int:
     return sweep_command(cfg, ("kvb", "sweep"), group="kvb")
 
 
-register(Command(
-    words=("kvb", "toy"),
+command(
+    "kvb toy", ToyConfig, execute_toy,
     summary="the 2-D toy of Figure 2: 8 Gaussian classes in 4 stages; KV bottlenecks vs linear "
     "probe, MLP and VQ + MLP",
     description="Eight Gaussian classes (σ 0.035) in the unit square arrive in four stages of "
@@ -94,18 +92,12 @@ register(Command(
     "finished before are loaded, not rerun. The seeds of a model train in lockstep (one batched "
     "step; each seed gets exactly its own update), single-threaded unless --threads is given "
     "(the tensors are tiny).",
-    config=ToyConfig,
-    target="narrows.cli.kvb_toy:execute_toy",
     epilog="examples:\n  narrows kvb toy\n  narrows kvb toy --seeds 0 --models kv-1x400 mlp "
-    "--steps 200",
-))
-register(Command(
-    words=("kvb", "sweep"),
+    "--steps 200")
+command(
+    "kvb sweep", KvbSweepConfig, execute_sweep,
     summary="run a grid over the options of a kvb command (resumable) into one results table "
     "(an alias of 'narrows sweep')",
     description="SWEEP.yaml names a command ('command: kvb toy' or 'command: kvb train'), "
     "'options' every run shares and a 'grid' of option: [values]; " + SWEEP_BEHAVIOUR,
-    config=KvbSweepConfig,
-    target="narrows.cli.kvb_toy:execute_sweep",
-    epilog=sweep_epilog("kvb sweep"),
-))
+    epilog=sweep_epilog("kvb sweep"))

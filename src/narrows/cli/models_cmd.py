@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from narrows.cli.app import Command, register
+from narrows.cli.app import command
 from narrows.config import option
 
 
@@ -25,11 +25,8 @@ def execute(cfg: ModelsConfig) -> int:
     return 0
 
 
-register(Command(
-    words=("models",),
+command(
+    "models", ModelsConfig, execute,
     summary="list the model names narrows can build (timm's registry plus narrows' own)",
     description="List model names matching a pattern. Every timm model works; narrows adds "
-    "resnet{20,32,44,56,110}_cifar (option-A shortcuts) and alexnet_cifar.",
-    config=ModelsConfig,
-    target="narrows.cli.models_cmd:execute",
-))
+    "resnet{20,32,44,56,110}_cifar (option-A shortcuts) and alexnet_cifar.")

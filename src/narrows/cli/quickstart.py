@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from narrows.cli.app import Command, register
-from narrows.cli.common import CommonOptions, open_run, start
+from narrows.cli.app import command
+from narrows.cli.common import CommonOptions, start
 from narrows.config import option, positive
 
 
@@ -27,16 +27,11 @@ class Step:
     run: Callable[[QuickstartConfig, Path], str]
 
 
-def _sub(cfg: QuickstartConfig, out: Path, name: str) -> dict:
-    """Options a sub-command inherits from the quickstart."""
-    return cfg.inherited(out / name)
-
-
 def train_step(cfg: QuickstartConfig, out: Path) -> str:
     from narrows.cli.train import TrainConfig, execute
 
     execute(TrainConfig(model="resnet20_cifar", data="digits", epochs=cfg.epochs,
-                        batch_size=cfg.batch_size, lr=cfg.lr, **_sub(cfg, out, "train")))
+                        batch_size=cfg.batch_size, lr=cfg.lr, **cfg.inherited(out / "train")))
     return f"ResNet-20 trained on digits: {out / 'train'} (best.pt, curves.png, metrics.jsonl)"
 
 
@@ -45,7 +40,8 @@ def evaluate_step(cfg: QuickstartConfig, out: Path) -> str:
 
     from narrows.cli.evaluate import EvaluateConfig, execute
 
-    execute(EvaluateConfig(checkpoint=str(out / "train" / "best.pt"), **_sub(cfg, out, "evaluate")))
+    execute(EvaluateConfig(checkpoint=str(out / "train" / "best.pt"),
+                           **cfg.inherited(out / "evaluate")))
     result = json.loads((out / "evaluate" / "results.json").read_text())
     return (f"test accuracy {100 * result['top1']:.2f}% on {result['n']} digits: "
             f"{out / 'evaluate' / 'results.json'}")
@@ -57,21 +53,17 @@ def interactions_step(cfg: QuickstartConfig, out: Path) -> str:
     train = out / "train"
     execute_compare(CompareConfig(
         models=[f"trained={train / 'best.pt'}", f"init={train / 'init.pt'}"],
-        preset="cpu-small", images=5, pairs=10, **_sub(cfg, out, "interactions")))
+        preset="cpu-small", images=5, pairs=10, **cfg.inherited(out / "interactions")))
     return (f"interaction curves, trained vs initialisation (cpu-small, 5 images, 10 pairs): "
             f"{out / 'interactions' / 'compare.png'}")
 
 
-def attribution_step(cfg: QuickstartConfig, out: Path) -> str:
-    from narrows.cli.attribution import quickstart_step
+def _later(module: str) -> Callable[[QuickstartConfig, Path], str]:
+    """The ``quickstart_step`` of the command module ``module``, imported when it runs (the
+    modules register their commands in their own order)."""
+    import importlib
 
-    return quickstart_step(cfg, out)
-
-
-def decompose_step(cfg: QuickstartConfig, out: Path) -> str:
-    from narrows.cli.decompose import quickstart_step
-
-    return quickstart_step(cfg, out)
+    return lambda cfg, out: importlib.import_module(module).quickstart_step(cfg, out)
 
 
 def kvb_step(cfg: QuickstartConfig, out: Path) -> str:
@@ -85,17 +77,15 @@ STEPS: list[Step] = [
     Step("train", train_step),
     Step("evaluate", evaluate_step),
     Step("interactions", interactions_step),
-    Step("attribution", attribution_step),
-    Step("decompose", decompose_step),
+    Step("attribution", _later("narrows.cli.attribution")),
+    Step("decompose", _later("narrows.cli.decompose")),
     Step("kvb", kvb_step),
 ]
 
 
 def execute(cfg: QuickstartConfig) -> int:
-    from narrows.runs import default_out
-
     session = start(cfg)
-    run = open_run(cfg, "quickstart", default_out("quickstart"), session)
+    run = session.open(cfg, "quickstart", "quickstart")
     summaries = []
     for index, step in enumerate(STEPS, 1):
         began = time.perf_counter()
@@ -107,8 +97,8 @@ def execute(cfg: QuickstartConfig) -> int:
     return 0
 
 
-register(Command(
-    words=("quickstart",),
+command(
+    "quickstart", QuickstartConfig, execute,
     summary="train ResNet-20 on the embedded digits, evaluate it, measure its interactions, "
     "explain a shapes classifier, decompose the digits head, learn digits class by class "
     "through a key-value bottleneck",
@@ -119,7 +109,4 @@ register(Command(
     "influential channels and the decomposed head's accuracy against k; runs the key-value "
     "bottleneck's toy experiment and class-incremental digits through the frozen ResNet-20; and "
     "prints where each result is. Needs no download; the baselines need the extra narrows[baselines]. Re-running resumes "
-    "any unfinished step.",
-    config=QuickstartConfig,
-    target="narrows.cli.quickstart:execute",
-))
+    "any unfinished step.")

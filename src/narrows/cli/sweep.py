@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from narrows.cli.app import Command, register
+from narrows.cli.app import Command, command
 from narrows.cli.common import CommonOptions
 from narrows.config import option
 
@@ -34,9 +34,9 @@ def find_command(words: tuple[str, ...], group: str | None = None) -> Command:
 
     for module in COMMAND_MODULES:  # each registers its commands when first imported
         importlib.import_module(f"narrows.cli.{module}")
-    for command in COMMANDS:
-        if command.words == words:
-            return command
+    for known in COMMANDS:
+        if known.words == words:
+            return known
     names = sorted(" ".join(c.words) for c in COMMANDS
                    if (group is None or c.words[0] == group) and c.words[-1] != "sweep")
     raise UserError(f"no command 'narrows {' '.join(words)}'",
@@ -106,12 +106,9 @@ def sweep_epilog(words: str) -> str:
             "NAME] [--dry-run]")
 
 
-register(Command(
-    words=("sweep",),
+command(
+    "sweep", SweepConfig, execute_sweep,
     summary="run a grid over the options of any command (resumable) into one results table",
     description="SWEEP.yaml names a command (e.g. 'command: kvb toy' or 'command: evaluate'), "
     "'options' every run shares and a 'grid' of option: [values]; " + SWEEP_BEHAVIOUR,
-    config=SweepConfig,
-    target="narrows.cli.sweep:execute_sweep",
-    epilog=sweep_epilog("sweep"),
-))
+    epilog=sweep_epilog("sweep"))

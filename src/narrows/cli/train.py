@@ -2,80 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from narrows.cli.app import Command, register
-from narrows.cli.common import CommonOptions, open_run, start
+from narrows.cli.app import command
+from narrows.cli.common import CommonOptions, start
 from narrows.config import option, positive
+from narrows.training.model_kwargs import (
+    MODEL_KWARGS_EXAMPLE,
+    check_model_kwargs,
+    parse_model_kwargs,
+)
 from narrows.training.settings import TrainOptions
-
-RESERVED_KWARGS = ("num_classes", "in_chans", "pretrained", "checkpoint_path")
-MODEL_KWARGS_EXAMPLE = "e.g. --model-kwargs drop_rate=0.1,patch_size=8"
-
-
-def _split_items(text: str) -> list[str]:
-    """Split ``text`` at commas outside brackets and quotes."""
-    items, depth, quote, start = [], 0, "", 0
-    for i, char in enumerate(text):
-        if quote:
-            quote = "" if char == quote else quote
-        elif char in "\"'":
-            quote = char
-        elif char in "[{(":
-            depth += 1
-        elif char in "]})":
-            depth -= 1
-        elif char == "," and depth == 0:
-            items.append(text[start:i])
-            start = i + 1
-    items.append(text[start:])
-    return [item.strip() for item in items if item.strip()]
-
-
-def _scalar(text: str) -> Any:
-    """A JSON value where ``text`` is one (``64``, ``0.1``, ``true``, ``[8, 8]``), else the text."""
-    words = {"True": True, "False": False, "None": None}
-    if text in words:
-        return words[text]
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == "'" else text
-
-
-def parse_model_kwargs(text: str | None) -> dict[str, Any]:
-    """``key=value,...`` → a dict; values are JSON scalars (or lists) where they parse, else
-    strings. A malformed item, a repeated key or one narrows sets itself is a :class:`UserError`."""
-    from narrows.errors import UserError
-
-    out: dict[str, Any] = {}
-    for item in _split_items(text or ""):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise UserError(f"--model-kwargs item '{item}' is not key=value",
-                            f"write comma-separated key=value pairs, {MODEL_KWARGS_EXAMPLE}")
-        if key in out:
-            raise UserError(f"--model-kwargs gives {key} twice", f"give {key} once")
-        if key in RESERVED_KWARGS:
-            raise UserError(f"--model-kwargs cannot set {key}",
-                            "narrows sets it (classes and channels come from the data; weights "
-                            "from --checkpoint)")
-        out[key] = _scalar(value.strip())
-    return out
-
-
-def _check_model_kwargs(text: str | None) -> str | None:
-    from narrows.errors import UserError
-
-    try:
-        parse_model_kwargs(text)
-    except UserError as exc:
-        return str(exc.what)
-    return None
-
 
 DATA_HELP = ("data spec: digits, shapes[:k=v,...], cifar10:PATH, cifar100:PATH, imagenet:PATH, "
              "folder:PATH")
@@ -94,7 +32,7 @@ class TrainSubject:
                                       "the model card (" + MODEL_KWARGS_EXAMPLE + "); values are "
                                       "read as JSON where they parse. Fixed-size models (ViTs) "
                                       "get img_size from the data by themselves",
-                                      metavar="K=V,...", check=_check_model_kwargs)
+                                      metavar="K=V,...", check=check_model_kwargs)
     data: str = option("digits", DATA_HELP, short="-d")
     checkpoint: str | None = option(None, "start from these weights (.pt/.pth/.safetensors)",
                                     metavar="FILE")
@@ -119,28 +57,21 @@ def settings_from(cfg: TrainConfig):
     return TrainSettings.from_options(cfg, seed=cfg.seed)
 
 
-def load_start(cfg: TrainConfig):
-    """The ``--checkpoint`` to start from (a ``LoadedModel``), or ``None``."""
-    from narrows.training.setup import load_start as load
-
-    return load(cfg.checkpoint, model=cfg.model,
-                model_kwargs=parse_model_kwargs(getattr(cfg, "model_kwargs", None)))
-
-
-def load_training_data(cfg: TrainConfig, card: Any = None):
+def load_training_data(cfg: TrainConfig):
     """``--data`` at ``--image-size``, or at the size of the ``--checkpoint`` it goes on from."""
     from narrows.training.setup import training_data
 
     return training_data(cfg.data, image_size=cfg.image_size, checkpoint=cfg.checkpoint,
-                         card=card, download=cfg.download)
+                         download=cfg.download)
 
 
-def build_model(cfg: TrainConfig, info, loaded=None):
-    """The model to train and its card (see :func:`narrows.training.setup.model_for_training`)."""
-    from narrows.training.setup import model_for_training
+def prepare(cfg: TrainConfig):
+    """``(model, card, data)`` of the options (:func:`narrows.training.setup.prepare_training`)."""
+    from narrows.training.setup import prepare_training
 
-    return model_for_training(info, model=cfg.model, checkpoint=cfg.checkpoint, loaded=loaded,
-                              model_kwargs=parse_model_kwargs(getattr(cfg, "model_kwargs", None)))
+    return prepare_training(cfg.data, model=cfg.model, checkpoint=cfg.checkpoint,
+                            model_kwargs=parse_model_kwargs(cfg.model_kwargs),
+                            image_size=cfg.image_size, download=cfg.download)
 
 
 def execute(cfg: TrainConfig) -> int:
@@ -154,19 +85,16 @@ def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str
     this with their loss; ``default_name`` is added to the default output directory name.
     """
     from narrows.models import check_name, display_name
-    from narrows.runs import default_out
     from narrows.training import fit
     from narrows.training.setup import DEFAULT_MODEL, training_summary
 
     session = start(cfg)
     if not cfg.checkpoint:
         check_name(cfg.model or DEFAULT_MODEL)  # a wrong name fails before the data is read
-    loaded = load_start(cfg)
-    data = load_training_data(cfg, loaded.card if loaded is not None else None)
-    model, card = build_model(cfg, data.info, loaded)
+    model, card, data = prepare(cfg)
     name = display_name(card.architecture)
-    run = open_training_run(cfg, command, default_out(command.replace(" ", "-"), name,
-                                                       cfg.data, default_name), session)
+    run = open_training_run(cfg, session, command, command.replace(" ", "-"), name, cfg.data,
+                            default_name)
     session.say(f"training {name} on {cfg.data} at {card.input_size}×{card.input_size} px "
                 f"({len(data.train())} train / {len(data.test())} test images) on "
                 f"{session.device}, {session.threads} threads"
@@ -179,34 +107,31 @@ def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str
         session.say(f"done: test top-1 {100 * result.final.top1:.2f}% (best "
                     f"{100 * result.best_top1:.2f}%); weights in {result.best_checkpoint}; "
                     f"curves in {run.file('curves.png')}")
-    session.close()
-    return 0
+    return session.done()
 
 
-def open_training_run(cfg: TrainConfig, command: str, default: Any, session: Any):
-    """The run directory; ``--resume`` without a checkpoint there is a user error."""
+def open_training_run(cfg: TrainConfig, session: Any, command: str, *default: str | None):
+    """The run directory (:meth:`Session.open`); ``--resume`` without a checkpoint there is a
+    user error."""
     from narrows.errors import UserError
     from narrows.training import LAST
 
-    run = open_run(cfg, command, default, session)
+    run = session.open(cfg, command, *default)
     if cfg.resume and not run.exists(LAST):
         raise UserError(f"--resume given but {run.path} has no checkpoint to resume from",
                         "drop --resume to start a new run")
     return run
 
 
-register(Command(
-    words=("train",),
+command(
+    "train", TrainConfig, execute,
     summary="train a model on a data set (checkpoints every epoch; resumable)",
     description="Supervised training of any timm or narrows model on any data spec. Writes "
     "config.yaml, metrics.jsonl, curves.png, last.pt (to resume) and best.pt (weights + model "
     "card) to --out. Re-running the same command resumes after the last finished epoch. "
     "Works under torchrun (DDP; gloo on CPU, nccl on GPU).",
-    config=TrainConfig,
-    target="narrows.cli.train:execute",
     epilog="examples:\n  narrows train --model resnet20_cifar --data digits --epochs 15\n"
     "  narrows train -m resnet56_cifar -d cifar10:data --epochs 200 --schedule step "
     "--milestones 100 150\n  narrows train -m vit_tiny_patch16_224 -d folder:pics --image-size 64\n"
     "  narrows train -m mynets.py:SmallCNN --model-kwargs width=32 -d folder:pics\n"
-    "  torchrun --nproc_per_node 2 -m narrows train -d digits",
-))
+    "  torchrun --nproc_per_node 2 -m narrows train -d digits")

@@ -17,7 +17,7 @@ from narrows.decompose.curve import validate as validate_model
 from narrows.decompose.extract import curve_ks, extract, extract_fractional
 from narrows.decompose.extraction import Extraction
 from narrows.decompose.indices import ClassIndices
-from narrows.decompose.options import ExtractOptions, ValidateOptions
+from narrows.decompose.options import ExtractOptions, FinetuneOptions, ValidateOptions
 from narrows.decompose.rules import default_k, head_shape, load_indices, nearest_k, within_width
 from narrows.errors import UserError
 
@@ -50,6 +50,21 @@ def load_plain_subject(checkpoint: str | None, model: str | None = None,
 
 
 # -- extraction -------------------------------------------------------------------------------
+def extraction_k(model: Any, options: ExtractOptions,
+                 name: Callable[[str], str] = str) -> int:
+    """The k of extracting from ``model`` with ``options`` (default: :func:`default_k` of the
+    head's width), after refusing ``k_img`` with ``fraction`` and any k wider than the head;
+    ``name`` is how the caller calls a parameter (e.g. as a command-line flag)."""
+    width = head_shape(model)[1]
+    k = options.k or default_k(width)
+    if options.k_img is not None and options.fraction is not None:
+        raise UserError(f"{name('k_img')} and {name('fraction')} exclude each other",
+                        f"variant A chooses its own per-class k; drop {name('k_img')}")
+    within_width(((name("k"), k), (name("k_img"), options.k_img),
+                  (name("ks"), max(options.ks or [0]))), width)
+    return k
+
+
 def extract_subject(subject: Any, options: ExtractOptions | None = None, *,
                     checkpoint: str | None = None, device: Any = "cpu", progress: bool = False,
                     run: Any = None, say: Callable[[str], None] = print,
@@ -69,11 +84,7 @@ def extract_subject(subject: Any, options: ExtractOptions | None = None, *,
     layer, split, batch_size, workers = opts.layer, opts.split, opts.batch_size, opts.workers
     save_every = opts.save_every
     classes, width = head_shape(subject.model)
-    k = k or default_k(width)
-    if k_img is not None and fraction is not None:
-        raise UserError("k_img and fraction exclude each other",
-                        "variant A chooses its own per-class k; drop k_img")
-    within_width((("k", k), ("k_img", k_img), ("ks", max(ks or [0]))), width)
+    k = extraction_k(subject.model, opts)
     dataset = subject.bundle.split(split, "none")
     meta = {"model": subject.name, "checkpoint": checkpoint,
             "data": subject.bundle.info.spec, "split": split,
@@ -229,10 +240,12 @@ def _load_extraction(path: str | None, classes: int, width: int) -> Extraction |
 def validation_report(subject: Any, options: ValidateOptions | None = None, *, seed: int = 0,
                       checkpoint: str | None = None, device: Any = "cpu",
                       progress: bool = False, run: Any = None,
-                      say: Callable[[str], None] = print, **overrides: Any) -> ValidationReport:
+                      say: Callable[[str], None] = print, name: Callable[[str], str] = str,
+                      **overrides: Any) -> ValidationReport:
     """Accuracy of ``subject``'s model on its test split: full, decomposed with the indices
     file ``indices``, and (``curve``) vs k for the histograms of the ``extraction`` directory
-    and the ``baselines`` (``ks`` default :func:`curve_ks`). With ``run``, saved there.
+    and the ``baselines`` (``ks`` default :func:`curve_ks`). With ``run``, saved there;
+    ``name`` is how the caller calls a parameter in messages (e.g. as a command-line flag).
 
     The options are ``options`` (default: those of ``narrows decompose validate``) with
     ``overrides`` by field name of :class:`ValidateOptions` (``indices=``, ``extraction=``,
@@ -246,7 +259,7 @@ def validation_report(subject: Any, options: ValidateOptions | None = None, *, s
     model, bundle = subject.model, subject.bundle
     _, linear = split_head(model)
     classes, width = linear.out_features, linear.in_features
-    within_width((("ks", max(ks or [0])),), width)
+    within_width(((name("ks"), max(ks or [0])),), width)
     chosen = load_indices(indices, model) if indices else None
     histograms = _load_extraction(extraction, classes, width)
     test = bundle.test()
@@ -303,3 +316,34 @@ def decomposed_report(checkpoint: str | Path, *, name: str | None = None,
     return ValidationReport({"checkpoint": checkpoint, "data": spec, "n": result.n,
                              "decomposed": {**result.to_dict(), "indices": "inside the checkpoint",
                                             "k": loaded.indices.k}})
+
+
+# -- fine-tuning ------------------------------------------------------------------------------
+def finetune_subject(subject: Any, indices: ClassIndices, options: FinetuneOptions, run: Any, *,
+                     source: str, checkpoint: str | None = None, architecture: str | None = None,
+                     seed: int = 0, device: Any = "cpu", progress: bool = False,
+                     say: Callable[[str], None] = print, dist: Any = None) -> Any:
+    """Fine-tune ``subject``'s model decomposed with ``indices`` (read from the file ``source``)
+    as :func:`~narrows.decompose.finetune` does, into ``run`` (a RunDir): ``indices.json``, the
+    checkpoints, ``decomposed.pt`` and ``results.json``; returns the ``TrainResult``."""
+    from narrows.decompose.finetune import (
+        DECOMPOSED,
+        finetune,
+        finetune_settings,
+        finetune_summary,
+        subject_card,
+    )
+
+    card = subject_card(subject, checkpoint, architecture)
+    if run.writer:
+        indices.save(run.file("indices.json"))
+    settings = finetune_settings(options, seed=seed)
+    train = subject.bundle.train(options.augment)
+    say(f"fine-tuning {subject.name} decomposed with {source} (k = {indices.k}) on "
+        f"{subject.bundle.info.spec}: {options.epochs} epoch(s) × {len(train)} images "
+        f"(forward + backward), Adam lr {options.lr:g}, on {device} → {run.path}")
+    _, result = finetune(subject.model, indices, subject.bundle, settings, card=card,
+                         device=device, run=run, progress=progress, log=say, dist=dist)
+    run.write_json("results.json", finetune_summary(result, name=subject.name, indices=source,
+                                                    k=indices.k, checkpoint=run.file(DECOMPOSED)))
+    return result

@@ -155,6 +155,17 @@ def _say_cost(run, model, dataset, p, settings, mean, std, device, say: Say) -> 
         f"go ≈ {format_duration(todo / speed)} at {speed:,.0f} forwards/s")
 
 
+def model_entry(text: str) -> tuple[str, str | None, str | None]:
+    """``LABEL=CHECKPOINT`` or ``LABEL=MODEL_NAME`` as ``(label, checkpoint, model_name)``, an
+    entry of :func:`compare_models` (a weights file is told by its suffix)."""
+    label, sep, target = text.partition("=")
+    if not sep or not label or not target:
+        raise UserError(f"model entry '{text}' is not LABEL=CHECKPOINT or LABEL=MODEL_NAME",
+                        "e.g. trained=runs/train/resnet20_cifar-digits/best.pt")
+    is_file = Path(target).suffix in (".pt", ".pth", ".th", ".tar", ".bin", ".safetensors")
+    return (label, target, None) if is_file else (label, None, target)
+
+
 def compare_models(entries: Sequence[tuple[str, str | None, str | None]], run: Any, *,
                    data: str | None, image_size: int | None,
                    settings_of: Callable[[dict], InteractionSettings], device: Any,

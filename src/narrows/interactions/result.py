@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -285,6 +285,30 @@ def plot_curves(results: Sequence[InteractionResult], labels: Sequence[str] | No
         ax.annotate(text, xy=(0.5, 0), xycoords="axes fraction", xytext=(0, -34 - below),
                     textcoords="offset points", ha="center", va="top", fontsize=8, color="0.25")
     return fig, ax
+
+
+def plot_runs(directories: Sequence[str | Path], out: str | Path,
+              labels: Sequence[str] | None = None, *, normalize: Normalize = "sampled",
+              debiased: bool = False, title: str | None = None,
+              say: Callable[[str], None] = print) -> Path:
+    """Overlay the curves of the saved runs in ``directories`` (see :func:`plot_curves`) into
+    the figure file ``out`` (``.png`` added when it has no suffix), saying which runs are left
+    out and why; returns the file written."""
+    from narrows.plotting import pyplot
+    from narrows.runs.files import atomic_savefig
+
+    results = [InteractionResult.load(d) for d in directories]
+    for directory, result in zip(directories, results, strict=True):
+        warning = result.warning()
+        if warning:
+            say(f"warning: {directory} is left out of the figure — {warning}")
+    fig, _ = plot_curves(results, labels, normalize=normalize, debiased=debiased, title=title)
+    out = Path(out)
+    if not out.suffix:  # matplotlib would write PNG bytes under a name without an extension
+        out = out.with_suffix(".png")
+    atomic_savefig(out, fig, dpi=150, bbox_inches="tight")
+    pyplot().close(fig)
+    return out
 
 
 def _sample(result: InteractionResult) -> str:

@@ -86,6 +86,31 @@ def model_for_training(info: Any, *, model: str | None = None, checkpoint: str |
     return net, card
 
 
+def checkpoint_data(checkpoint: str | None, default: str = "digits") -> str:
+    """The data spec in ``checkpoint``'s model card, else ``default``."""
+    spec = None
+    if checkpoint:
+        from narrows.models import read_checkpoint
+
+        card = read_checkpoint(checkpoint).card
+        spec = card.data_spec if card else None
+    return spec or default
+
+
+def prepare_training(spec: str, *, model: str | None = None, checkpoint: str | None = None,
+                     model_kwargs: dict[str, Any] | None = None, image_size: int | None = None,
+                     download: bool = False) -> tuple[Any, Any, Any]:
+    """``(model, card, data)`` of a training run: the ``checkpoint`` it starts from (see
+    :func:`load_start`), the data of ``spec`` (see :func:`training_data`) and the model for it
+    (see :func:`model_for_training`)."""
+    loaded = load_start(checkpoint, model=model, model_kwargs=model_kwargs)
+    data = training_data(spec, image_size=image_size, checkpoint=checkpoint,
+                         card=loaded.card if loaded is not None else None, download=download)
+    built, card = model_for_training(data.info, model=model, checkpoint=checkpoint, loaded=loaded,
+                                     model_kwargs=model_kwargs)
+    return built, card, data
+
+
 def absolute_spec(spec: str) -> str:
     """``spec`` with its path made absolute (``folder:data`` → ``folder:/home/me/data``), so a
     checkpoint's card finds its data from any directory; other specs are returned as given."""
