@@ -19,7 +19,8 @@ from narrows.models.layers import get_layer, hooked, tensor_output
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
-    """A normalised 2-D Gaussian, size 2·round(2σ)+1 (5×5 for σ = 1), shaped (1, 1, k, k)."""
+    """A normalised 2-D Gaussian of standard deviation σ = ``sigma`` (in feature cells), size
+    2·round(2σ)+1 (5×5 for σ = 1), shaped (1, 1, k, k)."""
     radius = int(round(2 * sigma))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     g = torch.exp(-(x**2) / (2 * sigma**2))
@@ -29,6 +30,11 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 class Bottleneck(nn.Module):
     """Noise bottleneck over per-sample feature shape S (``(C, h, w)`` maps or ``(N, D)`` tokens).
+
+    ``mean``, ``std`` (the features' μ, σ) and ``mask`` (bool: elements that take part) are
+    shaped S. ``alpha_init`` is α's initial value (λ = sigmoid(α)); ``sigma`` the Gaussian
+    blur of λ in feature cells (0: none; token maps are not blurred); ``relu`` clamps the
+    output at ≥ 0.
 
     Only ``alpha`` is a parameter. After each forward, ``capacity`` holds the per-element
     capacity (nats, shaped B×S, zero where the mask is off). With ``active = False`` the module
@@ -115,7 +121,8 @@ class Bottleneck(nn.Module):
 
 def capacity(lam: torch.Tensor, one_minus: torch.Tensor, r_norm: torch.Tensor,
              mask: torch.Tensor) -> torch.Tensor:
-    """½[(1−λ)² + (λr̃)² − 1 − ln((1−λ)²)] in nats, 0 where ``mask`` is off (NaN-safe)."""
+    """½[(1−λ)² + (λr̃)² − 1 − ln((1−λ)²)] in nats, 0 where ``mask`` is off (NaN-safe), with
+    λ = ``lam``, 1−λ = ``one_minus`` and r̃ = ``r_norm`` (the normalised features), element-wise."""
     cap = 0.5 * (one_minus**2 + (lam * r_norm) ** 2 - 1 - 2 * torch.log(one_minus))
     return torch.where(mask, cap, torch.zeros((), dtype=cap.dtype, device=cap.device))
 

@@ -169,7 +169,8 @@ def evaluate_methods(model: nn.Module, dataset: Any, indices: list[int], methods
 
     ``normalizer`` maps the data set's images to model inputs; ``settings`` holds the methods'
     options and the seed; IBA needs ``statistics``. ``name`` is the model in titles and
-    ``log`` prints the cost line. Returns an :class:`EvaluationResult`. ``options`` (an
+    ``log`` prints the cost line; ``class_names`` name the classes in messages and figures.
+    Returns an :class:`EvaluationResult`. ``options`` (an
     :class:`~narrows.attribution.options.EvaluateOptions`, or the command's config) gives
     ``tile``, ``points``, ``n_sets`` and ``eval_batch_size`` where they are None and, without
     ``settings``, the methods' settings; the rest default as ``narrows attribution evaluate``.

@@ -32,7 +32,8 @@ def explain_images(model: nn.Module, dataset: Any, indices: list[int], method: s
 
     ``normalizer`` maps the data set's images to model inputs; ``settings`` holds the method's
     options; IBA needs ``statistics``. ``name`` and ``data`` describe the model and data in the
-    results and titles; ``log`` prints the cost line. Returns the result of all images.
+    results and titles; ``class_names`` name the targets; ``log`` prints the cost line.
+    Returns the result of all images.
     ``options`` (an :class:`~narrows.attribution.options.ExplainOptions`, or the command's
     config) gives ``gif`` if None and, without ``settings``, the methods' settings; the rest
     default as ``narrows attribution explain`` does.

@@ -18,7 +18,7 @@ FORMAT_KIND, FORMAT_VERSION = "attribution", 1  # meta.json's "format": narrows.
 
 
 def bits_per_cell(cap: torch.Tensor) -> torch.Tensor:
-    """Capacity shaped S → bits per feature cell shaped (h, w).
+    """Capacity ``cap`` (nats) shaped S → bits per feature cell shaped (h, w).
 
     ``(C, h, w)``: NaN-safe sum over channels. ``(N, D)`` tokens: sum over D, then the leading
     ``N − g²`` tokens (class / register tokens) are dropped and the rest reshaped to g×g.
@@ -38,7 +38,8 @@ def bits_per_cell(cap: torch.Tensor) -> torch.Tensor:
 
 
 def heatmap_from_capacity(cap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Capacity shaped S → (H, W) bits per input pixel: cell bits × (h·w)/(H·W), bilinear."""
+    """Capacity ``cap`` (nats) shaped S → (H, W) = ``size`` bits per input pixel: cell bits ×
+    (h·w)/(H·W), resized bilinearly, negatives clamped to 0."""
     cells = bits_per_cell(cap.detach().float())
     h, w = cells.shape
     height, width = size

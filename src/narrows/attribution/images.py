@@ -32,7 +32,9 @@ def pick_indices(dataset: Any, images: int, indices: Sequence[int] | None = None
 
 
 def describe_images(indices: list[int], labels: list[int], class_names: Any) -> str:
-    """``"3 images: 2 circle, 1 square"``: how many images of each class were chosen."""
+    """``"3 test images (2 circle, 1 square)"``: how many of the chosen ``indices`` there are,
+    and how many of each class by their ``labels`` (named with ``class_names`` when given;
+    at most 8 classes listed)."""
     from collections import Counter
 
     from narrows.attribution.heatmap import target_name

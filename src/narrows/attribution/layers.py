@@ -20,7 +20,7 @@ __all__ = ["PrefixReplay", "default_layer", "feature_maps", "get_layer", "run_to
 
 
 def default_layer(model: nn.Module) -> str:
-    """The default bottleneck layer's name: the output of the stride-8 stage (spec §5).
+    """The default bottleneck layer's name in ``model``: the output of the stride-8 stage (spec §5).
 
     Rules, first match wins:
 

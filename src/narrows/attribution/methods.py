@@ -54,7 +54,7 @@ class Method:
     without them ``inputs`` are model inputs. ``ids`` (the images' dataset indices) key each
     image's random draws on ``(seed, id)`` for methods that draw (IBA's noise; random and
     SmoothGrad given one image at a time), so a heatmap does not depend on the images
-    explained before it.
+    explained before it. Further keyword ``options`` are the method's own settings.
     """
 
     name: ClassVar[str] = ""

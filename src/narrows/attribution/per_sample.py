@@ -40,7 +40,10 @@ class IBA:
     ``normalizer`` (or ``mean``/``std``) makes :meth:`attribute` and :meth:`estimate` take
     [0, 1] images (see :mod:`narrows.attribution.inputs`); without it they take model inputs.
     ``beta``, ``steps``, ``batch_size`` (noise samples per step), ``lr``, ``alpha_init`` and
-    ``sigma`` are the optimisation's; :meth:`attribute` returns an :class:`AttributionResult`.
+    ``sigma`` are the optimisation's; ``final_eval`` adds one forward after the last step to
+    read the capacity of the final α; ``record_steps`` keeps every step's heatmap; ``relu``
+    (default: the statistics' kind) clamps the bottleneck's output at ≥ 0.
+    :meth:`attribute` returns an :class:`AttributionResult`.
     """
 
     def __init__(self, model: nn.Module, layer: str | None = None,

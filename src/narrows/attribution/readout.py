@@ -66,7 +66,7 @@ _TENSOR_FIX = "choose readout layers whose outputs are single tensors"
 
 # -- layers ----------------------------------------------------------------------------------
 def default_readout_layers(model: nn.Module) -> tuple[str, tuple[str, ...]]:
-    """``(bottleneck layer, readout feature layers)`` for ResNets and VGG-like models.
+    """``(bottleneck layer, readout feature layers)`` of ``model``, for ResNets and VGG-like models.
 
     * ``layer4`` present (torchvision / timm ResNets): ``layer1`` and ``layer1..layer4``.
     * ``layer3`` but no ``layer4`` (narrows' CIFAR ResNets): ``layer1`` and ``layer1..layer3``.
@@ -160,8 +160,13 @@ def estimate_readout_statistics(model: nn.Module, batches: Iterable[Any], *,
                                 device: str | torch.device | None = None,
                                 warn: bool = True, normalizer: Any = None,
                                 batch_size: int = 128) -> ReadoutStatistics:
-    """All statistics a readout needs (a :class:`ReadoutStatistics`), from one eval-mode
-    forward per batch of ``batches``.
+    """All statistics a readout of ``model`` needs (a :class:`ReadoutStatistics`), from one
+    eval-mode forward per batch of ``batches``.
+
+    ``layer`` (the bottleneck) and ``readout_layers`` default to
+    :func:`default_readout_layers`; ``kind`` is the bottleneck's noise model (``"welford"`` or
+    ``"relu_rms"``; the readout layers and logits always use ``"welford"``); every σ is clamped
+    below by ``min_std``.
 
     Exactly ``n_samples`` images are used (or all, when ``batches`` runs out first);
     ``batches``, ``normalizer``, ``batch_size`` and ``warn`` as in
@@ -250,6 +255,12 @@ class _PredictedBottleneck(Bottleneck):
 
 class ReadoutBottleneck(nn.Module):
     """Predicts α for the bottleneck at ``layer`` from readout maps and logits (spec §6).
+
+    ``model`` is the classifier; ``statistics`` give the bottleneck and readout layers.
+    ``variant``: ``"B"`` (K = 2·F_out, IBA package) or ``"A"`` (K = F_out/4); ``sigma`` blurs
+    λ as in :class:`Bottleneck`; ``relu`` (default: the statistics' kind) clamps the
+    bottleneck's output at ≥ 0; ``naive`` resizes the readout maps before the first conv
+    (module docstring).
 
     Only the readout net (``conv1..conv3``) is trainable; statistics are buffers. The classifier
     is held by reference (not a sub-module: it is not in ``state_dict`` nor moved by ``.to``)
@@ -382,7 +393,8 @@ def train_readout(model: nn.Module, readout: ReadoutBottleneck,
                   log: Callable[[str], Any] | None = print,
                   on_epoch: Callable[[list[dict[str, Any]]], Any] | None = None,
                   ) -> list[dict[str, Any]]:
-    """Train the readout net: loss = CE(noisy logits, label) + β·mean(capacity), Adam.
+    """Train the ``readout`` net of the classifier ``model``: loss = CE(noisy logits, label) +
+    β·mean(capacity) with β = ``beta``, Adam with learning rate ``lr``, for ``epochs`` epochs.
 
     ``data_loader_factory(epoch)`` gives that epoch's (images, labels) batches (normalised
     images). The classifier is frozen and in eval mode throughout. Before each epoch torch's

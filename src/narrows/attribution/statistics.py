@@ -292,7 +292,8 @@ def statistics_for(model: nn.Module, dataset: Any, normalizer: Any, path: str | 
 
     ``options`` (a :class:`~narrows.attribution.options.StatisticsOptions` or a command's
     config) gives ``layer``, ``statistics``, ``n_samples``, ``kind`` and ``batch_size`` where
-    they are left None; the rest default as ``narrows attribution stats`` does."""
+    they are left None; the rest default as ``narrows attribution stats`` does. ``names`` maps
+    option names to the flags messages should show (``{"n_samples": "--n-samples N"}``)."""
     from narrows.attribution.layers import default_layer
     from narrows.attribution.options import IBAOptions, LayerOption, StatisticsOptions, pick
 

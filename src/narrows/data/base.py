@@ -48,6 +48,8 @@ class DataInfo:
 class TensorImageDataset(Dataset):
     """Images held in memory as uint8 ``N×C×H×W``; items are ``(float image in [0,1], label)``.
 
+    ``images`` are the uint8 ``N×C×H×W`` tensor and ``labels`` the ``N`` class ids.
+
     ``boxes(i)`` is the ``K×4`` float tensor of ``(x0, y0, x1, y1)`` pixel boxes of image ``i``
     (``0×4`` without boxes; ``box_list`` holds them all) and ``masks`` a ``N×H×W`` bool tensor,
     when the data set has them. ``transform`` (per sample, on the float image) draws from
@@ -124,7 +126,8 @@ def dataset_has_boxes(dataset: Dataset) -> bool:
 
 
 def dataset_boxes(dataset: Dataset, index: int) -> torch.Tensor:
-    """The ``K×4`` float xyxy boxes of image ``index`` in served-image pixels (``0×4``: none).
+    """The ``K×4`` float xyxy boxes of image ``index`` of ``dataset`` in served-image pixels
+    (``0×4``: none).
 
     Every data set of :mod:`narrows.data` has ``boxes(index)``; this also reads through
     ``Subset`` views and answers ``0×4`` for datasets without boxes.

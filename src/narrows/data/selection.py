@@ -48,8 +48,8 @@ def spread_over_classes(labels: Sequence[int], count: int, *, seed: int = 0) -> 
 
 def select_images(dataset: Dataset, count: int, *, seed: int = 0,
                   how: Selection = "spread") -> list[int]:
-    """Indices of ``count`` images of ``dataset``: ``"spread"`` over its classes (seeded, see
-    :func:`spread_over_classes`) or the ``"first"`` ones."""
+    """Indices of ``count`` images of ``dataset``, chosen by ``how``: ``"spread"`` over its
+    classes (seeded, see :func:`spread_over_classes`) or the ``"first"`` ones."""
     if how == "first":
         return list(range(min(count, len(dataset))))
     if how != "spread":

@@ -34,7 +34,8 @@ class ParsedSpec:
 
 
 def parse_spec(spec: str) -> ParsedSpec:
-    """Split ``kind:argument``; an unknown kind or a missing path is a :class:`UserError`."""
+    """Split the data ``spec`` ``kind:argument`` (kind lower-cased); an unknown kind or a missing
+    path is a :class:`UserError`."""
     kind, _, argument = spec.strip().partition(":")
     kind = kind.lower()
     if kind not in KINDS:

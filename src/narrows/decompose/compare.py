@@ -42,7 +42,10 @@ def essential_sets(options: EssentialOptions | None = None, *, subject: Any = No
     ``csg_k`` gates per class in each order of ``csg_order`` (on ``data``, else ours' data).
 
     Those five are fields of ``options`` (default: those of ``narrows decompose essential``),
-    each replaced by a keyword argument of its name in ``overrides``."""
+    each replaced by a keyword argument of its name in ``overrides``. ``model_name`` (the
+    architecture, for a CSG checkpoint without a card) and ``image_size`` go to
+    :func:`load_csg_subject`; ``k_name`` is what messages call ``k``. Returns one
+    :class:`Tested` per model and index set."""
     opts = replace(EssentialOptions() if options is None else options, **overrides)
     indices, k, csg_checkpoint = opts.indices, opts.k, opts.csg_checkpoint
     csg_k, csg_order = opts.csg_k, opts.csg_order

@@ -381,8 +381,10 @@ def csg_orders(choice: str) -> list[tuple[str, GateOrder]]:
 
 def load_csg_subject(path: str | Path, *, name: str | None = None, data: str | None = None,
                      image_size: int | None = None) -> tuple[LoadedCSG, Any, Any]:
-    """``(loaded CSG network, its data bundle, normaliser)``: the data is ``data`` (a spec),
-    else the one its card records; a class-count mismatch is a :class:`UserError`."""
+    """``(loaded CSG network, its data bundle, normaliser)`` of the CSG checkpoint at ``path``
+    (``name``: its architecture, needed when it has no card; see :func:`load_csg`): the data is
+    ``data`` (a spec), else the one its card records, served at ``image_size`` where it can be
+    (default: the card's size); a class-count mismatch is a :class:`UserError`."""
     from narrows.models.inputs import data_for_model
     from narrows.training import Normalizer
 
@@ -403,7 +405,8 @@ def load_csg_subject(path: str | Path, *, name: str | None = None, data: str | N
 def plot_gate(gate: Tensor, rows: list[dict[str, Any]], class_names: Any = None,
               ax: Any = None) -> tuple[Any, Any]:
     """The gate matrix and its density per epoch (``rows``: training metrics with ``epoch``
-    and ``gate_density``); returns ``(fig, (left, right))``. ``ax``: two axes to draw on."""
+    and ``gate_density``); returns ``(fig, (left, right))``. ``ax``: two axes to draw on;
+    ``class_names`` label the rows of a gate of at most 20 classes."""
     from narrows.plotting import pyplot
 
     if ax is None:

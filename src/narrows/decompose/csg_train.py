@@ -53,8 +53,10 @@ def train_csg(model: Any, card: Any, data: Any, settings: Any,
     """Gate ``model`` (built for ``data`` with its ``card``), train it with the CSG loss by
     :func:`narrows.training.fit` into ``run`` (resuming there) and save the gate, the top-k
     indices and the figure; returns the flat summary also written to ``results.json``.
-    ``options``: a :class:`CSGOptions`, or a :class:`CSGTrainOptions` read by
-    :func:`csg_options` (default: those of ``narrows decompose csg-train``)."""
+    ``settings``: the :class:`~narrows.training.TrainSettings`; ``spec``: the data spec
+    recorded (default: ``data``'s). ``options``: a :class:`CSGOptions`, or a
+    :class:`CSGTrainOptions` read by :func:`csg_options` (default: those of ``narrows
+    decompose csg-train``)."""
     from narrows.decompose.csg import Alternate, CSGLoss, CSGNetwork, csg_topk, density, save_csg
     from narrows.runtime import Distributed
     from narrows.training import fit

@@ -45,7 +45,8 @@ def validate(
     progress: bool = False,
 ) -> Any:
     """Top-1/top-5/loss (:class:`~narrows.training.EvalResult`) of ``model`` on ``data`` (a
-    data set or a bundle's test split), decomposed with ``indices`` when given."""
+    data set or a bundle's test split), decomposed with ``indices`` when given; images are
+    normalised with ``normalizer``."""
     from narrows.training import evaluate
 
     net = decompose(model, indices) if indices is not None else model
@@ -171,7 +172,8 @@ def accuracy_curve(
     """Decomposed top-1 of ``model`` (not yet decomposed) on ``data`` for each source and k.
 
     ``sources[name](k)`` gives the indices of that source at k (e.g. ``extraction.indices``,
-    ``lambda k: ClassIndices.random(C, D, k, seed)``, ``lambda k: top_weights(linear, k)``).
+    ``lambda k: ClassIndices.random(C, D, k, seed)``, ``lambda k: top_weights(linear, k)``),
+    for each k of ``ks``; images are normalised with ``normalizer``.
     """
     from tqdm.auto import tqdm
 

@@ -29,8 +29,9 @@ Say = Callable[[str], None]
 
 
 def features_at(model: nn.Module, layer: str | None = None) -> Features:
-    """A function ``x -> (N, D)``: the pooled pre-head features, or the named module's output
-    averaged over its spatial dimensions (the forward stops at that module).
+    """A function ``x -> (N, D)`` of ``model``: the pooled pre-head features, or the output of
+    the module named ``layer`` averaged over its spatial dimensions (the forward stops at that
+    module).
 
     An unknown module name or an output that is neither ``(N, D)`` nor ``(N, D, H, W)`` is a
     :class:`UserError`.
@@ -60,7 +61,8 @@ def features_at(model: nn.Module, layer: str | None = None) -> Features:
 
 
 def curve_ks(num_channels: int) -> list[int]:
-    """A default grid of k from 1 to ``D``: 1, 2, 3, 5, 10, 20, 50, ... and the powers of two."""
+    """A default grid of k from 1 to D = ``num_channels``: 1, 2, 3, 5, 10, 20, 50, ..., the
+    powers of two, and D itself."""
     grid = {1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000}
     grid |= {2**p for p in range(num_channels.bit_length())}
     return sorted(k for k in grid | {num_channels} if k <= num_channels)
@@ -100,8 +102,12 @@ def extract(
     (for accuracy-vs-k curves; default :func:`curve_ks`, as ``narrows decompose extract``);
     ``thresholds`` the mass fractions of Ψ. ``dataset`` yields ``(image in [0, 1], label)``, or
     is a data bundle, whose train split is used without augmentation (as the command does);
-    ``normalizer`` maps a batch to model inputs. With ``fraction`` instead of ``k``, variant A
-    (:func:`extract_fractional`) is counted.
+    ``normalizer`` maps a batch to model inputs; ``num_classes`` is the classifier's class
+    count. ``layer`` names the module whose pooled output is read (default: the pre-head
+    features, see :func:`features_at`). With ``fraction`` instead of ``k``, variant A
+    (:func:`extract_fractional`) is counted. With ``resume`` (a file path), the counts so far
+    are saved there every ``save_every`` batches and picked up on the next call; the file is
+    removed when done. ``meta`` is added to the extraction's metadata.
     """
     if fraction is not None and not 0.0 < fraction < 1.0:
         raise UserError(f"the fraction must lie in (0, 1), got {fraction}", "pass e.g. 0.5")
@@ -134,7 +140,8 @@ def extract(
 def extract_fractional(
     model: nn.Module, dataset: Dataset, fraction: float, *, num_classes: int, **options: Any
 ) -> Extraction:
-    """Variant A (see :meth:`Extraction.fractional_indices`): two passes, the first for each
+    """Variant A (see :meth:`Extraction.fractional_indices`) of ``model`` over ``dataset``
+    (``num_classes`` classes) at mass ``fraction`` in (0, 1): two passes, the first for each
     class's ``k_c``, the second for the histograms at those ``k_c``. ``options`` are the
     keywords of :func:`extract` from ``thresholds`` on (``thresholds``, ``layer``,
     ``normalizer``, ``device``, ``batch_size``, ``workers``, ``progress``, ``resume``,

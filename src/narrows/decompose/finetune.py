@@ -59,7 +59,9 @@ def finetune(
     dist: Any = None,
 ) -> tuple[nn.Module, Any]:
     """Decompose ``model`` with ``indices`` (``None``: it is decomposed already), train it with
-    :func:`narrows.training.fit`, and return ``(decomposed model, TrainResult)``.
+    :func:`narrows.training.fit` on ``data`` (a data bundle) with ``settings`` (a
+    :class:`~narrows.training.TrainSettings`) and the model ``card`` stored in each checkpoint,
+    and return ``(decomposed model, TrainResult)``.
 
     With ``run``, ``fit`` writes its checkpoints there (each holds the indices as the head's
     buffers), and ``decomposed.pt`` is written from the best epoch with the indices also

@@ -25,7 +25,9 @@ from torch import Tensor
 class TopKHistogram:
     """Accumulates the counts of :mod:`this module <narrows.decompose.histogram>` batch by batch.
 
-    ``ks`` are the per-image k to count (sorted, distinct, each in ``[1, D]``); ``k_mass`` the k
+    ``num_classes`` classes, ``num_channels`` (D) feature channels. ``ks`` are the per-image k
+    to count (sorted and deduplicated here, each in ``[1, D]``); ``k_mass`` (default: the
+    smallest of ``ks``) the k
     of the top-k-mass diagnostic; ``thresholds`` the mass fractions ``t`` in (0, 1] of Ψ.
     """
 

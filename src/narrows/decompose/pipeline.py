@@ -73,7 +73,7 @@ def extract_subject(subject: Any, options: ExtractOptions | None = None, *,
     frequent channels per class (``k`` default: :func:`default_k` of the width), or variant A
     with ``fraction``; ``ks`` (default :func:`curve_ks`) are counted in the same pass. With
     ``run``, resumes from its ``partial.pt`` and saves every file of ``narrows decompose
-    extract`` there.
+    extract`` there. ``checkpoint`` (the subject's file) is recorded in the metadata.
 
     The options are ``options`` (default: those of ``narrows decompose extract``) with
     ``overrides`` by field name of :class:`ExtractOptions` (``k=``, ``k_img=``, ``fraction=``,
@@ -110,8 +110,9 @@ def extract_subject(subject: Any, options: ExtractOptions | None = None, *,
 
 
 def save_extraction(result: Extraction, run: Any) -> None:
-    """Every file of ``narrows decompose extract`` into ``run`` (a RunDir): the extraction,
-    ``indices_upstream.json``, ``histogram.png`` and ``results.json``."""
+    """Every file of ``narrows decompose extract`` for the extraction ``result`` into ``run``
+    (a RunDir): the extraction, ``indices_upstream.json``, ``histogram.png`` and
+    ``results.json``."""
     result.save(run.path)
     result.chosen().save_upstream(run.file("indices_upstream.json"))
     fig, _ = result.plot()
@@ -245,7 +246,8 @@ def validation_report(subject: Any, options: ValidateOptions | None = None, *, s
     """Accuracy of ``subject``'s model on its test split: full, decomposed with the indices
     file ``indices``, and (``curve``) vs k for the histograms of the ``extraction`` directory
     and the ``baselines`` (``ks`` default :func:`curve_ks`). With ``run``, saved there;
-    ``name`` is how the caller calls a parameter in messages (e.g. as a command-line flag).
+    ``name`` is how the caller calls a parameter in messages (e.g. as a command-line flag);
+    ``checkpoint`` (the subject's file) is recorded in the results.
 
     The options are ``options`` (default: those of ``narrows decompose validate``) with
     ``overrides`` by field name of :class:`ValidateOptions` (``indices=``, ``extraction=``,

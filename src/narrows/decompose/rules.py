@@ -16,7 +16,8 @@ WIDE = 1024  # feature widths from here on (ImageNet ResNet-50: 2048) default to
 
 
 def default_k(width: int) -> int:
-    """5 for CIFAR-size heads (D < 1024), 50 for wider ones (ImageNet ResNet-50), as upstream."""
+    """The default k for a head reading ``width`` channels (D): 5 for CIFAR-size heads
+    (D < 1024), 50 for wider ones (ImageNet ResNet-50), as upstream."""
     return 50 if width >= WIDE else 5
 
 
@@ -27,8 +28,8 @@ def head_shape(model: nn.Module) -> tuple[int, int]:
 
 
 def nearest_k(ks: list[int], k: int) -> int:
-    """The per-image k counted in the extraction to read the histogram of k from: k itself when
-    it was counted, else the largest counted one below it (or the smallest)."""
+    """The per-image k counted in the extraction (``ks``) to read the histogram of k from: k
+    itself when it was counted, else the largest counted one below it (or the smallest)."""
     if k in ks:
         return k
     below = [x for x in ks if x < k]
@@ -36,8 +37,9 @@ def nearest_k(ks: list[int], k: int) -> int:
 
 
 def within_width(values: Iterable[tuple[str, int | None]], width: int) -> None:
-    """Refuse any ``(name, k)`` whose k exceeds the ``width`` channels the head reads; ``name``
-    is how the caller calls the value (a parameter, or a command-line flag)."""
+    """Refuse any ``(name, k)`` of ``values`` whose k (``None``: not given) exceeds the ``width``
+    channels the head reads; ``name`` is how the caller calls the value (a parameter, or a
+    command-line flag)."""
     for name, value in values:
         if value is not None and value > width:
             raise UserError(f"{name} {value} exceeds the {width} channels the head reads",
@@ -59,7 +61,8 @@ def truncate(indices: ClassIndices, k: int | None, source: str, name: str = "k")
 def load_indices(path: str | Path, model: nn.Module, k: int | None = None,
                  name: str = "k") -> ClassIndices:
     """The indices of ``path``, checked against ``model``'s classes and channels; the first
-    ``k`` ids of each class when ``k`` is given (see :func:`truncate`)."""
+    ``k`` ids of each class when ``k`` is given (see :func:`truncate`); ``name`` is what the
+    caller calls ``k`` in messages."""
     classes, channels = head_shape(model)
     indices = ClassIndices.load(path, num_classes=classes, num_channels=channels)
     return truncate(indices, k, str(path), name)

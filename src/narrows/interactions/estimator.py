@@ -125,7 +125,14 @@ def estimate_image(value_fn: ValueFn, n: int, ratios: Sequence[float], pairs: in
                    *, seed: int, image_id: int, grid: int, pair_sampling: str = "neighbour",
                    radius: int = 2, batch_size: int = 64,
                    on_batch: Callable[[int], None] | None = None) -> ImageInteractions:
-    """Δv for every ratio, pair and context of one image (contexts drawn from the seed)."""
+    """Δv for every ratio, pair and context of one image (contexts drawn from the seed).
+
+    ``value_fn`` maps a batch of player masks ``(B, n)`` to values v; ``n`` players lie on a
+    ``grid``×``grid`` patch grid; each of ``ratios`` gives the context size int((n − 2)·r).
+    ``pairs`` player pairs are drawn per image (``pair_sampling`` ``"neighbour"`` within
+    ``radius`` patches, or ``"uniform"``) from ``seed`` and ``image_id``, each with ``contexts``
+    contexts. ``on_batch(rows)`` is called after each evaluated batch. Returns Δv
+    ``(ratios, pairs, contexts)``, the pairs and the forward count."""
     chosen, blocks, index = image_plan(n, ratios, pairs, contexts, seed=seed, image_id=image_id,
                                        grid=grid, pair_sampling=pair_sampling, radius=radius)
     values = evaluate_blocks(blocks, value_fn, batch_size, on_batch)
@@ -136,11 +143,13 @@ def estimate_image(value_fn: ValueFn, n: int, ratios: Sequence[float], pairs: in
 
 
 def planned_forwards(n: int, ratios: Sequence[float], pairs: int, contexts: int) -> int:
-    """Forward passes per image with the exact shortcuts (upper bound: v(∅), v(N) counted once)."""
+    """Forward passes per image with the exact shortcuts (upper bound: v(∅), v(N) counted once),
+    for ``n`` players, ``ratios``, ``pairs`` pairs and ``contexts`` contexts per pair."""
     orders = {order_of(n, r) for r in ratios}
     return sum((3 * pairs + 1) if unique_context(n, m) else 4 * pairs * contexts for m in orders)
 
 
 def upstream_forwards(ratios: Sequence[float], pairs: int, contexts: int) -> int:
-    """Forward passes per image without shortcuts: 4·P·K for every ratio (spec §4.1)."""
+    """Forward passes per image without shortcuts: 4·P·K for every one of ``ratios`` (spec §4.1),
+    with P = ``pairs`` and K = ``contexts``."""
     return len(ratios) * 4 * pairs * contexts

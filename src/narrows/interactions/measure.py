@@ -31,7 +31,8 @@ def settings_from_preset(preset: str | EstimateOptions | None = None, *, seed: i
 
     ``preset`` may be an :class:`~narrows.interactions.options.EstimateOptions` (what ``narrows
     interactions run`` takes): its preset with its options over it (its ``split`` goes into the
-    metadata), then ``overrides``; ``None`` is ``EstimateOptions()``, the command's defaults."""
+    metadata), then ``overrides``; ``None`` is ``EstimateOptions()``, the command's defaults.
+    ``extra_meta`` is added to the settings' metadata (with the preset's name)."""
     from narrows.interactions.options import EstimateOptions
     from narrows.interactions.presets import PRESETS
 
@@ -69,8 +70,11 @@ def measure_into(run: Any, model: Any, dataset: Any, num_classes: int,
                  say: Say = print, at_init: bool = False, class_names: Sequence[str] | None = None,
                  split: str = "train") -> InteractionResult:
     """Plan, run with per-image resume and save the interactions of ``model`` in ``run`` (a
-    :class:`narrows.runs.RunDir`). ``image_ids`` (with their ``candidates`` count): images chosen
-    before, with another model. Says one warning when the output does not depend on the patches
+    :class:`narrows.runs.RunDir`) on ``dataset`` (``num_classes`` classes, normalised with
+    ``mean``/``std``), as ``settings`` say; returns the result. ``image_ids`` (with their
+    ``candidates`` count): images chosen before, with another model. ``at_init``: the model is
+    untrained (named as the likely cause of a degenerate result); ``class_names`` and ``split``
+    only word the message about the chosen images. Says one warning when the output does not depend on the patches
     (then J is undefined and no curve is drawn)."""
     from narrows.runtime import Distributed
 
@@ -171,8 +175,10 @@ def compare_models(entries: Sequence[tuple[str, str | None, str | None]], run: A
                    settings_of: Callable[[dict], InteractionSettings], device: Any,
                    dist: Any = None, progress: bool = True, say: Say = print,
                    split: str = "train", first: Any = None) -> list[InteractionResult]:
-    """The interactions of each ``(label, checkpoint, model_name)`` on the images, pairs and
-    contexts chosen once with the first model, each saved in ``run/LABEL``; ``settings_of(meta)``
+    """The interactions of each of ``entries``, ``(label, checkpoint, model_name)``, on the
+    images, pairs and contexts chosen once with the first model, each saved in ``run/LABEL``;
+    returns the results in order. ``data`` (a data spec), ``image_size`` and ``split`` default
+    to the first checkpoint's card and the training split; ``settings_of(meta)``
     makes a model's settings from its metadata; ``first`` is the first model's loaded subject
     when the caller has it already."""
     from narrows.interactions.runner import select

@@ -147,6 +147,10 @@ def _check(kind: str, r1: float, r2: float, grid: int, baseline: object, bn_mode
 class OrderLoss:
     """``lam_cls·CE(f(x), y) + lam_order·L±``, a ``loss_fn(model, inputs, labels)`` for ``fit``.
 
+    ``kind``: ``"encourage"`` (L+) or ``"penalize"`` (L−) the interactions of orders between
+    ``r1``·n and ``r2``·n (0 ≤ r1 < r2 ≤ 1, fractions of the n = ``grid``² players; module
+    docstring).
+
     ``inputs`` are normalised images ``(B,C,H,W)``; ``grid`` must divide H and W. ``mean``/
     ``std`` (the data set's, in [0, 1] pixel units) are needed only for ``baseline="zero"``
     or a tensor baseline. ``n_draws`` > 1 averages the order loss over independent mask draws.

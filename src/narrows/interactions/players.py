@@ -67,7 +67,7 @@ def normalised_baseline(
     std: tuple[float, ...],
     shape: tuple[int, int, int],
 ) -> torch.Tensor:
-    """The baseline in normalised space, ``(C,H,W)``.
+    """The baseline in normalised space, ``(C,H,W)`` as given by ``shape``.
 
     ``mean``: the data set's mean colour, i.e. 0 after normalisation (upstream). ``zero``: black
     in pixel space, ``-mean/std`` after normalisation. A tensor: a pixel-space image in [0, 1]

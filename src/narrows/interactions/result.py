@@ -219,6 +219,11 @@ def plot_curves(results: Sequence[InteractionResult], labels: Sequence[str] | No
                 errorbars: bool = True, title: str | None = None):
     """Overlay the J curves of several results, with a legend; returns ``(fig, ax)``.
 
+    ``labels`` name the curves (default: each result's ``label`` metadata); ``normalize``
+    (``"sampled"``: by the mean of A over the sampled ratios, ``"uniform"``: by its mean over
+    the ratio interval) and ``debiased`` are as in :meth:`InteractionResult.J`; ``errorbars``
+    draws the standard-error bands.
+
     The shaded band is ±1 jackknife standard error over images (said in the legend; none for a
     single image). The title names the model (one result) and the sample: images, pairs per
     image, contexts per pair. A result whose J is undefined (see

@@ -11,7 +11,7 @@ REWARDS: tuple[str, ...] = ("logodds", "logprob", "logit")
 
 
 def reward(logits: torch.Tensor, label: int, kind: Reward = "logodds") -> torch.Tensor:
-    """v per row of ``logits (B, C)``, in float64.
+    """v per row of ``logits (B, C)`` for the true class ``label``, in float64, by ``kind``:
 
     ``logodds`` (upstream default): log(p_y / (1 − p_y)) = z_y − logsumexp_{c≠y} z_c, in that
     stable form; ``logprob``: log softmax(z)_y; ``logit``: z_y.

@@ -327,6 +327,7 @@ def multi_order(model: nn.Module, images: torch.Tensor, labels: Sequence[int], *
                 progress: bool = False, at_init: bool = False) -> InteractionResult:
     """Interactions of ``images (B,C,H,W)`` in [0, 1] with their true ``labels``, in memory.
 
+    ``mean``/``std``: the normalisation; ``settings`` default to :class:`InteractionSettings`.
     All images are used (no selection); image ids are their positions 0..B−1. ``at_init``:
     the model is untrained (only used to name the likely cause of a degenerate result).
     """

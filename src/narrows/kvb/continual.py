@@ -129,8 +129,8 @@ def _per_class(labels: Any, classes: int) -> list[int]:
 def resolve_settings(settings: ContinualSettings, task: ContinualTask,
                      say: Callable[[str], Any] = print
                      ) -> tuple[ContinualSettings, list[list[int]]]:
-    """``settings`` with ``data`` and the data-dependent defaults filled in (and said), and
-    the tasks (lists of class ids)."""
+    """``settings`` with ``data`` and the data-dependent defaults filled in (and said) from the
+    embeddings of ``task``, and the tasks (lists of class ids)."""
     from narrows.kvb.defaults import DIM_KEY, default_classes_per_task, divisors, scaled_defaults
     from narrows.kvb.protocols import make_tasks
 
@@ -179,7 +179,8 @@ def fit_key_layer(settings: ContinualSettings, task: ContinualTask, *, run: Any 
                   device: Any = "cpu", progress: bool = False,
                   say: Callable[[str], Any] = print) -> Any:
     """The key-value layer (a :class:`~narrows.kvb.KeyValueBottleneck`, values zero) with its
-    keys fitted by EMA k-means on the task's unlabelled key embeddings; with a
+    keys fitted by EMA k-means on the unlabelled key embeddings of ``task``, built and fitted
+    as ``settings`` (a :class:`ContinualSettings`) say; with a
     :class:`~narrows.runs.RunDir` ``run``, cached in its ``keys.pt`` (and ``keys.json``)."""
     from narrows.kvb import KeyValueBottleneck
 

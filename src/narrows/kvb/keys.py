@@ -85,8 +85,10 @@ def ema_step(
 ) -> StepResult:
     """One EMA k-means step (module docstring) on head vectors ``(B, n, C, k)`` or ``(Q, C, k)``.
 
-    Restarts draw from ``pool`` (``(P, C, k)``; default the batch itself) with ``generator``
-    (a CPU generator). ``threshold`` is θ in hits per step; 0 disables restarts.
+    Updates the keys of ``layer`` in place from ``heads``. Restarts draw from ``pool``
+    (``(P, C, k)``; default the batch itself) with ``generator`` (a CPU generator).
+    ``threshold`` is θ in hits per step; 0 disables restarts. ``restart_mode``: ``"reset"``
+    or ``"upstream"`` (module docstring).
     """
     from narrows.kvb.layer import nearest_keys
 
@@ -152,7 +154,8 @@ def fit_keys(
     progress: bool = False,
     restart_mode: str = "reset",
 ) -> KeyInitStats:
-    """Run :func:`ema_step` over ``batches`` for ``epochs`` passes (no freezing here).
+    """Run :func:`ema_step` over ``batches`` for ``epochs`` passes (no freezing here), with
+    ``restart_mode`` ``"reset"`` or ``"upstream"`` (module docstring).
 
     θ = ``threshold_factor`` · (queries in the largest batch seen so far) / J; restarts draw
     from a CPU generator seeded by the layer's seed.

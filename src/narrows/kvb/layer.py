@@ -65,7 +65,7 @@ def nearest_keys(
     chunk_heads: int = 16,
     chunk_elements: int = SEARCH_CHUNK_ELEMENTS,
 ) -> Tensor:
-    """Exact top-t nearest keys of every head vector, ties to the lowest index.
+    """Exact top-t (t = ``topk``) nearest keys of every head vector, ties to the lowest index.
 
     ``heads`` is ``(C, Q, k)`` (Q queries per head), ``keys`` ``(C, J, k)``; returns ``(C, Q, t)``
     int64, nearest first. ``exclude`` (``(C, J)`` bool) removes pairs from the search (distance
@@ -107,6 +107,10 @@ def nearest_keys(
 
 class KeyValueBottleneck(nn.Module):
     """Discrete key-value bottleneck: random heads, frozen per-head codebooks, trained values.
+
+    Embeddings of ``dim_embed`` (D) dimensions are split into ``num_codebooks`` (C) heads of
+    ``dim_key`` (k) dimensions; each head has ``num_pairs`` (J) key-value pairs, values of
+    ``dim_value`` (V) dimensions, and fetches its ``topk`` (t) nearest keys.
 
     ``splitting_mode``: ``"random_projection"`` (P ``(C, D, k)`` with N(0, 1) entries, every
     column ``P[c, :, u]`` rescaled to unit norm) or ``"chunk"`` (head c is ``z[c·k:(c+1)·k]``;

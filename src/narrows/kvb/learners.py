@@ -115,8 +115,8 @@ def make_learner(name: str, settings: Any, *, train: tuple[Tensor, Tensor], test
                  classes: int, layer: Any = None,
                  device: Any = "cpu") -> tuple[DKVBLearner | BaselineLearner, dict[str, Any]]:
     """The learner of the model ``name`` (one of :data:`narrows.kvb.registry.LEARNERS`) on
-    ``train`` = (features, labels) and the ``test`` features, and the optimiser settings to
-    record. ``settings``: a :class:`~narrows.kvb.continual.ContinualSettings` (or anything
+    ``train`` = (features, labels) and the ``test`` features of ``classes`` classes, and the
+    optimiser settings to record. ``settings``: a :class:`~narrows.kvb.continual.ContinualSettings` (or anything
     with its attributes); ``layer``: the key-value layer with fitted keys (``dkvb`` trains a
     copy of it, ``vq`` quantises with its keys)."""
     import copy

@@ -36,7 +36,9 @@ def embed(checkpoint: str | None = None, *, model: str | None = None, data: str 
     imagenet:/folder: data (default: the card's). ``options``: an
     :class:`~narrows.kvb.options.EmbedOptions` (or any object with its attributes, such as the
     command's config) whose values replace the parameters left at their defaults (its
-    ``split`` is ``splits``)."""
+    ``split`` is ``splits``). A split's file holding the same embeddings is kept, one holding
+    others is a :class:`~narrows.errors.UserError` unless ``overwrite``; a killed run resumes
+    from its partial file, saved every ``save_every`` batches."""
     if options is not None:
         given = dict(locals())
         del given["options"]

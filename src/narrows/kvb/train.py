@@ -35,7 +35,8 @@ class TrainStats:
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> Tensor:
-    """The sample order of one epoch: a permutation keyed by ``(seed, epoch)`` (or 0..N−1)."""
+    """The order of ``num_samples`` samples in one epoch: a permutation keyed by
+    ``(seed, epoch)``, or 0..N−1 without ``shuffle``."""
     if not shuffle:
         return torch.arange(num_samples)
     generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
@@ -51,7 +52,8 @@ def cache_indices(
     prune: bool = False,
     dtype: torch.dtype = torch.int64,
 ) -> Tensor:
-    """Fetched indices ``(N, n, C, t)`` of embeddings ``(N, D)`` or ``(N, n, D)``, on the CPU.
+    """Fetched indices ``(N, n, C, t)`` of ``layer`` (keys frozen) for ``embeddings`` ``(N, D)``
+    or ``(N, n, D)``, on the CPU; ``prune`` searches among used pairs only.
 
     Searching in batches gives the same indices as one search (the search is exact per query).
     ``dtype`` may be a smaller integer type (int16 holds J ≤ 32 767) to save memory.
@@ -74,8 +76,9 @@ def pruned_indices(
     *,
     batch_size: int = 1024,
 ) -> Tensor:
-    """Cached indices with pruning applied: the samples that fetch a never-used pair (usage 0)
-    are searched again among used pairs only; the others keep their indices, which is what the
+    """Cached ``indices`` ``(N, n, C, t)`` of ``embeddings`` with the pruning of ``layer``
+    applied: the samples that fetch a never-used pair (usage 0) are searched again among used
+    pairs only; the others keep their indices, which is what the
     pruned search gives them (their t nearest pairs are all used)."""
     device = layer.usage.device
     out = indices.clone()
@@ -90,7 +93,8 @@ def pruned_indices(
 
 @torch.no_grad()
 def logits_from_cache(layer: KeyValueBottleneck, indices: Tensor, *, batch_size: int = 4096) -> Tensor:
-    """Logits ``(N, K)`` of cached indices ``(N, n, C, t)`` (eval mode, nothing counted)."""
+    """Logits ``(N, K)`` of ``layer`` for cached ``indices`` ``(N, n, C, t)``, on the CPU (eval
+    mode, nothing counted)."""
     was_training = layer.training
     layer.eval()
     try:
@@ -142,11 +146,13 @@ def train_values(
     on_epoch: Callable[[int, TrainStats], None] | None = None,
     progress: bool = False,
 ) -> TrainStats:
-    """Train the values (and a decoder built with ``train_decoder``) from cached indices.
+    """Train the values of ``layer`` (and a decoder built with ``train_decoder``) from cached
+    indices, for ``epochs`` epochs; returns the :class:`TrainStats`.
 
     ``indices`` ``(N, n, C, t)`` (any integer type, any device) and ``labels`` ``(N,)`` are the
     cached fetches and the global class ids. Each epoch visits the samples in
-    :func:`epoch_order` ``(seed, epoch)`` in batches of ``batch_size`` (the last may be short);
+    :func:`epoch_order` ``(seed, epoch)`` (in order without ``shuffle``) in batches of
+    ``batch_size`` (the last may be short);
     each step is plain SGD (``lr``, no momentum, no weight decay) on the batch-mean
     cross-entropy with ``label_smoothing``, after clipping the gradient norm over all trained
     parameters to ``clip`` (None or 0: no clipping). ``count_usage`` adds the fetched pairs to

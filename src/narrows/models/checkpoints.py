@@ -44,7 +44,8 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a ``.pth/.pt/.th/.tar/.bin`` or ``.safetensors`` checkpoint onto the CPU.
+    """Read the ``.pth/.pt/.th/.tar/.bin`` or ``.safetensors`` checkpoint at ``path`` onto the
+    CPU: its state dict, model card (``None`` when it has none) and extra entries.
 
     Torch files are read with ``weights_only=True``. A missing, unreadable or unrecognised file
     is a :class:`UserError`.
@@ -164,7 +165,8 @@ def _parse_card(path: Path, data: Any) -> ModelCard:
 def save_model(
     path: str | Path, model: nn.Module, card: ModelCard, extra: dict[str, Any] | None = None
 ) -> Path:
-    """Write ``model``'s weights with its card, atomically; the suffix picks the format.
+    """Write ``model``'s weights with its card to ``path``, atomically; the suffix picks the
+    format. Returns ``path``.
 
     ``.safetensors`` files take no ``extra`` (a :class:`UserError` otherwise); any other suffix
     writes the narrows torch format, where ``extra`` holds tensors, numbers, strings, lists and

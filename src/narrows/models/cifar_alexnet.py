@@ -35,7 +35,9 @@ class CifarAlexNet(nn.Module):
     """AlexNet for ``img_size``×``img_size`` images (32 by default → a 256×4×4 feature map).
 
     ``forward_features`` returns the last conv feature map after its max-pool;
-    ``forward_head(x, pre_logits=True)`` returns the 512-d input of the last linear layer.
+    ``forward_head(x, pre_logits=True)`` returns the ``hidden``-d (512) input of the last linear
+    layer. ``num_classes`` logits, ``in_chans`` input channels; ``drop_rate`` is the dropout
+    before each of the two hidden linear layers.
     """
 
     def __init__(

@@ -71,6 +71,7 @@ class CifarResNet(nn.Module):
     ``forward_features`` returns the last block's output after its ReLU (``B×64×H/4×W/4``);
     ``forward_head`` average-pools it and applies ``linear``. ``num_classes=0`` gives no head.
     ``drop_rate`` adds dropout before ``linear`` (0 by default, as upstream; it has no weights).
+    ``in_chans``: input channels.
     """
 
     def __init__(

@@ -148,7 +148,8 @@ def check_finite(model: nn.Module, source: str) -> None:
 
 
 def infer_sizes(name: str, state_dict: dict[str, torch.Tensor]) -> tuple[int | None, int | None]:
-    """``(num_classes, in_chans)`` read from the classifier and first-conv weights, ``None`` if unknown."""
+    """``(num_classes, in_chans)`` of architecture ``name``, read from the classifier and
+    first-conv weights in ``state_dict``; ``None`` if unknown."""
     head, stem = head_and_stem(name)
     num_classes = in_chans = None
     if is_custom(name):  # no timm config: the last matrix is the classifier, the first conv the stem
@@ -247,7 +248,8 @@ def create_for_input(
     model_kwargs: dict[str, Any] | None = None,
     data: str = "the data",
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build ``name`` for ``image_size``-pixel inputs and check that it runs on them.
+    """Build ``name`` for ``image_size``-pixel inputs of ``in_chans`` channels and check that it
+    runs on them; ``data`` names the data in error messages.
 
     Models built for one input size (ViTs, ...) get ``img_size=image_size`` unless
     ``model_kwargs`` sets it; one zero image goes through the model (eval mode, no gradients)

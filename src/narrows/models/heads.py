@@ -133,7 +133,8 @@ def pooled_features(model: nn.Module) -> Features:
 
 @torch.no_grad()
 def check_split(model: nn.Module, x: Tensor, atol: float = 1e-5) -> None:
-    """Raise :class:`UserError` unless ``model(x) == linear(features(x))`` (eval mode assumed)."""
+    """Raise :class:`UserError` unless ``model(x) == linear(features(x))`` (eval mode assumed),
+    to absolute tolerance ``atol`` (and relative 1e-4)."""
     features, linear = split_head(model)
     full = model(x)
     split = linear(features(x))

@@ -26,7 +26,8 @@ class _Stop(Exception):
 
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
-    """The sub-module called ``name``; a UserError lists close names when there is none."""
+    """The sub-module of ``model`` called ``name`` (dotted); a UserError lists close names when
+    there is none."""
     modules = dict(model.named_modules())
     if name in modules and name != "":
         return modules[name]
@@ -40,7 +41,8 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
 def hooked(module: nn.Module, hook: Callable[..., Any], *, pre: bool = False,
            prepend: bool = False) -> Iterator[RemovableHandle]:
     """Inside the block, ``hook`` is a forward hook of ``module`` (a forward pre-hook with
-    ``pre``); it is removed on exit, even after an error. Yields the hook's handle."""
+    ``pre``), registered before its other hooks with ``prepend``; it is removed on exit, even
+    after an error. Yields the hook's handle."""
     handle = (module.register_forward_pre_hook(hook, prepend=prepend) if pre
               else module.register_forward_hook(hook, prepend=prepend))
     try:
@@ -106,8 +108,8 @@ def run_to_layer(model: nn.Module, name: str, inputs: torch.Tensor) -> torch.Ten
 def capture(model: nn.Module, names: str | Sequence[str],
             store: dict[str, torch.Tensor] | None = None, *,
             fix: str = TENSOR_FIX) -> Iterator[dict[str, torch.Tensor]]:
-    """Inside the block, every forward pass stores each named layer's output in the yielded
-    dict (``store``, or a new one), by name; the hooks are removed on exit, even after an error.
+    """Inside the block, every forward pass of ``model`` stores the output of each layer in
+    ``names`` (one dotted name or several) in the yielded dict (``store``, or a new one), by name; the hooks are removed on exit, even after an error.
 
     The forward runs in full (use :func:`run_to_layer` to stop early). A missing layer, or one
     whose output is not a tensor, is a :class:`UserError` (saying ``fix``).

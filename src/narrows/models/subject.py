@@ -27,7 +27,8 @@ def load_subject(checkpoint: str | None = None, model: str | None = None, data: 
                  image_size: int | None = None, say: Any = print) -> Subject:
     """The model of ``checkpoint`` (or a fresh ``model``), the data set and normalisation.
 
-    The data, its served size and the normalisation default to the checkpoint's card (see
+    The data, its served size and the normalisation default to the checkpoint's card;
+    ``image_size`` overrides the size for data served at any size (see
     :func:`narrows.models.inputs.data_for_model`); a class-count mismatch between model and data
     or a size the model cannot take is a :class:`UserError`.
     """

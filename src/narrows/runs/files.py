@@ -83,7 +83,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> Path:
-    """``torch.save`` through a temporary file."""
+    """``torch.save(obj)`` to ``path`` through a temporary file; returns ``path``."""
     import torch
 
     return atomic_write(path, lambda fh: torch.save(obj, fh))

@@ -55,14 +55,15 @@ def safe_name(name: str, what: str) -> str:
 
 
 def default_out(command: str, *parts: str) -> Path:
-    """``runs/<command>/<part>-<part>``, with each part reduced to safe file-name characters."""
+    """``runs/<command>/<part>-<part>`` from the ``parts`` given (empty ones skipped), with each
+    part reduced to safe file-name characters."""
     name = "-".join(re.sub(r"[^A-Za-z0-9_.=]+", "_", p).strip("_") for p in parts if p)
     name = re.sub(r"^\.+", "_", name)  # never '.', '..' or a hidden directory
     return Path("runs") / command / name if name else Path("runs") / command
 
 
 class RunDir:
-    """Owns one output directory for one command.
+    """Owns one output directory for one command, ``path``.
 
     Only rank 0 of a distributed job writes (``writer=False`` elsewhere); the others can still
     read what is there.

@@ -36,7 +36,9 @@ def evaluate(
     dist: Distributed = Distributed(),
     progress: bool = False,
 ) -> EvalResult:
-    """Evaluate in eval mode; under torchrun each rank takes every ``world``-th image, no padding."""
+    """Top-1, top-5 and mean loss of ``model`` on ``dataset`` (images normalised with
+    ``normalizer``), in eval mode; under torchrun each rank takes every ``world``-th image, no
+    padding."""
     from tqdm.auto import tqdm
 
     was_training = model.training

@@ -69,7 +69,8 @@ class TrainResult:
 
 
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
-    """The plain supervised loss ``fit`` uses by default: ``(loss, logits)`` of a batch."""
+    """The plain supervised loss ``fit`` uses by default, with ``label_smoothing`` (0: none):
+    a ``loss_fn(model, inputs, labels)`` returning ``(loss, logits)`` of a batch."""
     def loss_fn(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor):
         logits = model(inputs)
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
@@ -78,7 +79,9 @@ def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
 
 
 def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    """SGD (Nesterov off) or AdamW; weight decay is not applied to biases and norm weights."""
+    """SGD (Nesterov off) or AdamW over ``model``'s trainable parameters, as ``settings`` say
+    (optimizer, lr, momentum, weight decay); weight decay is not applied to biases and norm
+    weights."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -95,7 +98,10 @@ def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Opt
 def epoch_loader(
     dataset: Dataset, settings: TrainSettings, epoch: int, dist: Distributed, pin: bool
 ) -> DataLoader:
-    """The shuffled loader of one epoch; its order depends only on (seed, epoch)."""
+    """The shuffled loader of ``dataset`` for ``epoch``; its order depends only on (seed, epoch).
+
+    Batch size, workers and seed come from ``settings``; ``pin`` pins host memory. Under
+    ``dist`` each rank gets its share."""
     if dist.enabled:
         sampler: Any = DistributedSampler(
             dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=settings.seed
@@ -134,7 +140,11 @@ def train_one_epoch(
     progress: bool = False,
     dist: Distributed | None = None,
 ) -> EpochStats:
-    """One pass over ``loader``; the learning rate follows the schedule every step.
+    """One pass of ``model`` over ``loader`` (``epoch``: its 0-based number), stepping
+    ``optimizer``; the learning rate follows the schedule of ``settings`` every step.
+
+    Batches are normalised with ``normalizer``; ``loss_fn(model, inputs, labels)`` gives
+    ``(loss, logits)``. Returns the epoch's mean loss, accuracy, image count and seconds.
 
     A NaN or infinite loss raises :class:`Diverged` naming the first such step; the loss is
     looked at every ``CHECK_EVERY`` steps and at the last (all ranks agree under ``dist``).
@@ -197,7 +207,9 @@ def fit(
     model card of the best test top-1), ``metrics.jsonl`` and ``curves.png`` every epoch, and
     resumes from ``last.pt`` when it is there. ``card`` is the model card (``narrows.models.
     ModelCard``) stored in each checkpoint. ``loss_fn(model, inputs, labels) -> (loss, logits)``
-    replaces the cross-entropy (order losses, CSG, ...).
+    replaces the cross-entropy (order losses, CSG, ...). ``settings`` (a :class:`TrainSettings`)
+    hold the epochs, optimizer, schedule and batches; ``on_epoch_end(epoch, row)`` is called
+    after each epoch with its 1-based number and metrics row. Returns the :class:`TrainResult`.
     """
     loss_fn = loss_fn or cross_entropy(settings.label_smoothing)
     model.to(device)

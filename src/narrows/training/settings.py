@@ -78,7 +78,8 @@ class TrainSettings(TrainOptions):
 
 
 def learning_rate(settings: TrainSettings, progress: float) -> float:
-    """The learning rate at ``progress`` epochs (fractional: the schedule moves every step).
+    """The learning rate at ``progress`` epochs (fractional: the schedule moves every step) of
+    the schedule in ``settings``.
 
     ``cosine`` decays from ``lr`` to 0 over the run; ``step`` multiplies by ``gamma`` at each
     milestone epoch; ``log`` decays geometrically once per epoch from ``lr`` to

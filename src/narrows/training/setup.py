@@ -25,7 +25,8 @@ def load_start(checkpoint: str | None, *, model: str | None = None,
 def training_data(spec: str, *, image_size: int | None = None, checkpoint: str | None = None,
                   card: Any = None, download: bool = False) -> Any:
     """``spec`` at ``image_size``; for data served at any size without one, at the size of the
-    ``checkpoint`` the run starts from (``card``: its model card, read here when not given)."""
+    ``checkpoint`` the run starts from (``card``: its model card, read here when not given).
+    ``download`` fetches data sets that can be downloaded. Returns the loaded data bundle."""
     from narrows.data import load
     from narrows.data.specs import parse_spec
     from narrows.models.inputs import RESIZABLE_KINDS
@@ -47,6 +48,7 @@ def model_for_training(info: Any, *, model: str | None = None, checkpoint: str |
     """The model to train on data ``info`` and its card: fresh from timm (or the user's
     module), or from ``checkpoint`` (``loaded``: :func:`load_start`'s result when at hand).
 
+    ``model_kwargs`` go to the model's constructor (over the checkpoint card's).
     The model is built for the data's image size (``img_size`` for fixed-size models) and one
     image is run through it, so a model that cannot take the data is a :class:`UserError`
     before anything is written.
@@ -134,7 +136,8 @@ def test_split_description(spec: str) -> str:
 
 
 def training_summary(result: Any, card: Any, spec: str) -> dict[str, Any]:
-    """The flat ``results.json`` of a training run (a :class:`narrows.training.TrainResult`)."""
+    """The flat ``results.json`` of a training run: its ``result`` (a
+    :class:`narrows.training.TrainResult`), the model ``card`` and the data ``spec``."""
     return {
         "model": card.architecture,
         "data": spec,

@@ -405,8 +405,8 @@ def cascading_randomisation(
     ``seed`` and ``batch_size``. With ``normalizer`` (a :class:`~narrows.training.Normalizer`, callable or ``Subject``)
     ``inputs`` are [0, 1] images, normalised first; without it they are model inputs.
     ``layers`` (top first; None: :func:`cascade_layers`) are re-initialised one after the other;
-    ``repeats`` runs on the unmodified model give the noise floor. Returns a
-    :class:`RandomisationResult`.
+    ``repeats`` runs on the unmodified model give the noise floor. ``description`` labels the
+    progress bar. Returns a :class:`RandomisationResult`.
     """
     from narrows.attribution.inputs import as_normalizer, model_inputs
 
