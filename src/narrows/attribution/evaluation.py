@@ -40,6 +40,7 @@ DEFAULT_METRICS = ("degradation", "bbox")
 FORMAT_KIND = "attribution_evaluation"  # saved files: "format": narrows.attribution_evaluation/1
 HEATMAPS_KIND = "attribution_heatmaps"  # heatmaps_<method>.npz
 METRIC_KIND = "attribution_metric"  # metric_<method>_<metric>.json
+RESULT_FILE = "evaluation.json"  # the EvaluationResult of a run directory
 
 
 @dataclass
@@ -88,11 +89,13 @@ class EvaluationResult:
 
     @classmethod
     def load(cls, path: str | Path) -> EvaluationResult:
-        """Read a result written by :meth:`save`."""
+        """Read a result written by :meth:`save` (``path`` may be the evaluation's directory)."""
         from narrows.attribution.result_files import load_json_result
         from narrows.runs.files import reading
 
         what, fix = "attribution evaluation file", "delete it and run the evaluation again"
+        if Path(path).is_dir():
+            path = Path(path) / RESULT_FILE
         state = load_json_result(path, FORMAT_KIND, what, fix, required_keys=("rows",))
         with reading(path, what, fix):
             return cls(rows=list(state["rows"]), curves=dict(state.get("curves", {})),
@@ -232,8 +235,12 @@ def evaluate_methods(model: nn.Module, dataset: Any, indices: list[int], methods
     if "sensitivity-n" in metrics:
         draw_sensitivity(out, methods, subject=subject)
         files.append(out.file("sensitivity_n.png"))
-    return EvaluationResult(rows=rows, curves=curves, table=out.file("results.md").read_text(),
-                            files=files, tile=tile)
+    files.append(out.file(RESULT_FILE))
+    result = EvaluationResult(rows=rows, curves=curves, table=out.file("results.md").read_text(),
+                              files=files, tile=tile)
+    if out.writer:
+        result.save(out.file(RESULT_FILE))
+    return result
 
 
 def _origin(method: str, seed: int, model: str | None = None, **options: Any) -> dict[str, Any]:
