@@ -15,7 +15,7 @@ import itertools
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -382,7 +382,20 @@ def from_args(cls: type[C], args: argparse.Namespace) -> C:
     if config_path:
         layers.append(read_config_file(config_path))
     layers.append(given)
+    layers[:0] = preset_layers(cls, layers)
     return build(cls, *layers, source=f"--config {config_path}" if config_path else "options")
+
+
+def preset_layers(cls: type, layers: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The changes of the preset the ``layers`` name (a config class with a ``preset`` field
+    and a ``PRESETS`` mapping of name → changes); they sit below the file and the flags."""
+    presets = getattr(cls, "PRESETS", None)
+    names = [layer["preset"] for layer in layers if layer.get("preset") is not None]
+    if not presets or not names:
+        return []
+    if names[-1] not in presets:
+        raise UserError(f"unknown preset '{names[-1]}'", f"use one of {', '.join(presets)}")
+    return [presets[names[-1]]]
 
 
 def to_dict(config: Any) -> dict[str, Any]:

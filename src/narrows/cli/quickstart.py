@@ -80,6 +80,7 @@ STEPS: list[Step] = [
     Step("attribution", _later("narrows.cli.attribution")),
     Step("decompose", _later("narrows.cli.decompose")),
     Step("kvb", kvb_step),
+    Step("ssl", _later("narrows.cli.ssl")),
 ]
 
 
@@ -101,12 +102,13 @@ command(
     "quickstart", QuickstartConfig, execute,
     summary="train ResNet-20 on the embedded digits, evaluate it, measure its interactions, "
     "explain a shapes classifier, decompose the digits head, learn digits class by class "
-    "through a key-value bottleneck",
+    "through a key-value bottleneck, pretrain a ViT with UDI",
     description="The first thing to run: trains a CIFAR ResNet-20 on scikit-learn's digits "
     "(3×32×32), evaluates it, measures its multi-order interaction curve against the same "
     "network at initialisation; then trains a ResNet-20 on synthetic shapes and compares IBA "
     "heatmaps with Captum baselines (degradation, bounding boxes); finds each digit's "
     "influential channels and the decomposed head's accuracy against k; runs the key-value "
-    "bottleneck's toy experiment and class-incremental digits through the frozen ResNet-20; and "
+    "bottleneck's toy experiment and class-incremental digits through the frozen ResNet-20; "
+    "pretrains a small ViT on shapes with UDI and measures its teacher's kNN accuracy; and "
     "prints where each result is. Needs no download; the baselines need the extra narrows[baselines]. Re-running resumes "
     "any unfinished step.")
