@@ -18,7 +18,7 @@ quickstart: $(STAMP)
 	$(BIN)/narrows quickstart
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

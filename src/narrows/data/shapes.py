@@ -6,8 +6,17 @@ class can only be told from the outline. Image ``i`` of a split is drawn from it
 seeded by ``(seed, split, i)``: the set is the same on every machine and for any count, and the
 first ``n`` images do not change when more are asked for.
 
+With ``objects=N`` (N > 1) each image holds N shapes of random classes (repeats allowed), each
+in its own contrasting colour, placed so that their circumcircles overlap as little as a few
+random tries find; later shapes are drawn over earlier ones. An object hidden entirely by later
+ones is not counted. The image's ``label`` is then the class of the object with the most visible
+pixels (ties: the earlier drawn), and :class:`ShapesDataset` adds the multi-label targets,
+per-object boxes and masks and a per-pixel class map. ``objects=1`` is the original data set,
+bit for bit.
+
 Boxes are ``(x0, y0, x1, y1)`` in continuous pixel coordinates (pixel ``j`` covers ``[j, j+1)``),
-the tight box of the mask: ``x0`` is the first masked column and ``x1`` one past the last.
+the tight box of the (visible part of the) mask: ``x0`` is the first masked column and ``x1``
+one past the last.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from narrows.errors import UserError
 
 SHAPE_KINDS = ("circle", "square", "triangle", "plus", "ring", "diamond", "star", "ellipse")
 DEFAULTS = {"classes": 4, "size": 64, "train": 2000, "test": 500, "seed": 0, "rmin": 22,
-            "rmax": 42}
+            "rmax": 42, "objects": 1}
 LIMITS = {
     "classes": (2, len(SHAPE_KINDS)),
     "size": (16, 256),
@@ -34,6 +43,7 @@ LIMITS = {
     "seed": (0, 2**32 - 1),
     "rmin": (5, 45),
     "rmax": (5, 45),
+    "objects": (1, 16),
 }
 SPLIT_IDS = {"train": 0, "test": 1}  # part of the data set's definition: never change them
 MAX_TILT = math.radians(15)  # small, so that a square never turns into a diamond
@@ -42,8 +52,14 @@ MAX_TILT = math.radians(15)  # small, so that a square never turns into a diamon
 PIXEL_NOISE = 0.03
 OPTIONS_FIX = (
     f"valid options: {', '.join(DEFAULTS)}; write them as "
-    "shapes:classes=4,size=64,train=2000,test=500,seed=0,rmin=22,rmax=42"
+    "shapes:classes=4,size=64,train=2000,test=500,seed=0,rmin=22,rmax=42,objects=1"
 )
+# objects=N > 1: N circumcircles of the smallest radius may cover at most this share of the
+# image (random sequential placement of equal disks jams near 54.7 % coverage), and each object
+# needs a circumradius of a few pixels to keep its outline
+JAMMING_COVERAGE = 0.547
+MIN_OBJECT_RADIUS_PX = 3.0
+PLACEMENT_TRIES = 50  # random positions tried per object before the least overlapping is kept
 
 
 # --- options -------------------------------------------------------------------------------
@@ -73,6 +89,8 @@ def parse_options(options: str) -> dict[str, int]:
     if values["rmin"] > values["rmax"]:
         raise UserError(f"shapes option rmin={values['rmin']} is above rmax={values['rmax']}",
                         "give rmin <= rmax (circumradius in percent of the image size)")
+    if values["objects"] > 1:
+        _check_room(values)
     for split in ("train", "test"):
         if values[split] < values["classes"]:
             raise UserError(
@@ -80,6 +98,29 @@ def parse_options(options: str) -> dict[str, int]:
                 f"give each split at least one image per class: {split}>={values['classes']}",
             )
     return values
+
+
+def _check_room(values: dict[str, int]) -> None:
+    """Raise a :class:`UserError` when ``objects`` shapes cannot be placed apart at this size."""
+    objects, rmin, size = values["objects"], values["rmin"], values["size"]
+    if rmin / 100 * size < MIN_OBJECT_RADIUS_PX:
+        raise UserError(
+            f"shapes option objects={objects} needs larger shapes: rmin={rmin} % of size={size} "
+            f"is a circumradius of {rmin / 100 * size:.1f} px",
+            f"give each object at least {MIN_OBJECT_RADIUS_PX:g} px: raise size to "
+            f">= {math.ceil(MIN_OBJECT_RADIUS_PX * 100 / rmin)} or rmin",
+        )
+    disk = math.pi * (rmin / 100) ** 2
+    if objects * disk > JAMMING_COVERAGE:
+        most = max(1, int(JAMMING_COVERAGE // disk))
+        biggest = math.floor(100 * math.sqrt(JAMMING_COVERAGE / (objects * math.pi)))
+        raise UserError(
+            f"shapes option objects={objects} does not fit: {objects} shapes of circumradius "
+            f"rmin={rmin} % cover {objects * disk:.0%} of the image, more than random placement "
+            f"can keep apart ({JAMMING_COVERAGE:.0%})",
+            f"use objects<={most} at rmin={rmin}, or lower rmin to <={biggest} (rmax with it) for "
+            f"objects={objects}, e.g. rmin=10,rmax=20",
+        )
 
 
 # --- shapes: boolean masks over rotated unit coordinates -------------------------------------
@@ -218,23 +259,167 @@ def render(
     return pixels.transpose(2, 0, 1), mask, label
 
 
+class ShapesDataset(TensorImageDataset):
+    """A shapes split: a :class:`TensorImageDataset` with per-object and per-pixel targets.
+
+    ``labels[i]`` is one class per image: with several objects, the class of the object with the
+    most visible pixels. ``masks`` (``N×H×W`` bool) is the union of all objects. Per image, the
+    ``K`` visible objects (``K <= objects``, in drawing order) share one order across
+    ``boxes(i)`` (``K×4``), ``object_classes(i)`` and ``object_masks(i)``.
+
+    ``class_masks``: ``N×H×W`` int64, 0 for background and ``c + 1`` where class ``c`` is the
+    topmost object. ``instance_masks``: ``N×H×W`` uint8, 0 for background and ``k + 1`` on the
+    visible pixels of object ``k``. ``multilabel_targets``: ``N×num_classes`` bool, the classes
+    with visible pixels (``targets`` stays the list of single labels, as in every data set).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        boxes: list[torch.Tensor],
+        masks: torch.Tensor,
+        class_masks: torch.Tensor,
+        instance_masks: torch.Tensor,
+        object_class_list: list[torch.Tensor],
+        num_classes: int,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__(images, labels, boxes=boxes, masks=masks, transform=transform)
+        count, _, height, width = images.shape
+        if class_masks.shape != (count, height, width) or instance_masks.shape != (
+            count, height, width
+        ):
+            raise ValueError("class_masks and instance_masks must be N×H×W like the images")
+        if len(object_class_list) != count:
+            raise ValueError("object_class_list must have one K tensor per image")
+        self.class_masks = class_masks
+        self.instance_masks = instance_masks
+        self.object_class_list = object_class_list
+        self.num_classes = num_classes
+        present = torch.zeros(count, num_classes, dtype=torch.bool)
+        for i, classes in enumerate(object_class_list):
+            present[i, classes] = True
+        self.multilabel_targets = present
+
+    def with_transform(self, transform: Callable | None) -> ShapesDataset:
+        """The same tensors (not copied) with another per-sample transform."""
+        return ShapesDataset(
+            self.images, self.labels, boxes=self.box_list, masks=self.masks,
+            class_masks=self.class_masks, instance_masks=self.instance_masks,
+            object_class_list=self.object_class_list, num_classes=self.num_classes,
+            transform=transform,
+        )
+
+    def multilabel(self, index: int) -> torch.Tensor:
+        """The ``num_classes`` bool vector of the classes visible in image ``index``."""
+        return self.multilabel_targets[index]
+
+    def object_classes(self, index: int) -> torch.Tensor:
+        """The ``K`` int64 classes of the visible objects of image ``index`` (rows of ``boxes``)."""
+        return self.object_class_list[index]
+
+    def object_masks(self, index: int) -> torch.Tensor:
+        """The ``K×H×W`` bool visible masks of the objects of image ``index`` (disjoint)."""
+        ids = torch.arange(1, len(self.object_class_list[index]) + 1, dtype=torch.uint8)
+        return self.instance_masks[index][None] == ids[:, None, None]
+
+
+def _place(
+    rng: np.random.Generator, radius: float, placed: list[tuple[float, float, float]], size: int
+) -> tuple[float, float]:
+    """A centre for a circumcircle of ``radius`` inside the image, apart from ``placed`` circles.
+
+    Tries :data:`PLACEMENT_TRIES` random centres; the first without overlap wins, else the one
+    whose deepest overlap (sum of radii minus distance, in pixels) is the smallest.
+    """
+    best, best_depth = (0.0, 0.0), math.inf
+    for _ in range(PLACEMENT_TRIES):
+        cx, cy = rng.uniform(radius, size - radius, size=2)
+        depth = max((r + radius - math.hypot(cx - x, cy - y) for x, y, r in placed), default=0.0)
+        if depth <= 0:
+            return float(cx), float(cy)
+        if depth < best_depth:
+            best, best_depth = (float(cx), float(cy)), depth
+    return best
+
+
+def render_scene(
+    seed: int, split: str, index: int, *, classes: int, size: int, objects: int,
+    radius_range: tuple[float, float] = (0.22, 0.42),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Image ``index`` of a split with ``objects`` shapes (``objects > 1``).
+
+    Returns ``(3×size×size uint8 image, size×size uint8 instance map, K int64 classes, label)``:
+    the map holds ``k + 1`` on the visible pixels of the ``k``-th visible object (drawing order)
+    and 0 on background; ``label`` is the class of the object with the most visible pixels.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, SPLIT_IDS[split], index, objects]))
+    kinds = rng.integers(classes, size=objects)
+    image, palette = _background(rng, size)
+    topmost = np.zeros((size, size), dtype=np.uint8)  # 1 + the last object drawn on each pixel
+    placed: list[tuple[float, float, float]] = []
+    for k, kind in enumerate(kinds):
+        radius = rng.uniform(*radius_range) * size
+        cx, cy = _place(rng, radius, placed, size)
+        tilt = rng.uniform(-MAX_TILT, MAX_TILT)
+        mask = shape_mask(SHAPE_KINDS[kind], size, cx, cy, radius, tilt)
+        colour = _contrasting_colour(rng, palette)
+        image[mask] = colour
+        topmost[mask] = k + 1
+        palette = np.concatenate([palette, colour[None]])
+        placed.append((cx, cy, radius))
+    image += rng.standard_normal(image.shape, dtype=np.float32) * PIXEL_NOISE
+    pixels = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
+    visible = np.bincount(topmost.ravel(), minlength=objects + 1)[1:]
+    shown = np.flatnonzero(visible)
+    renumber = np.zeros(objects + 1, dtype=np.uint8)
+    renumber[shown + 1] = np.arange(1, len(shown) + 1)
+    label = int(kinds[np.argmax(visible)]) if len(shown) else int(kinds[-1])
+    return pixels.transpose(2, 0, 1), renumber[topmost], kinds[shown].astype(np.int64), label
+
+
 def generate_split(
     split: str, count: int, *, classes: int, size: int, seed: int,
-    radius_range: tuple[float, float] = (0.22, 0.42),
-) -> TensorImageDataset:
-    """``count`` images of a split, with their boxes (one ``1×4`` tensor each) and masks."""
+    radius_range: tuple[float, float] = (0.22, 0.42), objects: int = 1,
+) -> ShapesDataset:
+    """``count`` images of a split with ``objects`` shapes each, their boxes, masks and targets."""
     images = np.empty((count, 3, size, size), dtype=np.uint8)
-    masks = np.empty((count, size, size), dtype=bool)
+    instances = np.empty((count, size, size), dtype=np.uint8)
     labels = np.empty(count, dtype=np.int64)
+    object_classes = []
     for i in range(count):
-        images[i], masks[i], labels[i] = render(seed, split, i, classes=classes, size=size,
-                                                   radius_range=radius_range)
-    boxes = [torch.from_numpy(mask_box(mask))[None] for mask in masks]
-    return TensorImageDataset(
+        if objects == 1:  # the original single-shape images, unchanged
+            images[i], mask, labels[i] = render(seed, split, i, classes=classes, size=size,
+                                                radius_range=radius_range)
+            instances[i] = mask
+            object_classes.append(np.array([labels[i]], dtype=np.int64))
+        else:
+            images[i], instances[i], kinds, labels[i] = render_scene(
+                seed, split, i, classes=classes, size=size, objects=objects,
+                radius_range=radius_range,
+            )
+            object_classes.append(kinds)
+    boxes = [
+        torch.from_numpy(np.stack([mask_box(ids == k + 1) for k in range(len(kinds))]))
+        if len(kinds) else torch.zeros(0, 4)
+        for ids, kinds in zip(instances, object_classes, strict=True)
+    ]
+    # class map: 0 background, c + 1 for class c (a lookup per image: instance k -> its class)
+    lookup = np.zeros((count, objects + 1), dtype=np.int64)
+    for i, kinds in enumerate(object_classes):
+        lookup[i, 1 : len(kinds) + 1] = kinds + 1
+    class_masks = np.take_along_axis(lookup, instances.reshape(count, -1).astype(np.int64), axis=1)
+    return ShapesDataset(
         torch.from_numpy(images),
         torch.from_numpy(labels),
         boxes=boxes,
-        masks=torch.from_numpy(masks),
+        masks=torch.from_numpy(instances > 0),
+        class_masks=torch.from_numpy(class_masks.reshape(count, size, size)),
+        instance_masks=torch.from_numpy(instances),
+        object_class_list=[torch.from_numpy(kinds) for kinds in object_classes],
+        num_classes=classes,
     )
 
 
@@ -253,7 +438,7 @@ def load_shapes_bundle(spec: str, options: str) -> DataBundle:
     opts = parse_options(options)
     make = functools.partial(
         generate_split, classes=opts["classes"], size=opts["size"], seed=opts["seed"],
-        radius_range=(opts["rmin"] / 100, opts["rmax"] / 100),
+        radius_range=(opts["rmin"] / 100, opts["rmax"] / 100), objects=opts["objects"],
     )
     train = make("train", opts["train"])
     mean, std = channel_stats(train.images)
@@ -271,7 +456,7 @@ def load_shapes_bundle(spec: str, options: str) -> DataBundle:
     )
     test = functools.cache(lambda: make("test", opts["test"]))
 
-    def factory(base: Callable[[], TensorImageDataset]) -> Callable[[str], TensorImageDataset]:
+    def factory(base: Callable[[], ShapesDataset]) -> Callable[[str], ShapesDataset]:
         return lambda augment: base().with_transform(tensor_augmentation(augment, opts["size"]))
 
     return DataBundle(info, {"train": factory(lambda: train), "test": factory(test)})

@@ -165,6 +165,7 @@ class UDIModel(nn.Module):
             self.srs = None
         self.head = DINOHead(dim, out_dim, head_hidden, head_bottleneck, head_layers,
                              norm_last_layer, use_bn_in_head)
+        self.head_uses_bn = use_bn_in_head
 
     # -- pieces -------------------------------------------------------------------------------
     def _run(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -182,27 +183,64 @@ class UDIModel(nn.Module):
         return self.head(self.srs(tokens, maps)), _valid(maps)
 
     # -- the two roles ------------------------------------------------------------------------
+    def _heads(self, *inputs: Tensor | tuple[Tensor, Tensor]) -> list[Tensor]:
+        """``head`` of each input [..., D] → [..., K], in one call on all of them together
+        (fewer, larger matrix products; one call each when the head has BatchNorm, whose batch
+        statistics stay per input as upstream). An input given as ``(x, valid)`` is run on its
+        valid rows only (``valid`` [...] bool: the sampled points inside the other view); its
+        other rows are 0 — upstream ran the head on the padding rows too (about a quarter of the
+        patch rows at the default crop scales) and masked the results away."""
+        rows, shapes, masks = [], [], []
+        for item in inputs:
+            x, valid = item if isinstance(item, tuple) else (item, None)
+            rows.append(x.reshape(-1, x.shape[-1]) if valid is None else x[valid])
+            shapes.append(x.shape[:-1])
+            masks.append(valid)
+        if self.head_uses_bn:
+            flat_out = [self.head(r) for r in rows]
+        else:
+            flat = self.head(torch.cat(rows))
+            flat_out = list(flat.split([r.shape[0] for r in rows]))
+        outputs = []
+        for piece, shape, valid in zip(flat_out, shapes, masks, strict=True):
+            if valid is None:
+                outputs.append(piece.reshape(*shape, piece.shape[-1]))
+            else:
+                full = piece.new_zeros(*shape, piece.shape[-1])
+                full[valid] = piece
+                outputs.append(full)
+        return outputs
+
     def forward_student(self, batch: dict[str, Tensor]) -> StudentOutput:
         """Student logits of all 2 + n crops (contract layout)."""
         classes, patches = self._run(batch["globals"])
-        logits = self.head(classes)  # [2, B, n_c, K]
+        local_images = batch.get("locals")
+        n_local = 0 if local_images is None else local_images.shape[0]
+        inputs: list[Tensor | tuple[Tensor, Tensor]] = [classes]
+        if patches is not None:
+            inputs.append((self.srs(patches, batch["src_global"]), _valid(batch["src_global"])))
+        l_patches = None
+        if n_local:
+            l_classes, l_patches = self._run(local_images)
+            inputs.append(l_classes)
+            if self.local_patch:
+                src_local = batch["src_local"]
+                inputs.append((self.srs(l_patches, src_local), _valid(src_local)))
+        outputs = self._heads(*inputs)
+        logits = outputs.pop(0)  # [2, B, n_c, K]
         out = StudentOutput(cls_global=logits[:, :, 0], cls_local=logits.new_zeros(0))
         if self.num_class_tokens == 2:
             out.plus_global = logits[:, :, 1]
         if patches is not None:
-            out.patch_global, out.patch_mask_global = self._patch_logits(patches,
-                                                                         batch["src_global"])
-        local_images = batch.get("locals")
-        n_local = 0 if local_images is None else local_images.shape[0]
+            out.patch_global = outputs.pop(0)
+            out.patch_mask_global = _valid(batch["src_global"])
         if n_local:
-            l_classes, l_patches = self._run(local_images)
-            l_logits = self.head(l_classes)
+            l_logits = outputs.pop(0)
             out.cls_local = l_logits[:, :, 0]
             if self.num_class_tokens == 2:
                 out.plus_local = l_logits[:, :, 1]
             if self.local_patch:
-                out.patch_local, out.patch_mask_local = self._patch_logits(l_patches,
-                                                                           batch["src_local"])
+                out.patch_local, out.patch_mask_local = outputs.pop(0), _valid(batch["src_local"])
         else:
             shape = (0, logits.shape[1], logits.shape[-1])
             out.cls_local = logits.new_zeros(shape)
@@ -213,15 +251,20 @@ class UDIModel(nn.Module):
     def forward_teacher(self, batch: dict[str, Tensor]) -> TeacherOutput:
         """Teacher logits of the two global crops; one backbone pass, SRS per map group."""
         classes, patches = self._run(batch["globals"])
-        out = TeacherOutput(cls=self.head(classes[:, :, 0]))
-        if patches is not None:
-            # index u of tgt_global holds points on the grid of view 1 − u
-            out.patch_global, out.mask_global = self._patch_logits(patches.flip(0),
-                                                                   batch["tgt_global"])
-            tgt_local = batch.get("tgt_local")
-            if tgt_local is not None:
-                # index v of tgt_local holds points on the grid of view v
-                out.patch_local, out.mask_local = self._patch_logits(patches[:, None], tgt_local)
+        if patches is None:
+            return TeacherOutput(cls=self.head(classes[:, :, 0]))
+        # index u of tgt_global holds points on the grid of view 1 − u
+        tgt_global = batch["tgt_global"]
+        inputs = [classes[:, :, 0], (self.srs(patches.flip(0), tgt_global), _valid(tgt_global))]
+        tgt_local = batch.get("tgt_local")
+        if tgt_local is not None:
+            # index v of tgt_local holds points on the grid of view v
+            inputs.append((self.srs(patches[:, None], tgt_local), _valid(tgt_local)))
+        outputs = self._heads(*inputs)
+        out = TeacherOutput(cls=outputs[0], patch_global=outputs[1],
+                            mask_global=_valid(batch["tgt_global"]))
+        if tgt_local is not None:
+            out.patch_local, out.mask_local = outputs[2], _valid(tgt_local)
         return out
 
     def forward(self, batch: dict[str, Tensor]) -> StudentOutput:

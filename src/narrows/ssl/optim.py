@@ -98,21 +98,21 @@ def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch.
     raise UserError(f"unknown optimizer {name!r}", f"use one of {', '.join(OPTIMIZERS)}")
 
 
-def clip_per_tensor(model: nn.Module, clip: float) -> list[float]:
+def clip_per_tensor(model: nn.Module, clip: float) -> torch.Tensor:
     """Rescale each parameter's gradient to 2-norm ≤ ``clip`` on its own (0 = measure only).
 
-    Returns the gradient norms before clipping, one per parameter that has a gradient.
+    Returns the gradient norms before clipping (a float32 tensor, one per parameter that has a
+    gradient). All tensors are handled by a few fused ``torch._foreach`` calls, with no
+    host-device synchronisation.
     """
-    norms: list[float] = []
-    for param in model.parameters():
-        if param.grad is None:
-            continue
-        norm = torch.linalg.vector_norm(param.grad.detach().float())
-        norms.append(float(norm))
-        if clip > 0:
-            coef = clip / (norm + 1e-6)
-            if coef < 1:
-                param.grad.detach().mul_(coef.to(param.grad.dtype))
+    grads = [param.grad.detach() for param in model.parameters() if param.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack([norm.float() for norm in torch._foreach_norm(grads)])
+    if clip > 0:
+        coefs = (clip / (norms + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coefs.unbind(), grads,
+                                                                     strict=True)])
     return norms
 
 

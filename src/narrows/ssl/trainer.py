@@ -78,11 +78,12 @@ def global_batch(options: SSLOptions, dist: Distributed) -> int:
 
 
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """θ_t ← m·θ_t + (1 − m)·θ_s over every parameter (backbone, SRS, LN_1, head)."""
+    """θ_t ← m·θ_t + (1 − m)·θ_s over every parameter (backbone, SRS, LN_1, head), fused."""
     with torch.no_grad():
-        student_params = dict(student.named_parameters())
-        for name, param in teacher.named_parameters():
-            param.mul_(momentum).add_(student_params[name].detach(), alpha=1.0 - momentum)
+        teacher_params = [param.detach() for param in teacher.parameters()]
+        student_params = [param.detach() for param in student.parameters()]
+        torch._foreach_mul_(teacher_params, momentum)
+        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 
 
 def collapsed_terms(row: dict[str, Any], out_dim: int, tolerance: float = 0.01) -> list[str]:
