@@ -27,6 +27,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/interactions.py
 	$(BIN)/python benchmarks/attribution.py
+	$(BIN)/python benchmarks/ssl_train.py
+	$(BIN)/python benchmarks/ssl_views.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

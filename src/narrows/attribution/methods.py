@@ -180,6 +180,17 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
+def check_readout_given(methods: list[str], readout: str | None,
+                        names: dict[str, str] | None = None) -> None:
+    """Refuse the ``readout`` method among ``methods`` without a ``readout`` file (``names``:
+    how the messages name ``method`` and ``readout``, e.g. as flags)."""
+    names = names or {}
+    if "readout" in methods and not readout:
+        raise UserError(f"{names.get('method', 'method')} readout needs "
+                        f"{names.get('readout', 'readout')}",
+                        "train one with 'narrows attribution readout-train'")
+
+
 def get_method(name: str) -> type[Method]:
     """The explainer class of method ``name``; unknown names raise a UserError."""
     if name not in METHODS:
@@ -188,8 +199,11 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def parse_names(text: str, what: str, allowed: list[str] | tuple[str, ...]) -> list[str]:
-    """Comma-separated ``text`` as a list without repeats; unknown or no names raise."""
+def parse_names(text: str, what: str = "methods",
+                allowed: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """Comma-separated ``text`` as a list without repeats; unknown or no names raise.
+    ``what`` names the list in messages; ``allowed`` defaults to the registered methods."""
+    allowed = method_names() if allowed is None else allowed
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise UserError(f"no {what} given", f"choose from {', '.join(allowed)}")

@@ -150,7 +150,7 @@ def sanity_check(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                  out: RunDir, *,
                  settings: MethodSettings | None = None, statistics: Any = None,
                  estimate: Any = None, repeats: int | None = None, progress: bool = True,
-                 name: str = "model", n_samples: int = 10_000, log: Any = print,
+                 name: str = "model", n_samples: int | None = None, log: Any = print,
                  options: Any = None, normalizer: Any = None) -> SanityResult:
     """Cascading randomisation of ``layers`` (top first; None: the model's top-level children
     with parameters, last called first) for each of ``methods`` on ``inputs`` (N, C, H, W;
@@ -164,6 +164,10 @@ def sanity_check(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     ``repeats`` if None and, without ``settings``, the methods' settings; the rest default as
     ``narrows attribution sanity`` does. With ``normalizer`` (a Normalizer, callable or
     ``Subject``) ``inputs`` are [0, 1] images, normalised first."""
+    if n_samples is None:
+        from narrows.attribution.statistics import DEFAULT_N_SAMPLES
+
+        n_samples = DEFAULT_N_SAMPLES
     import narrows.attribution.metrics as metric_functions
     from narrows.attribution.inputs import as_normalizer, model_inputs
     from narrows.attribution.options import SanityOptions, pick

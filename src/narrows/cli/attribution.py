@@ -62,13 +62,6 @@ def subject(cfg: LayerSubject):
             loaded.name, loaded.stem)
 
 
-def n_samples(cfg) -> int:
-    """The number of images for feature statistics: ``--n-samples`` or the default."""
-    from narrows.attribution.statistics import DEFAULT_N_SAMPLES
-
-    return cfg.n_samples if cfg.n_samples is not None else DEFAULT_N_SAMPLES
-
-
 def statistics(cfg, net, bundle, normalizer, session, path: Path, split: str = "train",
                re_estimate: bool = False):
     """IBA's statistics: ``--statistics``, or ``path``, or estimated into ``path``."""
@@ -94,23 +87,6 @@ def checked_images(cfg, methods: list[str], net, dataset, normalizer):
     return indices, probe
 
 
-def method_names(text: str) -> list[str]:
-    """The comma-separated ``--methods`` as a list (each one registered)."""
-    from narrows.attribution.methods import method_names as names
-    from narrows.attribution.methods import parse_names
-
-    return parse_names(text, "methods", names())
-
-
-def readout_needed(methods: list[str], cfg) -> None:
-    """Refuse the readout method without ``--readout``."""
-    from narrows.errors import UserError
-
-    if "readout" in methods and not cfg.readout:
-        raise UserError("--method readout needs --readout FILE",
-                        "train one with 'narrows attribution readout-train'")
-
-
 # -- stats -----------------------------------------------------------------------------------
 
 def execute_stats(cfg: StatsConfig) -> int:
@@ -130,6 +106,7 @@ def execute_stats(cfg: StatsConfig) -> int:
 
 def execute_explain(cfg: ExplainConfig) -> int:
     from narrows.attribution.explain import explain_images
+    from narrows.attribution.methods import check_readout_given
     from narrows.attribution.methods import method_names as registered
     from narrows.errors import UserError
 
@@ -138,7 +115,7 @@ def execute_explain(cfg: ExplainConfig) -> int:
                         f"choose from {', '.join(registered())}")
     if cfg.gif and cfg.method != "iba":
         raise UserError("--gif shows IBA's optimisation steps", "use --method iba, or drop --gif")
-    readout_needed([cfg.method], cfg)
+    check_readout_given([cfg.method], cfg.readout, FLAGS)
     session = start(cfg)
     net, bundle, normalizer, name, stem = subject(cfg)
     dataset = bundle.split("test")
@@ -164,11 +141,11 @@ def execute_evaluate(cfg: EvaluateConfig) -> int:
         evaluate_methods,
         resolve_metrics,
     )
-    from narrows.attribution.methods import parse_names
+    from narrows.attribution.methods import check_readout_given, parse_names
 
-    methods = method_names(cfg.methods)
+    methods = parse_names(cfg.methods)
     chosen = parse_names(cfg.metrics or DEFAULT_METRICS, "metrics", METRICS)
-    readout_needed(methods, cfg)
+    check_readout_given(methods, cfg.readout, FLAGS)
     session = start(cfg)
     net, bundle, normalizer, name, stem = subject(cfg)
     dataset = bundle.split("test")

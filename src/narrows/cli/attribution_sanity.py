@@ -6,14 +6,7 @@ from dataclasses import dataclass, replace
 
 from narrows.attribution.options import IBAOptions, ImageChoice, SanityOptions, StatisticsOptions
 from narrows.cli.app import command
-from narrows.cli.attribution import (
-    LayerSubject,
-    checked_images,
-    method_names,
-    n_samples,
-    statistics,
-    subject,
-)
+from narrows.cli.attribution import LayerSubject, checked_images, statistics, subject
 from narrows.cli.common import CommonOptions, start
 
 
@@ -25,11 +18,12 @@ class SanityConfig(SanityOptions, ImageChoice, IBAOptions, StatisticsOptions, La
 
 def execute_sanity(cfg: SanityConfig) -> int:
     from narrows.attribution.images import image_batch
+    from narrows.attribution.methods import parse_names
     from narrows.attribution.metrics import cascade_layers
     from narrows.attribution.metrics.randomisation import check_layers
     from narrows.attribution.sanity import sanity_check
 
-    methods = method_names(cfg.methods)
+    methods = parse_names(cfg.methods)
     session = start(cfg)
     net, bundle, normalizer, name, stem = subject(cfg)
     dataset = bundle.split("test")
@@ -48,7 +42,7 @@ def execute_sanity(cfg: SanityConfig) -> int:
                                       run.file("statistics.pt")),
         estimate=lambda model, path: statistics(fresh, model, bundle, normalizer, session,
                                                 path, re_estimate=True),
-        progress=cfg.progress, name=name, n_samples=n_samples(cfg),
+        progress=cfg.progress, name=name, n_samples=cfg.n_samples,
         log=session.say)
     session.say(result.table)
     session.say("→ " + ", ".join(str(f) for f in result.files))

@@ -5,48 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from narrows.cli.app import command
+from narrows.cli.common import flag_errors
 from narrows.cli.train import TrainConfig, run_training
-from narrows.errors import UserError
 from narrows.interactions.options import OrderLossOptions
+from narrows.interactions.recipes import recipe_name as run_name
+from narrows.interactions.recipes import resolve_recipe
 
 
 @dataclass
 class OrderTrainConfig(OrderLossOptions, TrainConfig):
     pass
-
-
-def resolve_recipe(cfg: OrderTrainConfig) -> tuple[str, float, float] | None:
-    """``(kind, r1, r2)`` from ``--recipe`` or ``--loss/--r1/--r2``; ``None`` for ``normal``."""
-    from narrows.interactions.order_loss import RECIPES
-
-    given = {"loss": cfg.loss, "r1": cfg.r1, "r2": cfg.r2}
-    if cfg.recipe == "custom":
-        missing = [k for k, v in given.items() if v is None]
-        if missing:
-            raise UserError(f"--recipe custom needs --{missing[0]}",
-                            "give --loss, --r1 and --r2, or a --recipe (normal, high, mid, low)")
-        return cfg.loss, float(cfg.r1), float(cfg.r2)
-    recipe = RECIPES[cfg.recipe]
-    if recipe is None:
-        extra = [k for k, v in given.items() if v is not None]
-        if extra:
-            raise UserError(f"--recipe normal trains without an order loss but --{extra[0]} "
-                            "was given", f"drop --{extra[0]} or use --recipe custom")
-        return None
-    for (name, value), wanted in zip(given.items(), recipe, strict=True):
-        if value is not None and value != wanted:
-            raise UserError(f"--{name} {value} contradicts --recipe {cfg.recipe} "
-                            f"(loss {recipe[0]}, r1 {recipe[1]}, r2 {recipe[2]})",
-                            f"drop --{name}, or use --recipe custom")
-    return recipe
-
-
-def run_name(cfg: OrderTrainConfig, recipe: tuple[str, float, float] | None) -> str:
-    """The default output name: the recipe, or ``loss_r1_r2`` for a custom one."""
-    if cfg.recipe != "custom" or recipe is None:
-        return cfg.recipe
-    kind, r1, r2 = recipe
-    return f"{kind}_{r1:g}_{r2:g}"
 
 
 def build_loss(cfg: OrderTrainConfig, recipe: tuple[str, float, float]):
@@ -63,7 +31,8 @@ def build_loss(cfg: OrderTrainConfig, recipe: tuple[str, float, float]):
 
 
 def execute(cfg: OrderTrainConfig) -> int:
-    recipe = resolve_recipe(cfg)
+    with flag_errors():
+        recipe = resolve_recipe(cfg)
     loss_fn = build_loss(cfg, recipe) if recipe is not None else None
     return run_training(cfg, "interactions train", loss_fn=loss_fn,
                         default_name=run_name(cfg, recipe))

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from narrows.cli.app import GROUPS, command
-from narrows.cli.common import CommonOptions, open_run, start
-from narrows.config import flag_name
+from narrows.cli.common import CommonOptions, as_flags, flag_errors, open_run, start
 from narrows.kvb.options import ContinualOptions, EmbeddingsOptions, EmbedOptions
 from narrows.kvb.store import DEFAULT_EMBEDDINGS
 
@@ -73,23 +69,6 @@ def execute_train(cfg: TrainConfig) -> int:
     say(f"→ {run.file('table.md')} (table.csv, accuracy_matrix.csv, results.json, "
         f"comparison.png, accuracy_matrices.png, results/)")
     return session.done()
-
-
-def as_flags(text: str) -> str:
-    """Library text with its parameter names in backticks (```dim_key```) as flags
-    (``--dim-key``)."""
-    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag_name(m.group(1)), text)
-
-
-@contextlib.contextmanager
-def flag_errors() -> Iterator[None]:
-    """Re-raise a library :class:`UserError` with its parameter names as flags."""
-    from narrows.errors import UserError
-
-    try:
-        yield
-    except UserError as exc:
-        raise UserError(as_flags(exc.what), as_flags(exc.fix)) from None
 
 
 # -- quickstart ---------------------------------------------------------------------------------
