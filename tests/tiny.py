@@ -86,3 +86,9 @@ def quietly(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return function(*args, **kwargs)
+
+
+#: the tiny ViT and head of the ssl tests: 2 blocks, 48 wide, 8-px patches (16 tokens at 32 px)
+SSL_VIT = "vit_tiny_patch16_224"
+SSL_TINY = {"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
+SSL_HEAD = {"out_dim": 64, "head_hidden": 64, "head_bottleneck": 32}

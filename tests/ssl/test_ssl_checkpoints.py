@@ -10,6 +10,7 @@ import pickle
 import pytest
 import timm
 import torch
+from tiny import SSL_HEAD, SSL_TINY, SSL_VIT
 
 from narrows.errors import UserError
 from narrows.models.vit_tokens import last_tokens
@@ -23,9 +24,7 @@ from narrows.ssl.checkpoints import (
 )
 from narrows.ssl.model import build_pair
 
-VIT = "vit_tiny_patch16_224"
-TINY = {"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
-HEAD = {"out_dim": 64, "head_hidden": 64, "head_bottleneck": 32}
+VIT, TINY, HEAD = SSL_VIT, SSL_TINY, SSL_HEAD
 B, N_LOCAL = 2, 2
 
 

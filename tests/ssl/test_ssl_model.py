@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import SSL_HEAD, SSL_TINY, SSL_VIT
 from torch import nn
 
 from narrows.errors import UserError
@@ -17,9 +18,7 @@ from narrows.models.vit_tokens import (
 )
 from narrows.ssl.model import DINOHead, SRSAttention, UDIModel, build_pair
 
-VIT = "vit_tiny_patch16_224"
-TINY = {"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
-HEAD = {"out_dim": 64, "head_hidden": 64, "head_bottleneck": 32}
+VIT, TINY, HEAD = SSL_VIT, SSL_TINY, SSL_HEAD
 B, N_LOCAL, SG, SL = 3, 2, 4, 2
 NG, NL = 16, 4  # 32-px globals and 16-px locals at patch 8
 

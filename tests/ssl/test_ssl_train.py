@@ -154,3 +154,27 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert torch.allclose(one["loss"]["center"], two["loss"]["center"], atol=1e-5)
     for name, value in one["teacher"].items():
         assert torch.allclose(value, two["teacher"][name], atol=1e-4), name
+
+
+def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from narrows.errors import UserError
+    from narrows.ssl import loss as loss_module
+    from narrows.ssl import trainer
+
+    real, calls = loss_module.UDILoss.forward, []
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 6:  # in epoch 2 (4 steps an epoch)
+            out.total = out.total * float("nan")
+        return out
+
+    monkeypatch.setattr(loss_module.UDILoss, "forward", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(UserError, match="diverged.*epoch 2/3"):
+        trainer.pretrain(_options(epochs=3), TINY, run=RunDir(out), progress=False,
+                         say=lambda *a: None)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["student"].values())

@@ -49,7 +49,8 @@ def execute_export(cfg: ExportConfig) -> int:
 
 # -- quickstart ---------------------------------------------------------------------------------
 QUICKSTART = {"preset": "cpu-small", "data": "shapes:classes=4,size=32,train=512,test=200",
-              "epochs": 6, "batch_size": 32}
+              "epochs": 6, "batch_size": 32, "global_window": 2, "local_window": 1,
+              "model_kwargs": "depth=4,patch_size=8,embed_dim=96,num_heads=3"}
 
 
 def quickstart_step(cfg: CommonOptions, out: Path) -> str:

@@ -4,8 +4,8 @@ Every option of the upstream ``main_udi.py`` is here with its released default, 
 values upstream hard-codes (student temperature, centre momentum, head sizes, crop sizes, SRS
 heads) and the choices where the paper and the code differ (``plus_target``,
 ``global_pairing``) or where upstream has bugs (``compat_upstream``). :data:`PRESETS` are named
-sets of changes: ``paper-vits16`` is the README recipe, ``cpu-small`` a run that learns on a
-laptop, ``smoke`` a run of seconds.
+sets of changes: ``paper-vits16`` is the README recipe, ``cpu-small`` a small ViT with the
+settings advised for small data on a laptop, ``smoke`` a run of seconds.
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ class SSLOptions:
         "auto", "mixed precision: auto = bf16 on GPUs that have it, else fp16 with a scaler; "
         "fp32 on the CPU")
     augment_device: Literal["workers", "cuda"] = config.option(
-        "workers", "where the colour operations run: in the data-loading workers, or batched "
-        "on the GPU (faster when the CPU is the bottleneck)", affects_result=False)
+        "workers", "where the colour operations run: per image in the data-loading workers, or "
+        "batched on the training device (cuda: faster when the CPU is the bottleneck; on a CPU "
+        "run, batched in the main process). The two draw different random colours")
     workers: int = config.option(0, "data-loading worker processes", check=config.non_negative,
                           affects_result=False)
     knn_every: int = config.option(0, "every N epochs, the teacher's kNN top-1 on the data's labels "
@@ -178,7 +179,7 @@ class PretrainData:
     preset: PresetName | None = config.option(
         None, "named settings under your options: paper-vits16 (the README recipe: 10 local "
         "crops, 300 epochs, unfrozen head norm), cpu-small (a 4-block tiny ViT on 32-px "
-        "images that learns on a laptop), smoke (seconds)")
+        "images with small-data settings: EMA 0.99, teacher τ 0.04, K 256), smoke (seconds)")
 
 
 def option_names() -> list[str]:

@@ -278,8 +278,8 @@ def _stop_if_not_finite(sums: dict[str, torch.Tensor], epoch: int, step: int,
     if not torch.isfinite(sums["loss"]).item():
         raise UserError(f"pretraining diverged: the loss became NaN or infinite in epoch "
                         f"{epoch + 1}/{options.epochs} by step {step + 1} (--lr {options.lr:g})",
-                        "lower --lr (e.g. 10× lower), raise --alpha's stability with a lower "
-                        f"--teacher-temp, or keep --clip-grad on{kept}")
+                        "lower --lr (e.g. 10× lower), keep --clip-grad on, or raise --alpha "
+                        f"(upstream's advice for unstable runs){kept}")
 
 
 def train_epoch(p: Pretraining, trained: nn.Module, epoch: int, schedules: Schedules, *,
