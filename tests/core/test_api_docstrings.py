@@ -10,7 +10,8 @@ import re
 import pytest
 
 PACKAGES = ["narrows.models", "narrows.data", "narrows.training", "narrows.runs",
-            "narrows.interactions", "narrows.attribution", "narrows.decompose", "narrows.kvb"]
+            "narrows.interactions", "narrows.attribution", "narrows.decompose", "narrows.kvb",
+            "narrows.ssl"]
 
 #: parameters described once in docs/api.md ("Conventions"), not in every docstring
 CONVENTIONAL = {"self", "cls", "args", "kwargs", "device", "progress", "say", "log", "dist",

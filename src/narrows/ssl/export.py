@@ -34,7 +34,8 @@ class Exported:
 
 def load_pretrained(checkpoint: str | Path, *, which: Literal["teacher", "student"] = "teacher"
                     ) -> tuple[Any, dict[str, Any]]:
-    """``(UDIModel, facts)`` of a ``narrows ssl train`` checkpoint or an official UDI/DINO one;
+    """``(UDIModel, facts)``: the ``which`` network (teacher or student) of a ``narrows ssl
+    train`` checkpoint or an official UDI/DINO one;
     ``facts`` has ``mean``, ``std``, ``data`` and ``img_size`` where the file records them."""
     from narrows.runs.files import read_torch_file
     from narrows.ssl.checkpoints import load_upstream
@@ -78,8 +79,8 @@ def export_checkpoint(checkpoint: str | Path | None, output: str | Path | None =
                       which: Literal["teacher", "student"] = "teacher",
                       class_tokens: Literal["keep", "drop"] = "keep",
                       overwrite: bool = False) -> Exported:
-    """Write the ``which`` backbone of ``checkpoint`` with both class tokens (``keep``) or cls
-    only (``drop``) to ``output`` (default: ``backbone-WHICH-TOKENS.safetensors`` beside the
+    """Write the ``which`` backbone of ``checkpoint`` with both class tokens
+    (``class_tokens="keep"``) or cls only (``"drop"``) to ``output`` (default: ``backbone-WHICH-TOKENS.safetensors`` beside the
     checkpoint), after loading it strictly into the timm model it names; returns
     :class:`Exported`. An existing ``output`` is refused unless ``overwrite``."""
     import timm

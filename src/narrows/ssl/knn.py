@@ -19,8 +19,11 @@ DEFAULT_K, DEFAULT_T = 20, 0.07
 def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Tensor, *,
                 num_classes: int, k: int = DEFAULT_K, temperature: float = DEFAULT_T,
                 chunk: int = 1024) -> Tensor:
-    """Class scores ``[n_test, num_classes]`` of the weighted kNN vote (features any scale:
-    they are L2-normalised here; ``k`` is capped at the number of training features)."""
+    """Class scores ``[n_test, num_classes]`` of the weighted kNN vote of ``test_features``
+    among ``train_features`` (labels ``train_labels``): each of the ``k`` most cosine-similar
+    neighbours votes exp(similarity / ``temperature``). Features may have any scale (they are
+    L2-normalised here); ``k`` is capped at the number of training features; test features go
+    ``chunk`` at a time."""
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
     k = min(k, train.shape[0])
@@ -39,7 +42,8 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
 def knn_top1(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
              test_labels: Tensor, *, num_classes: int, k: int = DEFAULT_K,
              temperature: float = DEFAULT_T) -> float:
-    """Top-1 accuracy in [0, 1] of :func:`knn_predict` on ``test_labels``."""
+    """Top-1 accuracy in [0, 1] of :func:`knn_predict` (``train_features``, ``train_labels``,
+    ``test_features``, ``num_classes``, ``k``, ``temperature``) on ``test_labels``."""
     if test_features.shape[0] == 0:
         return float("nan")
     scores = knn_predict(train_features, train_labels, test_features, num_classes=num_classes,

@@ -114,9 +114,10 @@ def check_enough_images(n_images: int, options: SSLOptions, dist: Distributed) -
 def build_pretraining(options: SSLOptions, data: str, *, seed: int = 0,
                       device: torch.device | str = "cpu", dist: Distributed = Distributed(),
                       image_size: int | None = None) -> Pretraining:
-    """The data, views, student, teacher, loss and optimizer of a run (nothing trained yet).
+    """The data, views, student, teacher, loss and optimizer of a run (nothing trained yet),
+    as a :class:`Pretraining`.
 
-    ``data`` is any data spec (labels are ignored for training; kNN uses them); images are
+    ``options`` are checked as the command checks them; ``data`` is any data spec (labels are ignored for training; kNN uses them); images are
     served at ``image_size`` for folder/ImageNet data (default: the global crop size).
     """
     from narrows.config import build
@@ -432,8 +433,9 @@ def pretrain(options: SSLOptions, data: str, *, run: Any = None, seed: int = 0,
              device: torch.device | str = "cpu", dist: Distributed = Distributed(),
              image_size: int | None = None, progress: bool = True,
              say: Say = print) -> Any:
-    """Pretrain a ViT with UDI (or DINO) on ``data``; returns a
-    :class:`~narrows.ssl.result.PretrainResult`.
+    """Pretrain a ViT with UDI (or DINO), as ``options`` say, on the data spec ``data``
+    (served at ``image_size`` for folder/ImageNet data, default the global crop size); returns
+    a :class:`~narrows.ssl.result.PretrainResult`.
 
     With ``run`` (a :class:`narrows.runs.RunDir`), writes ``checkpoint.pt`` every epoch (and
     resumes from it), ``metrics.jsonl``, ``loss.png`` and ``pretraining.json``. The teacher's

@@ -334,7 +334,8 @@ def apply_photometric(crops: torch.Tensor, params: PhotometricParams,
 
 def photometric(crops: torch.Tensor, options: ViewOptions, generator: torch.Generator) -> torch.Tensor:
     """Spec §2.2 on a batch of uint8 crops [N, 3, H, W] (any device), each crop with its own
-    decisions drawn from ``generator``; returns float32 normalised crops on the crops' device."""
+    decisions drawn from ``generator``, probabilities and normalisation from ``options`` (a
+    :class:`ViewOptions`); returns float32 normalised crops on the crops' device."""
     if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[1] != 3:
         raise UserError(f"photometric ops expect uint8 crops [N, 3, H, W], got {crops.dtype} "
                         f"{tuple(crops.shape)}", "apply them to the views' uint8 crops")
