@@ -112,6 +112,9 @@ class SSLOptions:
                             "(0 = only at the end when --knn is on)", check=config.non_negative)
     knn: bool = config.option(True, "kNN top-1 of the teacher's cls token (k 20, T 0.07) before and "
                        "after training, on the data's labels")
+    knn_images: int = config.option(10_000, "at most this many train (and test) images for the "
+                                    "kNN, a fixed random subset of each split",
+                                    check=config.positive)
 
     def check_together(self) -> None:
         """Options that contradict each other, refused before any work."""

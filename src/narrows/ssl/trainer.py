@@ -403,8 +403,9 @@ def resume_state(p: Pretraining, path: Any) -> tuple[int, list[dict[str, Any]], 
 # -- the whole run ---------------------------------------------------------------------------
 
 def knn_of(p: Pretraining) -> float:
-    """The teacher's kNN top-1 (cls token, k 20, T 0.07) on the data's train → test labels."""
-    from torch.utils.data import DataLoader
+    """The teacher's kNN top-1 (cls token, k 20, T 0.07) on the data's train → test labels
+    (at most ``knn_images`` of each split: the same fixed random subset at every measurement)."""
+    from torch.utils.data import DataLoader, Subset
 
     from narrows.ssl.knn import teacher_knn
     from narrows.training.batches import Normalizer
@@ -422,8 +423,11 @@ def knn_of(p: Pretraining) -> float:
         return normalize(images.clamp(0, 1))
 
     def batches(split: str) -> DataLoader:
-        return DataLoader(p.data.split(split, "none"), batch_size=256,
-                          num_workers=p.options.workers)
+        dataset = p.data.split(split, "none")
+        if len(dataset) > p.options.knn_images:
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+            dataset = Subset(dataset, sorted(order[:p.options.knn_images].tolist()))
+        return DataLoader(dataset, batch_size=256, num_workers=p.options.workers)
 
     return teacher_knn(p.teacher, batches("train"), batches("test"), prepare=prepare,
                        num_classes=p.data.info.num_classes)
