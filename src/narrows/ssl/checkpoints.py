@@ -211,16 +211,9 @@ def load_upstream(path: str | Path, *, which: Literal["teacher", "student"] = "t
                      norm_last_layer=arch["norm_last_layer"],
                      use_bn_in_head=arch["use_bn_in_head"],
                      srs_heads=srs_heads if arch["patch_level"] else None)
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise UserError(f"the {which} weights of {path} do not fit {name}: "
-                        f"{str(exc).splitlines()[-1].strip()[:200]}",
-                        "give the timm name and arguments of the trained ViT") from exc
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(f"the {which} weights of {path} do not fit {name} (missing "
-                        f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]})",
-                        "give the timm name and arguments of the trained ViT")
+    from narrows.models import load_state_dict_strict
+
+    load_state_dict_strict(model, state, f"the {which} weights of {path}")  # lists any mismatch
     return model, found
 
 
