@@ -21,6 +21,7 @@ _WHERE = {
     "SSLOptions": "options", "PRESETS": "options", "ExportOptions": "options",
     "pretrain": "trainer", "build_pretraining": "trainer", "PretrainResult": "result",
     "UDIModel": "model", "SRSAttention": "model", "DINOHead": "model", "build_pair": "model",
+    "pair_for": "model",
     "UDILoss": "loss", "StudentOutput": "loss", "TeacherOutput": "loss",
     "MultiCropViews": "views", "ViewOptions": "views", "ViewDataset": "views",
     "collate_views": "views", "photometric": "views",

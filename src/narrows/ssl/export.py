@@ -58,18 +58,9 @@ def load_pretrained(checkpoint: str | Path, *, which: Literal["teacher", "studen
 
 def _narrows_model(state: dict[str, Any], which: str, path: Path) -> Any:
     from narrows.models import load_state_dict_strict
-    from narrows.ssl.model import build_pair
-    from narrows.ssl.options import SSLOptions
-    from narrows.training.model_kwargs import parse_model_kwargs
+    from narrows.ssl.model import pair_for
 
-    options = SSLOptions(**state["options"])
-    student, teacher = build_pair(
-        options.model, num_class_tokens=options.num_class_tokens, img_size=options.img_size,
-        patch_level=options.patch_level, local_patch=options.local_patch,
-        out_dim=options.out_dim, head_hidden=options.head_hidden,
-        head_bottleneck=options.head_bottleneck, head_layers=options.head_layers,
-        norm_last_layer=options.norm_last_layer, use_bn_in_head=options.use_bn_in_head,
-        srs_heads=options.srs_heads, **parse_model_kwargs(options.model_kwargs))
+    student, teacher = pair_for(state["options"])
     model = teacher if which == "teacher" else student
     load_state_dict_strict(model, state[which], str(path))
     return model

@@ -323,3 +323,20 @@ def build_pair(name: str, *, num_class_tokens: int = 2, img_size: int = 224,
     teacher.load_state_dict(copy.deepcopy(student.state_dict()), strict=True)
     teacher.requires_grad_(False)
     return student, teacher
+
+
+def pair_for(options: Any) -> tuple[UDIModel, UDIModel]:
+    """:func:`build_pair` for ``options`` (an :class:`~narrows.ssl.options.SSLOptions`, or the
+    options dict a checkpoint stores): the networks a run with those options trains."""
+    from narrows.ssl.options import SSLOptions
+    from narrows.training.model_kwargs import parse_model_kwargs
+
+    if isinstance(options, dict):
+        options = SSLOptions(**options)
+    return build_pair(
+        options.model, num_class_tokens=options.num_class_tokens, img_size=options.img_size,
+        drop_path_rate=options.drop_path_rate, patch_level=options.patch_level,
+        local_patch=options.local_patch, out_dim=options.out_dim, head_hidden=options.head_hidden,
+        head_bottleneck=options.head_bottleneck, head_layers=options.head_layers,
+        norm_last_layer=options.norm_last_layer, use_bn_in_head=options.use_bn_in_head,
+        srs_heads=options.srs_heads, **parse_model_kwargs(options.model_kwargs))

@@ -122,11 +122,10 @@ def build_pretraining(options: SSLOptions, data: str, *, seed: int = 0,
     """
     from narrows.config import build
     from narrows.ssl.loss import UDILoss
-    from narrows.ssl.model import build_pair
+    from narrows.ssl.model import pair_for
     from narrows.ssl.optim import make_optimizer, parameter_groups
     from narrows.ssl.options import option_names
     from narrows.ssl.views import MultiCropViews
-    from narrows.training.model_kwargs import parse_model_kwargs
     from narrows.training.setup import training_data
 
     options = build(SSLOptions, {name: getattr(options, name) for name in option_names()},
@@ -134,13 +133,7 @@ def build_pretraining(options: SSLOptions, data: str, *, seed: int = 0,
     device = torch.device(device)
     bundle = training_data(data, image_size=image_size or options.img_size)
     torch.manual_seed(derive_seed(seed, 0, 0, 11))  # the initial weights: the same on every rank
-    student, teacher = build_pair(
-        options.model, num_class_tokens=options.num_class_tokens, img_size=options.img_size,
-        drop_path_rate=options.drop_path_rate, patch_level=options.patch_level,
-        local_patch=options.local_patch, out_dim=options.out_dim, head_hidden=options.head_hidden,
-        head_bottleneck=options.head_bottleneck, head_layers=options.head_layers,
-        norm_last_layer=options.norm_last_layer, use_bn_in_head=options.use_bn_in_head,
-        srs_heads=options.srs_heads, **parse_model_kwargs(options.model_kwargs))
+    student, teacher = pair_for(options)
     student.to(device)
     teacher.to(device)
     loss = UDILoss(options.out_dim, num_class_tokens=options.num_class_tokens,
