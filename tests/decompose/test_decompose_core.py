@@ -14,6 +14,7 @@ from torch import nn
 
 from narrows.cli import main
 from narrows.data import DataBundle, DataInfo, TensorImageDataset
+from narrows.data.streaming import Streaming
 from narrows.decompose import (
     ClassIndices,
     DecomposedLinear,
@@ -30,7 +31,7 @@ from narrows.decompose import (
     split_head,
     validate,
 )
-from narrows.decompose.extract import stream
+from narrows.decompose.extract import count
 from narrows.errors import UserError
 from narrows.models import ModelCard, create, load_model, save_model
 from narrows.runs import RunDir
@@ -187,12 +188,11 @@ def test_streamed_extraction_equals_brute_force_and_resumes(tiny, tmp_path):
 
     partial = tmp_path / "partial.pt"
     hist = TopKHistogram(3, 64, [4], k_mass=4)
+    how = Streaming(batch_size=7, progress=False, resume=partial, save_every=1)
     with pytest.raises(KeyboardInterrupt):
-        stream(model, dying, data, hist, normalizer=norm, batch_size=7, progress=False,
-               resume=partial, save_every=1)
+        count(model, dying, data, hist, norm, how)
     resumed = TopKHistogram(3, 64, [4], k_mass=4)
-    stream(model, features, data, resumed, normalizer=norm, batch_size=7, progress=False,
-           resume=partial, save_every=1)
+    count(model, features, data, resumed, norm, how)
     assert torch.equal(resumed.buckets[:, :, 0], ex.counts(4)) and not partial.exists()
     # save / load round trip
     ex.save(tmp_path / "ex")

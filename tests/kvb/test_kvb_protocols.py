@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from narrows.cli import main
+from narrows.data.streaming import Streaming
 from narrows.errors import UserError
 from narrows.kvb.baselines import FitSettings, LinearProbe, MLPProbe, VQBottleneck, ridge
 from narrows.kvb.embeddings import (
@@ -237,16 +238,29 @@ def test_compute_embeddings_resumes_from_its_partial_file(tmp_path, random_check
     data = bundle.split("test", "none")
     info = bundle.info
     m = meta(data=TINY, dim=0, count=0)
-    kwargs = {"mean": info.mean, "std": info.std, "batch_size": 4}
-    full = compute_embeddings(model, data, m, **kwargs)
+    kwargs = {"mean": info.mean, "std": info.std}
+    full = compute_embeddings(model, data, m, how=Streaming(batch_size=4), **kwargs)
     assert full.features.shape == (16, 64) and full.meta.dim == 64 and full.meta.count == 16
     assert torch.equal(full.labels, data.labels)
     partial = tmp_path / "p.partial"
-    torch.save({"meta": m.to_dict(), "total": 16, "features": full.features[:8] + 1000,
-                "labels": full.labels[:8]}, partial)  # a marked half: must be kept, not redone
-    resumed = compute_embeddings(model, data, m, partial=partial, save_every=1, **kwargs)
-    assert torch.equal(resumed.features[:8], full.features[:8] + 1000)
-    assert torch.allclose(resumed.features[8:], full.features[8:], atol=1e-5)
+    how = Streaming(batch_size=4, resume=partial, save_every=1)
+    calls = {"n": 0}
+
+    def counted(module, inputs):
+        calls["n"] += 1
+        if calls["n"] == killed_at:
+            raise KeyboardInterrupt
+
+    handle = model.register_forward_pre_hook(counted)
+    killed_at = 3  # two batches (8 images) saved, killed in the third
+    with pytest.raises(KeyboardInterrupt):
+        compute_embeddings(model, data, m, how=how, **kwargs)
+    calls["n"], killed_at = 0, -1
+    resumed = compute_embeddings(model, data, m, how=how, **kwargs)
+    handle.remove()
+    assert calls["n"] == 2  # only the 8 images the partial file lacked
+    assert torch.allclose(resumed.features, full.features, atol=1e-5)
+    assert torch.equal(resumed.labels, full.labels) and not partial.exists()
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from narrows.errors import UserError
-from narrows.ssl.loss import StudentOutput, TeacherOutput, UDILoss
+from narrows.ssl.loss import Patches, StudentOutput, TeacherOutput, UDILoss
 
 TAU_S = 0.1
 
@@ -32,13 +32,12 @@ def make_outputs(B: int = 3, n: int = 2, Sg: int = 4, Sl: int = 3, K: int = 16, 
         cls_global=r(2, B, K), cls_local=r(n, B, K),
         plus_global=r(2, B, K) if two_tokens else None,
         plus_local=r(n, B, K) if two_tokens else None,
-        patch_global=r(2, B, Sg, K), patch_mask_global=packed_mask((2, B), Sg, gen))
+        patch_global=Patches(r(2, B, Sg, K), packed_mask((2, B), Sg, gen)))
     teacher = TeacherOutput(
-        cls=r(2, B, K), patch_global=r(2, B, Sg, K), mask_global=student.patch_mask_global.clone(),
-        patch_local=r(2, n, B, Sl, K), mask_local=packed_mask((2, n, B), Sl, gen))
+        cls=r(2, B, K), patch_global=Patches(r(2, B, Sg, K), student.patch_global.mask.clone()),
+        patch_local=Patches(r(2, n, B, Sl, K), packed_mask((2, n, B), Sl, gen)))
     if local_patch:
-        student.patch_local = r(2, n, B, Sl, K)
-        student.patch_mask_local = teacher.mask_local.clone()
+        student.patch_local = Patches(r(2, n, B, Sl, K), teacher.patch_local.mask.clone())
     return student, teacher
 
 
@@ -108,21 +107,24 @@ def brute_force(student: StudentOutput, teacher: TeacherOutput, center: torch.Te
     for u in range(2):  # global crop u against teacher view 1 - u
         v = 1 - u
         pc = sum(H(P(teacher.cls[v, b], c0), student.cls_global[u, b]) for b in range(B)) / B
-        pp = sum(H(P(blend(teacher.patch_global[u, b], teacher.mask_global[u, b],
+        tg = teacher.patch_global
+        pp = sum(H(P(blend(tg.logits[u, b], tg.mask[u, b],
                            teacher.cls[v, b]), c1), student.plus_global[u, b])
                  for b in range(B)) / B
         cls_pairs.append(pc), plus_pairs.append(pp), g_cls.append(pc), g_plus.append(pp)
     for k in range(n):
         for v in range(2):
             pc = sum(H(P(teacher.cls[v, b], c0), student.cls_local[k, b]) for b in range(B)) / B
-            pp = sum(H(P(blend(teacher.patch_local[v, k, b], teacher.mask_local[v, k, b],
+            tl = teacher.patch_local
+            pp = sum(H(P(blend(tl.logits[v, k, b], tl.mask[v, k, b],
                                teacher.cls[v, b]), c1), student.plus_local[k, b])
                      for b in range(B)) / B
             cls_pairs.append(pc), plus_pairs.append(pp), l_cls.append(pc), l_plus.append(pp)
-    g_samples = [H(P(teacher.patch_global[u, b, i], c2), student.patch_global[u, b, i])
+    g_samples = [H(P(teacher.patch_global.logits[u, b, i], c2),
+                   student.patch_global.logits[u, b, i])
                  for u in range(2) for b in range(B)
-                 for i in range(student.patch_mask_global.shape[-1])
-                 if student.patch_mask_global[u, b, i]]
+                 for i in range(student.patch_global.mask.shape[-1])
+                 if student.patch_global.mask[u, b, i]]
     result = {"cls": sum(cls_pairs) / len(cls_pairs), "plus": sum(plus_pairs) / len(plus_pairs),
               "g_cl": sum(g_cls) / 2, "g_mcl": sum(g_plus) / 2,
               "g_pch": sum(g_samples) / max(len(g_samples), 1)}
@@ -131,10 +133,11 @@ def brute_force(student: StudentOutput, teacher: TeacherOutput, center: torch.Te
         result["l_mcl"] = sum(l_plus) / (2 * n)
     result["patch"] = result["g_pch"]
     if local_patch and n:
-        l_samples = [H(P(teacher.patch_local[v, k, b, i], c2), student.patch_local[v, k, b, i])
+        l_samples = [H(P(teacher.patch_local.logits[v, k, b, i], c2),
+                       student.patch_local.logits[v, k, b, i])
                      for v in range(2) for k in range(n) for b in range(B)
-                     for i in range(student.patch_mask_local.shape[-1])
-                     if student.patch_mask_local[v, k, b, i]]
+                     for i in range(student.patch_local.mask.shape[-1])
+                     if student.patch_local.mask[v, k, b, i]]
         result["l_pch"] = sum(l_samples) / max(len(l_samples), 1)
         result["patch"] = (2 * result["g_pch"] + 2 * n * result["l_pch"]) / (2 + 2 * n)
     result["total"] = (result["cls"] + result["plus"] + result["patch"]) / 3
@@ -187,23 +190,23 @@ def test_alpha_zero_makes_plus_target_the_cls_target() -> None:
 def test_invalid_patch_slots_change_nothing_and_all_invalid_is_finite() -> None:
     student, teacher = make_outputs(n=2, seed=5, local_patch=True)
     base = UDILoss(16, local_patch=True)(student, teacher, 0.04)
-    for mask, logits in ((student.patch_mask_global, student.patch_global),
-                         (teacher.mask_global, teacher.patch_global),
-                         (teacher.mask_local, teacher.patch_local),
-                         (student.patch_mask_local, student.patch_local)):
+    for mask, logits in ((student.patch_global.mask, student.patch_global.logits),
+                         (teacher.patch_global.mask, teacher.patch_global.logits),
+                         (teacher.patch_local.mask, teacher.patch_local.logits),
+                         (student.patch_local.mask, student.patch_local.logits)):
         logits[~mask] = float("nan")
-    student.patch_global.requires_grad_(True)
+    student.patch_global.logits.requires_grad_(True)
     loss = UDILoss(16, local_patch=True)
     out = loss(student, teacher, 0.04)
     assert torch.allclose(out.total, base.total, rtol=1e-6)
     for name in base.terms:
         assert torch.allclose(out.terms[name], base.terms[name], rtol=1e-6), name
     out.total.backward()
-    assert torch.isfinite(student.patch_global.grad).all()
+    assert torch.isfinite(student.patch_global.logits.grad).all()
     assert torch.isfinite(loss.center).all()
     # no valid sample anywhere: finite loss, zero patch term, c_2 keeps its value
-    for mask in (student.patch_mask_global, teacher.mask_global, teacher.mask_local,
-                 student.patch_mask_local):
+    for mask in (student.patch_global.mask, teacher.patch_global.mask, teacher.patch_local.mask,
+                 student.patch_local.mask):
         mask.zero_()
     loss = UDILoss(16, local_patch=True)
     loss.center[2] = 1.5
@@ -238,9 +241,8 @@ def test_centres_fed_as_spec_on_a_tiny_case() -> None:
     tpl[0, 0, 0, 1] = tpl[1, 0, 0, 0] = tpl[1, 0, 0, 1] = -1e6
     student = StudentOutput(cls_global=torch.randn(2, 1, K), cls_local=torch.randn(1, 1, K),
                             plus_global=torch.randn(2, 1, K), plus_local=torch.randn(1, 1, K),
-                            patch_global=torch.randn(2, 1, 2, K), patch_mask_global=mg)
-    teacher = TeacherOutput(cls=tc, patch_global=tpg, mask_global=mg, patch_local=tpl,
-                            mask_local=ml)
+                            patch_global=Patches(torch.randn(2, 1, 2, K), mg))
+    teacher = TeacherOutput(cls=tc, patch_global=Patches(tpg, mg), patch_local=Patches(tpl, ml))
     loss = UDILoss(K, alpha=a)
     loss(student, teacher, 0.04)
     e = 1e-5
@@ -256,7 +258,7 @@ def test_centres_fed_as_spec_on_a_tiny_case() -> None:
 
 def test_prob_mixture_is_its_definition_and_differs_from_logit_mean() -> None:
     student, teacher = make_outputs(n=0, seed=8)
-    teacher.mask_global[0, 0] = False  # one crop without valid samples: target = P_cls
+    teacher.patch_global.mask[0, 0] = False  # one crop without valid samples: target = P_cls
     a, temp = 0.4, 0.05
     center = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
     mix = UDILoss(16, alpha=a, plus_target="prob_mixture")
@@ -266,7 +268,7 @@ def test_prob_mixture_is_its_definition_and_differs_from_logit_mean() -> None:
     for u in range(2):
         for b in range(B):
             p_cls = F.softmax((teacher.cls[1 - u, b] - center[0]) / temp, dim=-1)
-            valid = teacher.patch_global[u, b][teacher.mask_global[u, b]]
+            valid = teacher.patch_global.logits[u, b][teacher.patch_global.mask[u, b]]
             if len(valid):
                 p_patch = F.softmax((valid - center[2]) / temp, dim=-1).mean(0)
                 target = a * p_patch + (1 - a) * p_cls
@@ -320,8 +322,12 @@ def test_bad_configurations_are_user_errors() -> None:
 def test_half_precision_inputs_are_handled_in_float32() -> None:
     student, teacher = make_outputs(n=2, seed=12)
     ref = UDILoss(16)(student, teacher, 0.04)
-    half = StudentOutput(**{k: (v.bfloat16() if v is not None and v.is_floating_point() else v)
-                            for k, v in student.__dict__.items()})
+    def bf16(v):
+        if isinstance(v, Patches):
+            return Patches(v.logits.bfloat16(), v.mask)
+        return v.bfloat16() if v is not None else v
+
+    half = StudentOutput(**{k: bf16(v) for k, v in student.__dict__.items()})
     out = UDILoss(16)(half, teacher, 0.04)
     assert out.total.dtype == torch.float32
     assert float(out.total) == pytest.approx(float(ref.total), rel=2e-2)

@@ -215,7 +215,7 @@ def test_one_head_serves_all_levels():
     batch = make_batch()
     out = student.forward_student(batch)
     # patch logits are the head applied to the SRS output; cls logits the head on the class token
-    grads = torch.autograd.grad(out.patch_global.sum(), student.head.mlp[0].weight,
+    grads = torch.autograd.grad(out.patch_global.logits.sum(), student.head.mlp[0].weight,
                                 retain_graph=True)  # one head call serves every level
     assert grads[0].abs().sum() > 0
     grads = torch.autograd.grad(out.plus_global.sum(), student.head.mlp[0].weight)
@@ -245,11 +245,11 @@ def test_teacher_runs_the_backbone_once_and_pairs_views():
     with torch.no_grad():
         out = teacher.forward_teacher(batch)
     assert calls[0] == 1
-    assert out.cls.shape == (2, B, 64) and out.patch_global.shape == (2, B, SG, 64)
-    assert out.patch_local.shape == (2, N_LOCAL, B, SL, 64)
-    assert out.mask_global.dtype == torch.bool
-    assert out.mask_global[..., :-1].all() and not out.mask_global[..., -1].any()
-    assert out.mask_local.shape == (2, N_LOCAL, B, SL)
+    assert out.cls.shape == (2, B, 64) and out.patch_global.logits.shape == (2, B, SG, 64)
+    assert out.patch_local.logits.shape == (2, N_LOCAL, B, SL, 64)
+    assert out.patch_global.mask.dtype == torch.bool
+    assert out.patch_global.mask[..., :-1].all() and not out.patch_global.mask[..., -1].any()
+    assert out.patch_local.mask.shape == (2, N_LOCAL, B, SL)
     # independent recomputation: per view, tokens → LN_1 → SRS on the right view → head
     with torch.no_grad():
         patches = [teacher.norm1(last_tokens(teacher.backbone, batch["globals"][v])[:, 2:])
@@ -261,20 +261,20 @@ def test_teacher_runs_the_backbone_once_and_pairs_views():
             torch.testing.assert_close(out.cls[u], cls[u], atol=1e-5, rtol=1e-4)
             expect = on_valid(teacher.head(teacher.srs(patches[1 - u], batch["tgt_global"][u])),
                               batch["tgt_global"][u])
-            torch.testing.assert_close(out.patch_global[u], expect, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(out.patch_global.logits[u], expect, atol=1e-5, rtol=1e-4)
             for k in range(N_LOCAL):
                 expect = on_valid(teacher.head(teacher.srs(patches[u], batch["tgt_local"][u, k])),
                                   batch["tgt_local"][u, k])
-                torch.testing.assert_close(out.patch_local[u, k], expect, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(out.patch_local.logits[u, k], expect, atol=1e-5, rtol=1e-4)
     # changing view 1 only changes the predictions made from view 1's tokens
     changed = dict(batch, globals=batch["globals"].clone())
     changed["globals"][1] += 1.0
     with torch.no_grad():
         other = teacher.forward_teacher(changed)
-    torch.testing.assert_close(other.patch_global[1], out.patch_global[1])
-    torch.testing.assert_close(other.patch_local[0], out.patch_local[0])
-    assert not torch.allclose(other.patch_global[0], out.patch_global[0])
-    assert not torch.allclose(other.patch_local[1], out.patch_local[1])
+    torch.testing.assert_close(other.patch_global.logits[1], out.patch_global.logits[1])
+    torch.testing.assert_close(other.patch_local.logits[0], out.patch_local.logits[0])
+    assert not torch.allclose(other.patch_global.logits[0], out.patch_global.logits[0])
+    assert not torch.allclose(other.patch_local.logits[1], out.patch_local.logits[1])
 
 
 def test_student_outputs_and_local_srs_switch():
@@ -287,12 +287,12 @@ def test_student_outputs_and_local_srs_switch():
     assert runs[0] == 2 and srs_calls[0] == 1
     assert out.cls_global.shape == (2, B, 64) and out.plus_global.shape == (2, B, 64)
     assert out.cls_local.shape == (N_LOCAL, B, 64) and out.plus_local.shape == (N_LOCAL, B, 64)
-    assert out.patch_global.shape == (2, B, SG, 64) and out.patch_local is None
-    torch.testing.assert_close(out.patch_mask_global, batch["src_global"].sum(-1) > 0)
+    assert out.patch_global.logits.shape == (2, B, SG, 64) and out.patch_local is None
+    torch.testing.assert_close(out.patch_global.mask, batch["src_global"].sum(-1) > 0)
     # the student's patch u comes from its own view u
     with torch.no_grad():
         z = student.norm1(last_tokens(student.backbone, batch["globals"][1])[:, 2:])
-        torch.testing.assert_close(out.patch_global[1],
+        torch.testing.assert_close(out.patch_global.logits[1],
                                    on_valid(student.head(student.srs(z, batch["src_global"][1])),
                                             batch["src_global"][1]),
                                    atol=1e-5, rtol=1e-4)
@@ -301,11 +301,11 @@ def test_student_outputs_and_local_srs_switch():
                                    atol=1e-5, rtol=1e-4)
     with_local, _ = pair(local_patch=True)
     out = with_local(batch)
-    assert out.patch_local.shape == (2, N_LOCAL, B, SL, 64)
-    assert out.patch_mask_local.shape == (2, N_LOCAL, B, SL)
+    assert out.patch_local.logits.shape == (2, N_LOCAL, B, SL, 64)
+    assert out.patch_local.mask.shape == (2, N_LOCAL, B, SL)
     with torch.no_grad():
         z = with_local.norm1(last_tokens(with_local.backbone, batch["locals"][0])[:, 2:])
-        torch.testing.assert_close(out.patch_local[1, 0],
+        torch.testing.assert_close(out.patch_local.logits[1, 0],
                                    on_valid(with_local.head(with_local.srs(
                                        z, batch["src_local"][1, 0])), batch["src_local"][1, 0]),
                                    atol=1e-5, rtol=1e-4)
@@ -320,7 +320,7 @@ def test_no_local_crops():
     assert out.cls_local.shape == (0, B, 64) and out.plus_local.shape == (0, B, 64)
     with torch.no_grad():
         t = teacher.forward_teacher(batch)
-    assert t.patch_local.shape == (2, 0, B, SL, 64)
+    assert t.patch_local.logits.shape == (2, 0, B, SL, 64)
 
 
 def test_dino_mode_has_no_patch_modules():
@@ -354,7 +354,7 @@ def test_build_pair_teacher_is_a_frozen_copy_and_state_dicts_round_trip():
     batch = make_batch()
     with torch.no_grad():
         a, b = teacher.forward_teacher(batch), other.forward_teacher(batch)
-    torch.testing.assert_close(a.patch_local, b.patch_local)
+    torch.testing.assert_close(a.patch_local.logits, b.patch_local.logits)
     torch.testing.assert_close(a.cls, b.cls)
 
 

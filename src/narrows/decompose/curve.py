@@ -18,8 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from narrows.data.streaming import Streaming, stream_dataset
 from narrows.decompose.head import DecomposedLinear, decompose
 from narrows.decompose.indices import ClassIndices
 from narrows.decompose.parts import split_head
@@ -39,19 +40,16 @@ def validate(
     indices: ClassIndices | None = None,
     *,
     normalizer: Callable[[Tensor], Tensor],
-    device: torch.device | str = "cpu",
-    batch_size: int = 256,
-    workers: int = 0,
-    progress: bool = False,
+    how: Streaming = Streaming(progress=False),
 ) -> Any:
     """Top-1/top-5/loss (:class:`~narrows.training.EvalResult`) of ``model`` on ``data`` (a
     data set or a bundle's test split), decomposed with ``indices`` when given; images are
-    normalised with ``normalizer``."""
+    normalised with ``normalizer``; ``how`` gives the device, batch size, workers and bar."""
     from narrows.training import evaluate
 
     net = decompose(model, indices) if indices is not None else model
-    return evaluate(net.to(device), _test_split(data), normalizer, torch.device(device),
-                    batch_size=batch_size, workers=workers, progress=progress)
+    return evaluate(net.to(how.device), _test_split(data), normalizer, torch.device(how.device),
+                    batch_size=how.batch_size, workers=how.workers, progress=how.progress)
 
 
 @dataclass
@@ -164,20 +162,16 @@ def accuracy_curve(
     ks: Sequence[int],
     *,
     normalizer: Callable[[Tensor], Tensor],
-    device: torch.device | str = "cpu",
-    batch_size: int = 256,
-    workers: int = 0,
-    progress: bool = False,
+    how: Streaming = Streaming(progress=False),
 ) -> Curve:
-    """Decomposed top-1 of ``model`` (not yet decomposed) on ``data`` for each source and k.
+    """Decomposed top-1 of ``model`` (not yet decomposed) on ``data`` for each source and k,
+    in one pass (``how``: device, batch size, workers, bar).
 
     ``sources[name](k)`` gives the indices of that source at k (e.g. ``extraction.indices``,
     ``lambda k: ClassIndices.random(C, D, k, seed)``, ``lambda k: top_weights(linear, k)``),
     for each k of ``ks``; images are normalised with ``normalizer``.
     """
-    from tqdm.auto import tqdm
-
-    device = torch.device(device)
+    device = torch.device(how.device)
     model.eval().to(device)
     features, linear = split_head(model)
     ks = sorted({int(k) for k in ks if 1 <= int(k) <= linear.in_features})
@@ -186,20 +180,32 @@ def accuracy_curve(
         for name, source in sources.items()
         for k in ks
     }
-    correct = {key: torch.zeros((), dtype=torch.int64, device=device) for key in heads}
-    full = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
-    dataset = _test_split(data)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    for images, labels in tqdm(loader, desc="accuracy vs k", leave=False,
-                               disable=None if progress else True):
+    tally = _Tally({key: torch.zeros((), dtype=torch.int64, device=device)
+                    for key in [*heads, "full"]})
+
+    def step(images: Tensor, labels: Tensor) -> None:
         labels = labels.to(device)
-        h = features(normalizer(images.to(device)))
-        full += (linear(h).argmax(1) == labels).sum()
+        h = features(normalizer(images))
+        tally.add("full", linear(h), labels)
         for key, weight in heads.items():
-            correct[key] += (F.linear(h, weight, linear.bias).argmax(1) == labels).sum()
-        n += labels.shape[0]
-    top1 = {
-        name: [float(correct[(name, k)]) / max(n, 1) for k in ks] for name in sources
-    }
-    return Curve(ks, top1, float(full) / max(n, 1), n)
+            tally.add(key, F.linear(h, weight, linear.bias), labels)
+
+    n = stream_dataset(_test_split(data), step, tally, how, desc="accuracy vs k")
+    top1 = {name: [float(tally.correct[(name, k)]) / max(n, 1) for k in ks] for name in sources}
+    return Curve(ks, top1, float(tally.correct["full"]) / max(n, 1), n)
+
+
+class _Tally:
+    """Correct top-1 predictions per head so far (a pass's state)."""
+
+    def __init__(self, correct: dict[Any, Tensor]) -> None:
+        self.correct = correct
+
+    def add(self, key: Any, logits: Tensor, labels: Tensor) -> None:
+        self.correct[key] += (logits.argmax(1) == labels).sum()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"correct": self.correct}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.correct = state["correct"]

@@ -7,25 +7,23 @@ continues after the last saved batch (the order is fixed: no shuffling, no augme
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
+from narrows.data.streaming import Say, Streaming, stream_dataset
 from narrows.decompose.extraction import Extraction
 from narrows.decompose.histogram import TopKHistogram
 from narrows.decompose.parts import Features, split_head
 from narrows.errors import UserError
 from narrows.models.layers import get_layer, run_to
-from narrows.runs.files import atomic_torch_save
-from narrows.runtime import format_duration
 
 DEFAULT_THRESHOLDS = (0.5, 0.75, 0.9)
-Say = Callable[[str], None]
 
 
 def features_at(model: nn.Module, layer: str | None = None) -> Features:
@@ -118,12 +116,11 @@ def extract(
     device = torch.device(device)
     features = features_at(model, layer)
     width = _width(model, features, dataset, normalizer, device)
-    common = {"normalizer": normalizer, "device": device, "batch_size": batch_size,
-              "workers": workers, "progress": progress, "save_every": save_every, "say": say}
+    how = Streaming(device, batch_size, workers, progress, say, resume, save_every)
     info = {"layer": layer or "pre_logits", **(meta or {})}
     if fraction is not None:
         return _fractional(model, features, dataset, width, fraction, num_classes, thresholds,
-                           resume, common, info)
+                           normalizer, how, info)
     assert k is not None
     k_img = k if k_img is None else k_img
     for name, value in (("k", k), ("k_img", k_img)):
@@ -132,7 +129,7 @@ def extract(
     ks = curve_ks(width) if ks is None else ks
     hist = TopKHistogram(num_classes, width, {k_img, *[x for x in ks if 1 <= x <= width]},
                          k_mass=k, thresholds=thresholds, device=device)
-    stream(model, features, dataset, hist, resume=resume, **common)
+    count(model, features, dataset, hist, normalizer, how)
     info = {"layer": info["layer"], "images_seen": int(hist.images.sum()), **(meta or {})}
     return Extraction.from_state(hist.state_dict(), k, k_img, info)
 
@@ -157,22 +154,22 @@ def _fractional(
     fraction: float,
     num_classes: int,
     thresholds: Sequence[float],
-    resume: str | Path | None,
-    common: dict[str, Any],
+    normalizer: Callable[[Tensor], Tensor] | None,
+    how: Streaming,
     info: dict[str, Any],
 ) -> Extraction:
     """The two passes of :func:`extract_fractional`."""
-    device = common["device"]
     levels = sorted({fraction, *thresholds})
-    first = TopKHistogram(num_classes, width, [1], thresholds=levels, device=device)
-    partial = Path(resume) if resume else None
-    stream(model, features, dataset, first, resume=partial and partial.with_suffix(".pass1.pt"),
-           desc="extract (pass 1/2)", **common)
+    first = TopKHistogram(num_classes, width, [1], thresholds=levels, device=how.device)
+    partial = Path(how.resume) if how.resume else None
+    count(model, features, dataset, first, normalizer,
+          replace(how, resume=partial and partial.with_suffix(".pass1.pt")),
+          desc="extract (pass 1/2)")
     probe = Extraction.from_state(first.state_dict(), 1, 1)
     per_class = probe.fractional_k(fraction)
     second = TopKHistogram(num_classes, width, per_class, k_mass=max(per_class),
-                           thresholds=levels, device=device)
-    stream(model, features, dataset, second, resume=partial, desc="extract (pass 2/2)", **common)
+                           thresholds=levels, device=how.device)
+    count(model, features, dataset, second, normalizer, how, desc="extract (pass 2/2)")
     layer, extra = info["layer"], {key: v for key, v in info.items() if key != "layer"}
     info = {"layer": layer, "fraction": fraction, "k_per_class": per_class,
             "images_seen": int(second.images.sum()), **extra}
@@ -198,81 +195,16 @@ def _width(
 
 
 @torch.no_grad()
-def stream(
-    model: nn.Module,
-    features: Features,
-    dataset: Dataset,
-    hist: TopKHistogram,
-    *,
-    normalizer: Callable[[Tensor], Tensor] | None = None,
-    device: torch.device | str = "cpu",
-    batch_size: int = 256,
-    workers: int = 0,
-    progress: bool = True,
-    resume: str | Path | None = None,
-    save_every: int = 200,
-    say: Say | None = None,
-    desc: str = "extract",
-) -> TopKHistogram:
-    """Feed ``dataset`` through ``features`` into ``hist``, in order, resuming from ``resume``.
+def count(model: nn.Module, features: Features, dataset: Dataset, hist: TopKHistogram,
+          normalizer: Callable[[Tensor], Tensor] | None, how: Streaming,
+          desc: str = "extract") -> TopKHistogram:
+    """Feed ``dataset`` (in order, ``model`` in eval mode) through ``normalizer`` (if any) and
+    ``features`` into ``hist``; ``how`` says where, in which batches, and the partial file a
+    killed call resumes from; ``desc`` names the pass in its bar."""
+    model.eval().to(how.device)
 
-    Prints (through ``say``) the images to go and, after the first batch, the estimated time.
-    """
-    from tqdm.auto import tqdm
+    def step(images: Tensor, labels: Tensor) -> None:
+        hist.update(features(normalizer(images) if normalizer else images), labels)
 
-    device = torch.device(device)
-    model.eval().to(device)
-    total = len(dataset)  # type: ignore[arg-type]
-    done = _restore(hist, resume, total, batch_size)
-    if done >= total:
-        return hist
-    loader = DataLoader(Subset(dataset, range(done, total)), batch_size=batch_size,
-                        shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
-    if say is not None:
-        batches = -(-(total - done) // batch_size)
-        say(f"{desc}: {total - done} images to go"
-            + (f" (resuming after {done})" if done else "")
-            + f", {batches} batches of {batch_size}, one forward pass each")
-    bar = tqdm(loader, desc=desc, leave=False, disable=None if progress else True, unit="batch")
-    started = time.perf_counter()
-    for step, (images, labels) in enumerate(bar, 1):
-        images = images.to(device, non_blocking=True)
-        h = features(normalizer(images) if normalizer else images)
-        hist.update(h, labels)
-        done += labels.shape[0]
-        if step == 2 and say is not None:  # the first batch carries the warm-up
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            rate = 2 * batch_size / max(time.perf_counter() - started, 1e-9)
-            say(f"{desc}: ≈ {format_duration((total - done) / rate)} to go at {rate:,.0f} images/s")
-        if resume is not None and step % save_every == 0 and done < total:
-            _save_partial(hist, resume, done, total, batch_size)
-    if resume is not None:
-        Path(resume).unlink(missing_ok=True)
+    stream_dataset(dataset, step, hist, how, desc=desc)
     return hist
-
-
-def _restore(hist: TopKHistogram, resume: str | Path | None, total: int, batch_size: int) -> int:
-    if resume is None or not Path(resume).is_file():
-        return 0
-    try:
-        saved = torch.load(resume, map_location="cpu", weights_only=True)
-        if saved["total"] != total or saved["batch_size"] != batch_size:
-            return 0
-        fresh = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                 for k, v in hist.state_dict().items()}
-        try:
-            hist.load_state_dict(saved["histogram"])
-            return int(saved["done"])
-        except Exception:
-            hist.load_state_dict(fresh)  # a half-read partial file counts nothing
-            raise
-    except Exception:  # other settings or a damaged file (any kind): start over
-        return 0
-
-
-def _save_partial(
-    hist: TopKHistogram, resume: str | Path, done: int, total: int, batch_size: int
-) -> None:
-    atomic_torch_save(resume, {"histogram": hist.state_dict(), "done": done, "total": total,
-                               "batch_size": batch_size})

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from narrows.data.streaming import Streaming
 from narrows.decompose.curve import Curve, accuracy_curve
 from narrows.decompose.curve import validate as validate_model
 from narrows.decompose.extract import curve_ks, extract, extract_fractional
@@ -265,8 +266,8 @@ def validation_report(subject: Any, options: ValidateOptions | None = None, *, s
     chosen = load_indices(indices, model) if indices else None
     histograms = _load_extraction(extraction, classes, width)
     test = bundle.test()
-    common = {"normalizer": Normalizer(subject.mean, subject.std), "device": device,
-              "batch_size": batch_size, "workers": workers, "progress": progress}
+    common = {"normalizer": Normalizer(subject.mean, subject.std),
+              "how": Streaming(device, batch_size, workers, progress)}
     say(f"validating {subject.name} on {len(test)} test images of {bundle.info.spec} "
         f"on {device}" + (f" → {run.path}" if run is not None else ""))
     full = validate_model(model, test, **common)
@@ -313,8 +314,8 @@ def decomposed_report(checkpoint: str | Path, *, name: str | None = None,
     served = data_for_model(spec, card, loaded.model, image_size=image_size, say=say,
                             what=str(checkpoint))
     result = validate_model(loaded.model, served.bundle.test(),
-                            normalizer=Normalizer(served.mean, served.std), device=device,
-                            batch_size=batch_size, workers=workers, progress=progress)
+                            normalizer=Normalizer(served.mean, served.std),
+                            how=Streaming(device, batch_size, workers, progress))
     return ValidationReport({"checkpoint": checkpoint, "data": spec, "n": result.n,
                              "decomposed": {**result.to_dict(), "indices": "inside the checkpoint",
                                             "k": loaded.indices.k}})

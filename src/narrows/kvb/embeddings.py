@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from narrows.data.streaming import Streaming
 from narrows.errors import UserError
 
 FORMAT = "narrows-kvb-embeddings"
@@ -308,72 +309,59 @@ def compute_embeddings(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     resize: int | None = None,
-    device: torch.device | str = "cpu",
-    batch_size: int = 256,
-    workers: int = 0,
-    progress: bool = False,
-    partial: str | Path | None = None,
-    save_every: int = 50,
+    how: Streaming = Streaming(progress=False, save_every=50),
 ) -> Embeddings:
     """Embed every image of ``dataset`` in order; ``meta`` is completed with dim and count.
 
-    With ``partial``, the features computed so far are saved there every ``save_every``
-    batches and a later call with the same ``meta`` starts where that file stops.
+    ``how``: device, batch size, workers, bar; with ``how.resume`` (a file path) the features
+    computed so far are saved there every ``how.save_every`` batches and a later call with the
+    same ``meta`` starts where that file stops.
     """
     import torch.nn.functional as F
-    from torch.utils.data import DataLoader, Subset
 
-    from narrows.runs import atomic_torch_save
+    from narrows.data.streaming import stream_dataset
     from narrows.training import Normalizer
 
-    device = torch.device(device)
-    model = model.to(device).eval()
+    model = model.to(how.device).eval()
     features_of = pooled_features(model)
     normalizer = Normalizer(mean, std)
-    total = len(dataset)
-    done: list[Tensor] = []
-    labels: list[Tensor] = []
-    start = 0
-    key = meta.to_dict()
-    if partial is not None and Path(partial).is_file():
-        try:
-            saved = torch.load(partial, map_location="cpu", weights_only=True)
-            if saved.get("meta") == key and saved.get("total") == total:
-                features, got = saved["features"], saved["labels"]
-                if (features.ndim == 2 and got.ndim == 1 and len(features) == len(got)
-                        and len(features) <= total):
-                    done, labels, start = [features], [got], int(features.shape[0])
-        except Exception:  # noqa: BLE001 - a damaged partial file (any kind): embed afresh
-            done, labels, start = [], [], 0
-    loader = DataLoader(Subset(dataset, range(start, total)), batch_size=batch_size,
-                        shuffle=False, num_workers=workers)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    collected = _Collected()
 
-        bar = tqdm(total=total, initial=start, desc=f"embedding {meta.split}", unit="img",
-                   leave=False)
-    for step, (images, targets) in enumerate(loader, 1):
-        x = images.to(device)
-        if resize is not None and x.shape[-1] != resize:
-            x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False)
-        done.append(features_of(normalizer(x)).float().cpu())
-        labels.append(torch.as_tensor(targets).long())
-        if bar is not None:
-            bar.update(len(images))
-        if partial is not None and step % save_every == 0:
-            done, labels = [torch.cat(done)], [torch.cat(labels)]
-            atomic_torch_save(partial, {"meta": key, "total": total, "features": done[0],
-                                        "labels": labels[0]})
-    if bar is not None:
-        bar.close()
-    feats = torch.cat(done) if done else torch.empty(0, 0)
-    labs = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+    def step(images: Tensor, labels: Tensor) -> None:
+        if resize is not None and images.shape[-1] != resize:
+            images = F.interpolate(images, size=(resize, resize), mode="bilinear",
+                                   align_corners=False)
+        collected.add(features_of(normalizer(images)).float().cpu(), labels.long())
+
+    key = meta.to_dict()
+    stream_dataset(dataset, step, collected, how, key=key, desc=f"embedding {meta.split}")
+    feats, labs = collected.state_dict().values()
     final = EmbeddingMeta.from_dict({**key, "dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
                                      "count": int(feats.shape[0])})
     return Embeddings(feats, labs, final)
 
 
-def remove_partial(partial: str | Path | None) -> None:
-    if partial is not None:
-        Path(partial).unlink(missing_ok=True)
+class _Collected:
+    """The features and labels of a pass so far (a resumable state)."""
+
+    def __init__(self) -> None:
+        self.features: list[Tensor] = []
+        self.labels: list[Tensor] = []
+
+    def add(self, features: Tensor, labels: Tensor) -> None:
+        self.features.append(features)
+        self.labels.append(labels)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """``features`` (N, D) and ``labels`` (N,), joined once (so saving stays linear)."""
+        self.features = [torch.cat(self.features)] if self.features else []
+        self.labels = [torch.cat(self.labels)] if self.labels else []
+        return {"features": self.features[0] if self.features else torch.empty(0, 0),
+                "labels": self.labels[0] if self.labels else torch.empty(0, dtype=torch.long)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        features, labels = state["features"], state["labels"]
+        if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
+            raise ValueError("saved features and labels do not match")
+        self.features = [features] if len(features) else []
+        self.labels = [labels] if len(labels) else []

@@ -45,6 +45,7 @@ def embed(checkpoint: str | None = None, *, model: str | None = None, data: str 
         return embed(**_with_options(given, options))
     from narrows.data import load
     from narrows.data.specs import parse_spec
+    from narrows.data.streaming import Streaming
     from narrows.kvb.embeddings import EmbeddingMeta, embedding_path, load_backbone
     from narrows.models.inputs import RESIZABLE_KINDS
 
@@ -75,9 +76,10 @@ def embed(checkpoint: str | None = None, *, model: str | None = None, data: str 
         dataset = bundle.split(split, "none")
         say(f"embedding {len(dataset)} {split} images of {spec} through {backbone.id} "
             f"on {device} → {path}")
+        how = Streaming(device, batch_size, workers, progress, save_every=save_every,
+                        resume=path.with_name(f".{path.name}.partial"))
         _embed_split(backbone, dataset, meta, path, mean=mean, std=std, resize=resize,
-                     device=device, batch_size=batch_size, workers=workers, progress=progress,
-                     save_every=save_every, overwrite=overwrite, say=say)
+                     how=how, overwrite=overwrite, say=say)
     return files
 
 
@@ -113,16 +115,14 @@ def _kept(path: Path, meta: Any, overwrite: bool, say: Callable[[str], Any]) -> 
                     "pass `overwrite` to replace it, or another `out`")
 
 
-def _embed_split(backbone: Any, dataset: Any, meta: Any, path: Path, *, overwrite: bool,
-                 say: Callable[[str], Any], **options: Any) -> None:
-    from narrows.kvb.embeddings import compute_embeddings, remove_partial
+def _embed_split(backbone: Any, dataset: Any, meta: Any, path: Path, *, how: Any,
+                 overwrite: bool, say: Callable[[str], Any], **options: Any) -> None:
+    from narrows.kvb.embeddings import compute_embeddings
 
-    partial = path.with_name(f".{path.name}.partial")
     if overwrite:
-        remove_partial(partial)
-    result = compute_embeddings(backbone.model, dataset, meta, partial=partial, **options)
+        Path(how.resume).unlink(missing_ok=True)
+    result = compute_embeddings(backbone.model, dataset, meta, how=how, **options)
     result.save(path)
-    remove_partial(partial)
     say(f"  {result.meta.count} × {result.meta.dim} features → {path}")
 
 

@@ -14,7 +14,7 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from narrows.models.cifar_common import check_int, cifar_cfg, entry_kwargs, instance_cfg
+from narrows.models.cifar_common import CifarNet, check_int, cifar_cfg, entry_kwargs, instance_cfg
 
 TRUNK_END = 13  # all_layers[:13] is the trunk, all_layers[13:] the head
 CLASSIFIER_INDEX = 19
@@ -31,7 +31,7 @@ def _pooled(size: int) -> int:
     return (size - 1) // 2 + 1
 
 
-class CifarAlexNet(nn.Module):
+class CifarAlexNet(CifarNet):
     """AlexNet for ``img_size``×``img_size`` images (32 by default → a 256×4×4 feature map).
 
     ``forward_features`` returns the last conv feature map after its max-pool;
@@ -48,14 +48,13 @@ class CifarAlexNet(nn.Module):
         img_size: int = 32,
         hidden: int = 512,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, num_features=256,
+            head_hidden_size=hidden,
+            cfg=instance_cfg(_BASE_CFG, architecture="alexnet_cifar", num_classes=num_classes,
+                             in_chans=in_chans, img_size=img_size))
         side = _pooled(_pooled(_pooled(img_size)))
-        self.num_classes = num_classes
-        self.in_chans = in_chans
         self.img_size = img_size
-        self.drop_rate = drop_rate
-        self.num_features = 256
-        self.head_hidden_size = hidden
         self.all_layers = nn.Sequential(
             nn.Conv2d(in_chans, 64, kernel_size=7, stride=1, padding=3),  # 0
             nn.ReLU(),
@@ -77,36 +76,20 @@ class CifarAlexNet(nn.Module):
             nn.Dropout(drop_rate),
             nn.Linear(hidden, hidden),  # 18
             nn.ReLU(),
-            self._make_head(num_classes),  # 19: the classifier
+            self._new_head(num_classes),  # 19: the classifier
         )
-        self.pretrained_cfg = self.default_cfg = instance_cfg(
-            _BASE_CFG,
-            architecture="alexnet_cifar",
-            num_classes=num_classes,
-            in_chans=in_chans,
-            img_size=img_size,
-        )
-
-    def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def get_classifier(self) -> nn.Module:
         return self.all_layers[CLASSIFIER_INDEX]
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the last linear layer by a freshly initialised one (``global_pool`` is ignored)."""
-        self.num_classes = num_classes
-        self.all_layers[CLASSIFIER_INDEX] = self._make_head(num_classes)
-        self.pretrained_cfg = self.default_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
+    def _install_head(self, head: nn.Module) -> None:
+        self.all_layers[CLASSIFIER_INDEX] = head
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.all_layers[:TRUNK_END](x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.all_layers[TRUNK_END : CLASSIFIER_INDEX if pre_logits else None](x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 default_cfgs = generate_default_cfgs({"alexnet_cifar": dict(_BASE_CFG)})

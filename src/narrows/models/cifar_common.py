@@ -1,8 +1,12 @@
-"""What narrows' own CIFAR architectures share: their timm config and entry-point argument checks."""
+"""What narrows' own CIFAR architectures share: timm's model interface, their timm config and
+entry-point argument checks."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
+from torch import nn
 
 from narrows.errors import UserError
 
@@ -78,3 +82,49 @@ def check_int(name: str, key: str, value: Any, minimum: int) -> int:
             f"pass a valid {key}",
         )
     return value
+
+
+class CifarNet(nn.Module):
+    """timm's model interface over a subclass's trunk (``forward_features``) and head
+    (``forward_head``): ``num_classes``, ``in_chans``, ``drop_rate``, ``num_features`` (channels
+    of the feature map), ``head_hidden_size`` (inputs of the last linear layer),
+    ``pretrained_cfg``; ``get_classifier`` / ``reset_classifier`` through the subclass's
+    ``_install_head``."""
+
+    def __init__(self, *, num_classes: int, in_chans: int, drop_rate: float, num_features: int,
+                 head_hidden_size: int, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.num_features = num_features
+        self.head_hidden_size = head_hidden_size
+        self.pretrained_cfg = self.default_cfg = cfg
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        """A freshly initialised last linear layer (identity for ``num_classes=0``)."""
+        if num_classes > 0:
+            return nn.Linear(self.head_hidden_size, num_classes)
+        return nn.Identity()
+
+    def _install_head(self, head: nn.Module) -> None:
+        raise NotImplementedError
+
+    def get_classifier(self) -> nn.Module:
+        raise NotImplementedError
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the last linear layer by a freshly initialised one with ``num_classes``
+        outputs (``global_pool`` is checked by subclasses that pool)."""
+        self.num_classes = num_classes
+        self._install_head(self._new_head(num_classes))
+        self.pretrained_cfg = self.default_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from narrows.models.cifar_common import check_int, cifar_cfg, entry_kwargs, instance_cfg
+from narrows.models.cifar_common import CifarNet, check_int, cifar_cfg, entry_kwargs, instance_cfg
 
 DEPTHS = (20, 32, 44, 56, 110)
 WIDTHS = (16, 32, 64)
@@ -65,7 +65,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(CifarNet):
     """ResNet-``depth`` for small images (``depth = 6n + 2``) with timm's model interface.
 
     ``forward_features`` returns the last block's output after its ReLU (``B×64×H/4×W/4``);
@@ -81,15 +81,15 @@ class CifarResNet(nn.Module):
         in_chans: int = 3,
         drop_rate: float = 0.0,
     ) -> None:
-        super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        super().__init__(
+            num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+            num_features=WIDTHS[-1], head_hidden_size=WIDTHS[-1],
+            cfg=instance_cfg(_BASE_CFG, architecture=f"resnet{depth}_cifar",
+                             num_classes=num_classes, in_chans=in_chans))
         blocks = (depth - 2) // 6
         self.depth = depth
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-        self.num_features = self.head_hidden_size = WIDTHS[-1]
 
         self.conv1 = nn.Conv2d(in_chans, WIDTHS[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(WIDTHS[0])
@@ -104,14 +104,8 @@ class CifarResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3 = stages
         self.head_drop = nn.Dropout(drop_rate)
-        self.linear: nn.Module = self._make_head(num_classes)
+        self.linear: nn.Module = self._new_head(num_classes)
         self.apply(_kaiming_init)
-        self.pretrained_cfg = self.default_cfg = instance_cfg(
-            _BASE_CFG,
-            architecture=f"resnet{depth}_cifar",
-            num_classes=num_classes,
-            in_chans=in_chans,
-        )
 
     # ``fc`` is a view of ``linear``: reading or assigning it uses ``linear``; no extra state keys.
     @property
@@ -121,20 +115,18 @@ class CifarResNet(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__("linear" if name == "fc" else name, value)
 
-    def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def get_classifier(self) -> nn.Module:
         return self.linear
+
+    def _install_head(self, head: nn.Module) -> None:
+        head.apply(_kaiming_init)
+        self.linear = head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head by a freshly initialised one (``global_pool`` must be avg or None)."""
         if global_pool not in (None, "avg"):
             raise ValueError(f"CIFAR ResNet only pools by average, got global_pool={global_pool!r}")
-        self.num_classes = num_classes
-        self.linear = self._make_head(num_classes)
-        self.linear.apply(_kaiming_init)
-        self.pretrained_cfg = self.default_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
+        super().reset_classifier(num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -143,9 +135,6 @@ class CifarResNet(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x.mean(dim=(2, 3)))
         return x if pre_logits else self.linear(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _kaiming_init(module: nn.Module) -> None:

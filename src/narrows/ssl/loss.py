@@ -43,40 +43,45 @@ _BLEND_EPS = 1e-5  # upstream's guard in the masked mean of the cls+ logit blend
 
 
 @dataclass
+class Patches:
+    """Patch-level logits ``logits`` [..., S, K] and ``mask`` [..., S] (bool): which of the S
+    slots hold a valid sample (the others are padding, never read)."""
+
+    logits: Tensor
+    mask: Tensor
+
+
+@dataclass
 class StudentOutput:
     """Student logits (spec §4, contract layout); ``None`` where a level is off.
 
-    ``cls_global`` [2, B, K], ``cls_local`` [n, B, K], ``plus_global`` [2, B, K],
-    ``plus_local`` [n, B, K], ``patch_global`` [2, B, Sg, K] (index u: head(SRS) of view u at its
-    valid samples), ``patch_mask_global`` [2, B, Sg] bool; with ``local_patch=True`` also
-    ``patch_local`` [2, n, B, Sl, K] (index v: samples of local crop k valid in global view v)
-    and ``patch_mask_local`` [2, n, B, Sl].
+    ``cls_global`` [2, B, K], ``cls_local`` [n, B, K], ``plus_global`` [2, B, K] and
+    ``plus_local`` [n, B, K] (cls+ token), ``patch_global`` [2, B, Sg] (index u: head(SRS) of
+    view u at its valid samples); with ``local_patch=True`` also ``patch_local`` [2, n, B, Sl]
+    (index v: samples of local crop k valid in global view v); shapes of patches are those of
+    their masks.
     """
 
     cls_global: Tensor
     cls_local: Tensor
     plus_global: Tensor | None = None
     plus_local: Tensor | None = None
-    patch_global: Tensor | None = None
-    patch_mask_global: Tensor | None = None
-    patch_local: Tensor | None = None
-    patch_mask_local: Tensor | None = None
+    patch_global: Patches | None = None
+    patch_local: Patches | None = None
 
 
 @dataclass
 class TeacherOutput:
     """Raw teacher logits (spec §4, contract layout); ``None`` where a level is off.
 
-    ``cls`` [2, B, K] (view v), ``patch_global`` [2, B, Sg, K] (index u: view 1−u at the points
-    of u's samples), ``mask_global`` [2, B, Sg], ``patch_local`` [2, n, B, Sl, K] (index v: view v
-    at the points of local crop k's samples), ``mask_local`` [2, n, B, Sl].
+    ``cls`` [2, B, K] (view v); ``patch_global`` [2, B, Sg] (index u: view 1−u at the points of
+    u's samples), ``patch_local`` [2, n, B, Sl] (index v: view v at the points of local crop k's
+    samples); shapes of patches are those of their masks.
     """
 
     cls: Tensor
-    patch_global: Tensor | None = None
-    mask_global: Tensor | None = None
-    patch_local: Tensor | None = None
-    mask_local: Tensor | None = None
+    patch_global: Patches | None = None
+    patch_local: Patches | None = None
 
 
 @dataclass
@@ -208,11 +213,9 @@ class UDILoss(nn.Module):
         blend_g = blend_l = None
         patch_g = patch_l = mask_g = mask_l = None
         if self.patch_level:
-            patch_g, mask_g = self._teacher_patches(teacher.patch_global, teacher.mask_global,
-                                                    "patch_global")
+            patch_g, mask_g = self._teacher_patches(teacher.patch_global, "patch_global")
             if n:
-                patch_l, mask_l = self._teacher_patches(teacher.patch_local, teacher.mask_local,
-                                                        "patch_local")
+                patch_l, mask_l = self._teacher_patches(teacher.patch_local, "patch_local")
 
         if self.num_class_tokens == 2:
             # ℓ⁺(u→1−u): teacher.patch_global[u] is view 1−u at u's points
@@ -231,14 +234,12 @@ class UDILoss(nn.Module):
             terms["g_mcl"], terms["l_mcl"] = g_mcl, l_mcl
 
         if self.patch_level:
-            g_pch = self._patch_ce(_need(student.patch_global, "patch_global"),
-                                   _need(student.patch_mask_global, "patch_mask_global"),
-                                   patch_g, mask_g, tau_t)
+            g_pch = self._patch_ce(_need(student.patch_global, "patch_global"), patch_g, mask_g,
+                                   tau_t)
             l_pch = None
             if self.local_patch and n:
-                l_pch = self._patch_ce(_need(student.patch_local, "patch_local"),
-                                       _need(student.patch_mask_local, "patch_mask_local"),
-                                       patch_l, mask_l, tau_t)
+                l_pch = self._patch_ce(_need(student.patch_local, "patch_local"), patch_l,
+                                       mask_l, tau_t)
             levels.append(pair_weighted(g_pch, l_pch))
             terms["g_pch"], terms["l_pch"] = g_pch, l_pch
 
@@ -259,15 +260,14 @@ class UDILoss(nn.Module):
         return -torch.einsum("vbk,nbk->vnb", p_views, log_q).mean()
 
     @staticmethod
-    def _teacher_patches(logits: Tensor | None, mask: Tensor | None,
-                         name: str) -> tuple[Tensor, Tensor]:
+    def _teacher_patches(patches: Patches | None, name: str) -> tuple[Tensor, Tensor]:
         """Detached teacher patch logits (own dtype) with invalid slots zeroed, and the mask.
 
         They stay in their own dtype (the local ones can be large); sums widen on the fly.
         """
-        logits = _need(logits, f"teacher {name}").detach()
-        mask = _need(mask, f"teacher mask of {name}").bool()
-        return zero_invalid(logits, mask), mask
+        patches = _need(patches, f"teacher {name}")
+        mask = patches.mask.bool()
+        return zero_invalid(patches.logits.detach(), mask), mask
 
     def _blend(self, patches: Tensor, mask: Tensor, cls: Tensor) -> Tensor:
         """ℓ⁺ = α·(masked mean of the valid patch logits, +1e-5 guard) + (1 − α)·cls logits."""
@@ -288,11 +288,11 @@ class UDILoss(nn.Module):
         share = self.alpha * (count > 0).to(p_patch.dtype)
         return share * mean_patch + (1 - share) * self._target(cls, "cls", tau_t)
 
-    def _patch_ce(self, s_patch: Tensor, s_mask: Tensor, t_patch: Tensor, t_mask: Tensor,
+    def _patch_ce(self, student: Patches, t_patch: Tensor, t_mask: Tensor,
                   tau_t: float) -> Tensor:
         """Σ m_s·H(P_p, s) / max(Σ m_s, 1) over the valid student samples."""
-        s_mask = s_mask.bool()
-        safe = zero_invalid(s_patch, s_mask)
+        s_mask = student.mask.bool()
+        safe = zero_invalid(student.logits, s_mask)
         h = cross_entropy(self._target(wide(t_patch), "patch", tau_t), safe, self.student_temp)
         h = torch.where(s_mask, h, torch.zeros((), device=h.device))
         return h.sum() / global_count(s_mask).clamp_min(1)

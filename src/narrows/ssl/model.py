@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from narrows.errors import UserError
 from narrows.models.vit_tokens import class_token_count, create_vit, last_tokens
-from narrows.ssl.loss import StudentOutput, TeacherOutput
+from narrows.ssl.loss import Patches, StudentOutput, TeacherOutput
 
 
 def _init_linear(module: nn.Module) -> None:
@@ -232,15 +232,14 @@ class UDIModel(nn.Module):
         if self.num_class_tokens == 2:
             out.plus_global = logits[:, :, 1]
         if patches is not None:
-            out.patch_global = outputs.pop(0)
-            out.patch_mask_global = _valid(batch["src_global"])
+            out.patch_global = Patches(outputs.pop(0), _valid(batch["src_global"]))
         if n_local:
             l_logits = outputs.pop(0)
             out.cls_local = l_logits[:, :, 0]
             if self.num_class_tokens == 2:
                 out.plus_local = l_logits[:, :, 1]
             if self.local_patch:
-                out.patch_local, out.patch_mask_local = outputs.pop(0), _valid(batch["src_local"])
+                out.patch_local = Patches(outputs.pop(0), _valid(batch["src_local"]))
         else:
             shape = (0, logits.shape[1], logits.shape[-1])
             out.cls_local = logits.new_zeros(shape)
@@ -261,10 +260,9 @@ class UDIModel(nn.Module):
             # index v of tgt_local holds points on the grid of view v
             inputs.append((self.srs(patches[:, None], tgt_local), _valid(tgt_local)))
         outputs = self._heads(*inputs)
-        out = TeacherOutput(cls=outputs[0], patch_global=outputs[1],
-                            mask_global=_valid(batch["tgt_global"]))
+        out = TeacherOutput(cls=outputs[0], patch_global=Patches(outputs[1], _valid(tgt_global)))
         if tgt_local is not None:
-            out.patch_local, out.mask_local = outputs[2], _valid(tgt_local)
+            out.patch_local = Patches(outputs[2], _valid(tgt_local))
         return out
 
     def forward(self, batch: dict[str, Tensor]) -> StudentOutput:
