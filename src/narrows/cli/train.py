@@ -34,8 +34,9 @@ class TrainSubject:
                                       "get img_size from the data by themselves",
                                       metavar="K=V,...", check=check_model_kwargs)
     data: str = option("digits", DATA_HELP, short="-d")
-    checkpoint: str | None = option(None, "start from these weights (.pt/.pth/.safetensors)",
-                                    metavar="FILE")
+    checkpoint: str | None = option(None, "start from these weights (.pt/.pth/.safetensors); a "
+                                    "backbone without classifier ('narrows ssl export') gets a "
+                                    "new one for --data's classes", metavar="FILE")
     image_size: int | None = option(None, "served image size for imagenet:/folder: data "
                                     "[default: 224, or the card's size with --checkpoint]",
                                     check=positive)
@@ -71,7 +72,8 @@ def prepare(cfg: TrainConfig):
 
     return prepare_training(cfg.data, model=cfg.model, checkpoint=cfg.checkpoint,
                             model_kwargs=parse_model_kwargs(cfg.model_kwargs),
-                            image_size=cfg.image_size, download=cfg.download)
+                            image_size=cfg.image_size, download=cfg.download,
+                            drop_path=cfg.drop_path)
 
 
 def execute(cfg: TrainConfig) -> int:
@@ -134,4 +136,8 @@ command(
     "  narrows train -m resnet56_cifar -d cifar10:data --epochs 200 --schedule step "
     "--milestones 100 150\n  narrows train -m vit_tiny_patch16_224 -d folder:pics --image-size 64\n"
     "  narrows train -m mynets.py:SmallCNN --model-kwargs width=32 -d folder:pics\n"
+    "  narrows train --checkpoint backbone.safetensors -d imagenet:data --optimizer adamw "
+    "--lr 1e-3 --layer-decay 0.55 --drop-path 0.1 --mixup 0.8 --cutmix 1.0 "
+    "--randaugment rand-m9-mstd0.5-inc1 (fine-tuning; 'narrows ssl finetune' has these as "
+    "defaults)\n"
     "  torchrun --nproc_per_node 2 -m narrows train -d digits")

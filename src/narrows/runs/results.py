@@ -101,3 +101,11 @@ def read_result_json(path: str | Path, kind: str, version: int, what: str, fix: 
 def without_header(document: Mapping[str, Any]) -> dict[str, Any]:
     """``document`` without the ``format`` and ``provenance`` keys of its :func:`header`."""
     return {k: v for k, v in document.items() if k not in ("format", "provenance")}
+
+
+def flat_summary(result: Any, *, command: str) -> dict[str, Any]:
+    """A run directory's ``results.json`` for ``result``: the command, its summary line and
+    the numbers of its ``headline()`` (flat ``name -> number``), when it has one."""
+    headline = getattr(result, "headline", None)
+    return {"command": command, "summary": result.summary(),
+            **(dict(headline()) if callable(headline) else {})}

@@ -9,6 +9,16 @@
   the views, their sampling maps and the colour operations.
 * :func:`export_checkpoint` (``narrows ssl export``), :func:`read_upstream`,
   :func:`load_upstream`: checkpoints in and out; :func:`knn_top1`: DINO's weighted kNN.
+* Evaluation: :func:`load_eval_backbone` reads any checkpoint layout (:func:`detect_layout`)
+  into an :class:`EvalBackbone`; :func:`backbone_features` gives its (cached) features as
+  :class:`FeatureTable` s; :func:`evaluate_knn` (:class:`KNNResult`),
+  :func:`attention_maps`, :func:`threshold_masks`, :func:`visualise_attention`
+  (:class:`AttentionResult`), the probes :func:`linear_probe` / :func:`train_heads`
+  (:class:`LinearResult`), :func:`patch_probe` (:class:`PatchProbeResult`),
+  :func:`multilabel_probe` (:class:`MultiLabelResult`); :func:`finetune`; their options
+  (:class:`EvalSubject`, :class:`KNNOptions`, :class:`LinearOptions`,
+  :class:`FinetuneOptions`, :class:`AttentionOptions`, :class:`PatchProbeOptions`,
+  :class:`MultiLabelOptions`).
 
 Names are imported on first use, so ``narrows.ssl.options`` loads without torch.
 """
@@ -28,7 +38,22 @@ _WHERE = {
     "export_checkpoint": "export", "load_pretrained": "export",
     "read_upstream": "checkpoints", "load_upstream": "checkpoints",
     "export_backbone": "checkpoints",
-    "knn_top1": "knn", "knn_predict": "knn",
+    "knn_top1": "knn", "knn_predict": "knn", "knn_scores": "knn", "knn_evaluate": "knn",
+    "detect_layout": "checkpoints", "load_backbone_only": "checkpoints",
+    "EvalBackbone": "backbones", "load_eval_backbone": "backbones",
+    "backbone_features": "backbones", "FeatureTable": "backbones",
+    "EvalSubject": "eval_options", "KNNOptions": "eval_options", "LinearOptions": "eval_options",
+    "FinetuneOptions": "eval_options", "AttentionOptions": "eval_options",
+    "PatchProbeOptions": "eval_options", "MultiLabelOptions": "eval_options",
+    "evaluate_knn": "knn_eval", "KNNResult": "knn_eval",
+    "attention_maps": "attention", "threshold_masks": "attention",
+    "visualise_attention": "attention", "AttentionResult": "attention",
+    "linear_probe": "linear", "train_heads": "linear", "LinearResult": "linear",
+    "patch_probe": "dense", "multilabel_probe": "dense", "MultiHeadLinear": "linear",
+    "patch_targets": "dense", "confusion_miou": "dense", "open_subject": "backbones",
+    "ComparisonResult": "compare",
+    "PatchProbeResult": "dense", "MultiLabelResult": "dense",
+    "finetune": "finetune",
 }
 
 __all__ = lazy_package(__name__, _WHERE)

@@ -301,3 +301,209 @@ def save_export(path: str | Path, state: Mapping[str, Tensor], metadata: Mapping
     text = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     data = save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=text)
     return atomic_write_bytes(path, data)
+
+
+# -- layouts of the files an evaluation reads ----------------------------------------------------
+
+#: every checkpoint layout :func:`detect_layout` recognises, in the order it checks them
+LAYOUTS = ("narrows-card", "narrows-ssl", "udi-full", "dino-full", "udi-backbone", "dino-backbone")
+_WRAPPERS = ("teacher", "state_dict", "model", "student")
+
+
+def _read_any(path: Path) -> Any:
+    """The object saved at ``path`` (a safetensors file: ``{"tensors": …, "metadata": …}``),
+    read without running pickled code (``argparse.Namespace`` allowed, as upstream saves it)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(path, device="cpu")
+            with safe_open(path, framework="pt", device="cpu") as fh:
+                metadata = dict(fh.metadata() or {})
+        except Exception as exc:  # safetensors raises its own types for damaged files
+            raise UserError(f"cannot read {path} ({exc})", "check the file") from exc
+        return {"__safetensors__": True, "tensors": tensors, "metadata": metadata}
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unsafe globals, corrupt files: torch raises many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"refused to read {path} ({first[:200]})", "only tensors, numbers, "
+                        "strings, containers and argparse.Namespace are loaded") from exc
+
+
+def _tensors(obj: Any) -> StateDict | None:
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return _strip(obj)
+    return None
+
+
+def _backbone_state(obj: Any, which: str = "teacher") -> tuple[StateDict | None, str | None]:
+    """The tensors of a backbone-only file (the ``which``/``teacher``/``state_dict``/``model``
+    wrapper opened), and the wrapper's name."""
+    if isinstance(obj, Mapping) and obj.get("__safetensors__"):
+        return _strip(obj["tensors"]), None
+    direct = _tensors(obj)
+    if direct is not None:
+        return direct, None
+    if isinstance(obj, Mapping):
+        for name in (which, *_WRAPPERS):
+            inner = _tensors(obj.get(name))
+            if inner is not None:
+                return inner, name
+    return None, None
+
+
+def _shape_of(state: Mapping[str, Tensor], key: str) -> tuple[int, ...] | None:
+    value = state.get(key)
+    return tuple(value.shape) if isinstance(value, Tensor) else None
+
+
+def _layout_of(obj: Any, which: str = "teacher") -> str | None:
+    from narrows.models.checkpoints import CARD_KEY
+
+    if isinstance(obj, Mapping) and obj.get("__safetensors__"):
+        if CARD_KEY in obj["metadata"]:
+            return "narrows-card"
+    elif isinstance(obj, Mapping):
+        if CARD_KEY in obj:
+            return "narrows-card"
+        if str(obj.get("format", "")).startswith("narrows.ssl_"):
+            return "narrows-ssl"
+        nets = [_strip(obj[k]) for k in ("teacher", "student") if isinstance(obj.get(k), Mapping)]
+        if nets and any(k.startswith("backbone.backbone.") for k in nets[0]):
+            return "udi-full"
+        if nets and "backbone.cls_token" in nets[0] and any(k.startswith("head.")
+                                                            for k in nets[0]):
+            return "dino-full"
+    state, _ = _backbone_state(obj, which)
+    if state is None:
+        return None
+    cls = _shape_of(state, "backbone.cls_token")
+    if (cls and len(cls) == 3 and cls[1] in (1, 2) and "backbone.pos_embed" in state
+            and any(k.startswith("backbone.blocks.") for k in state)
+            and not any(k.startswith("head.") for k in state)):
+        return "udi-backbone"
+    cls = _shape_of(state, "cls_token")
+    if (cls and len(cls) == 3 and cls[:2] == (1, 1) and "pos_embed" in state
+            and "patch_embed.proj.weight" in state
+            and any(k.startswith("blocks.") for k in state)):
+        return "dino-backbone"
+    return None
+
+
+def _first_keys(obj: Any) -> str:
+    if isinstance(obj, Mapping) and obj.get("__safetensors__"):
+        obj = obj["tensors"]
+    if not isinstance(obj, Mapping):
+        return f"a {type(obj).__name__}"
+    keys = list(obj)[:6]
+    return ", ".join(map(str, keys)) + (" …" if len(obj) > 6 else "")
+
+
+def no_layout_error(path: str | Path, obj: Any) -> UserError:
+    """The one error for a file that fits none of :data:`LAYOUTS`."""
+    return UserError(
+        f"{path} fits no known checkpoint layout (first keys: {_first_keys(obj)})",
+        "give one of: narrows-card (an 'ssl export' file or a 'narrows train' checkpoint), "
+        "narrows-ssl (an 'ssl train' checkpoint.pt), udi-full / dino-full (an official "
+        "training checkpoint.pth with student and teacher), udi-backbone (the output of UDI's "
+        "extract_backbone_weights_for_finetuning.py), dino-backbone (a DINO release such as "
+        "dino_deitsmall16_pretrain.pth: timm ViT keys)")
+
+
+def detect_layout(path: str | Path, *, which: Literal["teacher", "student"] = "teacher") -> str:
+    """Which of :data:`LAYOUTS` the checkpoint file at ``path`` has (``which`` picks the
+    wrapper of a backbone-only file saved under ``teacher``/``student``); a
+    :class:`UserError` naming its first keys when it fits none."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist", "check the path")
+    obj = _read_any(path)
+    layout = _layout_of(obj, which)
+    if layout is None:
+        raise no_layout_error(path, obj)
+    return layout
+
+
+def backbone_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The ViT build arguments read from a timm-keyed backbone state dict: class tokens,
+    embed_dim, depth, patch_size, img_size (from the position rows), mlp_ratio, qkv_bias."""
+    try:
+        n_c = int(state["cls_token"].shape[1]) + ("reg_token" in state)
+        dim = int(state["cls_token"].shape[-1])
+        patch = int(state["patch_embed.proj.weight"].shape[-1])
+        grid = math.isqrt(int(state["pos_embed"].shape[1]) - n_c)
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"the backbone lacks the ViT tensor {exc}",
+                        "give a complete ViT backbone") from exc
+    return {"num_class_tokens": n_c, "embed_dim": dim, "patch_size": patch,
+            "img_size": grid * patch, "depth": depth, "mlp_ratio": mlp_ratio,
+            "qkv_bias": "blocks.0.attn.qkv.bias" in state}
+
+
+def backbone_only_state(path: str | Path, layout: str, *,
+                        which: Literal["teacher", "student"] = "teacher"
+                        ) -> tuple[StateDict, list[str]]:
+    """The timm ViT state dict of the backbone-only file at ``path`` (``layout``
+    ``udi-backbone`` or ``dino-backbone``), and notes on what was changed: UDI's SRS keys
+    (``attn.*``, ``norm1.*``) dropped, its [1, 2, D] class tokens split into
+    ``cls_token``/``reg_token``."""
+    obj = _read_any(Path(path))
+    state, wrapper = _backbone_state(obj, which)
+    if state is None:
+        raise no_layout_error(path, obj)
+    notes = [f"weights under '{wrapper}'"] if wrapper else []
+    if layout == "dino-backbone":
+        return dict(state), notes
+    if layout != "udi-backbone":
+        raise UserError(f"layout {layout!r} is not a backbone-only layout",
+                        "use udi-backbone or dino-backbone")
+    out: StateDict = {}
+    dropped = []
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            out[key[len("backbone."):]] = value
+        elif key.startswith(("attn.", "norm1.")):
+            dropped.append(key)
+        else:
+            raise UserError(f"{path}: key {key!r} is not part of a UDI backbone",
+                            "give the output of extract_backbone_weights_for_finetuning.py")
+    if dropped:
+        notes.append(f"{len(dropped)} SRS tensors (attn.*, norm1.*) dropped: only pretraining "
+                     "uses them")
+    cls = out.pop("cls_token")
+    out["cls_token"] = cls[:, :1]
+    if cls.shape[1] == 2:
+        out["reg_token"] = cls[:, 1:2]
+        notes.append("class tokens [1, 2, D] split into cls (token 0) and cls+ (token 1)")
+    return out, notes
+
+
+def load_backbone_only(path: str | Path, layout: str, *, name: str | None = None,
+                       which: Literal["teacher", "student"] = "teacher",
+                       **timm_kwargs: Any) -> tuple[nn.Module, list[str]]:
+    """The strictly loaded timm ViT of the backbone-only file at ``path`` and notes.
+
+    The architecture is read from the tensors (:func:`backbone_architecture`) and built with
+    :func:`~narrows.models.vit_tokens.create_vit` (``name``, default ``vit_small_patch16_224``);
+    heads = embed_dim // 64 unless ``timm_kwargs`` give ``num_heads`` (the tensors cannot tell).
+    ``layout`` is ``udi-backbone`` or ``dino-backbone``; ``which`` picks a wrapper."""
+    from narrows.models import load_state_dict_strict
+
+    state, notes = backbone_only_state(path, layout, which=which)
+    arch = backbone_architecture(state)
+    kwargs = {k: arch[k] for k in ("embed_dim", "patch_size", "depth", "mlp_ratio", "qkv_bias")}
+    kwargs["num_heads"] = max(1, arch["embed_dim"] // 64)
+    kwargs.update(timm_kwargs)
+    img_size = int(kwargs.pop("img_size", arch["img_size"]))
+    vit = create_vit(name or "vit_small_patch16_224", num_class_tokens=arch["num_class_tokens"],
+                     img_size=img_size, **kwargs)
+    load_state_dict_strict(vit, state, f"the backbone in {path}")
+    if "num_heads" not in timm_kwargs:
+        notes.append(f"{kwargs['num_heads']} heads assumed (embed_dim // 64; set num_heads= in "
+                     "the model arguments otherwise)")
+    return vit, notes

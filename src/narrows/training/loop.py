@@ -81,13 +81,21 @@ def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
 def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
     """SGD (Nesterov off) or AdamW over ``model``'s trainable parameters, as ``settings`` say
     (optimizer, lr, momentum, weight decay); weight decay is not applied to biases and norm
-    weights."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": settings.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    weights. With ``layer_decay < 1`` the groups are
+    :func:`narrows.training.recipes.layer_decay_groups` (each with its ``lr_scale``, and no
+    weight decay on position embedding and class tokens either)."""
+    if settings.layer_decay < 1:
+        from narrows.training.recipes import layer_decay_groups
+
+        groups = layer_decay_groups(model, weight_decay=settings.weight_decay,
+                                    layer_decay=settings.layer_decay)
+    else:
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": settings.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
     if settings.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
     if settings.optimizer == "adamw":
@@ -165,7 +173,7 @@ def train_one_epoch(
     for step, (images, labels) in enumerate(bar):
         lr = learning_rate(settings, epoch + step / steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
         inputs = normalizer(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
         loss, logits = loss_fn(model, inputs, labels)
@@ -211,10 +219,25 @@ def fit(
     hold the epochs, optimizer, schedule and batches; ``on_epoch_end(epoch, row)`` is called
     after each epoch with its 1-based number and metrics row. Returns the :class:`TrainResult`.
     """
+    mixing = settings.mixup > 0 or settings.cutmix > 0
+    if mixing and loss_fn is not None:
+        raise UserError("--mixup/--cutmix need the plain cross-entropy, and this command "
+                        "trains with a loss of its own", "drop --mixup and --cutmix")
+    if mixing:
+        from narrows.training.recipes import mixup_loss
+
+        loss_fn = mixup_loss(settings, data.info.num_classes)
     loss_fn = loss_fn or cross_entropy(settings.label_smoothing)
     model.to(device)
     normalizer = Normalizer(card.mean, card.std)
     train_set = data.train(settings.augment)
+    augmenting = settings.random_erasing > 0 or str(settings.randaugment or "none").lower() != "none"
+    if augmenting:
+        from narrows.training.recipes import Augmented, train_transform
+
+        extra = train_transform(settings, card.mean, card.std)
+        if extra is not None:
+            train_set = Augmented(train_set, extra)
     test_set = data.test()
     optimizer = make_optimizer(model, settings)
     start_epoch, best_top1, rows = 0, float("-inf"), []
@@ -238,6 +261,14 @@ def fit(
     show = progress and dist.is_main
     for epoch in range(start_epoch, settings.epochs):
         torch.manual_seed(derive_seed(settings.seed, epoch, dist.rank, 2))
+        if mixing:  # timm's Mixup draws from numpy's global generator
+            import numpy as np
+
+            np.random.seed(derive_seed(settings.seed, epoch, dist.rank, 3) % 2**32)
+        if augmenting:  # RandAugment and RandomErasing draw from Python's (workers=0)
+            import random
+
+            random.seed(derive_seed(settings.seed, epoch, dist.rank, 4))
         loader = epoch_loader(train_set, settings, epoch, dist, pin=device.type == "cuda")
         kept = (f"; the last good checkpoint, {run.file(LAST)} (epoch {epoch}), is kept"
                 if run is not None and epoch > 0 else "")

@@ -42,13 +42,59 @@ def training_data(spec: str, *, image_size: int | None = None, checkpoint: str |
     return load(spec, download=download, image_size=size)
 
 
+#: BEiT's scale of a new classifier's initial weights (trunc-normal std 0.02 times this)
+HEAD_INIT_SCALE = 0.001
+
+
+def with_drop_path(model_kwargs: dict[str, Any] | None, drop_path: float) -> dict[str, Any]:
+    """``model_kwargs`` with ``drop_path_rate=drop_path`` when ``drop_path > 0`` (a different
+    ``drop_path_rate`` already there is a :class:`UserError`)."""
+    given = dict(model_kwargs or {})
+    if drop_path > 0:
+        if given.get("drop_path_rate", drop_path) != drop_path:
+            raise UserError(f"--drop-path {drop_path:g} and --model-kwargs drop_path_rate="
+                            f"{given['drop_path_rate']} disagree", "give one of them")
+        given["drop_path_rate"] = drop_path
+    return given
+
+
+def is_backbone(card: Any, net: Any) -> bool:
+    """Whether a loaded checkpoint (its ``card`` and model ``net``) is a bare backbone (card
+    ``num_classes == 0``, e.g. written by ``narrows ssl export``) that gets a new classifier
+    for the data."""
+    return (card is not None and card.num_classes == 0 and getattr(net, "num_classes", 0) == 0
+            and callable(getattr(net, "reset_classifier", None)))
+
+
+def new_classifier(net: Any, num_classes: int, *, init_scale: float = HEAD_INIT_SCALE) -> None:
+    """Give backbone ``net`` a classifier of ``num_classes`` (timm ``reset_classifier``, the
+    pooling kept): weight trunc-normal with std 0.02 times ``init_scale``, bias 0 (BEiT's
+    fine-tuning init); drawn from torch's global generator, as a fresh model's weights are."""
+    import torch
+
+    pool = getattr(net, "global_pool", None)
+    if isinstance(pool, str):
+        net.reset_classifier(num_classes, pool)
+    else:
+        net.reset_classifier(num_classes)
+    head = net.get_classifier() if callable(getattr(net, "get_classifier", None)) else net.head
+    with torch.no_grad():
+        torch.nn.init.trunc_normal_(head.weight, std=0.02)
+        head.weight.mul_(init_scale)
+        if head.bias is not None:
+            head.bias.zero_()
+
+
 def model_for_training(info: Any, *, model: str | None = None, checkpoint: str | None = None,
-                       loaded: Any = None, model_kwargs: dict[str, Any] | None = None
-                       ) -> tuple[Any, Any]:
+                       loaded: Any = None, model_kwargs: dict[str, Any] | None = None,
+                       drop_path: float = 0.0) -> tuple[Any, Any]:
     """The model to train on data ``info`` and its card: fresh from timm (or the user's
     module), or from ``checkpoint`` (``loaded``: :func:`load_start`'s result when at hand).
 
-    ``model_kwargs`` go to the model's constructor (over the checkpoint card's).
+    ``model_kwargs`` go to the model's constructor (over the checkpoint card's);
+    ``drop_path`` > 0 adds ``drop_path_rate`` to them (a model without it is refused).
+    A checkpoint holding a bare backbone (card ``num_classes == 0``) gets a new classifier for
+    the data's classes (:func:`new_classifier`); other checkpoints must have the data's.
     The model is built for the data's image size (``img_size`` for fixed-size models) and one
     image is run through it, so a model that cannot take the data is a :class:`UserError`
     before anything is written.
@@ -56,7 +102,7 @@ def model_for_training(info: Any, *, model: str | None = None, checkpoint: str |
     from narrows.models import ModelCard, canonical_name, create_for_input, is_custom
     from narrows.models.factory import check_runs_on
 
-    given = dict(model_kwargs or {})
+    given = with_drop_path(model_kwargs, drop_path)
     if checkpoint:
         loaded = loaded if loaded is not None else load_start(checkpoint, model=model,
                                                               model_kwargs=given)
@@ -64,6 +110,8 @@ def model_for_training(info: Any, *, model: str | None = None, checkpoint: str |
         moved = card is None or (model and is_custom(model))  # a moved file: where it is now
         architecture = canonical_name(model) if moved else card.architecture
         model_kwargs = {**(card.model_kwargs if card else {}), **given}
+        if is_backbone(card, net):
+            new_classifier(net, info.num_classes)
         classes = getattr(net, "num_classes", info.num_classes)
         if isinstance(classes, int) and classes != info.num_classes:
             raise UserError(f"{checkpoint} has {classes} classes but {info.spec} has "
@@ -101,10 +149,12 @@ def checkpoint_data(checkpoint: str | None, default: str = "digits") -> str:
 
 def prepare_training(spec: str, *, model: str | None = None, checkpoint: str | None = None,
                      model_kwargs: dict[str, Any] | None = None, image_size: int | None = None,
-                     download: bool = False) -> tuple[Any, Any, Any]:
+                     download: bool = False, drop_path: float = 0.0) -> tuple[Any, Any, Any]:
     """``(model, card, data)`` of a training run: the ``checkpoint`` it starts from (see
     :func:`load_start`), the data of ``spec`` (see :func:`training_data`) and the model for it
-    (see :func:`model_for_training`)."""
+    (see :func:`model_for_training`, which also takes ``model``, ``model_kwargs`` and
+    ``drop_path``); ``image_size`` and ``download`` as in :func:`training_data`."""
+    model_kwargs = with_drop_path(model_kwargs, drop_path)
     loaded = load_start(checkpoint, model=model, model_kwargs=model_kwargs)
     data = training_data(spec, image_size=image_size, checkpoint=checkpoint,
                          card=loaded.card if loaded is not None else None, download=download)
