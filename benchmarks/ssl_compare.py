@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-DATA = "shapes:classes=4,size=32,train=1000,test=400,objects=2,rmin=10,rmax=20"
+DATA = "shapes:classes=4,size=32,train=1000,test=400,objects=2,rmin=18,rmax=28"
 ARCH = "vit_tiny_patch16_224"
 ARCH_KWARGS = "depth=4,patch_size=8,embed_dim=96,num_heads=3"
 #: on top of the cpu-small preset (as benchmarks/ssl_experiment.py)
@@ -132,8 +132,9 @@ def attention_figure(backbones: dict[str, Any], data: str, out: Path) -> None:
     from narrows.ssl.eval_options import AttentionOptions
 
     plt = pyplot()
-    results = {name: visualise_attention(b, data, AttentionOptions(images=6))
-               for name, b in backbones.items()}
+    results = {name: visualise_attention(b, data, AttentionOptions(
+        images=6, tokens=["cls", "cls+"] if b.num_class_tokens == 2 else ["cls"]))
+        for name, b in backbones.items()}
     first = next(iter(results.values()))
     n = first.images.shape[0]
     rows = 1 + 2 * len(results)

@@ -19,7 +19,7 @@ from narrows.ssl.linear import (
     train_heads,
 )
 
-DEFAULTS = {"feature": "cls@4", "lr": [0.001], "lr_min": 0.0, "epochs": 100, "batch_size": 256,
+DEFAULTS = {"feature": None, "lr": [0.001], "lr_min": 0.0, "epochs": 100, "batch_size": 256,
             "momentum": 0.9, "weight_decay": 0.0, "augment": "none", "through_backbone": False,
             "holdout": 0.0}
 
@@ -310,3 +310,18 @@ def test_seed_sets_draw_and_order():
     opts.seed = 1  # a command's config carries the seed
     same = train_heads(table(x, y), table(x, y), opts)
     torch.testing.assert_close(same.heads.weight, other.heads.weight, atol=0, rtol=0)
+
+
+def test_the_default_feature_is_dinos_cls_of_the_last_four_blocks_or_what_the_model_has():
+    import timm
+
+    from narrows.ssl.linear import default_feature
+
+    def vit(depth, **kw):
+        return timm.create_model("vit_tiny_patch16_224", depth=depth, img_size=32, patch_size=8,
+                                 embed_dim=48, num_heads=2, **kw)
+
+    assert default_feature(vit(6)) == "cls@4"
+    assert default_feature(vit(2)) == "cls@2"  # a shallower ViT: every block
+    assert default_feature(vit(2, class_token=False, global_pool="avg")) == "avgpool"
+    assert default_feature(timm.create_model("resnet20_cifar")) == "pre-logits"

@@ -109,9 +109,10 @@ class KNNOptions:
 class LinearOptions:
     """How ``narrows ssl linear`` trains linear heads on frozen features (DINO's protocol)."""
 
-    feature: str = config.option("cls@4", "feature spec the heads read (cls of the last 4 "
-                                 "blocks; 'cls|avgpool@4' appends the average patch token)",
-                                 check=check_feature_spec)
+    feature: str | None = config.option(
+        None, "feature spec the heads read ('cls|avgpool@4' appends the average patch token) "
+        "[default: cls of the last 4 blocks (DINO), of every block of a shallower ViT]",
+        check=check_feature_spec)
     lr: list[float] = config.option([0.001], "learning rates, one head each (scaled by the "
                                     "global batch / 256)", check=lr_list)
     lr_min: float = config.option(0.0, "final learning rate of the cosine (per epoch)",

@@ -517,6 +517,18 @@ def _through_backbone(backbone: Any, data: Any, options: Any, spec: Any, test: A
     return result
 
 
+def default_feature(vit: nn.Module) -> str:
+    """DINO's linear-probe feature for ``vit``: cls of the last 4 blocks (of every block when
+    it has fewer), the average patch token of a ViT without a class token, the pooled
+    pre-logit features of any other model."""
+    from narrows.models.features import available_parts
+
+    parts = available_parts(vit)
+    if "cls" in parts:
+        return f"cls@{min(4, len(vit.blocks))}"
+    return "avgpool" if "avgpool" in parts else "pre-logits"
+
+
 def linear_probe(backbone: Any, data: Any, options: Any, *, run: RunDir | None = None,
                  cache: str | Path | None = None, device: torch.device | str = "cpu",
                  dist: Distributed = Distributed(), workers: int = 0, batch_size: int = 256,
@@ -538,7 +550,7 @@ def linear_probe(backbone: Any, data: Any, options: Any, *, run: RunDir | None =
 
     seed = seed_of(options, seed)
     data = _load_data(data, backbone)
-    spec = check_spec(backbone.vit, options.feature)
+    spec = check_spec(backbone.vit, options.feature or default_feature(backbone.vit))
     state_path = run.file(STATE_FILE) if run is not None else None
     if state_path is not None:
         state_path.parent.mkdir(parents=True, exist_ok=True)
