@@ -366,7 +366,9 @@ def build(cls: type[C], *layers: Mapping[str, Any], source: str = "options") -> 
                                 f"give {flag} {'values' if many else 'a value'} {check.describe()}")
             shown = value
             if isinstance(value, (list, tuple)):
-                shown = " ".join(map(_number, value)) if value else "(empty)"
+                shown = " ".join(_number(v) if isinstance(v, (int, float))
+                                 and not isinstance(v, bool) else str(v) for v in value) \
+                    if value else "(empty)"
             raise UserError(f"{flag} {shown}: {message}", f"see --help for {flag}")
     together = getattr(config, "check_together", None)
     if callable(together):

@@ -198,9 +198,6 @@ def test_comparison_table_is_mean_pm_std_in_points():
     assert list(table) == ["udi", "dino"] and "60.0 ± 10.0" in result.markdown()
 
 
-@pytest.mark.xfail(strict=True, reason="ComparisonResult's provenance defaults to {}, so a "
-                   "comparison built as benchmarks/ssl_compare.py builds it (no provenance) "
-                   "saves a header without versions; header(kind, 1, None) would fill them")
 def test_comparison_without_provenance_still_records_versions(tmp_path):
     result = ComparisonResult(rows=[], data=DATA)
     result.add("udi", 0, "knn_cls", 0.5)

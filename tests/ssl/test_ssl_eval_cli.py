@@ -290,13 +290,7 @@ def test_a_missing_checkpoint_is_one_line(verb, tmp_path):
     assert "nope.pt" in line and "does not exist" in line
 
 
-@pytest.mark.parametrize("verb", [
-    *[v for v in VERB_ARGS if v != "finetune"],
-    pytest.param("finetune", marks=pytest.mark.xfail(strict=True, reason=(
-        "ssl finetune claims --out (config.yaml) before it reads the checkpoint, and says "
-        "'has no student or teacher entry' instead of the 'fits no known checkpoint layout' "
-        "error the other verbs give"))),
-])
+@pytest.mark.parametrize("verb", list(VERB_ARGS))
 def test_a_file_that_fits_no_layout_is_one_line(verb, tmp_path, resnet_file):
     line = _refused(tmp_path, ["ssl", verb, "--checkpoint", str(resnet_file), "--data", DATA,
                                *VERB_ARGS[verb]])
@@ -310,11 +304,8 @@ def test_a_file_that_fits_no_layout_is_one_line(verb, tmp_path, resnet_file):
     (["multilabel", *RANDOM, "--data", "shapes:classes=3,size=32,train=48,test=24"],
      "objects >= 2"),
     (["finetune", "--data", DATA], "--checkpoint"),
-    pytest.param(["knn", *RANDOM, "--features", "bogus"], "'bogus'", marks=pytest.mark.xfail(
-        strict=True, reason="config.build formats every list value with _number(): a wrong "
-        "string in a list option raises ValueError (a traceback) instead of a UserError")),
-    pytest.param(["multilabel", *RANDOM, "--features", "cls|bogus"], "'cls|bogus'",
-                 marks=pytest.mark.xfail(strict=True, reason="same as --features bogus")),
+    (["knn", *RANDOM, "--features", "bogus"], "'bogus'"),
+    (["multilabel", *RANDOM, "--features", "cls|bogus"], "'cls|bogus'"),
 ], ids=["linear-feature", "linear-depth", "patch-digits", "multilabel-one-object",
         "finetune-no-checkpoint", "knn-features", "multilabel-features"])
 def test_bad_options_are_one_line(argv, says, tmp_path):
@@ -331,16 +322,11 @@ def test_cls_plus_of_a_one_token_export_is_refused(workspace, tmp_path):
         assert "cls+" in line and "--tokens cls" in line
 
 
-@pytest.mark.xfail(strict=True, reason="models/features.py check_spec's fix always says 'ask "
-                   "for the parts it has (a 1-token ViT: cls, avgpool)', also when the parts "
-                   "exist and only @N exceeds the depth")
 def test_too_many_blocks_names_the_depth_in_the_fix(tmp_path):
     line = _refused(tmp_path, ["ssl", "linear", *RANDOM, "--data", DATA, "--feature", "cls@4"])
     assert "1-token" not in line and "@2" in line
 
 
-@pytest.mark.xfail(strict=True, reason="cli/ssl_eval.py execute_finetune prints str(TrainResult) "
-                   "(a dataclass repr) as its summary line: TrainResult has no summary()")
 def test_finetune_prints_a_readable_summary(workspace):
     code, said, err, _ = _outcome(workspace, "finetune", "keep")
     assert code == 0, err

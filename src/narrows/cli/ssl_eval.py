@@ -160,22 +160,22 @@ def execute_multilabel(cfg: MultiLabelConfig) -> int:
 def execute_finetune(cfg: FinetuneConfig) -> int:
     from pathlib import Path
 
-    from narrows.ssl.finetune import finetune
+    from narrows.errors import UserError
+    from narrows.ssl.finetune import check_source, finetune
 
     session = start(cfg)
     if not cfg.checkpoint:
-        from narrows.errors import UserError
-
         raise UserError("ssl finetune needs a pretrained backbone", "pass --checkpoint FILE")
+    with flag_errors():
+        check_source(cfg.checkpoint, which=cfg.which)
     run = session.open(cfg, "ssl finetune", "ssl-finetune", Path(cfg.checkpoint).parent.name,
                        (cfg.data or "").split(":", 1)[0])
     with flag_errors():
         result = finetune(cfg.checkpoint, cfg.data, cfg, run=run, device=session.device,
                           dist=session.dist, seed=cfg.seed, progress=cfg.progress,
                           say=session.say)
-    return session.done(result.summary() if hasattr(result, "summary") else str(result),
-                        f"→ {run.file('best.pt')} (last.pt, metrics.jsonl, curves.png, "
-                        "results.json)")
+    return session.done(result.summary(), f"→ {run.path} (best.pt, last.pt, metrics.jsonl, "
+                        "curves.png, results.json)")
 
 
 _EVAL = "Any timm ViT, any data; features are cached in --cache (default OUT/features)."

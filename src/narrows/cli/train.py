@@ -105,11 +105,7 @@ def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str
     result = fit(model, data, settings_from(cfg), card=card, device=session.device, run=run,
                  dist=session.dist, progress=cfg.progress, log=session.say, loss_fn=loss_fn)
     run.write_json("results.json", training_summary(result, card, cfg.data))
-    if result.final is not None:
-        session.say(f"done: test top-1 {100 * result.final.top1:.2f}% (best "
-                    f"{100 * result.best_top1:.2f}%); weights in {result.best_checkpoint}; "
-                    f"curves in {run.file('curves.png')}")
-    return session.done()
+    return session.done(result.summary() + f"; curves in {run.file('curves.png')}")
 
 
 def open_training_run(cfg: TrainConfig, session: Any, command: str, *default: str | None):

@@ -146,7 +146,12 @@ def check_spec(model: nn.Module, spec: FeatureSpec | str) -> FeatureSpec:
     spec = FeatureSpec.parse(spec)
     problem = spec_problem(model, spec)
     if problem:
-        raise UserError(problem, "ask for the parts it has (a 1-token ViT: cls, avgpool)")
+        depth = len(getattr(model, "blocks", ()))
+        if spec.class_parts and spec.n_last_blocks > depth > 0:
+            raise UserError(problem, f"give @N with N <= {depth}, e.g. "
+                            f"{FeatureSpec(spec.parts, depth).key}")
+        have = ", ".join(p for p in available_parts(model) if p != PRE_LOGITS)
+        raise UserError(problem, f"ask for the parts it has ({have or PRE_LOGITS})")
     return spec
 
 

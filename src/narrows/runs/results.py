@@ -13,7 +13,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from narrows.errors import UserError
 
@@ -109,3 +109,36 @@ def flat_summary(result: Any, *, command: str) -> dict[str, Any]:
     headline = getattr(result, "headline", None)
     return {"command": command, "summary": result.summary(),
             **(dict(headline()) if callable(headline) else {})}
+
+
+class JsonResult:
+    """``save``/``load`` of a dataclass result as one JSON file that starts with the narrows
+    header. A subclass names its ``KIND`` (``"ssl.linear"``), ``VERSION``, the fields it
+    writes (``SAVED``; ``provenance`` goes into the header) and, for errors, ``WHAT`` the file
+    holds and ``FIX`` (what to point at instead)."""
+
+    KIND: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+    SAVED: ClassVar[tuple[str, ...]] = ()
+    WHAT: ClassVar[str] = "result"
+    FIX: ClassVar[str] = "point at a result file a narrows command wrote"
+
+    def save(self, path: str | Path) -> Path:
+        """Write the header and the ``SAVED`` fields to ``path`` (atomically); returns it."""
+        from narrows.runs.files import atomic_write_json
+
+        return atomic_write_json(path, {**header(self.KIND, self.VERSION,
+                                                 getattr(self, "provenance", None)),
+                                        **{name: getattr(self, name) for name in self.SAVED}})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        """The result :meth:`save` wrote to ``path``."""
+        from narrows.runs.files import read_json_file
+
+        if not Path(path).is_file():
+            raise UserError(f"no {cls.WHAT} {path}", cls.FIX)
+        document = read_json_file(path, cls.WHAT, cls.FIX, required_keys=cls.SAVED, kind=dict)
+        check_header(document, cls.KIND, cls.VERSION, str(path))
+        return cls(**{name: document[name] for name in cls.SAVED},  # type: ignore[call-arg]
+                   provenance=document.get("provenance", {}))

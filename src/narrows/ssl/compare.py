@@ -7,15 +7,16 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from narrows.runs.results import JsonResult, provenance
 
 FORMAT_KIND = "ssl.comparison"
 FORMAT_VERSION = 1
 
 
 @dataclass
-class ComparisonResult:
+class ComparisonResult(JsonResult):
     """``rows``: ``{"method", "seed", "metric", "value"}`` records (values in [0, 1] for
     accuracies and mIoU); ``data``: the data spec every method was evaluated on; ``notes``:
     what the reader must know (budgets, which features); ``provenance``: versions and options."""
@@ -23,7 +24,10 @@ class ComparisonResult:
     rows: list[dict[str, Any]]
     data: str = ""
     notes: list[str] = field(default_factory=list)
-    provenance: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=provenance)
+
+    KIND, VERSION, SAVED = FORMAT_KIND, FORMAT_VERSION, ("rows", "data", "notes")
+    WHAT, FIX = "comparison", "point at a comparison.json of benchmarks/ssl_compare.py"
 
     def add(self, method: str, seed: int, metric: str, value: float) -> None:
         """Record one measured ``value`` of ``metric`` for ``method`` at ``seed``."""
@@ -107,26 +111,3 @@ class ComparisonResult:
         ax.legend(fontsize=7)
         fig.tight_layout()
         return fig, ax
-
-    def save(self, path: str | Path) -> Path:
-        """Write the result as JSON with the narrows header (``ssl.comparison``)."""
-        from narrows.runs.files import atomic_write_json
-        from narrows.runs.results import header
-
-        return atomic_write_json(path, {**header(FORMAT_KIND, FORMAT_VERSION, self.provenance),
-                                        "rows": self.rows, "data": self.data,
-                                        "notes": self.notes})
-
-    @classmethod
-    def load(cls, path: str | Path) -> ComparisonResult:
-        """Read what :meth:`save` wrote."""
-        from narrows.runs.files import read_json_file
-        from narrows.runs.results import check_header
-
-        document = read_json_file(path, "comparison", "point at a comparison.json of "
-                                  "benchmarks/ssl_compare.py", kind=dict,
-                                  required_keys=("rows",))
-        check_header(document, FORMAT_KIND, FORMAT_VERSION, str(path))
-        return cls(rows=list(document["rows"]), data=document.get("data", ""),
-                   notes=list(document.get("notes", [])),
-                   provenance=document.get("provenance", {}))

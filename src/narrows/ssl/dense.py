@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from narrows.errors import UserError
+from narrows.runs.results import JsonResult
 from narrows.ssl.linear import (
     MultiHeadLinear,
     cross_entropy_per_head,
@@ -265,27 +266,8 @@ def best_row(rows: Sequence[dict[str, Any]], metric: str, tie: str | None = None
 # --- results -------------------------------------------------------------------------------
 
 
-def _save(kind: str, result: Any, names: Sequence[str], path: str | Path) -> Path:
-    from narrows.runs.files import atomic_write_json
-    from narrows.runs.results import header
-
-    return atomic_write_json(path, {**header(kind, FORMAT_VERSION, result.provenance),
-                                    **{name: getattr(result, name) for name in names}})
-
-
-def _load(cls: Any, kind: str, names: Sequence[str], path: str | Path, what: str) -> Any:
-    from narrows.runs.files import read_json_file
-    from narrows.runs.results import check_header
-
-    document = read_json_file(path, what, f"point at the {what} JSON of its command", kind=dict,
-                              required_keys=tuple(names))
-    check_header(document, kind, FORMAT_VERSION, str(path))
-    return cls(**{name: document[name] for name in names},
-               provenance=document.get("provenance", {}))
-
-
 @dataclass
-class PatchProbeResult:
+class PatchProbeResult(JsonResult):
     """What the patch probe measured: ``miou`` (patch grid, majority targets; the headline),
     ``pixel_miou`` and ``per_class_iou`` (background first, NaN where a label never occurs) of
     the head at ``best_lr`` (highest grid mIoU on test); ``rows`` per lr (``lr``, ``miou``,
@@ -305,6 +287,10 @@ class PatchProbeResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     provenance: dict[str, Any] = field(default_factory=dict)
+
+    KIND, WHAT, FIX = PATCH_KIND, "patch probe result", "point at a 'narrows ssl patch-probe' JSON"
+    SAVED = ("model", "data", "layout", "lrs", "epochs", "miou", "pixel_miou", "per_class_iou",
+             "class_names", "best_lr", "rows", "history", "seconds")
 
     def headline(self) -> dict[str, float]:
         """Grid and pixel mIoU of the selected head, and its lr (results.json)."""
@@ -336,22 +322,10 @@ class PatchProbeResult:
         ax.set_title(f"patch probe: mIoU {100 * self.miou:.1f}% ({self.data})", fontsize=9)
         return fig, ax
 
-    def save(self, path: str | Path) -> Path:
-        """Write the result as JSON with the narrows header (``ssl.patch_probe``)."""
-        return _save(PATCH_KIND, self, _PATCH_SAVED, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> PatchProbeResult:
-        """Read what :meth:`save` wrote."""
-        return _load(cls, PATCH_KIND, _PATCH_SAVED, path, "patch probe result")
-
-
-_PATCH_SAVED = ("model", "data", "layout", "lrs", "epochs", "miou", "pixel_miou", "per_class_iou",
-                "class_names", "best_lr", "rows", "history", "seconds")
 
 
 @dataclass
-class MultiLabelResult:
+class MultiLabelResult(JsonResult):
     """What the multi-label probes measured: ``rows`` per feature spec (``feature``,
     ``exact_match``, ``label_accuracy``, ``map``, ``best_lr``: the lr with the highest test
     exact match, then mAP); ``sweep`` per (feature, lr) final values, ``history`` per
@@ -367,6 +341,9 @@ class MultiLabelResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     provenance: dict[str, Any] = field(default_factory=dict)
+
+    KIND, WHAT, FIX = MULTILABEL_KIND, "multi-label result", "point at a 'narrows ssl multilabel' JSON"
+    SAVED = ("model", "data", "layout", "lrs", "epochs", "rows", "sweep", "history", "seconds")
 
     def headline(self) -> dict[str, float]:
         """Exact match, label accuracy and mAP per feature, ``"<feature>/map"`` (results.json)."""
@@ -400,17 +377,8 @@ class MultiLabelResult:
         ax.legend(fontsize=7)
         return fig, ax
 
-    def save(self, path: str | Path) -> Path:
-        """Write the result as JSON with the narrows header (``ssl.multilabel``)."""
-        return _save(MULTILABEL_KIND, self, _ML_SAVED, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> MultiLabelResult:
-        """Read what :meth:`save` wrote."""
-        return _load(cls, MULTILABEL_KIND, _ML_SAVED, path, "multi-label result")
 
 
-_ML_SAVED = ("model", "data", "layout", "lrs", "epochs", "rows", "sweep", "history", "seconds")
 
 
 

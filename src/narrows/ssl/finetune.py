@@ -51,6 +51,15 @@ def backbone_file(source: str | Path, target: Path, *, which: str, class_tokens:
     return exported.path
 
 
+def check_source(source: str | Path, *, which: str = "teacher") -> str:
+    """The layout of ``source`` (see :func:`narrows.ssl.checkpoints.detect_layout`: a file of
+    no known layout is a :class:`UserError`), checked before anything is written; ``which``:
+    the network of a pretraining checkpoint."""
+    from narrows.ssl.checkpoints import detect_layout
+
+    return detect_layout(Path(source), which=which)
+
+
 def finetune(source: str | Path, data: str | None = None, options: Any = None, *,
              run: Any = None, device: Any = "cpu", dist: Distributed = Distributed(),
              seed: int = 0, model_kwargs: dict[str, Any] | None = None,
@@ -73,6 +82,7 @@ def finetune(source: str | Path, data: str | None = None, options: Any = None, *
     from narrows.training.setup import checkpoint_data, prepare_training, training_summary
 
     options = options if options is not None else FinetuneOptions()
+    check_source(source, which=options.which)
     device = torch.device(device)
     with tempfile.TemporaryDirectory() as scratch:
         target = run.file(BACKBONE_FILE) if run is not None else Path(scratch) / BACKBONE_FILE

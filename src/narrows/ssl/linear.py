@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from narrows.errors import UserError
+from narrows.runs.results import JsonResult
 from narrows.runtime import Distributed, derive_seed
 
 if TYPE_CHECKING:
@@ -579,7 +580,7 @@ def linear_probe(backbone: Any, data: Any, options: Any, *, run: RunDir | None =
 
 
 @dataclass
-class LinearResult:
+class LinearResult(JsonResult):
     """What a linear probe measured.
 
     ``rows``: one per (lr, epoch) with ``train_loss``, ``test_top1``, ``test_top5`` (and
@@ -607,6 +608,11 @@ class LinearResult:
     backbone_passes: int
     provenance: dict[str, Any] = field(default_factory=dict)
     heads: MultiHeadLinear | None = field(default=None, repr=False, compare=False)
+
+    KIND, VERSION, WHAT = FORMAT_KIND, FORMAT_VERSION, "linear probe result"
+    FIX = "point at the linear.json of a 'narrows ssl linear' run"
+    SAVED = ("model", "data", "layout", "feature", "augment", "lrs", "epochs", "batch_size",
+             "rows", "final", "best_lr", "best_top1", "selected_on", "seconds", "backbone_passes")
 
     def headline(self) -> dict[str, float]:
         """Top-1 of the selected head, its lr, and top-1 per lr (results.json)."""
@@ -640,32 +646,6 @@ class LinearResult:
         ax.set_title(f"linear probe {self.feature} on {self.data or 'features'}", fontsize=9)
         ax.legend(fontsize=7)
         return fig, ax
-
-    def save(self, path: str | Path) -> Path:
-        """Write the result as JSON with the narrows header (``ssl.linear``)."""
-        from narrows.runs.files import atomic_write_json
-        from narrows.runs.results import header
-
-        document = {**header(FORMAT_KIND, FORMAT_VERSION, self.provenance),
-                    **{name: getattr(self, name) for name in _SAVED}}
-        return atomic_write_json(path, document)
-
-    @classmethod
-    def load(cls, path: str | Path) -> LinearResult:
-        """Read what :meth:`save` wrote."""
-        from narrows.runs.files import read_json_file
-        from narrows.runs.results import check_header
-
-        fix = "point at the linear.json of a 'narrows ssl linear' run"
-        document = read_json_file(path, "linear probe result", fix, kind=dict,
-                                  required_keys=tuple(_SAVED))
-        check_header(document, FORMAT_KIND, FORMAT_VERSION, str(path))
-        return cls(**{name: document[name] for name in _SAVED},
-                   provenance=document.get("provenance", {}))
-
-
-_SAVED = ("model", "data", "layout", "feature", "augment", "lrs", "epochs", "batch_size", "rows",
-          "final", "best_lr", "best_top1", "selected_on", "seconds", "backbone_passes")
 
 
 def with_subject(result: LinearResult, *, model: str, data: str, layout: str,
