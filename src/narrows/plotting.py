@@ -16,6 +16,14 @@ def pyplot():
     return plt
 
 
+def axes(ax: Any = None, figsize: tuple[float, float] = (6, 3.6)) -> tuple[Any, Any]:
+    """``(fig, ax)``: ``ax`` and its figure when given (a result drawn into a user's figure),
+    else a new figure of ``figsize`` inches with one axes."""
+    if ax is not None:
+        return ax.figure, ax
+    return pyplot().subplots(figsize=figsize)
+
+
 def plot_training_curves(rows: Sequence[dict[str, Any]], ax: Any = None, title: str | None = None):
     """Loss (left) and top-1 accuracy (right) per epoch; returns ``(fig, axes)``.
 

@@ -163,10 +163,9 @@ class EssentialResult:
 
     def plot(self, ax: Any = None, title: str | None = None):
         """Fraction still correct against σ for each condition, clean as a dashed line."""
-        from narrows.plotting import pyplot
+        from narrows.plotting import axes
 
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(4.5, 3.4)) if ax is None else (ax.figure, ax)
+        fig, ax = axes(ax, (4.5, 3.4))
         rates = self.rates()
         labels = {"inf": "noise on I_c", "noninf": "noise on the others",
                   "random": "noise on |I_c| random others"}

@@ -169,10 +169,9 @@ class MITable:
 
     def plot(self, score: str = "upstream", ax: Any = None):
         """``score`` against ``k``, one line per source; returns ``(fig, ax)``."""
-        from narrows.plotting import pyplot
+        from narrows.plotting import axes
 
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(5, 3.6)) if ax is None else (ax.figure, ax)
+        fig, ax = axes(ax, (5, 3.6))
         for source, by_k in self.scores.items():
             ks = [k for k in self.ks if k in by_k]
             ax.plot(ks, [by_k[k][score] for k in ks], marker="o", label=source)

@@ -311,10 +311,9 @@ class PatchProbeResult(JsonResult):
 
     def plot(self, ax: Any = None) -> tuple[Any, Any]:
         """IoU per class (bars); returns ``(fig, ax)``."""
-        from narrows.plotting import pyplot
+        from narrows.plotting import axes
 
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(6, 3.6)) if ax is None else (ax.figure, ax)
+        fig, ax = axes(ax)
         values = [0.0 if math.isnan(v) else 100 * v for v in self.per_class_iou]
         ax.bar(range(len(values)), values, color="tab:blue")
         ax.set_xticks(range(len(values)), self.class_names, rotation=30, fontsize=7)
@@ -362,10 +361,9 @@ class MultiLabelResult(JsonResult):
 
     def plot(self, ax: Any = None) -> tuple[Any, Any]:
         """Exact match and mAP per feature (bars); returns ``(fig, ax)``."""
-        from narrows.plotting import pyplot
+        from narrows.plotting import axes
 
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(6, 3.6)) if ax is None else (ax.figure, ax)
+        fig, ax = axes(ax)
         x = range(len(self.rows))
         ax.bar([i - 0.2 for i in x], [100 * r["exact_match"] for r in self.rows], width=0.4,
                label="exact match")

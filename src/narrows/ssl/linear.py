@@ -228,6 +228,25 @@ def accuracy_of(heads: nn.Module, features: Tensor, labels: Tensor, *, device: t
             for h in range(count)]
 
 
+def evaluator(test: Any, holdout: tuple[Tensor, Tensor] | None, device: torch.device | str
+              ) -> Callable[[nn.Module], list[dict[str, float]]]:
+    """A function of the heads giving, per head, ``test_top1``/``test_top5`` on ``test`` (a
+    feature table) and ``holdout_top1`` on the ``holdout`` (features, labels) when given;
+    ``device``: where the heads run."""
+    test_features, test_labels = test.features.float(), test.labels.long()
+
+    def evaluate(heads: nn.Module) -> list[dict[str, float]]:
+        found = [{"test_top1": a, "test_top5": b}
+                 for a, b in accuracy_of(heads, test_features, test_labels, device=device)]
+        if holdout is not None:
+            for row, (a, _) in zip(found, accuracy_of(heads, *holdout, device=device),
+                                   strict=True):
+                row["holdout_top1"] = a
+        return found
+
+    return evaluate
+
+
 def _option(options: Any, name: str, default: Any) -> Any:
     return getattr(options, name, default)
 
@@ -273,7 +292,7 @@ def train_heads(train: Any, test: Any, options: Any, *, state_path: str | Path |
                                   int(test.labels.max()) if len(test.labels) else 0))
     _check_options(options)
     held = _option(options, "holdout", 0.0)
-    held_rows = None
+    held_rows, holdout = None, None
     if held > 0:
         keep, held_rows = holdout_split(len(features), held, seed)
         holdout = (features[held_rows], labels[held_rows])
@@ -289,15 +308,7 @@ def train_heads(train: Any, test: Any, options: Any, *, state_path: str | Path |
             rows = order[first: first + batch]
             yield features[rows], labels[rows]
 
-    def evaluate(model: nn.Module) -> list[dict[str, float]]:
-        found = [{"test_top1": a, "test_top5": b}
-                 for a, b in accuracy_of(model, test.features.float(), test.labels.long(),
-                                         device=device)]
-        if held_rows is not None:
-            for row, (a, _) in zip(found, accuracy_of(model, *holdout, device=device),
-                                   strict=True):
-                row["holdout_top1"] = a
-        return found
+    evaluate = evaluator(test, holdout, device)
 
     stamp = {"n_train": len(features), "n_test": len(test.features), "dim": features.shape[1],
              "classes": num_classes, "lrs": heads.lrs, "epochs": options.epochs,
@@ -491,15 +502,7 @@ def _through_backbone(backbone: Any, data: Any, options: Any, spec: Any, test: A
         return _image_batches(dataset, order, run, batch=batch, workers=workers, device=device,
                               rng_seed=rng)
 
-    def evaluate(heads_: nn.Module) -> list[dict[str, float]]:
-        found = [{"test_top1": a, "test_top5": b}
-                 for a, b in accuracy_of(heads_, test.features.float(), test.labels.long(),
-                                         device=device)]
-        if holdout is not None:
-            for row, (a, _) in zip(found, accuracy_of(heads_, *holdout, device=device),
-                                   strict=True):
-                row["holdout_top1"] = a
-        return found
+    evaluate = evaluator(test, holdout, device)
 
     stamp = {"n_train": len(keep), "n_test": len(test.features), "dim": dim,
              "classes": data.info.num_classes, "lrs": heads.lrs, "epochs": options.epochs,
@@ -633,10 +636,9 @@ class LinearResult(JsonResult):
 
     def plot(self, ax: Any = None) -> tuple[Any, Any]:
         """Test top-1 per epoch, one line per lr; returns ``(fig, ax)``."""
-        from narrows.plotting import pyplot
+        from narrows.plotting import axes
 
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(6, 3.6)) if ax is None else (ax.figure, ax)
+        fig, ax = axes(ax)
         for lr in self.lrs:
             mine = [row for row in self.rows if row["lr"] == lr]
             ax.plot([row["epoch"] for row in mine], [100 * row["test_top1"] for row in mine],

@@ -55,10 +55,9 @@ class PretrainResult:
 
     def plot(self, ax: Any = None) -> tuple[Any, Any]:
         """Each loss term per epoch against ln K (the collapse level); returns ``(fig, ax)``."""
-        from narrows.plotting import pyplot
+        from narrows.plotting import axes
 
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(6, 3.6)) if ax is None else (ax.figure, ax)
+        fig, ax = axes(ax)
         epochs = [row["epoch"] for row in self.metrics]
         ax.plot(epochs, [row["loss"] for row in self.metrics], marker="o", color="black",
                 label="total")
