@@ -201,7 +201,7 @@ def train_patch_heads(train_tokens: Tensor, train_masks: Tensor, test_tokens: Te
     history = fit_heads(heads, optimizer, epochs=options.epochs, lr_min=0.0,
                         batches=_batches(train_tokens, train_targets, batch, seed),
                         loss_fn=cross_entropy_per_head, evaluate=evaluate, state_path=state_path,
-                        stamp=stamp, device=device, say=say)
+                        stamp=stamp, device=device, say=say, name="patch probe")
     heads.eval()
     with torch.no_grad():
         grid_conf, pixel_conf = confusions(heads, False), confusions(heads, True)
@@ -245,7 +245,7 @@ def train_multilabel_heads(train: Tensor, train_targets: Tensor, test: Tensor,
     history = fit_heads(heads, optimizer, epochs=options.epochs, lr_min=0.0,
                         batches=_batches(train.float(), train_targets.bool(), batch, seed),
                         loss_fn=loss_fn, evaluate=evaluate, state_path=state_path, stamp=stamp,
-                        device=device, say=say)
+                        device=device, say=say, name="multi-label probe")
     final = [{k: v for k, v in row.items() if k != "epoch"}
              for row in history[-len(heads.lrs):]]
     return final, history, heads.cpu()

@@ -132,7 +132,7 @@ def fit_heads(heads: MultiHeadLinear, optimizer: torch.optim.Optimizer, *, epoch
               state_path: str | Path | None = None, stamp: dict[str, Any] | None = None,
               model: nn.Module | None = None, device: torch.device | str = "cpu",
               dist: Distributed = Distributed(), say: Callable[[str], None] | None = None,
-              ) -> list[dict[str, Any]]:
+              name: str = "linear probe") -> list[dict[str, Any]]:
     """Train ``heads`` for ``epochs`` epochs and return one row per (head, epoch).
 
     ``batches(epoch)`` yields ``(inputs, targets)``; ``loss_fn`` gives each head's loss (their
@@ -142,13 +142,14 @@ def fit_heads(heads: MultiHeadLinear, optimizer: torch.optim.Optimizer, *, epoch
     inputs (``heads`` wrapped in DDP under torchrun; default ``heads``). After every epoch the
     heads, optimizer and rows are written to ``state_path`` with ``stamp`` (what else decides
     the outcome); a later call with the same stamp continues after the last written epoch.
+    ``name`` says which probe resumed.
     """
     model = heads if model is None else model
     stamp = dict(stamp or {})
     rows: list[dict[str, Any]] = []
     start = _restore(heads, optimizer, state_path, stamp, rows)
     if start and say is not None:
-        say(f"linear probe: resuming after epoch {start} of {epochs}")
+        say(f"{name}: resuming after epoch {start} of {epochs}")
     for epoch in range(start, epochs):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(group["base_lr"], epoch, epochs, lr_min)
