@@ -92,3 +92,71 @@ def quietly(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 SSL_VIT = "vit_tiny_patch16_224"
 SSL_TINY = {"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
 SSL_HEAD = {"out_dim": 64, "head_hidden": 64, "head_bottleneck": 32}
+
+
+def one_torch_thread():
+    """Generator body of a fixture that runs a test on one torch thread (tiny models on a
+    shared CPU are far faster without thread hand-offs) and restores the count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def released_udi_state(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A ``UDIModel``'s weights under the released UDI code's key names, written here
+    independently of narrows' own mapping: the backbone nested twice with its two class tokens
+    joined as ``cls_token [1, 2, D]``, SRS under ``backbone.attn``/``backbone.norm1``, the head
+    saved three times."""
+    ours = model.state_dict()
+    out = {}
+    for key, value in ours.items():
+        if key == "backbone.cls_token":
+            out[prefix + "backbone.backbone.cls_token"] = torch.cat(
+                [value, ours["backbone.reg_token"]], dim=1)
+        elif key == "backbone.reg_token":
+            continue
+        elif key.startswith("backbone."):
+            out[prefix + "backbone." + key] = value
+        elif key.startswith("srs."):
+            out[prefix + "backbone.attn." + key[4:]] = value
+        elif key.startswith("norm1."):
+            out[prefix + "backbone.norm1." + key[6:]] = value
+        else:
+            assert key.startswith("head.")
+            for i in range(3):  # the same head saved three times
+                out[f"{prefix}head.{i}.{key[5:]}"] = value
+    return out
+
+
+def check_result_contract(result: Any, folder: Path, file: str, header_file: str,
+                          kind: str) -> None:
+    """The result contract on ``result``: flat rows, a one-line summary, ``save`` to
+    ``folder/file`` and ``load`` back with the same rows, the header (``kind``, version 1,
+    versions) in ``folder/header_file``, and ``plot()`` / ``plot(ax=...)`` giving (fig, ax)."""
+    import json
+
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from narrows.runs.results import Result
+
+    assert isinstance(result, Result)
+    rows = result.to_rows()
+    assert rows and all(isinstance(r, dict) for r in rows)
+    assert all(isinstance(v, (str, int, float, bool, type(None))) for r in rows
+               for v in r.values())
+    line = result.summary()
+    assert isinstance(line, str) and line and "\n" not in line
+    result.save(folder / file)
+    loaded = type(result).load(folder / file)
+    assert same_rows(loaded.to_rows(), rows)
+    doc = json.loads((folder / header_file).read_text())
+    assert doc["format"] == f"narrows.{kind}/1" and doc["provenance"]["versions"]["torch"]
+    fig, _ = result.plot()  # the second item: one axes or several
+    assert isinstance(fig, Figure)
+    plt.close(fig)
+    fig, mine = plt.subplots()
+    got_fig, got_ax = result.plot(ax=mine)
+    assert got_fig is fig and got_ax is mine and mine.has_data()
+    plt.close(fig)

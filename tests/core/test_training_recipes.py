@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from tiny import one_torch_thread
 
 from narrows.errors import UserError
 from narrows.models import ModelCard
@@ -26,11 +27,7 @@ DATA = "shapes:classes=3,size=32,train=24,test=8"
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One thread: tiny models on a shared CPU run far faster without thread hand-offs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from one_torch_thread()
 
 
 def _vit(depth: int, reg_tokens: int = 1) -> torch.nn.Module:

@@ -12,13 +12,12 @@ matplotlib.use("Agg")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from tiny import same_rows  # noqa: E402
+from tiny import check_result_contract, same_rows  # noqa: E402
 
 from narrows.kvb.continual import ContinualRun, ContinualSettings  # noqa: E402
 from narrows.kvb.results import ContinualResult  # noqa: E402
 from narrows.kvb.toy import NUM_CLASSES, Evaluation, SeedResult, summarise  # noqa: E402
 from narrows.kvb.toy_run import ToyRun, ToySettings  # noqa: E402
-from narrows.runs.results import Result  # noqa: E402
 from narrows.runs.sweep import SweepResult, flatten_results  # noqa: E402
 
 
@@ -64,35 +63,10 @@ CASES = {
 }
 
 
-def _flat(rows: list[dict]) -> bool:
-    return all(isinstance(v, (str, int, float, bool, type(None))) for r in rows
-               for v in r.values())
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_contract(name, tmp_path):
-    import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
-
     build, file, header_file, kind = CASES[name]
-    x = build(tmp_path)
-    assert isinstance(x, Result)
-    rows = x.to_rows()
-    assert rows and all(isinstance(r, dict) for r in rows) and _flat(rows)
-    line = x.summary()
-    assert isinstance(line, str) and line and "\n" not in line
-    x.save(tmp_path / file)
-    loaded = type(x).load(tmp_path / file)
-    assert same_rows(loaded.to_rows(), rows)
-    doc = json.loads((tmp_path / header_file).read_text())
-    assert doc["format"] == f"narrows.{kind}/1" and doc["provenance"]["versions"]["torch"]
-    fig, ax = x.plot()
-    assert isinstance(fig, Figure)
-    plt.close(fig)
-    fig, mine = plt.subplots()
-    got_fig, got_ax = x.plot(ax=mine)
-    assert got_fig is fig and got_ax is mine and mine.has_data()
-    plt.close(fig)
+    check_result_contract(build(tmp_path), tmp_path, file, header_file, kind)
 
 
 def test_old_files_without_header_still_load(tmp_path):

@@ -10,7 +10,7 @@ import pickle
 import pytest
 import timm
 import torch
-from tiny import SSL_HEAD, SSL_TINY, SSL_VIT
+from tiny import SSL_HEAD, SSL_TINY, SSL_VIT, released_udi_state
 
 from narrows.errors import UserError
 from narrows.models.vit_tokens import last_tokens
@@ -55,29 +55,6 @@ def batch(seed=0):
             "src_global": src, "tgt_global": tgt, "src_local": src_l, "tgt_local": tgt_l}
 
 
-def upstream_state(model, prefix=""):
-    """The model's weights under the released code's key names (written independently here)."""
-    ours = model.state_dict()
-    out = {}
-    for key, value in ours.items():
-        if key == "backbone.cls_token":
-            out[prefix + "backbone.backbone.cls_token"] = torch.cat(
-                [value, ours["backbone.reg_token"]], dim=1)
-        elif key == "backbone.reg_token":
-            continue
-        elif key.startswith("backbone."):
-            out[prefix + "backbone." + key] = value
-        elif key.startswith("srs."):
-            out[prefix + "backbone.attn." + key[4:]] = value
-        elif key.startswith("norm1."):
-            out[prefix + "backbone.norm1." + key[6:]] = value
-        else:
-            assert key.startswith("head.")
-            for i in range(3):  # the same head saved three times
-                out[f"{prefix}head.{i}.{key[5:]}"] = value
-    return out
-
-
 def upstream_args(**changes):
     values = {"arch": "vit_tiny", "patch_size": 8, "out_dim": 64, "norm_last_layer": False,
               "include_patch": True, "number_cls_token": 2, "use_bn_in_head": False,
@@ -90,7 +67,7 @@ def upstream_args(**changes):
 def upstream_file(tmp_path):
     student, teacher = pair(srs_heads=6)  # upstream's hard-coded SRS heads
     path = tmp_path / "checkpoint.pth"
-    torch.save({"student": upstream_state(student, "module."), "teacher": upstream_state(teacher),
+    torch.save({"student": released_udi_state(student, "module."), "teacher": released_udi_state(teacher),
                 "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
                 "epoch": 5, "args": upstream_args(),
                 "udi_loss": {"centering.center": torch.randn(3, 64),
@@ -140,7 +117,7 @@ def test_upstream_checkpoint_loads_strictly_and_reproduces_outputs(upstream_file
 
 def test_decoupled_heads_are_refused(upstream_file):
     path, _, teacher = upstream_file
-    state = upstream_state(teacher)
+    state = released_udi_state(teacher)
     state["head.1.mlp.0.bias"] = state["head.1.mlp.0.bias"] + 1.0
     with pytest.raises(UserError, match="head.1"):
         upstream_to_narrows(state)
@@ -173,7 +150,7 @@ def test_hostile_pickle_is_refused_without_running(tmp_path, upstream_file):
     path, _, teacher = upstream_file
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
-    torch.save({"teacher": upstream_state(teacher), "args": Hostile(marker)}, evil)
+    torch.save({"teacher": released_udi_state(teacher), "args": Hostile(marker)}, evil)
     assert not marker.exists()
     with pytest.raises(UserError, match="refused"):
         read_upstream(evil)

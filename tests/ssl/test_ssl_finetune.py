@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tiny import one_torch_thread
 
 from narrows.cli import main
 from narrows.runs import RunDir
@@ -19,11 +20,7 @@ ARCH = "depth=2,patch_size=8,embed_dim=48,num_heads=3"
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One thread: tiny models on a shared CPU run far faster without thread hand-offs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

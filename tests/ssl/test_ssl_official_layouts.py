@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 import torch
-from tiny import SSL_HEAD, SSL_TINY, SSL_VIT
+from tiny import SSL_HEAD, SSL_TINY, SSL_VIT, released_udi_state
 
 from narrows.errors import UserError
 from narrows.models.features import token_parts
@@ -28,30 +28,6 @@ def pair(**changes):
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return student, teacher
-
-
-def released_udi(model, prefix=""):
-    """A UDIModel's weights under the released UDI code's names (independent of narrows'
-    mapping): double-nested backbone, [1, 2, D] class tokens, SRS under backbone.attn/norm1,
-    the head three times."""
-    ours = model.state_dict()
-    out = {}
-    for key, value in ours.items():
-        if key == "backbone.cls_token":
-            out[prefix + "backbone.backbone.cls_token"] = torch.cat(
-                [value, ours["backbone.reg_token"]], dim=1)
-        elif key == "backbone.reg_token":
-            continue
-        elif key.startswith("backbone."):
-            out[prefix + "backbone." + key] = value
-        elif key.startswith("srs."):
-            out[prefix + "backbone.attn." + key[4:]] = value
-        elif key.startswith("norm1."):
-            out[prefix + "backbone.norm1." + key[6:]] = value
-        else:
-            for i in range(3):
-                out[f"{prefix}head.{i}.{key[5:]}"] = value
-    return out
 
 
 def extracted(full_state, prefix=""):
@@ -90,7 +66,7 @@ def udi_pair():
 def test_udi_full(tmp_path, udi_pair, which):
     student, teacher = udi_pair
     path = tmp_path / "checkpoint.pth"
-    torch.save({"student": released_udi(student, "module."), "teacher": released_udi(teacher),
+    torch.save({"student": released_udi_state(student, "module."), "teacher": released_udi_state(teacher),
                 "epoch": 3, "args": args(), "udi_loss": {"centering.center": torch.zeros(3, 64)}},
                path)
     assert detect_layout(path) == "udi-full"
@@ -115,7 +91,7 @@ def test_dino_full(tmp_path):
 @pytest.mark.parametrize("prefix", ["", "module."])
 def test_udi_backbone_only(tmp_path, udi_pair, prefix):
     _, teacher = udi_pair
-    state = extracted(released_udi(teacher))
+    state = extracted(released_udi_state(teacher))
     assert state["backbone.cls_token"].shape == (1, 2, 48) and "attn.qkv.weight" in state
     path = tmp_path / "udi-backbone.pth"
     torch.save({prefix + k: v for k, v in state.items()}, path)
