@@ -37,7 +37,7 @@ CHANGES = {"model_kwargs": ARCH_KWARGS, "global_window": 2, "local_window": 1,
            "batch_size": 32, "warmup_epochs": 2}
 METHODS = ("udi", "dino", "supervised", "init")
 HEADLINE = ("knn cls", "knn cls+", "knn cls|cls+", "knn avgpool", "linear cls@4",
-            "patch mIoU", "multilabel cls", "multilabel cls+", "multilabel cls|cls+")
+            "patch mIoU", "multilabel mAP cls", "multilabel mAP cls+", "multilabel mAP cls|cls+")
 
 
 def pretrain_one(method: str, seed: int, data: str, epochs: int, out: Path, device: str) -> Path:
@@ -121,8 +121,10 @@ def metrics_of(found: dict[str, Any]) -> dict[str, float]:
             values[f"knn {row['feature']}"] = row["top1"]
     values[f"linear {found['linear'].feature}"] = found["linear"].best_top1
     values["patch mIoU"] = found["patch_probe"].miou
+    values["patch pixel mIoU"] = found["patch_probe"].pixel_miou
     for row in found["multilabel"].rows:
-        values[f"multilabel {row['feature']}"] = row["exact_match"]
+        values[f"multilabel mAP {row['feature']}"] = row["map"]
+        values[f"multilabel exact {row['feature']}"] = row["exact_match"]
     return values
 
 
