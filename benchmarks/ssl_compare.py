@@ -139,7 +139,7 @@ def attention_figure(backbones: dict[str, Any], data: str, out: Path) -> None:
         for name, b in backbones.items()}
     first = next(iter(results.values()))
     n = first.images.shape[0]
-    rows = 1 + 2 * len(results)
+    rows = 1 + sum(len(result.tokens) for result in results.values())
     fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.6 * rows), squeeze=False)
     for i in range(n):
         axes[0, i].imshow(first.images[i].permute(1, 2, 0).numpy())
