@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/attribution.py
 	$(BIN)/python benchmarks/ssl_train.py
 	$(BIN)/python benchmarks/ssl_views.py
+	$(BIN)/python benchmarks/ssl_eval.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info
