@@ -331,3 +331,27 @@ def test_finetune_prints_a_readable_summary(workspace):
     code, said, err, _ = _outcome(workspace, "finetune", "keep")
     assert code == 0, err
     assert "TrainResult(" not in said and "EvalResult(" not in said
+
+
+def test_attention_on_image_files_needs_no_data(tmp_path):
+    from PIL import Image
+
+    from narrows.ssl.attention import AttentionResult
+
+    files = []
+    for i, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        path = tmp_path / f"picture{i}.png"
+        Image.new("RGB", (45, 50), colour).save(path)  # not square, not the model's size
+        files.append(str(path))
+    out = tmp_path / "out"
+    assert main(["ssl", "attention", *RANDOM, "--image", *files, "--out", str(out),
+                 "--no-progress", "--threads", "1"]) == 0
+    result = AttentionResult.load(out / "attention.json")
+    assert result.names == ["picture0", "picture1"] and result.images.shape[-2:] == (32, 32)
+    assert len(list((out / "attention").glob("*.png"))) == 2
+
+
+def test_finetune_of_a_cnn_with_the_recipes_drop_path_is_one_line(tmp_path, random_checkpoint):
+    checkpoint = random_checkpoint("shapes:classes=3,size=32,train=24,test=12")  # resnet20_cifar
+    line = _refused(tmp_path, ["ssl", "finetune", "--checkpoint", checkpoint, "--epochs", "1"])
+    assert "drop_path_rate" in line and "--drop-path 0" in line

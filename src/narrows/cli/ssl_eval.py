@@ -66,15 +66,16 @@ class FinetuneConfig(FinetuneOptions, FinetuneSource, CommonOptions):
     pass
 
 
-def _open(cfg: Any, verb: str) -> tuple[Session, Any, Any, Any]:
-    """Session, backbone, data and run directory of an evaluation command."""
+def _open(cfg: Any, verb: str, need_data: bool = True) -> tuple[Session, Any, Any, Any]:
+    """Session, backbone, data (``None`` when not needed and not named) and run directory of
+    an evaluation command."""
     from narrows.ssl.backbones import open_subject
 
     session = start(cfg)
     with flag_errors():
-        backbone, bundle = open_subject(cfg, seed=cfg.seed, say=session.say)
-    run = session.open(cfg, f"ssl {verb}", f"ssl-{verb}", backbone.id,
-                       bundle.info.spec.split(":", 1)[0])
+        backbone, bundle = open_subject(cfg, seed=cfg.seed, say=session.say, need_data=need_data)
+    data = bundle.info.spec.split(":", 1)[0] if bundle is not None else "images"
+    run = session.open(cfg, f"ssl {verb}", f"ssl-{verb}", backbone.id, data)
     return session, backbone, bundle, run
 
 
@@ -123,7 +124,7 @@ def execute_linear(cfg: LinearConfig) -> int:
 def execute_attention(cfg: AttentionConfig) -> int:
     from narrows.ssl.attention import visualise_attention
 
-    session, backbone, bundle, run = _open(cfg, "attention")
+    session, backbone, bundle, run = _open(cfg, "attention", need_data=not cfg.image)
     with flag_errors():
         result = visualise_attention(backbone, bundle, cfg, device=session.device)
     result.save(run.file("attention.json"))
@@ -168,14 +169,20 @@ def execute_finetune(cfg: FinetuneConfig) -> int:
         raise UserError("ssl finetune needs a pretrained backbone", "pass --checkpoint FILE")
     with flag_errors():
         check_source(cfg.checkpoint, which=cfg.which)
-    run = session.open(cfg, "ssl finetune", "ssl-finetune", Path(cfg.checkpoint).parent.name,
-                       (cfg.data or "").split(":", 1)[0])
+    opened = []
+
+    def run() -> Any:  # opened once the checkpoint and options are known to work
+        opened.append(session.open(cfg, "ssl finetune", "ssl-finetune",
+                                   Path(cfg.checkpoint).parent.name,
+                                   (cfg.data or "").split(":", 1)[0]))
+        return opened[0]
+
     with flag_errors():
         result = finetune(cfg.checkpoint, cfg.data, cfg, run=run, device=session.device,
                           dist=session.dist, seed=cfg.seed, progress=cfg.progress,
                           say=session.say)
-    return session.done(result.summary(), f"→ {run.path} (best.pt, last.pt, metrics.jsonl, "
-                        "curves.png, results.json)")
+    return session.done(result.summary(), f"→ {opened[0].path} (best.pt, last.pt, "
+                        "metrics.jsonl, curves.png, results.json)")
 
 
 _EVAL = "Any timm ViT, any data; features are cached in --cache (default OUT/features)."

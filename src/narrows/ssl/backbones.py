@@ -417,13 +417,14 @@ def _fill_store(directory: Path, key: str, facts: dict[str, Any], dataset: Any,
     return store
 
 
-def open_subject(subject: Any, *, seed: int = 0,
-                 say: Callable[[str], None] | None = print) -> tuple[EvalBackbone, Any]:
+def open_subject(subject: Any, *, seed: int = 0, say: Callable[[str], None] | None = print,
+                 need_data: bool = True) -> tuple[EvalBackbone, Any]:
     """The backbone and the data (a :class:`~narrows.data.DataBundle`) that ``subject`` (an
     :class:`~narrows.ssl.eval_options.EvalSubject`, or any object with its fields) names: its
     ``data``, else the data the checkpoint was trained on; images served at the backbone's
     input size where the data kind allows it. ``seed`` draws a random backbone; ``say`` gets
-    one line describing what was loaded (and any notes)."""
+    one line describing what was loaded (and any notes). Without ``need_data`` (image files
+    given instead) the data is ``None`` when none is named."""
     from narrows.data import load
 
     backbone = load_eval_backbone(subject.checkpoint, model=subject.model,
@@ -431,10 +432,13 @@ def open_subject(subject: Any, *, seed: int = 0,
                                   class_tokens=subject.class_tokens, which=subject.which,
                                   seed=seed, image_size=subject.image_size)
     spec = subject.data or backbone.data_spec
-    if not spec:
+    if not spec and not need_data:
+        bundle = None
+    elif not spec:
         raise UserError(f"no data given and {backbone.checkpoint or 'a random ViT'} names none",
                         "pass `data` SPEC (e.g. shapes, imagenet:/data/imagenet)")
-    bundle = load(spec, image_size=backbone.input_size)
+    else:
+        bundle = load(spec, image_size=backbone.input_size)
     if say is not None:
         say(backbone.describe())
         for note in backbone.notes:

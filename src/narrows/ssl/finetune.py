@@ -72,38 +72,41 @@ def finetune(source: str | Path, data: str | None = None, options: Any = None, *
     ``source`` is an ``ssl train`` checkpoint or an official UDI/DINO release (its ``which``
     network is exported, with ``class_tokens`` kept or dropped, to ``run/backbone.safetensors``)
     or a file with a model card used as it is. ``model_kwargs`` and ``image_size`` are
-    ``narrows train``'s. With ``run`` (a :class:`narrows.runs.RunDir`) the run checkpoints,
+    ``narrows train``'s. With ``run`` (a :class:`narrows.runs.RunDir`, or a function opening
+    one, called once the source and options are known to work) the run checkpoints,
     resumes and writes ``results.json``. Returns the :class:`narrows.training.TrainResult`.
     """
     import torch
 
     from narrows.ssl.eval_options import FinetuneOptions
     from narrows.training import TrainSettings, fit
-    from narrows.training.setup import checkpoint_data, prepare_training, training_summary
+    from narrows.training.setup import training_summary
 
     options = options if options is not None else FinetuneOptions()
     check_source(source, which=options.which)
     device = torch.device(device)
-    with tempfile.TemporaryDirectory() as scratch:
-        target = run.file(BACKBONE_FILE) if run is not None else Path(scratch) / BACKBONE_FILE
+    build = {"model_kwargs": model_kwargs, "image_size": image_size, "options": options}
+    if carded(source) is not None:  # used as it is: built (and checked) before any file
+        path = backbone_file(source, Path(source), which=options.which,
+                             class_tokens=options.class_tokens, say=say)
+        model, card, bundle, spec = _prepared(path, data, source, **build)
+        run = run() if callable(run) else run
         if run is not None and dist.is_main:
-            run.claim()  # the directory (and its config) before the export lands in it
-        if dist.is_main and not (run is not None and run.exists(BACKBONE_FILE)):
-            path = backbone_file(source, target, which=options.which,
-                                 class_tokens=options.class_tokens, say=say)
-        else:
-            path = target if carded(source) is None else Path(source)
-        if dist.enabled:
-            import torch.distributed as tdist
+            run.claim()
+    else:
+        run = run() if callable(run) else run
+        with tempfile.TemporaryDirectory() as scratch:
+            target = run.file(BACKBONE_FILE) if run is not None else Path(scratch) / BACKBONE_FILE
+            if run is not None and dist.is_main:
+                run.claim()  # the directory (and its config) before the export lands in it
+            if dist.is_main and not (run is not None and run.exists(BACKBONE_FILE)):
+                backbone_file(source, target, which=options.which,
+                              class_tokens=options.class_tokens, say=say)
+            if dist.enabled:
+                import torch.distributed as tdist
 
-            tdist.barrier()
-        spec = data or checkpoint_data(str(path), default="")
-        if not spec:
-            raise UserError(f"{source} does not record the data it was trained on",
-                            "give the data to fine-tune on (--data SPEC)")
-        model, card, bundle = prepare_training(spec, checkpoint=str(path),
-                                               model_kwargs=model_kwargs, image_size=image_size,
-                                               drop_path=options.drop_path)
+                tdist.barrier()
+            model, card, bundle, spec = _prepared(target, data, source, **build)
     settings = TrainSettings.from_options(options, seed=seed)
     say(f"fine-tuning {card.architecture} on {spec} ({len(bundle.train())} train / "
         f"{len(bundle.test())} test images), {settings.epochs} epochs, lr {settings.lr:g}, "
@@ -113,3 +116,25 @@ def finetune(source: str | Path, data: str | None = None, options: Any = None, *
     if run is not None:
         run.write_json("results.json", training_summary(result, card, spec))
     return result
+
+
+def _prepared(path: Path, data: str | None, source: str | Path, *, model_kwargs: Any,
+              image_size: int | None, options: Any) -> tuple[Any, Any, Any, str]:
+    """``(model, card, data bundle, data spec)`` for training the backbone file ``path`` (made
+    from ``source``) on ``data`` (default: the data it records)."""
+    from narrows.training.setup import checkpoint_data, prepare_training
+
+    spec = data or checkpoint_data(str(path), default="")
+    if not spec:
+        raise UserError(f"{source} does not record the data it was trained on",
+                        "give the data to fine-tune on (--data SPEC)")
+    try:
+        model, card, bundle = prepare_training(spec, checkpoint=str(path),
+                                               model_kwargs=model_kwargs, image_size=image_size,
+                                               drop_path=options.drop_path)
+    except UserError as error:
+        if "drop_path_rate" not in error.what or not options.drop_path:
+            raise
+        raise UserError(f"{error.what} (the recipe's stochastic depth, `drop_path` "
+                        f"{options.drop_path:g})", "pass `drop_path` 0 for this model") from None
+    return model, card, bundle, spec

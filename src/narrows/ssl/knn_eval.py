@@ -41,8 +41,11 @@ def usable_features(vit: Any, features: list[str], say: Callable[[str], None] | 
         elif spec.key not in kept:
             kept.append(spec.key)
     if not kept:
+        from narrows.models.features import available_parts
+
+        have = " ".join(available_parts(vit))
         raise UserError(f"the backbone has none of the features {', '.join(features)}",
-                        "ask for features it has (a 1-token ViT: cls, avgpool)")
+                        f"ask for features it has: `features` {have}")
     return kept
 
 
