@@ -99,3 +99,24 @@ def test_say_reports_the_work_and_an_empty_set_passes_nothing(tmp_path):
     assert "images/s" in lines[1]
     empty = TensorDataset(torch.empty(0, 3), torch.empty(0, dtype=torch.long))
     assert stream_dataset(empty, state.step, state, Streaming(progress=False)) == 0
+
+
+def test_collected_keeps_named_parts_resumes_and_refuses_mismatched_state(tmp_path):
+    from narrows.data.streaming import Collected
+
+    how = Streaming(batch_size=5, progress=False, resume=tmp_path / "p.pt", save_every=1)
+    state = Collected()
+
+    def step(images, labels):
+        state.add({"x": images, "double": 2 * images}, labels)
+
+    stream_dataset(data(), step, state, how)
+    parts, labels = state.joined()
+    whole = data()
+    assert torch.equal(parts["x"], whole.tensors[0]) and torch.equal(labels, whole.tensors[1])
+    assert torch.equal(parts["double"], 2 * whole.tensors[0])
+    again = Collected()
+    again.load_state_dict(state.state_dict())
+    assert torch.equal(again.joined()[0]["x"], parts["x"])
+    with pytest.raises(ValueError):
+        again.load_state_dict({"parts": {"x": parts["x"][:3]}, "labels": labels})

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from narrows.cli.app import command
-from narrows.cli.common import CommonOptions, start
+from narrows.cli.common import CommonOptions, flag_errors, start
 from narrows.config import option, positive
 from narrows.training.model_kwargs import (
     MODEL_KWARGS_EXAMPLE,
@@ -70,10 +70,11 @@ def prepare(cfg: TrainConfig):
     """``(model, card, data)`` of the options (:func:`narrows.training.setup.prepare_training`)."""
     from narrows.training.setup import prepare_training
 
-    return prepare_training(cfg.data, model=cfg.model, checkpoint=cfg.checkpoint,
-                            model_kwargs=parse_model_kwargs(cfg.model_kwargs),
-                            image_size=cfg.image_size, download=cfg.download,
-                            drop_path=cfg.drop_path)
+    with flag_errors():
+        return prepare_training(cfg.data, model=cfg.model, checkpoint=cfg.checkpoint,
+                                model_kwargs=parse_model_kwargs(cfg.model_kwargs),
+                                image_size=cfg.image_size, download=cfg.download,
+                                drop_path=cfg.drop_path)
 
 
 def execute(cfg: TrainConfig) -> int:

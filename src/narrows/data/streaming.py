@@ -128,3 +128,37 @@ def _restore(state: Resumable, resume: str | Path | None, stamp: dict[str, Any])
         state.load_state_dict(fresh)
         return 0
     return done
+
+
+class Collected:
+    """What a pass keeps in memory: named tensors of each batch (float, on the CPU) and the
+    labels (int64), joined on demand; a resumable state for :func:`stream_dataset`."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[Tensor]] = {}
+        self.labels: list[Tensor] = []
+
+    def add(self, parts: Mapping[str, Tensor], labels: Tensor) -> None:
+        """Keep one batch: ``parts`` (name → [B, ...]) and its ``labels`` [B]."""
+        for name, value in parts.items():
+            self.parts.setdefault(name, []).append(value.float().cpu())
+        self.labels.append(labels.long().cpu())
+
+    def joined(self) -> tuple[dict[str, Tensor], Tensor]:
+        """Every part as one tensor [N, ...] and the labels [N] (joined once: saving a
+        partial file stays linear in N)."""
+        self.parts = {k: [torch.cat(v)] for k, v in self.parts.items() if v}
+        self.labels = [torch.cat(self.labels)] if self.labels else []
+        return ({k: v[0] for k, v in self.parts.items()},
+                self.labels[0] if self.labels else torch.empty(0, dtype=torch.long))
+
+    def state_dict(self) -> dict[str, Any]:
+        parts, labels = self.joined()
+        return {"parts": parts, "labels": labels}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        parts, labels = dict(state["parts"]), state["labels"]
+        if labels.ndim != 1 or any(len(v) != len(labels) for v in parts.values()):
+            raise ValueError("saved parts and labels do not match")
+        self.parts = {k: [v] for k, v in parts.items() if len(v)}
+        self.labels = [labels] if len(labels) else []

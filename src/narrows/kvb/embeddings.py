@@ -319,49 +319,25 @@ def compute_embeddings(
     """
     import torch.nn.functional as F
 
-    from narrows.data.streaming import stream_dataset
+    from narrows.data.streaming import Collected, stream_dataset
     from narrows.training import Normalizer
 
     model = model.to(how.device).eval()
     features_of = pooled_features(model)
     normalizer = Normalizer(mean, std)
-    collected = _Collected()
+    collected = Collected()
 
     def step(images: Tensor, labels: Tensor) -> None:
         if resize is not None and images.shape[-1] != resize:
             images = F.interpolate(images, size=(resize, resize), mode="bilinear",
                                    align_corners=False)
-        collected.add(features_of(normalizer(images)).float().cpu(), labels.long())
+        collected.add({"features": features_of(normalizer(images))}, labels)
 
     key = meta.to_dict()
     stream_dataset(dataset, step, collected, how, key=key, desc=f"embedding {meta.split}")
-    feats, labs = collected.state_dict().values()
+    parts, labs = collected.joined()
+    feats = parts.get("features", torch.empty(0, 0))
     final = EmbeddingMeta.from_dict({**key, "dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
                                      "count": int(feats.shape[0])})
     return Embeddings(feats, labs, final)
 
-
-class _Collected:
-    """The features and labels of a pass so far (a resumable state)."""
-
-    def __init__(self) -> None:
-        self.features: list[Tensor] = []
-        self.labels: list[Tensor] = []
-
-    def add(self, features: Tensor, labels: Tensor) -> None:
-        self.features.append(features)
-        self.labels.append(labels)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """``features`` (N, D) and ``labels`` (N,), joined once (so saving stays linear)."""
-        self.features = [torch.cat(self.features)] if self.features else []
-        self.labels = [torch.cat(self.labels)] if self.labels else []
-        return {"features": self.features[0] if self.features else torch.empty(0, 0),
-                "labels": self.labels[0] if self.labels else torch.empty(0, dtype=torch.long)}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        features, labels = state["features"], state["labels"]
-        if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
-            raise ValueError("saved features and labels do not match")
-        self.features = [features] if len(features) else []
-        self.labels = [labels] if len(labels) else []

@@ -15,7 +15,7 @@ same numbers, so a linear probe is the same.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -269,3 +269,24 @@ def patch_grid(model: nn.Module, image_size: int | tuple[int, int]) -> tuple[int
         raise UserError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}",
                         f"use a size divisible by {ph}, e.g. {max(ph, h // ph * ph)}")
     return h // ph, w // pw
+
+
+def usable_features(model: nn.Module, features: Sequence[str],
+                    say: Callable[[str], None] | None = None) -> list[str]:
+    """The specs of ``features`` that ``model`` can give, canonical and without repeats; the
+    others are dropped with a note to ``say`` (none left: a :class:`UserError` naming the
+    parts it has)."""
+    kept: list[str] = []
+    for text in features:
+        spec = FeatureSpec.parse(text)
+        problem = spec_problem(model, spec)
+        if problem:
+            if say:
+                say(f"note: skipping feature '{spec.key}': {problem}")
+        elif spec.key not in kept:
+            kept.append(spec.key)
+    if not kept:
+        have = " ".join(available_parts(model))
+        raise UserError(f"the backbone has none of the features {', '.join(features)}",
+                        f"ask for features it has: `features` {have}")
+    return kept

@@ -168,11 +168,9 @@ def visualise_attention(backbone: Any, images: Any, options: Any, *,
     else:
         if images is None:
             raise UserError("no images to draw attention on", "pass --data SPEC or --image FILE")
-        if isinstance(images, str):
-            from narrows.data.specs import load
+        from narrows.ssl.backbones import eval_data
 
-            images = load(images, image_size=backbone.input_size)
-        pictures, names, data = _dataset_images(images, int(options.images))
+        pictures, names, data = _dataset_images(eval_data(backbone, images), int(options.images))
     vit.to(device)
     maps = torch.cat([attention_maps(vit, pictures[i:i + batch_size], mean=backbone.mean,
                                      std=backbone.std, tokens=tokens).cpu()

@@ -224,26 +224,6 @@ class FeatureTable:
         return int(self.features.shape[-1])
 
 
-class _InMemory:
-    """A pass's parts gathered in lists (the state of an uncached pass)."""
-
-    def __init__(self) -> None:
-        self.parts: dict[str, list[Tensor]] = {}
-        self.labels: list[Tensor] = []
-
-    def append(self, parts: dict[str, Tensor], labels: Tensor) -> None:
-        for name, value in parts.items():
-            self.parts.setdefault(name, []).append(value.float().cpu())
-        self.labels.append(labels.long().cpu())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError("an in-memory pass is not resumed")
-
-
 def _part_function(vit: nn.Module, specs: Sequence[FeatureSpec], patches: bool
                    ) -> tuple[Callable[[Tensor], dict[str, Tensor]], int]:
     """What one batch gives (every part the specs need) and the class-token blocks kept."""
@@ -294,13 +274,10 @@ def backbone_features(backbone: EvalBackbone, data: Any, split: str,
     import torch.nn.functional as F
 
     from narrows.data.feature_store import cache_key, data_key, store_directory
-    from narrows.data.streaming import Streaming, stream_dataset
+    from narrows.data.streaming import Collected, Streaming, stream_dataset
     from narrows.training import Normalizer
 
-    if isinstance(data, str):
-        from narrows.data import load
-
-        data = load(data, image_size=backbone.input_size)
+    data = eval_data(backbone, data)
     specs = [check_spec(backbone.vit, s) for s in
              ([spec] if isinstance(spec, (str, FeatureSpec)) else list(spec))]
     if not specs and not patches:
@@ -332,11 +309,10 @@ def backbone_features(backbone: EvalBackbone, data: Any, split: str,
     started = time.perf_counter()
     from_cache = False
     if cache is None:
-        state = _InMemory()
-        stream_dataset(dataset, lambda x, y: state.append(run(x), y), state, how,
+        state = Collected()
+        stream_dataset(dataset, lambda x, y: state.add(run(x), y), state, how,
                        key=facts, desc=f"features {split}")
-        parts = {k: torch.cat(v) if v else torch.empty(0) for k, v in state.parts.items()}
-        labels = torch.cat(state.labels) if state.labels else torch.empty(0, dtype=torch.long)
+        parts, labels = state.joined()
     else:
         key = cache_key(**facts)
         directory = store_directory(cache, backbone.id, data_key(data.info.spec), split, key)
@@ -417,6 +393,16 @@ def _fill_store(directory: Path, key: str, facts: dict[str, Any], dataset: Any,
     return store
 
 
+def eval_data(backbone: EvalBackbone, data: Any) -> Any:
+    """``data`` as a :class:`~narrows.data.DataBundle`: as given, or the spec loaded with its
+    images served at ``backbone``'s input size where the data kind allows it."""
+    if not isinstance(data, str):
+        return data
+    from narrows.data import load
+
+    return load(data, image_size=backbone.input_size)
+
+
 def open_subject(subject: Any, *, seed: int = 0, say: Callable[[str], None] | None = print,
                  need_data: bool = True) -> tuple[EvalBackbone, Any]:
     """The backbone and the data (a :class:`~narrows.data.DataBundle`) that ``subject`` (an
@@ -425,7 +411,6 @@ def open_subject(subject: Any, *, seed: int = 0, say: Callable[[str], None] | No
     input size where the data kind allows it. ``seed`` draws a random backbone; ``say`` gets
     one line describing what was loaded (and any notes). Without ``need_data`` (image files
     given instead) the data is ``None`` when none is named."""
-    from narrows.data import load
 
     backbone = load_eval_backbone(subject.checkpoint, model=subject.model,
                                   model_kwargs=subject.model_kwargs,
@@ -438,7 +423,7 @@ def open_subject(subject: Any, *, seed: int = 0, say: Callable[[str], None] | No
         raise UserError(f"no data given and {backbone.checkpoint or 'a random ViT'} names none",
                         "pass `data` SPEC (e.g. shapes, imagenet:/data/imagenet)")
     else:
-        bundle = load(spec, image_size=backbone.input_size)
+        bundle = eval_data(backbone, spec)
     if say is not None:
         say(backbone.describe())
         for note in backbone.notes:

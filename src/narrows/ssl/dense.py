@@ -386,9 +386,9 @@ class MultiLabelResult(JsonResult):
 def _shapes_splits(data: Any, backbone: Any, what: str) -> tuple[Any, Any, Any]:
     """``(bundle, train split, test split)`` of a shapes data set; a :class:`UserError` for
     other data."""
-    from narrows.ssl.linear import _load_data
+    from narrows.ssl.backbones import eval_data
 
-    data = _load_data(data, backbone)
+    data = eval_data(backbone, data)
     train = data.split("train", "none")
     if data.info.name != "shapes" or not hasattr(train, "class_masks"):
         raise UserError(f"the {what} needs per-pixel classes, which {data.info.spec} lacks",
@@ -475,7 +475,7 @@ def multilabel_probe(backbone: Any, data: Any, options: Any, *, run: RunDir | No
     ``seed``: as for :func:`patch_probe`.
     """
     from narrows.data.shapes import parse_options
-    from narrows.models.features import FeatureSpec, spec_problem
+    from narrows.models.features import FeatureSpec, usable_features
     from narrows.ssl.backbones import backbone_features
 
     started = time.perf_counter()
@@ -485,16 +485,8 @@ def multilabel_probe(backbone: Any, data: Any, options: Any, *, run: RunDir | No
         raise UserError(f"{data.info.spec} has one object per image, so one label each",
                         "give the shapes data set objects >= 2, e.g. "
                         "shapes:classes=4,size=32,objects=2,rmin=10,rmax=20")
-    specs = []
-    for text in options.features:
-        problem = spec_problem(backbone.vit, text)
-        if problem is None:
-            specs.append(FeatureSpec.parse(text))
-        elif say is not None:
-            say(f"multi-label probe: {text} left out: {problem}")
-    if not specs:
-        raise UserError(f"none of the features {', '.join(options.features)} exists for "
-                        f"{backbone.id}", "give --features cls (or avgpool)")
+    specs = [FeatureSpec.parse(text)
+             for text in usable_features(backbone.vit, list(options.features), say)]
     passes = {"cache": cache, "device": device, "batch_size": batch_size, "workers": workers,
               "progress": progress, "say": say}
     train = backbone_features(backbone, data, "train", specs, **passes)

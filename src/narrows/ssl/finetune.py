@@ -128,13 +128,6 @@ def _prepared(path: Path, data: str | None, source: str | Path, *, model_kwargs:
     if not spec:
         raise UserError(f"{source} does not record the data it was trained on",
                         "give the data to fine-tune on (--data SPEC)")
-    try:
-        model, card, bundle = prepare_training(spec, checkpoint=str(path),
-                                               model_kwargs=model_kwargs, image_size=image_size,
-                                               drop_path=options.drop_path)
-    except UserError as error:
-        if "drop_path_rate" not in error.what or not options.drop_path:
-            raise
-        raise UserError(f"{error.what} (the recipe's stochastic depth, `drop_path` "
-                        f"{options.drop_path:g})", "pass `drop_path` 0 for this model") from None
+    model, card, bundle = prepare_training(spec, checkpoint=str(path), model_kwargs=model_kwargs,
+                                           image_size=image_size, drop_path=options.drop_path)
     return model, card, bundle, spec

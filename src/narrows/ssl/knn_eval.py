@@ -18,35 +18,10 @@ from typing import Any
 
 import torch
 
-from narrows.errors import UserError
 from narrows.runtime import Distributed
 
 FORMAT_KIND, FORMAT_VERSION = "ssl.knn", 1
 HEADLINE_K = 20
-
-
-def usable_features(vit: Any, features: list[str], say: Callable[[str], None] | None
-                    ) -> list[str]:
-    """The specs of ``features`` that ``vit`` can give, canonical and without repeats; the
-    others are dropped with a note to ``say`` (none left: a :class:`UserError`)."""
-    from narrows.models.features import FeatureSpec, spec_problem
-
-    kept: list[str] = []
-    for text in features:
-        spec = FeatureSpec.parse(text)
-        problem = spec_problem(vit, spec)
-        if problem:
-            if say:
-                say(f"note: skipping feature '{spec.key}': {problem}")
-        elif spec.key not in kept:
-            kept.append(spec.key)
-    if not kept:
-        from narrows.models.features import available_parts
-
-        have = " ".join(available_parts(vit))
-        raise UserError(f"the backbone has none of the features {', '.join(features)}",
-                        f"ask for features it has: `features` {have}")
-    return kept
 
 
 def evaluate_knn(backbone: Any, data: Any, options: Any, *, cache: str | Path | None = None,
@@ -59,15 +34,13 @@ def evaluate_knn(backbone: Any, data: Any, options: Any, *, cache: str | Path | 
     feature spec and k of ``options`` (``KNNOptions``: features, k, temperature, memory_mb).
     ``cache``: directory of the feature store (``None``: features in memory), holding
     ``cache_dtype`` numbers."""
+    from narrows.models.features import usable_features
     from narrows.runs.results import provenance
-    from narrows.ssl.backbones import backbone_features
+    from narrows.ssl.backbones import backbone_features, eval_data
     from narrows.ssl.knn import knn_evaluate
 
     started = time.perf_counter()
-    if isinstance(data, str):
-        from narrows.data.specs import load
-
-        data = load(data, image_size=backbone.input_size)
+    data = eval_data(backbone, data)
     specs = usable_features(backbone.vit, list(options.features), say)
     ks = sorted({int(k) for k in options.k})
     common = dict(cache=cache, device=device, batch_size=batch_size, workers=workers, dist=dist,

@@ -379,14 +379,6 @@ def _provenance(options: Any, seed: int, **extra: Any) -> dict[str, Any]:
 # --- through a backbone ------------------------------------------------------------------
 
 
-def _load_data(data: Any, backbone: Any) -> Any:
-    if isinstance(data, str):
-        from narrows.data import load
-
-        return load(data, image_size=backbone.input_size)
-    return data
-
-
 def image_features(backbone: Any, spec: Any) -> Callable[[Tensor], Tensor]:
     """``images in [0, 1] -> [B, dim]``: ``spec``'s features of ``backbone`` (an
     :class:`~narrows.ssl.backbones.EvalBackbone`) exactly as
@@ -551,10 +543,10 @@ def linear_probe(backbone: Any, data: Any, options: Any, *, run: RunDir | None =
     ``seed``: heads' draw, order and augmentation (default: the options' ``seed``, else 0).
     """
     from narrows.models.features import check_spec
-    from narrows.ssl.backbones import backbone_features
+    from narrows.ssl.backbones import backbone_features, eval_data
 
     seed = seed_of(options, seed)
-    data = _load_data(data, backbone)
+    data = eval_data(backbone, data)
     spec = check_spec(backbone.vit, options.feature or default_feature(backbone.vit))
     state_path = run.file(STATE_FILE) if run is not None else None
     if state_path is not None:

@@ -155,11 +155,17 @@ def prepare_training(spec: str, *, model: str | None = None, checkpoint: str | N
     (see :func:`model_for_training`, which also takes ``model``, ``model_kwargs`` and
     ``drop_path``); ``image_size`` and ``download`` as in :func:`training_data`."""
     model_kwargs = with_drop_path(model_kwargs, drop_path)
-    loaded = load_start(checkpoint, model=model, model_kwargs=model_kwargs)
-    data = training_data(spec, image_size=image_size, checkpoint=checkpoint,
-                         card=loaded.card if loaded is not None else None, download=download)
-    built, card = model_for_training(data.info, model=model, checkpoint=checkpoint, loaded=loaded,
-                                     model_kwargs=model_kwargs)
+    try:
+        loaded = load_start(checkpoint, model=model, model_kwargs=model_kwargs)
+        data = training_data(spec, image_size=image_size, checkpoint=checkpoint,
+                             card=loaded.card if loaded is not None else None, download=download)
+        built, card = model_for_training(data.info, model=model, checkpoint=checkpoint,
+                                         loaded=loaded, model_kwargs=model_kwargs)
+    except UserError as error:  # the model refused the drop_path_rate that `drop_path` added
+        if drop_path > 0 and "drop_path_rate" in error.what:
+            raise UserError(f"{error.what} (asked for by `drop_path` {drop_path:g})",
+                            "pass `drop_path` 0: this model has no stochastic depth") from None
+        raise
     return built, card, data
 
 
