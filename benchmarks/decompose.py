@@ -3,7 +3,7 @@
 Throughput, two comparisons on the same batches, interleaved, several repetitions each after a
 warm-up, ratio of medians and of best (least disturbed) times printed. Target ≥ 0.9.
 
-* **end to end**: ``narrows.decompose.extract.stream`` (the loop ``extract`` runs: DataLoader
+* **end to end**: ``narrows.decompose.extract.count`` (the pass ``extract`` runs: DataLoader
   over an in-memory uint8 data set, normalisation, pooled features, histogram update) against
   a bare loop over the same DataLoader that normalises and runs the backbone to its pooled
   features, and nothing else;
@@ -38,8 +38,9 @@ from torch.utils.data import DataLoader, Dataset
 
 import narrows.models  # noqa: F401  (registers resnet20_cifar with timm)
 from narrows.data import TensorImageDataset
+from narrows.data.streaming import Streaming
 from narrows.decompose import TopKHistogram, curve_ks, extract, split_head
-from narrows.decompose.extract import DEFAULT_THRESHOLDS, stream
+from narrows.decompose.extract import DEFAULT_THRESHOLDS, count
 from narrows.runtime import set_threads
 from narrows.training import Normalizer
 
@@ -95,8 +96,8 @@ def throughput(args: argparse.Namespace, device: torch.device) -> None:
 
     def ours_loop() -> float:
         start = time.perf_counter()
-        stream(model, features, data, new_hist(), normalizer=norm, device=device,
-               batch_size=args.batch, progress=False)
+        count(model, features, data, new_hist(), norm,
+              Streaming(device=device, batch_size=args.batch, progress=False))
         sync(device)
         return time.perf_counter() - start
 

@@ -122,9 +122,10 @@ def metrics_of(found: dict[str, Any]) -> dict[str, float]:
     values[f"linear {found['linear'].feature}"] = found["linear"].best_top1
     values["patch mIoU"] = found["patch_probe"].miou
     values["patch pixel mIoU"] = found["patch_probe"].pixel_miou
-    for row in found["multilabel"].rows:
-        values[f"multilabel mAP {row['feature']}"] = row["map"]
-        values[f"multilabel exact {row['feature']}"] = row["exact_match"]
+    for row in found["multilabel"].rows:  # each metric at its best lr on test (DINO's rule)
+        swept = [r for r in found["multilabel"].sweep if r["feature"] == row["feature"]]
+        values[f"multilabel mAP {row['feature']}"] = max(r["map"] for r in swept)
+        values[f"multilabel exact {row['feature']}"] = max(r["exact_match"] for r in swept)
     return values
 
 

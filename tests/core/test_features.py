@@ -298,3 +298,21 @@ def test_store_memory_is_bounded(tmp_path):
     assert peak < 2 * batch * row_bytes + 2_000_000  # ≪ 20,000 × 128 × 4 = 10.2 MB
     assert float(store.read("f")[12_345, 0]) == 12_345.0
     assert np.load(tmp_path / "big" / "f.npy", mmap_mode="r").shape == (20_000, 128)
+
+
+@pytest.mark.parametrize("n_c", [1, 2])
+def test_a_vits_pre_logits_come_from_the_token_pass(n_c):
+    from narrows.models.heads import pooled_features
+    from narrows.ssl.backbones import _part_function
+
+    model = vit(n_c)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    calls = []
+    hook = model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    parts_of, _ = _part_function(model, [FeatureSpec.parse("pre-logits"),
+                                         FeatureSpec.parse("cls")], patches=False)
+    with torch.no_grad():
+        parts = parts_of(x)
+        assert len(calls) == 1  # one forward for both
+        torch.testing.assert_close(parts["pre-logits"], pooled_features(model)(x).flatten(1))
+    hook.remove()

@@ -277,3 +277,14 @@ def test_randaugment_at_the_top_magnitude_posterizes_to_one_bit_not_a_crash():
     for _ in range(200):  # posterize, one op of 15, is drawn often at magnitude 10
         out = apply(gray)
         assert out.shape == gray.shape and 0 <= out.min() and out.max() <= 1
+
+
+def test_a_refused_drop_path_is_told_apart_from_other_build_errors():
+    from narrows.training.setup import _refused_keyword
+
+    assert _refused_keyword("resnet20_cifar does not take the option(s) foo, drop_path_rate",
+                            "drop_path_rate")
+    assert _refused_keyword("cannot build vgg11 with drop_path_rate=0.1: VGG.__init__() got an "
+                            "unexpected keyword argument 'drop_path_rate'", "drop_path_rate")
+    assert not _refused_keyword("cannot build vit with depth='x', drop_path_rate=0.1: "
+                                "unsupported operand type(s)", "drop_path_rate")

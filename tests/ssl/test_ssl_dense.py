@@ -229,7 +229,8 @@ def test_multilabel_probe_features_per_token_count(subject):
     from narrows.ssl.dense import multilabel_probe
 
     make, data = subject
-    opts = SimpleNamespace(features=["cls", "cls+", "cls|cls+"], lr=[0.01, 0.1], epochs=2)
+    opts = SimpleNamespace(features=["cls", "cls+", "cls|cls+"], lr=[0.01, 0.1], epochs=2,
+                           batch_size=256)
     two = multilabel_probe(make(2), data, opts, say=None)
     assert [r["feature"] for r in two.rows] == ["cls", "cls+", "cls|cls+"]
     assert all(0 <= r["exact_match"] <= 1 and 0 <= r["map"] <= 1 for r in two.rows)
@@ -251,7 +252,8 @@ def test_probes_refuse_unfit_data(subject):
     make, data = subject
     single = load("shapes:classes=3,size=32,train=6,test=3")
     with pytest.raises(UserError, match="objects"):
-        multilabel_probe(make(2), single, SimpleNamespace(features=["cls"], lr=[0.1], epochs=1),
+        multilabel_probe(make(2), single, SimpleNamespace(features=["cls"], lr=[0.1], epochs=1,
+                                                          batch_size=256),
                          say=None)
     plain = TensorImageDataset(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4))
     other = DataBundle(dc_replace(data.info, name="cifar10", spec="cifar10"),

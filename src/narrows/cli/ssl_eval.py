@@ -82,7 +82,7 @@ def _open(cfg: Any, verb: str, need_data: bool = True) -> tuple[Session, Any, An
 def _common(cfg: Any, session: Session, run: Any) -> dict[str, Any]:
     """The keywords every evaluation function takes from the command line."""
     return {"cache": cfg.cache or run.file("features"), "device": session.device, "seed": cfg.seed,
-            "batch_size": cfg.batch_size, "workers": cfg.workers, "progress": cfg.progress,
+            "batch_size": cfg.feature_batch_size, "workers": cfg.workers, "progress": cfg.progress,
             "say": session.say}
 
 
@@ -162,13 +162,11 @@ def execute_finetune(cfg: FinetuneConfig) -> int:
     from pathlib import Path
 
     from narrows.errors import UserError
-    from narrows.ssl.finetune import check_source, finetune
+    from narrows.ssl.finetune import finetune
 
     session = start(cfg)
     if not cfg.checkpoint:
         raise UserError("ssl finetune needs a pretrained backbone", "pass --checkpoint FILE")
-    with flag_errors():
-        check_source(cfg.checkpoint, which=cfg.which)
     opened = []
 
     def run() -> Any:  # opened once the checkpoint and options are known to work

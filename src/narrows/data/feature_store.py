@@ -206,13 +206,3 @@ class FeatureStore:
     def labels(self) -> Tensor:
         """The labels of all rows (int64)."""
         return torch.from_numpy(np.array(np.load(self.directory / "labels.npy", mmap_mode="r")))
-
-
-def data_key(spec: str) -> str:
-    """The data set's part of directory names: the spec when it is a plain word (``digits``),
-    else its kind and 8 hex digits of the whole spec's hash (``shapes-1a2b3c4d``)."""
-    spec = spec.strip()
-    if spec and all(c.isalnum() or c in "_." for c in spec):
-        return spec.lower()
-    kind = _safe(spec.partition(":")[0]).lower() or "data"
-    return f"{kind}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"

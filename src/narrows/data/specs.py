@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,3 +75,14 @@ def load(spec: str, *, download: bool = False, image_size: int | None = None) ->
     from narrows.data.imagenet import load_folder_bundle
 
     return load_folder_bundle(spec, parsed.argument, image_size=image_size)
+
+
+def data_key(spec: str) -> str:
+    """The data set's part of file and directory names: the spec when it is a plain word
+    (``digits``), else its kind and 8 hex digits of the whole spec's hash
+    (``cifar10-1a2b3c4d``), so that no two specs share it."""
+    spec = spec.strip()
+    if re.fullmatch(r"[A-Za-z0-9_.]+", spec):
+        return spec.lower()
+    kind = re.sub(r"[^A-Za-z0-9_.]+", "_", spec.partition(":")[0]).lower() or "data"
+    return f"{kind}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"

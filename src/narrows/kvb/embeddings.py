@@ -13,7 +13,6 @@ saving a ``.partial`` file every few batches, so a killed run resumes where it s
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -23,8 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from narrows.data.specs import data_key
 from narrows.data.streaming import Streaming
 from narrows.errors import UserError
+from narrows.runs.files import sha256_file
 
 FORMAT = "narrows-kvb-embeddings"
 VERSION = 1
@@ -89,16 +90,6 @@ class Embeddings:
                                         "labels": self.labels.contiguous()})
 
 
-def data_key(spec: str) -> str:
-    """The data set's part of file names: the spec when it is a plain word (``digits``), else
-    its kind and a hash of the whole spec (``cifar10-1a2b3c4d``), so that no two specs share it."""
-    spec = spec.strip()
-    if re.fullmatch(r"[A-Za-z0-9_.]+", spec):
-        return spec.lower()
-    kind = re.sub(r"[^A-Za-z0-9_.]+", "_", spec.partition(":")[0]).lower() or "data"
-    return f"{kind}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
-
-
 def file_name(backbone: str, data: str, split: str) -> str:
     """``{backbone}_{data}_{split}.pt`` with file-name-safe characters."""
     safe = re.sub(r"[^A-Za-z0-9_.@=-]+", "_", backbone).strip("_")
@@ -107,14 +98,6 @@ def file_name(backbone: str, data: str, split: str) -> str:
 
 def embedding_path(directory: str | Path, backbone: str, data: str, split: str) -> Path:
     return Path(directory) / file_name(backbone, data, split)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_meta(path: str | Path) -> EmbeddingMeta:

@@ -96,14 +96,6 @@ def _timm_vit(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
-def is_token_vit(model: nn.Module) -> bool:
-    """Whether ``model`` is a timm VisionTransformer with a class token that has its own
-    positional row (what the token parts need)."""
-    return (_timm_vit(model) and getattr(model, "cls_token", None) is not None
-            and getattr(model, "pos_embed", None) is not None
-            and not getattr(model, "no_embed_class", False))
-
-
 def class_tokens(model: nn.Module) -> int:
     """The class tokens of the timm ViT ``model``: 2 for a narrows 2-token ViT (``cls`` and
     ``cls+``, built with exactly one register token), 1 for a plain ViT (real registers, when
@@ -156,7 +148,7 @@ def check_spec(model: nn.Module, spec: FeatureSpec | str) -> FeatureSpec:
 
 
 def token_parts(model: nn.Module, x: Tensor, n_last: int = 1, *,
-                patches: bool = False) -> dict[str, Tensor]:
+                patches: bool = False, pre_logits: bool = False) -> dict[str, Tensor]:
     """Every token feature of the timm ViT ``model`` for images ``x`` [B, 3, H, W], in one
     forward pass, all after the final norm.
 
@@ -164,7 +156,9 @@ def token_parts(model: nn.Module, x: Tensor, n_last: int = 1, *,
     ``cls``/``cls+`` are the class tokens of the last ``n_last`` blocks (oldest first; ``cls+``
     only for a 2-token ViT, ``cls`` only with a class token); ``avgpool`` is the mean of the
     last block's patch tokens (all prefix tokens — class and register — excluded; through
-    ``fc_norm`` for ViTs that have one); ``patches`` those tokens, only with ``patches=True``.
+    ``fc_norm`` for ViTs that have one); ``patches`` those tokens, only with ``patches=True``;
+    with ``pre_logits=True`` also ``"pre-logits"``: the model's own pooled head input
+    (``forward_head(..., pre_logits=True)``) from the same pass.
     """
     n_c = class_tokens(model)
     depth = len(model.blocks)
@@ -194,6 +188,8 @@ def token_parts(model: nn.Module, x: Tensor, n_last: int = 1, *,
     out["avgpool"] = pooled
     if patches:
         out["patches"] = patch_tokens
+    if pre_logits:
+        out[PRE_LOGITS] = model.forward_head(normed, pre_logits=True).flatten(1)
     return out
 
 
@@ -214,9 +210,9 @@ def select(parts: Mapping[str, Tensor], spec: FeatureSpec | str) -> Tensor:
                 raise UserError(f"'{spec.key}' needs the class tokens of {spec.n_last_blocks} "
                                 f"blocks; the features hold {value.shape[1]}",
                                 "compute the features with more last blocks")
-            value = value[:, value.shape[1] - spec.n_last_blocks:].flatten(1)
+            value = value[:, value.shape[1] - spec.n_last_blocks:]
         pieces.append(value.flatten(1))
-    return torch.cat(pieces, dim=1)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)  # one: no copy
 
 
 def feature_dim(model: nn.Module, spec: FeatureSpec | str) -> int:

@@ -202,3 +202,14 @@ def read_torch_file(path: str | Path, what: str, fix: str = REWRITE_FIX, *,
 
     with reading(path, what, fix):
         return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 hex digest of the file at ``path``, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -69,13 +69,13 @@ def attention_maps(vit: nn.Module, images: Tensor, *, mean: Sequence[float],
     rows = query_rows(vit, tokens)
     gh, gw = patch_grid(vit, (images.shape[-2], images.shape[-1]))
     device = next(vit.parameters()).device
+    from narrows.training.batches import Normalizer
+
     x = images.to(device=device, dtype=torch.float32)
-    shift = torch.as_tensor(mean, dtype=x.dtype, device=device).view(1, -1, 1, 1)
-    scale = torch.as_tensor(std, dtype=x.dtype, device=device).view(1, -1, 1, 1)
     was_training = vit.training
     vit.eval()
     try:
-        attn = last_attention(vit, (x - shift) / scale)
+        attn = last_attention(vit, Normalizer(tuple(mean), tuple(std))(x))
     finally:
         vit.train(was_training)
     prefix = int(vit.num_prefix_tokens)
@@ -308,7 +308,8 @@ class AttentionResult:
 
         plt = pyplot()
         maps = self._upsampled(i)
-        masks = self.masks()
+        masks = (None if self.threshold is None  # this image's masks only
+                 else threshold_masks(self.maps[i].float(), self.threshold))
         p = self.patch_size
         cols = self.heads + 2
         fig, axes = plt.subplots(len(self.tokens), cols, figsize=(1.6 * cols,
@@ -325,7 +326,7 @@ class AttentionResult:
                 shown = maps[t, h] if h < self.heads else maps[t].mean(0)
                 ax.imshow(shown.numpy(), cmap="viridis", interpolation="nearest")
                 if masks is not None and h < self.heads:
-                    mask = masks[i, t, h].float().repeat_interleave(p, 0).repeat_interleave(p, 1)
+                    mask = masks[t, h].float().repeat_interleave(p, 0).repeat_interleave(p, 1)
                     if 0 < float(mask.mean()) < 1:
                         ax.contour(mask.numpy(), levels=[0.5], colors="white", linewidths=0.8)
                 if t == 0:

@@ -33,6 +33,7 @@ from narrows.models.features import (
     select,
     token_parts,
 )
+from narrows.runs.files import sha256_file
 from narrows.runtime import Distributed
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -82,14 +83,6 @@ class EvalBackbone:
                 "which": self.which, "checkpoint": self.checkpoint,
                 "class_tokens": self.num_class_tokens, "input_size": self.input_size,
                 "mean": list(self.mean), "std": list(self.std), "notes": list(self.notes)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _short_hash(obj: Any) -> str:
@@ -190,7 +183,7 @@ def load_eval_backbone(checkpoint: str | Path | None = None, *, model: str | Non
     suffix = f"-{which}" if layout in _TWO_NETWORKS and which != "teacher" else ""
     if kwargs:
         suffix += f"-k{_short_hash(sorted(kwargs.items()))}"
-    ident = f"{architecture}@{_sha256(path)[:8]}{suffix}"
+    ident = f"{architecture}@{sha256_file(path)[:8]}{suffix}"
     return EvalBackbone(vit, ident, layout, _tokens_of(vit), tuple(mean), tuple(std),
                         int(image_size or size or _spec_size(vit)), data_spec, which,
                         architecture, str(path), notes)
@@ -227,21 +220,25 @@ class FeatureTable:
 def _part_function(vit: nn.Module, specs: Sequence[FeatureSpec], patches: bool
                    ) -> tuple[Callable[[Tensor], dict[str, Tensor]], int]:
     """What one batch gives (every part the specs need) and the class-token blocks kept."""
+    from timm.models.vision_transformer import VisionTransformer
+
     token_specs = [s for s in specs if s.parts != (PRE_LOGITS,)]
     n_last = max([s.n_last_blocks for s in token_specs if s.class_parts] or [1])
     wanted = {p for s in token_specs for p in s.parts}
     pre_logits = any(s.parts == (PRE_LOGITS,) for s in specs)
+    one_pass = isinstance(vit, VisionTransformer)  # token parts and pre-logits from one forward
     prelogit_fn = None
-    if pre_logits:
+    if pre_logits and not one_pass:
         from narrows.models.heads import pooled_features
 
         prelogit_fn = pooled_features(vit)
 
     def parts_of(x: Tensor) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        if wanted or patches:
-            found = token_parts(vit, x, n_last, patches=patches)
-            out.update({k: v for k, v in found.items() if k in wanted or k == "patches"})
+        if wanted or patches or (pre_logits and one_pass):
+            found = token_parts(vit, x, n_last, patches=patches, pre_logits=pre_logits)
+            out.update({k: v for k, v in found.items()
+                        if k in wanted or k in ("patches", PRE_LOGITS)})
         if prelogit_fn is not None:
             out[PRE_LOGITS] = prelogit_fn(x).flatten(1)
         return out
@@ -273,7 +270,8 @@ def backbone_features(backbone: EvalBackbone, data: Any, split: str,
     """
     import torch.nn.functional as F
 
-    from narrows.data.feature_store import cache_key, data_key, store_directory
+    from narrows.data.feature_store import cache_key, store_directory
+    from narrows.data.specs import data_key
     from narrows.data.streaming import Collected, Streaming, stream_dataset
     from narrows.training import Normalizer
 
@@ -325,7 +323,6 @@ def backbone_features(backbone: EvalBackbone, data: Any, split: str,
             if say is not None and dist.is_main:
                 say(f"features {split}: read from the cache {covering.directory}")
             store = covering
-            store.reused = True  # type: ignore[attr-defined]
         elif dist.enabled and not dist.is_main:
             raise UserError(f"rank 0 left no finished feature store in {directory}",
                             "give every process the same --cache directory")
@@ -335,23 +332,15 @@ def backbone_features(backbone: EvalBackbone, data: Any, split: str,
             import torch.distributed as tdist
 
             tdist.barrier()
-        from_cache = bool(getattr(store, "reused", False))
+        from_cache = covering is not None
         parts = {name: store.read(name) for name in store.parts}
         labels = store.labels
     seconds = 0.0 if from_cache else time.perf_counter() - started
-    out = {s.key: FeatureTable(_select(parts, s), labels, s, seconds, from_cache)
+    out = {s.key: FeatureTable(select(parts, s), labels, s, seconds, from_cache)
            for s in specs}
     if patches:
         out["patches"] = FeatureTable(parts["patches"], labels, None, seconds, from_cache)
     return out
-
-
-def _select(parts: dict[str, Tensor], spec: FeatureSpec) -> Tensor:
-    if spec.parts == (PRE_LOGITS,):
-        return parts[PRE_LOGITS]
-    if len(spec.parts) == 1 and spec.parts[0] == "avgpool":
-        return parts["avgpool"]  # memory-mapped as stored
-    return select(parts, spec)
 
 
 def _covering_store(root: Path, facts: dict[str, Any], total: int) -> Any:

@@ -92,12 +92,10 @@ class ComparisonResult(JsonResult):
     def plot(self, ax: Any = None, metrics: Sequence[str] | None = None) -> tuple[Any, Any]:
         """Grouped bars: one group per metric (of ``metrics``), one bar per method, the error
         bar one sample standard deviation over seeds; returns ``(fig, ax)``."""
-        from narrows.plotting import pyplot
+        from narrows.plotting import axes
 
-        plt = pyplot()
         chosen = list(metrics or self.metrics)
-        fig, ax = (plt.subplots(figsize=(max(6.0, 1.3 * len(chosen)), 3.6)) if ax is None
-                   else (ax.figure, ax))
+        fig, ax = axes(ax, (max(6.0, 1.3 * len(chosen)), 3.6))
         width = 0.8 / max(len(self.methods), 1)
         for i, method in enumerate(self.methods):
             stats = [self.stats(method, metric) for metric in chosen]

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
 PATCH_KIND, MULTILABEL_KIND, FORMAT_VERSION = "ssl.patch_probe", "ssl.multilabel", 1
 PATCH_STATE, MULTILABEL_STATE = "patch-probe-state.pt", "multilabel-state-{}.pt"
-DEFAULT_BATCH = 256  # multi-label batch (its options have none)
 
 
 # --- targets and metrics -------------------------------------------------------------------
@@ -222,10 +221,10 @@ def train_multilabel_heads(train: Tensor, train_targets: Tensor, test: Tensor,
                            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], MultiHeadLinear]:
     """Multi-label linear heads on features ``train``/``test`` ``[N, D]`` against bool ``[N, C]``
     ``train_targets``/``test_targets`` with binary cross-entropy (``options``: ``MultiLabelOptions``: ``lr``, ``epochs``, and
-    ``batch_size`` when present, else 256; ``seed``: init and order; ``state_path``: resume
+    ``batch_size``; ``seed``: init and order; ``state_path``: resume
     file). Returns ``(per-lr final rows, per-(lr, epoch) rows, heads)``."""
     _check(options)
-    batch = int(getattr(options, "batch_size", DEFAULT_BATCH))
+    batch = int(options.batch_size)
     heads = MultiHeadLinear(train.shape[1], train_targets.shape[1], options.lr,
                             seed=seed).to(device)
     optimizer = make_optimizer(heads, global_batch=batch, momentum=0.9)

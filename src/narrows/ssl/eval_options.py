@@ -84,7 +84,9 @@ class EvalSubject:
                                       affects_result=False)
     cache_dtype: Literal["float32", "float16"] = config.option(
         "float32", "number type of the cached features (float16 halves the disk)")
-    batch_size: int = config.batch_size_option(256, "images per forward pass")
+    feature_batch_size: int = config.batch_size_option(
+        256, "images per forward pass of the backbone (the probes' own --batch-size is their "
+        "step)")
     workers: int = config.workers_option()
 
 
@@ -133,13 +135,9 @@ class LinearOptions:
                                    check=config.Range(0.0, 1.0, high_open=True))
 
 
-def _train_field(name: str, default: Any, help: str, **kw: Any) -> Any:
-    """``narrows train``'s option ``name`` with another default (its help and check kept when
-    :class:`TrainOptions` has it; else a new option from ``help`` and ``kw``)."""
-    parent = {f.name: f for f in dataclasses.fields(TrainOptions)}.get(name)
-    if parent is None:
-        return config.option(default, help, **kw)
-    meta = parent.metadata
+def _train_field(name: str, default: Any) -> Any:
+    """``narrows train``'s option ``name`` (its help, check and group) with another default."""
+    meta = {f.name: f for f in dataclasses.fields(TrainOptions)}[name].metadata
     return config.option(default, meta["help"], short=meta["short"], metavar=meta["metavar"],
                          affects_result=meta["affects_result"], check=meta["check"],
                          group=meta["group"])
@@ -151,32 +149,21 @@ class FinetuneOptions(TrainOptions):
     options with the UDI README recipe as defaults (BEiT/DeiT recipe), plus which class
     tokens the classifier keeps."""
 
-    epochs: int = _train_field("epochs", 200, "training epochs", check=config.positive)
-    batch_size: int = _train_field("batch_size", 256, "images per step", check=config.positive)
-    optimizer: Literal["sgd", "adamw"] = _train_field("optimizer", "adamw", "optimizer")
-    lr: float = _train_field("lr", 1e-3, "peak learning rate (not scaled by the batch)",
-                             check=config.positive)
-    weight_decay: float = _train_field("weight_decay", 0.05, "weight decay",
-                                       check=config.non_negative)
-    warmup_epochs: float = _train_field("warmup_epochs", 20.0, "linear warm-up epochs",
-                                        check=config.non_negative)
-    label_smoothing: float = _train_field("label_smoothing", 0.1, "label smoothing",
-                                          check=config.unit_open)
-    layer_decay: float = _train_field("layer_decay", 0.55, "layer-wise lr decay (1 = off)",
-                                      check=config.Range(0.0, 1.0, low_open=True))
-    drop_path: float = _train_field("drop_path", 0.1, "stochastic depth rate",
-                                    check=config.Range(0.0, 1.0, high_open=True))
-    mixup: float = _train_field("mixup", 0.8, "mixup alpha (0 = off)", check=config.non_negative)
-    cutmix: float = _train_field("cutmix", 1.0, "cutmix alpha (0 = off)",
-                                 check=config.non_negative)
-    randaugment: str | None = _train_field("randaugment", "rand-m9-mstd0.5-inc1",
-                                           "timm RandAugment string (none = off)")
-    random_erasing: float = _train_field("random_erasing", 0.25, "random erasing probability",
-                                         check=config.fraction)
-    warmup_lr: float = _train_field("warmup_lr", 1e-6, "learning rate at the start of the "
-                                    "warm-up", check=config.non_negative)
-    min_lr: float = _train_field("min_lr", 1e-6, "final learning rate of the cosine",
-                                 check=config.non_negative)
+    epochs: int = _train_field("epochs", 200)
+    batch_size: int = _train_field("batch_size", 256)
+    optimizer: Literal["sgd", "adamw"] = _train_field("optimizer", "adamw")
+    lr: float = _train_field("lr", 1e-3)  # not scaled by the batch
+    weight_decay: float = _train_field("weight_decay", 0.05)
+    warmup_epochs: float = _train_field("warmup_epochs", 20.0)
+    label_smoothing: float = _train_field("label_smoothing", 0.1)
+    layer_decay: float = _train_field("layer_decay", 0.55)
+    drop_path: float = _train_field("drop_path", 0.1)
+    mixup: float = _train_field("mixup", 0.8)
+    cutmix: float = _train_field("cutmix", 1.0)
+    randaugment: str | None = _train_field("randaugment", "rand-m9-mstd0.5-inc1")
+    random_erasing: float = _train_field("random_erasing", 0.25)
+    warmup_lr: float = _train_field("warmup_lr", 1e-6)
+    min_lr: float = _train_field("min_lr", 1e-6)
     class_tokens: Literal["keep", "drop"] = config.option(
         "keep", "keep: both class tokens stay (the classifier reads cls); drop: cls+ and its "
         "position row removed (a standard one-token ViT)")
@@ -227,3 +214,4 @@ class MultiLabelOptions:
     lr: list[float] = config.option([0.001, 0.01, 0.1], "learning rates, one head each",
                                     check=lr_list)
     epochs: int = config.option(50, "training epochs", check=config.positive)
+    batch_size: int = config.option(256, "images per step", check=config.positive)

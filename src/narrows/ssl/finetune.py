@@ -31,13 +31,14 @@ def carded(path: str | Path) -> Any:
 
 
 def backbone_file(source: str | Path, target: Path, *, which: str, class_tokens: str,
-                  say: Callable[[str], None] = print) -> Path:
+                  say: Callable[[str], None] = print, card: Any = None) -> Path:
     """A file ``narrows train --checkpoint`` takes for ``source``: ``source`` itself when it
-    has a model card (an ``ssl export`` backbone, a ``narrows train`` checkpoint), else its
-    ``which`` backbone exported with ``class_tokens`` (``keep``/``drop``) to ``target``."""
+    has a model card (an ``ssl export`` backbone, a ``narrows train`` checkpoint; ``card``:
+    that card when already read), else its ``which`` backbone exported with ``class_tokens``
+    (``keep``/``drop``) to ``target``."""
     from narrows.ssl.export import export_checkpoint
 
-    card = carded(source)
+    card = card if card is not None else carded(source)
     if card is not None:
         kind = ("a backbone" if card.num_classes == 0
                 else f"a classifier of {card.num_classes} classes")
@@ -86,9 +87,10 @@ def finetune(source: str | Path, data: str | None = None, options: Any = None, *
     check_source(source, which=options.which)
     device = torch.device(device)
     build = {"model_kwargs": model_kwargs, "image_size": image_size, "options": options}
-    if carded(source) is not None:  # used as it is: built (and checked) before any file
+    card = carded(source)
+    if card is not None:  # used as it is: built (and checked) before any file
         path = backbone_file(source, Path(source), which=options.which,
-                             class_tokens=options.class_tokens, say=say)
+                             class_tokens=options.class_tokens, say=say, card=card)
         model, card, bundle, spec = _prepared(path, data, source, **build)
         run = run() if callable(run) else run
         if run is not None and dist.is_main:

@@ -471,9 +471,7 @@ def _through_backbone(backbone: Any, data: Any, options: Any, spec: Any, test: A
                                      batch=options.batch_size, workers=workers, device=device,
                                      rng_seed=None))
         holdout = (torch.cat([f.cpu() for f, _ in pieces]), torch.cat([y for _, y in pieces]))
-    with torch.no_grad():
-        dim = run(data.split("train", "none")[0][0][None].to(device)).shape[1]
-    heads = MultiHeadLinear(dim, data.info.num_classes, options.lr, seed=seed).to(device)
+    heads = MultiHeadLinear(test.dim, data.info.num_classes, options.lr, seed=seed).to(device)
     batch = int(options.batch_size)
     optimizer = make_optimizer(heads, global_batch=batch * dist.world_size,
                                momentum=options.momentum, weight_decay=options.weight_decay)
@@ -497,7 +495,7 @@ def _through_backbone(backbone: Any, data: Any, options: Any, spec: Any, test: A
 
     evaluate = evaluator(test, holdout, device)
 
-    stamp = {"n_train": len(keep), "n_test": len(test.features), "dim": dim,
+    stamp = {"n_train": len(keep), "n_test": len(test.features), "dim": test.dim,
              "classes": data.info.num_classes, "lrs": heads.lrs, "epochs": options.epochs,
              "batch_size": batch, "world": dist.world_size, "momentum": options.momentum,
              "weight_decay": options.weight_decay, "lr_min": options.lr_min, "seed": seed,

@@ -240,11 +240,9 @@ def fit(
     train_set = data.train(settings.augment)
     augmenting = settings.random_erasing > 0 or str(settings.randaugment or "none").lower() != "none"
     if augmenting:
-        from narrows.training.recipes import Augmented, train_transform
+        from narrows.training.recipes import Augmented, train_transform  # only when asked
 
-        extra = train_transform(settings, card.mean, card.std)
-        if extra is not None:
-            train_set = Augmented(train_set, extra)
+        train_set = Augmented(train_set, train_transform(settings, card.mean, card.std))
     test_set = data.test()
     optimizer = make_optimizer(model, settings)
     start_epoch, best_top1, rows = 0, float("-inf"), []

@@ -58,6 +58,15 @@ def with_drop_path(model_kwargs: dict[str, Any] | None, drop_path: float) -> dic
     return given
 
 
+def _refused_keyword(message: str, name: str) -> bool:
+    """Whether a model-building error ``message`` says the constructor does not take the
+    keyword ``name`` (timm's TypeError as the factory words it, or a narrows entry point's
+    list of options it does not take), not merely that ``name`` was among the arguments."""
+    unknown = message.partition("does not take the option(s) ")[2]
+    return (f"unexpected keyword argument '{name}'" in message
+            or name in [word.strip() for word in unknown.split(",")])
+
+
 def is_backbone(card: Any, net: Any) -> bool:
     """Whether a loaded checkpoint (its ``card`` and model ``net``) is a bare backbone (card
     ``num_classes == 0``, e.g. written by ``narrows ssl export``) that gets a new classifier
@@ -162,7 +171,7 @@ def prepare_training(spec: str, *, model: str | None = None, checkpoint: str | N
         built, card = model_for_training(data.info, model=model, checkpoint=checkpoint,
                                          loaded=loaded, model_kwargs=model_kwargs)
     except UserError as error:  # the model refused the drop_path_rate that `drop_path` added
-        if drop_path > 0 and "drop_path_rate" in error.what:
+        if drop_path > 0 and _refused_keyword(error.what, "drop_path_rate"):
             raise UserError(f"{error.what} (asked for by `drop_path` {drop_path:g})",
                             "pass `drop_path` 0: this model has no stochastic depth") from None
         raise
