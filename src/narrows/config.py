@@ -175,6 +175,16 @@ def range_of(field: dataclasses.Field) -> Range | None:
     return check if isinstance(check, Range) else None
 
 
+def compose(name: str, *groups: type) -> type:
+    """The config dataclass of a command: every field of the option ``groups`` (dataclasses),
+    as ``class name(*groups)`` would have them (the last group's fields first in --help)."""
+    import sys
+
+    composed = dataclasses.make_dataclass(name, [], bases=groups)
+    composed.__module__ = sys._getframe(1).f_globals.get("__name__", __name__)
+    return composed
+
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 

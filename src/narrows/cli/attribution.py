@@ -16,7 +16,8 @@ from narrows.attribution.options import (
     StatsOptions,
 )
 from narrows.cli.app import GROUPS, command
-from narrows.cli.common import CommonOptions, SubjectOptions, start
+from narrows.config import compose
+from narrows.runs.session import CommonOptions, SubjectOptions, start
 
 GROUPS["attribution"] = ("Information Bottleneck Attribution (IBA) heatmaps, Captum baselines "
                          "and their evaluation (degradation, bounding boxes, sensitivity-n)")
@@ -27,21 +28,11 @@ class LayerSubject(LayerOption, SubjectOptions):
     """Which model, on which data, at which layer (listed first in --help)."""
 
 
-@dataclass
-class StatsConfig(StatsOptions, StatisticsOptions, LayerSubject, CommonOptions):
-    pass
-
-
-@dataclass
-class ExplainConfig(ExplainOptions, ImageChoice, IBAOptions, StatisticsOptions, LayerSubject,
-                    CommonOptions):
-    pass
-
-
-@dataclass
-class EvaluateConfig(EvaluateOptions, ImageChoice, IBAOptions, StatisticsOptions, LayerSubject,
-                     CommonOptions):
-    pass
+StatsConfig = compose("StatsConfig", StatsOptions, StatisticsOptions, LayerSubject, CommonOptions)
+ExplainConfig = compose("ExplainConfig", ExplainOptions, ImageChoice, IBAOptions,
+                        StatisticsOptions, LayerSubject, CommonOptions)
+EvaluateConfig = compose("EvaluateConfig", EvaluateOptions, ImageChoice, IBAOptions,
+                         StatisticsOptions, LayerSubject, CommonOptions)
 
 
 # -- shared ----------------------------------------------------------------------------------

@@ -9,18 +9,16 @@ with everything needed to rebuild it (``narrows attribution explain --method rea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from narrows.attribution.options import ReadoutTrainOptions
 from narrows.cli.app import command
 from narrows.cli.attribution import FLAGS, LayerSubject
-from narrows.cli.common import CommonOptions, start
+from narrows.config import compose
+from narrows.runs.session import CommonOptions, start
 
-
-@dataclass
-class ReadoutTrainConfig(ReadoutTrainOptions, LayerSubject, CommonOptions):
-    pass
+ReadoutTrainConfig = compose("ReadoutTrainConfig", ReadoutTrainOptions, LayerSubject,
+                             CommonOptions)
 
 
 def _card(checkpoint: str | None) -> Any:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from narrows.attribution.options import IBAOptions, ImageChoice, SanityOptions, StatisticsOptions
 from narrows.cli.app import command
 from narrows.cli.attribution import LayerSubject, checked_images, statistics, subject
-from narrows.cli.common import CommonOptions, start
+from narrows.config import compose
+from narrows.runs.session import CommonOptions, start
 
-
-@dataclass
-class SanityConfig(SanityOptions, ImageChoice, IBAOptions, StatisticsOptions, LayerSubject,
-                   CommonOptions):
-    pass
+SanityConfig = compose("SanityConfig", SanityOptions, ImageChoice, IBAOptions, StatisticsOptions,
+                       LayerSubject, CommonOptions)
 
 
 def execute_sanity(cfg: SanityConfig) -> int:

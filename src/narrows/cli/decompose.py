@@ -2,42 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from narrows.cli.app import GROUPS, command
-from narrows.cli.common import CommonOptions, SubjectOptions, start
+from narrows.config import compose
 from narrows.decompose.options import ExtractOptions, FinetuneOptions, ValidateOptions
+from narrows.runs.session import CommonOptions, SubjectOptions, start
 
 GROUPS["decompose"] = ("class-specific filters (\"Decomposing the Deep\"): per-class influential "
                        "channels, the decomposed final layer, essential features, mutual "
                        "information, CSG")
 
 
-@dataclass
-class ExtractConfig(ExtractOptions, SubjectOptions, CommonOptions):
-    pass
-
-
-@dataclass
-class ValidateConfig(ValidateOptions, SubjectOptions, CommonOptions):
-    pass
-
-
-@dataclass
-class FinetuneConfig(FinetuneOptions, SubjectOptions, CommonOptions):
-    pass
+ExtractConfig = compose("ExtractConfig", ExtractOptions, SubjectOptions, CommonOptions)
+ValidateConfig = compose("ValidateConfig", ValidateOptions, SubjectOptions, CommonOptions)
+FinetuneConfig = compose("FinetuneConfig", FinetuneOptions, SubjectOptions, CommonOptions)
 
 
 # -- extract ----------------------------------------------------------------------------------
 def execute_extract(cfg: ExtractConfig) -> int:
     from narrows.config import flag_name
     from narrows.decompose import Extraction
-    from narrows.decompose.pipeline import extract_subject, extraction_k
+    from narrows.decompose.pipeline import extract_subject, extraction_k, load_plain_subject
 
     session = start(cfg)
-    subject = cfg.load_subject(plain=True)
+    subject = load_plain_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
     k = extraction_k(subject.model, cfg, flag_name)
     tag = f"f{cfg.fraction:g}" if cfg.fraction else f"k{k}"
     run = session.open(cfg, "decompose extract", "decompose-extract", subject.stem, tag)
@@ -60,12 +50,16 @@ def _report_extract(result: Any, run: Any, session: Any) -> int:
 # -- validate ---------------------------------------------------------------------------------
 def execute_validate(cfg: ValidateConfig) -> int:
     from narrows.config import flag_name
-    from narrows.decompose.pipeline import is_decomposed_checkpoint, validation_report
+    from narrows.decompose.pipeline import (
+        is_decomposed_checkpoint,
+        load_plain_subject,
+        validation_report,
+    )
 
     session = start(cfg)
     if cfg.checkpoint and is_decomposed_checkpoint(cfg.checkpoint):
         return _validate_decomposed(cfg, session)
-    subject = cfg.load_subject(plain=True)
+    subject = load_plain_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
     tag = Path(cfg.indices).stem if cfg.indices else "full"
     run = session.open(cfg, "decompose validate", "decompose-validate", subject.stem, tag)
     if run.exists("results.json"):
@@ -111,7 +105,7 @@ def _validate_decomposed(cfg: ValidateConfig, session: Any) -> int:
 # -- finetune ---------------------------------------------------------------------------------
 def execute_finetune(cfg: FinetuneConfig) -> int:
     from narrows.decompose.finetune import DECOMPOSED
-    from narrows.decompose.pipeline import finetune_subject
+    from narrows.decompose.pipeline import finetune_subject, load_plain_subject
     from narrows.decompose.rules import load_indices
     from narrows.errors import UserError
 
@@ -119,7 +113,7 @@ def execute_finetune(cfg: FinetuneConfig) -> int:
         raise UserError("no indices given", "pass --indices FILE (from 'narrows decompose "
                         "extract', or an upstream JSON file)")
     session = start(cfg)
-    subject = cfg.load_subject(plain=True)
+    subject = load_plain_subject(cfg.checkpoint, cfg.model, cfg.data, cfg.image_size)
     indices = load_indices(cfg.indices, subject.model)
     run = session.open(cfg, "decompose finetune", "decompose-finetune", subject.stem,
                        Path(cfg.indices).stem)

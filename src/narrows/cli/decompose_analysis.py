@@ -7,24 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from narrows.cli.app import GROUPS, command
-from narrows.cli.common import CommonOptions, SubjectOptions, start
-from narrows.cli.train import DATA_HELP, TrainConfig
-from narrows.config import option
+from narrows.cli.train import TrainConfig
+from narrows.config import compose, option
 from narrows.decompose.options import CSGTrainOptions, EssentialOptions, MutualInfoOptions
 from narrows.errors import UserError
+from narrows.runs.session import CommonOptions, SubjectOptions, start
+from narrows.training.settings import DATA_HELP
 
 GROUPS.setdefault("decompose", "influential filters per class ('Decomposing the Deep'): "
                   "extraction, the decomposed head, essential features, MI, CSG baseline")
 
 
-@dataclass
-class EssentialConfig(EssentialOptions, SubjectOptions, CommonOptions):
-    pass
-
-
-@dataclass
-class MutualInfoConfig(MutualInfoOptions, SubjectOptions, CommonOptions):
-    pass
+EssentialConfig = compose("EssentialConfig", EssentialOptions, SubjectOptions, CommonOptions)
+MutualInfoConfig = compose("MutualInfoConfig", MutualInfoOptions, SubjectOptions, CommonOptions)
 
 
 @dataclass

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Literal
 
 from narrows.cli.app import command
-from narrows.cli.common import CommonOptions, start
-from narrows.cli.train import DATA_HELP
 from narrows.config import non_negative, option, positive
+from narrows.runs.session import CommonOptions, start
+from narrows.training.settings import DATA_HELP
 
 
 @dataclass

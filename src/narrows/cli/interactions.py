@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from narrows.cli.app import GROUPS, command
-from narrows.cli.common import CommonOptions, SubjectOptions, start
-from narrows.config import option, positive
+from narrows.config import compose, option, positive
 from narrows.interactions.options import EstimateOptions
+from narrows.runs.session import CommonOptions, SubjectOptions, start
 
 GROUPS["interactions"] = ("multi-order interaction strength (representation bottleneck) and "
                           "training with order losses")
@@ -20,9 +20,7 @@ class CurveSubject(SubjectOptions):
                                affects_result=False)
 
 
-@dataclass
-class RunConfig(EstimateOptions, CurveSubject, CommonOptions):
-    pass
+RunConfig = compose("RunConfig", EstimateOptions, CurveSubject, CommonOptions)
 
 
 def execute_run(cfg: RunConfig) -> int:

@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from narrows.cli.app import command
 from narrows.cli.common import flag_errors
 from narrows.cli.train import TrainConfig, run_training
+from narrows.config import compose
 from narrows.interactions.options import OrderLossOptions
 from narrows.interactions.recipes import recipe_name as run_name
 from narrows.interactions.recipes import resolve_recipe
 
-
-@dataclass
-class OrderTrainConfig(OrderLossOptions, TrainConfig):
-    pass
+OrderTrainConfig = compose("OrderTrainConfig", OrderLossOptions, TrainConfig)
 
 
 def build_loss(cfg: OrderTrainConfig, recipe: tuple[str, float, float]):
     """The :class:`OrderLoss` for ``cfg``; checks the grid against the data set's image size."""
-    from narrows.cli.train import load_training_data
     from narrows.interactions.order_loss import OrderLoss
     from narrows.interactions.players import PlayerGrid
 
-    info = load_training_data(cfg).info
+    info = cfg.training_data().info
     PlayerGrid(cfg.grid, info.image_size, info.image_size)  # fail before training starts
     kind, r1, r2 = recipe
     return OrderLoss.from_options(cfg, kind, r1, r2, mean=tuple(info.mean), std=tuple(info.std),

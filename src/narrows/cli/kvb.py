@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from narrows.cli.app import GROUPS, command
-from narrows.cli.common import CommonOptions, as_flags, flag_errors, open_run, start
+from narrows.cli.common import as_flags, flag_errors
+from narrows.config import compose
 from narrows.kvb.options import ContinualOptions, EmbeddingsOptions, EmbedOptions
 from narrows.kvb.store import DEFAULT_EMBEDDINGS
+from narrows.runs.session import CommonOptions, open_run, start
 
 GROUPS["kvb"] = ("discrete key-value bottleneck: frozen-backbone embeddings, class-incremental "
                  "protocols against linear/MLP/ridge/VQ baselines, the 2-D toy, sweeps")
 
 
-@dataclass
-class EmbedConfig(EmbedOptions, CommonOptions):
-    pass
-
-
-@dataclass
-class TrainConfig(ContinualOptions, EmbeddingsOptions, CommonOptions):
-    pass
+EmbedConfig = compose("EmbedConfig", EmbedOptions, CommonOptions)
+TrainConfig = compose("TrainConfig", ContinualOptions, EmbeddingsOptions, CommonOptions)
 
 
 # -- embed --------------------------------------------------------------------------------------

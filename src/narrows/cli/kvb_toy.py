@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from narrows.cli.app import GROUPS, command
-from narrows.cli.common import CommonOptions, start
 from narrows.cli.sweep import SWEEP_BEHAVIOUR, SweepConfig, sweep_command, sweep_epilog
-from narrows.config import option
+from narrows.config import compose, option
 from narrows.kvb.options import DEFAULT_SEEDS as TOY_DEFAULT_SEEDS
 from narrows.kvb.options import ToyOptions
 from narrows.kvb.registry import TOY_MODEL_NAMES as TOY_MODELS  # noqa: F401  (re-exported)
 from narrows.kvb.toy_run import RESULTS
+from narrows.runs.session import CommonOptions, start
 
 GROUPS.setdefault("kvb", "the discrete key-value bottleneck: frozen-encoder class-incremental "
                          "learning, the 2-D toy, sweeps")
@@ -21,9 +21,7 @@ DEFAULT_SEEDS = list(TOY_DEFAULT_SEEDS)
 QUICKSTART_MODELS = ("linear", "mlp", "kv-1x400", "kv-20x20")  # the rows of Figure 2
 
 
-@dataclass
-class ToyConfig(ToyOptions, CommonOptions):
-    pass
+ToyConfig = compose("ToyConfig", ToyOptions, CommonOptions)
 
 
 # -- toy --------------------------------------------------------------------------------------

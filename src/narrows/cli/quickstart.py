@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from narrows.cli.app import command
-from narrows.cli.common import CommonOptions, start
 from narrows.config import option, positive
+from narrows.runs.session import CommonOptions, start
 
 
 @dataclass

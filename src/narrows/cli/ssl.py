@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from narrows.cli.app import GROUPS, command
-from narrows.cli.common import CommonOptions, start
+from narrows.config import compose
+from narrows.runs.session import CommonOptions, start
 from narrows.ssl.options import PRESETS, ExportOptions, PretrainData, SSLOptions
 
 GROUPS["ssl"] = ("self-supervised ViTs: UDI pretraining (two class tokens, SRS patch level, "
@@ -18,9 +19,7 @@ class TrainConfig(SSLOptions, PretrainData, CommonOptions):
     PRESETS = PRESETS
 
 
-@dataclass
-class ExportConfig(ExportOptions):
-    pass
+ExportConfig = compose("ExportConfig", ExportOptions)
 
 
 def execute_train(cfg: TrainConfig) -> int:

@@ -4,12 +4,14 @@ UDI or DINO release, or a random timm ViT)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from narrows.cli.app import command
-from narrows.cli.common import CommonOptions, Session, flag_errors, start
-from narrows.config import option
+from narrows.cli.common import flag_errors
+from narrows.config import compose, option
+from narrows.runs.session import CommonOptions, Session, start
 from narrows.ssl.eval_options import (
     AttentionOptions,
     EvalSubject,
@@ -25,29 +27,11 @@ SOURCES = ("Reads an 'ssl train' checkpoint.pt (teacher by default, --which stud
            "or backbone-only); without --checkpoint, --model builds a random timm ViT.")
 
 
-@dataclass
-class KNNConfig(KNNOptions, EvalSubject, CommonOptions):
-    pass
-
-
-@dataclass
-class LinearConfig(LinearOptions, EvalSubject, CommonOptions):
-    pass
-
-
-@dataclass
-class AttentionConfig(AttentionOptions, EvalSubject, CommonOptions):
-    pass
-
-
-@dataclass
-class PatchProbeConfig(PatchProbeOptions, EvalSubject, CommonOptions):
-    pass
-
-
-@dataclass
-class MultiLabelConfig(MultiLabelOptions, EvalSubject, CommonOptions):
-    pass
+KNNConfig = compose("KNNConfig", KNNOptions, EvalSubject, CommonOptions)
+LinearConfig = compose("LinearConfig", LinearOptions, EvalSubject, CommonOptions)
+AttentionConfig = compose("AttentionConfig", AttentionOptions, EvalSubject, CommonOptions)
+PatchProbeConfig = compose("PatchProbeConfig", PatchProbeOptions, EvalSubject, CommonOptions)
+MultiLabelConfig = compose("MultiLabelConfig", MultiLabelOptions, EvalSubject, CommonOptions)
 
 
 @dataclass
@@ -61,9 +45,7 @@ class FinetuneSource:
                               short="-d")
 
 
-@dataclass
-class FinetuneConfig(FinetuneOptions, FinetuneSource, CommonOptions):
-    pass
+FinetuneConfig = compose("FinetuneConfig", FinetuneOptions, FinetuneSource, CommonOptions)
 
 
 def _open(cfg: Any, verb: str, need_data: bool = True) -> tuple[Session, Any, Any, Any]:
@@ -79,49 +61,58 @@ def _open(cfg: Any, verb: str, need_data: bool = True) -> tuple[Session, Any, An
     return session, backbone, bundle, run
 
 
-def _common(cfg: Any, session: Session, run: Any) -> dict[str, Any]:
-    """The keywords every evaluation function takes from the command line."""
-    return {"cache": cfg.cache or run.file("features"), "device": session.device, "seed": cfg.seed,
-            "batch_size": cfg.feature_batch_size, "workers": cfg.workers, "progress": cfg.progress,
-            "say": session.say}
-
-
-def _finish(result: Any, run: Any, session: Session, verb: str, stem: str) -> int:
-    """Save ``result`` as ``stem``.json with its figure and results.json, and say where."""
+def _evaluate(cfg: Any, verb: str, stem: str, evaluate: Callable[..., Any],
+              extra: Callable[[Session, Any], dict[str, Any]]) -> int:
+    """Open the backbone, data and run; ``evaluate(backbone, data, cfg, **keywords)`` with the
+    feature-pass keywords and ``extra(session, run)``; save ``stem``.json, .csv/.md, .png and
+    results.json, and say where."""
     from narrows.runs.results import flat_summary
 
+    session, backbone, bundle, run = _open(cfg, verb)
+    with flag_errors():
+        result = evaluate(backbone, bundle, cfg, cache=cfg.cache or run.file("features"),
+                          device=session.device, batch_size=cfg.feature_batch_size,
+                          workers=cfg.workers, progress=cfg.progress, say=session.say,
+                          **extra(session, run))
     result.save(run.file(f"{stem}.json"))
+    run.write_table(stem, result.to_rows())
     fig, _ = result.plot()
     run.save_figure(f"{stem}.png", fig)
     run.write_json("results.json", flat_summary(result, command=f"ssl {verb}"))
-    return session.done(result.summary(), f"→ {run.file(stem + '.json')} ({stem}.png, "
-                        "results.json)")
+    return session.done(result.summary(), f"→ {run.file(stem + '.json')} ({stem}.csv/.md, "
+                        f"{stem}.png, results.json)")
 
 
 def execute_knn(cfg: KNNConfig) -> int:
     from narrows.ssl.knn_eval import evaluate_knn
 
-    session, backbone, bundle, run = _open(cfg, "knn")
-    options = _common(cfg, session, run)
-    del options["seed"]  # kNN draws nothing
-    with flag_errors():
-        result = evaluate_knn(backbone, bundle, cfg, dist=session.dist,
-                              cache_dtype=cfg.cache_dtype, **options)
-    run.write_table("knn", result.to_rows())
-    return _finish(result, run, session, "knn", "knn")
+    return _evaluate(cfg, "knn", "knn", evaluate_knn,
+                     lambda session, run: {"dist": session.dist, "cache_dtype": cfg.cache_dtype})
 
 
 def execute_linear(cfg: LinearConfig) -> int:
     from narrows.ssl.linear import linear_probe
 
-    session, backbone, bundle, run = _open(cfg, "linear")
-    with flag_errors():
-        result = linear_probe(backbone, bundle, cfg, run=run, dist=session.dist,
-                              **_common(cfg, session, run))
-    return _finish(result, run, session, "linear", "linear")
+    return _evaluate(cfg, "linear", "linear", linear_probe,
+                     lambda session, run: {"run": run, "dist": session.dist, "seed": cfg.seed})
+
+
+def execute_patch_probe(cfg: PatchProbeConfig) -> int:
+    from narrows.ssl.dense import patch_probe
+
+    return _evaluate(cfg, "patch-probe", "patch_probe", patch_probe,
+                     lambda session, run: {"run": run, "seed": cfg.seed})
+
+
+def execute_multilabel(cfg: MultiLabelConfig) -> int:
+    from narrows.ssl.dense import multilabel_probe
+
+    return _evaluate(cfg, "multilabel", "multilabel", multilabel_probe,
+                     lambda session, run: {"run": run, "seed": cfg.seed})
 
 
 def execute_attention(cfg: AttentionConfig) -> int:
+    from narrows.runs.results import flat_summary
     from narrows.ssl.attention import visualise_attention
 
     session, backbone, bundle, run = _open(cfg, "attention", need_data=not cfg.image)
@@ -129,33 +120,9 @@ def execute_attention(cfg: AttentionConfig) -> int:
         result = visualise_attention(backbone, bundle, cfg, device=session.device)
     result.save(run.file("attention.json"))
     result.save_figures(run.path)
-    run.write_json("results.json", _summary(result, "ssl attention"))
+    run.write_json("results.json", flat_summary(result, command="ssl attention"))
     return session.done(result.summary(), f"→ {run.file('attention-grid.png')} (attention/, "
                         "attention.json, maps)")
-
-
-def _summary(result: Any, name: str) -> dict[str, Any]:
-    from narrows.runs.results import flat_summary
-
-    return flat_summary(result, command=name)
-
-
-def execute_patch_probe(cfg: PatchProbeConfig) -> int:
-    from narrows.ssl.dense import patch_probe
-
-    session, backbone, bundle, run = _open(cfg, "patch-probe")
-    with flag_errors():
-        result = patch_probe(backbone, bundle, cfg, run=run, **_common(cfg, session, run))
-    return _finish(result, run, session, "patch-probe", "patch_probe")
-
-
-def execute_multilabel(cfg: MultiLabelConfig) -> int:
-    from narrows.ssl.dense import multilabel_probe
-
-    session, backbone, bundle, run = _open(cfg, "multilabel")
-    with flag_errors():
-        result = multilabel_probe(backbone, bundle, cfg, run=run, **_common(cfg, session, run))
-    return _finish(result, run, session, "multilabel", "multilabel")
 
 
 def execute_finetune(cfg: FinetuneConfig) -> int:

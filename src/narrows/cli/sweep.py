@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from narrows.cli.app import Command, command
-from narrows.cli.common import CommonOptions
 from narrows.config import option
+from narrows.runs.session import CommonOptions
 
 
 @dataclass

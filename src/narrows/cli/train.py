@@ -6,41 +6,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from narrows.cli.app import command
-from narrows.cli.common import CommonOptions, flag_errors, start
-from narrows.config import option, positive
-from narrows.training.model_kwargs import (
-    MODEL_KWARGS_EXAMPLE,
-    check_model_kwargs,
-    parse_model_kwargs,
-)
-from narrows.training.settings import TrainOptions
-
-DATA_HELP = ("data spec: digits, shapes[:k=v,...], cifar10:PATH, cifar100:PATH, imagenet:PATH, "
-             "folder:PATH")
-
-
-@dataclass
-class TrainSubject:
-    """What to train, on which data (listed before :class:`TrainOptions` in ``--help``)."""
-
-    model: str | None = option(None, "any timm model name or a narrows one (resnet20_cifar ... "
-                               "resnet110_cifar, alexnet_cifar; list: narrows models), or your "
-                               "own nn.Module as path/to/file.py:ClassName or module:ClassName "
-                               "[default: resnet20_cifar, or the architecture of --checkpoint]",
-                               short="-m")
-    model_kwargs: str | None = option(None, "further model constructor arguments, recorded in "
-                                      "the model card (" + MODEL_KWARGS_EXAMPLE + "); values are "
-                                      "read as JSON where they parse. Fixed-size models (ViTs) "
-                                      "get img_size from the data by themselves",
-                                      metavar="K=V,...", check=check_model_kwargs)
-    data: str = option("digits", DATA_HELP, short="-d")
-    checkpoint: str | None = option(None, "start from these weights (.pt/.pth/.safetensors); a "
-                                    "backbone without classifier ('narrows ssl export') gets a "
-                                    "new one for --data's classes", metavar="FILE")
-    image_size: int | None = option(None, "served image size for imagenet:/folder: data "
-                                    "[default: 224, or the card's size with --checkpoint]",
-                                    check=positive)
-    download: bool = option(False, "allow CIFAR to be downloaded when missing (needs network)")
+from narrows.cli.common import flag_errors
+from narrows.config import option
+from narrows.runs.session import CommonOptions, start
+from narrows.training.model_kwargs import parse_model_kwargs
+from narrows.training.settings import TrainOptions, TrainSubject
 
 
 @dataclass
@@ -56,14 +26,6 @@ def settings_from(cfg: TrainConfig):
     from narrows.training import TrainSettings
 
     return TrainSettings.from_options(cfg, seed=cfg.seed)
-
-
-def load_training_data(cfg: TrainConfig):
-    """``--data`` at ``--image-size``, or at the size of the ``--checkpoint`` it goes on from."""
-    from narrows.training.setup import training_data
-
-    return training_data(cfg.data, image_size=cfg.image_size, checkpoint=cfg.checkpoint,
-                         download=cfg.download)
 
 
 def prepare(cfg: TrainConfig):

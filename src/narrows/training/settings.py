@@ -17,6 +17,7 @@ from narrows.config import (
     positive,
     unit_open,
 )
+from narrows.training.model_kwargs import MODEL_KWARGS_EXAMPLE, check_model_kwargs
 
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["cosine", "step", "log", "constant"]
@@ -146,3 +147,39 @@ def learning_rate(settings: TrainSettings, progress: float) -> float:
         passed = sum(1 for m in settings.milestones if progress >= m)
         return settings.lr * settings.gamma**passed
     return settings.lr
+
+
+DATA_HELP = ("data spec: digits, shapes[:k=v,...], cifar10:PATH, cifar100:PATH, imagenet:PATH, "
+             "folder:PATH")
+
+
+@dataclass
+class TrainSubject:
+    """What to train, on which data (listed before :class:`TrainOptions` in ``--help``)."""
+
+    model: str | None = option(None, "any timm model name or a narrows one (resnet20_cifar ... "
+                               "resnet110_cifar, alexnet_cifar; list: narrows models), or your "
+                               "own nn.Module as path/to/file.py:ClassName or module:ClassName "
+                               "[default: resnet20_cifar, or the architecture of --checkpoint]",
+                               short="-m")
+    model_kwargs: str | None = option(None, "further model constructor arguments, recorded in "
+                                      "the model card (" + MODEL_KWARGS_EXAMPLE + "); values are "
+                                      "read as JSON where they parse. Fixed-size models (ViTs) "
+                                      "get img_size from the data by themselves",
+                                      metavar="K=V,...", check=check_model_kwargs)
+    data: str = option("digits", DATA_HELP, short="-d")
+    checkpoint: str | None = option(None, "start from these weights (.pt/.pth/.safetensors); a "
+                                    "backbone without classifier ('narrows ssl export') gets a "
+                                    "new one for --data's classes", metavar="FILE")
+    image_size: int | None = option(None, "served image size for imagenet:/folder: data "
+                                    "[default: 224, or the card's size with --checkpoint]",
+                                    check=positive)
+    download: bool = option(False, "allow CIFAR to be downloaded when missing (needs network)")
+
+    def training_data(self) -> Any:
+        """``data`` at ``image_size``, or at the size of the ``checkpoint`` it goes on from
+        (:func:`narrows.training.setup.training_data`)."""
+        from narrows.training.setup import training_data
+
+        return training_data(self.data, image_size=self.image_size, checkpoint=self.checkpoint,
+                             download=self.download)
