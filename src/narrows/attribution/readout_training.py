@@ -168,6 +168,24 @@ def write_curves(run: Any, history: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+def log_epoch(logger: Any, history: list[dict[str, Any]]) -> None:
+    """Log the last epoch of ``history`` to ``logger`` (a :class:`narrows.runs.logger.
+    RunLogger`): its numbers as ``epoch/<name>`` and the curves so far, at the epoch."""
+    if not logger.active or not history:
+        return
+    from narrows.plotting import pyplot
+
+    epoch = int(history[-1]["epoch"])
+    logger.scalars(history[-1], epoch, prefix="epoch")
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.4))
+    try:
+        draw_curves(axes, history)
+        fig.tight_layout()
+        logger.figure("readout_curves", fig, epoch)
+    finally:
+        pyplot().close(fig)
+
+
 def draw_curves(axes: Any, history: list[dict[str, Any]]) -> None:
     """Loss and cross-entropy on ``axes[0]``, mean capacity on ``axes[1]``, per epoch."""
     epochs = [h["epoch"] for h in history]
@@ -191,7 +209,20 @@ def train_readout_run(model: nn.Module, bundle: Any, out: RunDir,
     """Train a readout bottleneck for ``model`` on ``bundle``'s train split into ``out``,
     resuming a run there; ``normalizer`` maps the data set's images to model inputs. ``card``
     and ``checkpoint`` are stored in readout.pt; ``log`` prints progress lines. Returns a
-    :class:`ReadoutRun`."""
+    :class:`ReadoutRun`. ``out.logger`` (see :meth:`RunDir.attach_logger`) gets every epoch's
+    loss terms (``epoch/<name>``) and curves; it is closed when this returns or fails."""
+    try:
+        return _train_readout_run(model, bundle, out, options, normalizer=normalizer,
+                                  device=device, progress=progress, card=card,
+                                  checkpoint=checkpoint, name=name, log=log, names=names)
+    finally:
+        out.close()
+
+
+def _train_readout_run(model: nn.Module, bundle: Any, out: RunDir,
+                       options: ReadoutOptions | None, *, normalizer: Any, device: Any,
+                       progress: bool, card: Any, checkpoint: str | None, name: str, log: Any,
+                       names: dict[str, str] | None) -> ReadoutRun:
     import torch
 
     from narrows.attribution.readout import ReadoutBottleneck, save_readout, train_readout
@@ -214,7 +245,8 @@ def train_readout_run(model: nn.Module, bundle: Any, out: RunDir,
     history = train_readout(model, readout, _loader_factory(options, dataset, normalizer, device),
                             epochs=options.epochs, beta=options.beta, lr=options.lr,
                             device=device, out_dir=out.path, seed=options.seed,
-                            progress=progress, log=log, on_epoch=lambda h: write_curves(out, h))
+                            progress=progress, log=log,
+                            on_epoch=lambda h: (write_curves(out, h), log_epoch(out.logger, h)))
     write_curves(out, history)
     images = bundle.split("test")[0][0]
     training = {"data": bundle.info.spec, "epochs": options.epochs, "lr": options.lr,

@@ -115,7 +115,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Command, object]:
 COMMAND_MODULES = ("train", "evaluate", "models_cmd", "quickstart", "interactions",
                    "interactions_train", "attribution", "attribution_readout",
                    "attribution_sanity", "decompose", "decompose_analysis", "kvb", "kvb_toy", "sweep",
-                   "ssl", "ssl_eval")
+                   "ssl", "ssl_eval", "report")
 
 
 def _load_commands() -> None:

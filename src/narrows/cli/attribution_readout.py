@@ -15,10 +15,11 @@ from narrows.attribution.options import ReadoutTrainOptions
 from narrows.cli.app import command
 from narrows.cli.attribution import FLAGS, LayerSubject
 from narrows.config import compose
+from narrows.runs.logger import LogOptions
 from narrows.runs.session import CommonOptions, start
 
 ReadoutTrainConfig = compose("ReadoutTrainConfig", ReadoutTrainOptions, LayerSubject,
-                             CommonOptions)
+                             LogOptions, CommonOptions)
 
 
 def _card(checkpoint: str | None) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 from narrows.cli.app import GROUPS, command
 from narrows.config import compose
 from narrows.decompose.options import ExtractOptions, FinetuneOptions, ValidateOptions
+from narrows.runs.logger import LogOptions
 from narrows.runs.session import CommonOptions, SubjectOptions, start
 
 GROUPS["decompose"] = ("class-specific filters (\"Decomposing the Deep\"): per-class influential "
@@ -17,7 +18,8 @@ GROUPS["decompose"] = ("class-specific filters (\"Decomposing the Deep\"): per-c
 
 ExtractConfig = compose("ExtractConfig", ExtractOptions, SubjectOptions, CommonOptions)
 ValidateConfig = compose("ValidateConfig", ValidateOptions, SubjectOptions, CommonOptions)
-FinetuneConfig = compose("FinetuneConfig", FinetuneOptions, SubjectOptions, CommonOptions)
+FinetuneConfig = compose("FinetuneConfig", FinetuneOptions, SubjectOptions, LogOptions,
+                         CommonOptions)
 
 
 # -- extract ----------------------------------------------------------------------------------

@@ -90,8 +90,9 @@ def execute_mutual_info(cfg: MutualInfoConfig) -> int:
 # -- csg-train -------------------------------------------------------------------------------
 
 def execute_csg_train(cfg: CSGTrainConfig) -> int:
-    from narrows.cli.train import open_training_run, prepare, settings_from
+    from narrows.cli.train import open_training_run, prepare
     from narrows.decompose.csg_train import csg_options, train_csg
+    from narrows.training import TrainSettings
     from narrows.training.setup import checkpoint_data
 
     session = start(cfg)
@@ -104,9 +105,10 @@ def execute_csg_train(cfg: CSGTrainConfig) -> int:
     model, card, data = prepare(cfg)
     run = open_training_run(cfg, session, "decompose csg-train", "decompose-csg-train",
                             card.architecture, cfg.data)
-    summary = train_csg(model, card, data, settings_from(cfg), options, run=run,
-                        device=session.device, dist=session.dist, progress=cfg.progress,
-                        say=session.say, threads=session.threads, spec=cfg.data)
+    settings = TrainSettings.from_options(cfg, seed=cfg.seed)
+    summary = train_csg(model, card, data, settings, options, run=run, device=session.device,
+                        dist=session.dist, progress=cfg.progress, say=session.say,
+                        threads=session.threads, spec=cfg.data)
     top1 = f"{100 * summary['std_top1']:.2f}%" if summary["std_top1"] is not None else "n/a"
     session.say(f"done: test top-1 (ordinary path) {top1}, gate density "
                 f"{summary['gate_density']:.3f}; network + gate in {summary['csg']}, top-"

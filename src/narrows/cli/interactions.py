@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 from narrows.cli.app import GROUPS, command
-from narrows.config import compose, option, positive
-from narrows.interactions.options import EstimateOptions
-from narrows.runs.session import CommonOptions, SubjectOptions, start
+from narrows.cli.common import flag_errors
+from narrows.config import compose
+from narrows.interactions.options import CompareModels, CurveSubject, EstimateOptions, PlotOptions
+from narrows.runs.session import CommonOptions, start
 
 GROUPS["interactions"] = ("multi-order interaction strength (representation bottleneck) and "
                           "training with order losses")
 
 
-@dataclass
-class CurveSubject(SubjectOptions):
-    label: str | None = option(None, "name of this curve in plots [default: the model]",
-                               affects_result=False)
-
-
 RunConfig = compose("RunConfig", EstimateOptions, CurveSubject, CommonOptions)
+PlotConfig = compose("PlotConfig", PlotOptions)
+CompareConfig = compose("CompareConfig", CompareModels, EstimateOptions, CommonOptions)
 
 
 def execute_run(cfg: RunConfig) -> int:
@@ -42,71 +36,34 @@ def execute_run(cfg: RunConfig) -> int:
                           at_init=cfg.checkpoint is None, class_names=list(info.class_names),
                           split=cfg.split)
     if session.dist.is_main:
-        if result.degenerate() is None:
-            session.say("J (sampled): " + " ".join(
-                f"{r:g}:{v:.2f}" for r, v in zip(result.ratios, result.J(), strict=True)))
+        session.say(result.summary())
         session.say(f"→ {run.file('curve.csv')}, {run.file('curve.png')}, "
                     f"{run.file('meta.json')}")
     return session.done()
 
 
-@dataclass
-class PlotConfig:
-    runs: list[str] = option([], "directories of finished 'interactions run's", positional=True,
-                             metavar="DIR")
-    out: str = option("interactions.png", "figure file (.png, .pdf, .svg)", metavar="FILE")
-    labels: list[str] | None = option(None, "one legend label per DIR [default: each run's label]")
-    normalize: Literal["sampled", "uniform"] = option(
-        "sampled", "J's normaliser: mean of A over the evaluated ratios (upstream) or the "
-        "integral of A over r")
-    debiased: bool = option(False, "plot the debiased estimate sqrt(max(0, I² − s²/K))")
-    title: str | None = option(None, "figure title")
-
-
 def execute_plot(cfg: PlotConfig) -> int:
-    from narrows.errors import UserError
     from narrows.interactions.result import plot_runs
 
-    if not cfg.runs:
-        raise UserError("no run directories given", "narrows interactions plot DIR [DIR ...]")
-    if cfg.labels and len(cfg.labels) != len(cfg.runs):
-        raise UserError(f"{len(cfg.labels)} labels for {len(cfg.runs)} runs",
-                        "give one --labels entry per DIR")
-    out = plot_runs(cfg.runs, cfg.out, cfg.labels, normalize=cfg.normalize,
-                    debiased=cfg.debiased, title=cfg.title)
+    with flag_errors():
+        out = plot_runs(cfg.runs, cfg.out, cfg.labels, normalize=cfg.normalize,
+                        debiased=cfg.debiased, title=cfg.title)
     print(f"→ {out}")
     return 0
 
 
-@dataclass
-class CompareConfig(EstimateOptions, CommonOptions):
-    models: list[str] = option([], "LABEL=CHECKPOINT or LABEL=MODEL_NAME (random init) entries; "
-                               "the images are chosen once, with the first model")
-    data: str | None = option(None, "data spec [default: the first checkpoint's data]",
-                              short="-d")
-    image_size: int | None = option(None, "served image size for imagenet:/folder: data",
-                                    check=positive)
-
-
 def execute_compare(cfg: CompareConfig) -> int:
-    from narrows.errors import UserError
     from narrows.interactions.measure import (
         check_settings,
         compare_models,
-        model_entry,
+        model_entries,
         settings_from_preset,
     )
     from narrows.interactions.result import plot_curves
     from narrows.models.subject import load_subject
-    from narrows.runs.run import safe_name
 
-    if len(cfg.models) < 1:
-        raise UserError("no models to compare", "list them under 'models:' in --config, as "
-                        "LABEL=CHECKPOINT or LABEL=MODEL_NAME")
-    entries = [model_entry(text) for text in cfg.models]
-    labels = [safe_name(e[0], "model label") for e in entries]  # each is --out/LABEL
-    if len(set(labels)) != len(labels):
-        raise UserError("two models share a label", "give every model its own LABEL")
+    entries = model_entries(cfg.models)
+    labels = [entry[0] for entry in entries]
     session = start(cfg)
     first = load_subject(entries[0][1], entries[0][2], cfg.data, cfg.image_size)
     check_settings(settings_from_preset(cfg, seed=cfg.seed), first.bundle.split(cfg.split))

@@ -11,6 +11,7 @@ from narrows.cli.common import as_flags, flag_errors
 from narrows.config import compose
 from narrows.kvb.options import ContinualOptions, EmbeddingsOptions, EmbedOptions
 from narrows.kvb.store import DEFAULT_EMBEDDINGS
+from narrows.runs.logger import LogOptions
 from narrows.runs.session import CommonOptions, open_run, start
 
 GROUPS["kvb"] = ("discrete key-value bottleneck: frozen-backbone embeddings, class-incremental "
@@ -18,7 +19,8 @@ GROUPS["kvb"] = ("discrete key-value bottleneck: frozen-backbone embeddings, cla
 
 
 EmbedConfig = compose("EmbedConfig", EmbedOptions, CommonOptions)
-TrainConfig = compose("TrainConfig", ContinualOptions, EmbeddingsOptions, CommonOptions)
+TrainConfig = compose("TrainConfig", ContinualOptions, EmbeddingsOptions, LogOptions,
+                      CommonOptions)
 
 
 # -- embed --------------------------------------------------------------------------------------

@@ -51,8 +51,8 @@ def check(cfg: Any) -> None:
     if not out:  # the default place: runs/... under the working directory
         _check_writable_ancestor(Path("runs"), "the default output place runs/",
                                  fix="pass --out DIR in a writable place")
-    elif field.metadata.get("metavar") == "FILE":
-        check_out_file(Path(out).expanduser())
+    elif (field.metadata.get("metavar") or "").startswith("FILE"):  # FILE: a figure; FILE.x
+        check_out_file(Path(out).expanduser(), field.metadata["metavar"].partition(".")[2])
     else:
         check_out_dir(Path(out).expanduser())
 
@@ -68,14 +68,16 @@ def check_out_dir(out: Path) -> None:
     _check_writable_ancestor(out, f"--out {out}")
 
 
-def check_out_file(out: Path) -> None:
-    """``--out FILE`` (a figure): not a directory, a known figure format, a writable place."""
+def check_out_file(out: Path, kind: str = "") -> None:
+    """``--out FILE``: not a directory, a writable place, and a known figure format (or, with
+    ``kind``, that suffix or none)."""
     if out.is_dir():
-        raise UserError(f"--out {out} is a directory", "pass a file name, e.g. fig.png")
+        raise UserError(f"--out {out} is a directory", f"pass a file name, e.g. out.{kind or 'png'}")
     suffix = out.suffix.lower().lstrip(".")
-    if suffix and suffix not in FIGURE_FORMATS:
-        raise UserError(f"--out {out}: unknown figure format '.{suffix}'",
-                        f"use one of: {', '.join('.' + f for f in FIGURE_FORMATS)}")
+    formats = (kind,) if kind else FIGURE_FORMATS
+    if suffix and suffix not in formats:
+        raise UserError(f"--out {out}: unknown {'file' if kind else 'figure'} format '.{suffix}'",
+                        f"use one of: {', '.join('.' + f for f in formats)}")
     _check_writable_ancestor(out.parent, f"--out {out}")
 
 

@@ -85,6 +85,8 @@ STEPS: list[Step] = [
 
 
 def execute(cfg: QuickstartConfig) -> int:
+    from narrows.runs.report import write_report
+
     session = start(cfg)
     run = session.open(cfg, "quickstart", "quickstart")
     summaries = []
@@ -95,6 +97,8 @@ def execute(cfg: QuickstartConfig) -> int:
     print("\n== quickstart finished; results:")
     for name, summary, seconds in summaries:
         print(f"  {name:<10} {summary}  [{seconds:.0f}s]")
+    report = write_report([run.path], run.file("report.html"), title="narrows quickstart")
+    print(f"\nall of it on one page: {report.summary()}")
     return 0
 
 
@@ -110,5 +114,5 @@ command(
     "influential channels and the decomposed head's accuracy against k; runs the key-value "
     "bottleneck's toy experiment and class-incremental digits through the frozen ResNet-20; "
     "pretrains a small ViT on shapes with UDI and measures its teacher's kNN accuracy; and "
-    "prints where each result is. Needs no download; the baselines need the extra narrows[baselines]. Re-running resumes "
+    "prints where each result is, and writes report.html, one page of all its runs. Needs no download; the baselines need the extra narrows[baselines]. Re-running resumes "
     "any unfinished step.")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from narrows.cli.app import GROUPS, command
 from narrows.config import compose
+from narrows.runs.logger import LogOptions
 from narrows.runs.session import CommonOptions, start
 from narrows.ssl.options import PRESETS, ExportOptions, PretrainData, SSLOptions
 
@@ -15,7 +16,7 @@ GROUPS["ssl"] = ("self-supervised ViTs: UDI pretraining (two class tokens, SRS p
 
 
 @dataclass
-class TrainConfig(SSLOptions, PretrainData, CommonOptions):
+class TrainConfig(SSLOptions, PretrainData, LogOptions, CommonOptions):
     PRESETS = PRESETS
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from narrows.cli.app import command
 from narrows.cli.common import flag_errors
 from narrows.config import compose, option
+from narrows.runs.logger import LogOptions
 from narrows.runs.session import CommonOptions, Session, start
 from narrows.ssl.eval_options import (
     AttentionOptions,
@@ -45,7 +46,8 @@ class FinetuneSource:
                               short="-d")
 
 
-FinetuneConfig = compose("FinetuneConfig", FinetuneOptions, FinetuneSource, CommonOptions)
+FinetuneConfig = compose("FinetuneConfig", FinetuneOptions, FinetuneSource, LogOptions,
+                         CommonOptions)
 
 
 def _open(cfg: Any, verb: str, need_data: bool = True) -> tuple[Session, Any, Any, Any]:

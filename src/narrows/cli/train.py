@@ -8,24 +8,18 @@ from typing import Any
 from narrows.cli.app import command
 from narrows.cli.common import flag_errors
 from narrows.config import option
+from narrows.runs.logger import LogOptions
 from narrows.runs.session import CommonOptions, start
 from narrows.training.model_kwargs import parse_model_kwargs
 from narrows.training.settings import TrainOptions, TrainSubject
 
 
 @dataclass
-class TrainConfig(TrainOptions, TrainSubject, CommonOptions):
+class TrainConfig(TrainOptions, TrainSubject, LogOptions, CommonOptions):
     """``narrows train``: what to train (:class:`TrainSubject`) and how (:class:`TrainOptions`)."""
 
     resume: bool = option(False, "require an unfinished run in --out to continue (re-running "
                           "on the same --out resumes anyway)", affects_result=False)
-
-
-def settings_from(cfg: TrainConfig):
-    """The :class:`~narrows.training.TrainSettings` of the command's options."""
-    from narrows.training import TrainSettings
-
-    return TrainSettings.from_options(cfg, seed=cfg.seed)
 
 
 def prepare(cfg: TrainConfig):
@@ -50,7 +44,7 @@ def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str
     this with their loss; ``default_name`` is added to the default output directory name.
     """
     from narrows.models import check_name, display_name
-    from narrows.training import fit
+    from narrows.training import TrainSettings, fit
     from narrows.training.setup import DEFAULT_MODEL, training_summary
 
     session = start(cfg)
@@ -65,8 +59,9 @@ def run_training(cfg: TrainConfig, command: str, loss_fn=None, default_name: str
                 f"{session.device}, {session.threads} threads"
                 + (f", {session.dist.world_size} processes" if session.dist.enabled else "")
                 + f" → {run.path}")
-    result = fit(model, data, settings_from(cfg), card=card, device=session.device, run=run,
-                 dist=session.dist, progress=cfg.progress, log=session.say, loss_fn=loss_fn)
+    result = fit(model, data, TrainSettings.from_options(cfg, seed=cfg.seed), card=card,
+                 device=session.device, run=run, dist=session.dist, progress=cfg.progress,
+                 log=session.say, loss_fn=loss_fn)
     run.write_json("results.json", training_summary(result, card, cfg.data))
     return session.done(result.summary() + f"; curves in {run.file('curves.png')}")
 

@@ -170,6 +170,21 @@ def model_entry(text: str) -> tuple[str, str | None, str | None]:
     return (label, target, None) if is_file else (label, None, target)
 
 
+def model_entries(texts: Sequence[str]) -> list[tuple[str, str | None, str | None]]:
+    """The :func:`model_entry` of each of ``texts``: at least one, each with its own label, a
+    safe directory name (each model's run is kept in ``run/LABEL``)."""
+    from narrows.runs.run import safe_name
+
+    if not texts:
+        raise UserError("no models to compare", "list them under 'models:' in --config, as "
+                        "LABEL=CHECKPOINT or LABEL=MODEL_NAME")
+    entries = [model_entry(text) for text in texts]
+    labels = [safe_name(entry[0], "model label") for entry in entries]
+    if len(set(labels)) != len(labels):
+        raise UserError("two models share a label", "give every model its own LABEL")
+    return entries
+
+
 def compare_models(entries: Sequence[tuple[str, str | None, str | None]], run: Any, *,
                    data: str | None, image_size: int | None,
                    settings_of: Callable[[dict], InteractionSettings], device: Any,

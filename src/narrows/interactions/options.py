@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from narrows.config import fraction, increasing, non_negative, not_empty, option, positive
+from narrows.runs.session import SubjectOptions
 
 ORDER = "order loss"
 PRESET_NAMES = Literal["paper-cifar", "fork-imagenet", "cpu-small", "smoke"]
@@ -82,3 +83,40 @@ class OrderLossOptions:
         "running statistics)", group=ORDER)
     n_draws: int = option(1, "mask draws per image and step, averaged (upstream 1)",
                           check=positive, group=ORDER)
+
+
+@dataclass
+class CurveSubject(SubjectOptions):
+    """The model of ``narrows interactions run``, with its curve's label."""
+
+    label: str | None = option(None, "name of this curve in plots [default: the model]",
+                               affects_result=False)
+
+
+@dataclass
+class PlotOptions:
+    """What ``narrows interactions plot`` overlays, and how
+    (:func:`narrows.interactions.result.plot_runs`)."""
+
+    runs: list[str] = option([], "directories of finished 'interactions run's", positional=True,
+                             metavar="DIR")
+    out: str = option("interactions.png", "figure file (.png, .pdf, .svg)", metavar="FILE")
+    labels: list[str] | None = option(None, "one legend label per DIR [default: each run's label]")
+    normalize: Literal["sampled", "uniform"] = option(
+        "sampled", "J's normaliser: mean of A over the evaluated ratios (upstream) or the "
+        "integral of A over r")
+    debiased: bool = option(False, "plot the debiased estimate sqrt(max(0, I² − s²/K))")
+    title: str | None = option(None, "figure title")
+
+
+@dataclass
+class CompareModels:
+    """The models ``narrows interactions compare`` runs on the same images
+    (:func:`narrows.interactions.measure.compare_models`)."""
+
+    models: list[str] = option([], "LABEL=CHECKPOINT or LABEL=MODEL_NAME (random init) entries; "
+                               "the images are chosen once, with the first model")
+    data: str | None = option(None, "data spec [default: the first checkpoint's data]",
+                              short="-d")
+    image_size: int | None = option(None, "served image size for imagenet:/folder: data",
+                                    check=positive)

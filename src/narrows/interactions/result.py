@@ -302,6 +302,11 @@ def plot_runs(directories: Sequence[str | Path], out: str | Path,
     from narrows.plotting import pyplot
     from narrows.runs.files import atomic_savefig
 
+    if not directories:
+        raise UserError("no run directories given", "narrows interactions plot DIR [DIR ...]")
+    if labels and len(labels) != len(directories):
+        raise UserError(f"{len(labels)} labels for {len(directories)} runs",
+                        "give one `labels` entry per run directory")
     results = [InteractionResult.load(d) for d in directories]
     for directory, result in zip(directories, results, strict=True):
         warning = result.warning()

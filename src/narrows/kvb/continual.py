@@ -427,8 +427,45 @@ def train_continual(embeddings: str | Path, settings: ContinualSettings | None =
     ``run``: a :class:`~narrows.runs.RunDir`, or a callable ``(resolved settings, task) ->
     RunDir`` (so the resolved options can be recorded) — the fitted keys and each model's
     result are cached there and reused when the run is repeated; ``None`` keeps nothing.
-    The tables and figures are written by :meth:`ContinualRun.save`.
+    The tables and figures are written by :meth:`ContinualRun.save`. The run's ``logger``
+    (see :meth:`RunDir.attach_logger`) gets each newly trained model's accuracies and mean
+    loss after every phase (:func:`log_result`); it is closed when this returns or fails.
     """
+    resolved: list[Any] = []
+    try:
+        return _train_continual(embeddings, settings, run=run, device=device, progress=progress,
+                                say=say, options=options, changes=changes, resolved=resolved)
+    finally:
+        for opened in resolved:
+            opened.close()
+
+
+def log_result(logger: Any, result: Any) -> None:
+    """Log a :class:`~narrows.kvb.results.ContinualResult` to ``logger``: after each phase
+    (the step), under ``<model>-<protocol>/``, the accuracy on each task's classes
+    (``task<i>``, 1-based), on all classes and the phase's mean loss; at the last phase, under
+    ``final/<model>-<protocol>/``, the final accuracy, forgetting and per-task accuracies."""
+    if not logger.active:
+        return
+    import numpy as np
+
+    prefix = f"{result.model}-{result.protocol}"
+    matrix = result.matrix()
+    for t in range(result.num_phases):
+        values = {f"task{s + 1}": matrix[t, s] for s in range(matrix.shape[1])}
+        with np.errstate(all="ignore"):
+            values["accuracy"] = float(np.nanmean(result.per_class[t]))
+        values["mean_loss"] = result.meta.get(f"mean_loss_phase{t + 1}")
+        logger.scalars(values, t + 1, prefix=prefix)
+    final = {f"task{s + 1}": matrix[-1, s] for s in range(matrix.shape[1])}
+    final.update(accuracy=result.final_accuracy, forgetting=result.forgetting,
+                 balanced_accuracy=result.balanced_accuracy)
+    logger.scalars(final, result.num_phases, prefix=f"final/{prefix}")
+
+
+def _train_continual(embeddings: str | Path, settings: ContinualSettings | None, *, run: Any,
+                     device: Any, progress: bool, say: Callable[[str], Any], options: Any,
+                     changes: dict[str, Any], resolved: list[Any]) -> ContinualRun:
     import torch
 
     from narrows.kvb.registry import LEARNERS, MODEL_NAMES
@@ -445,6 +482,8 @@ def train_continual(embeddings: str | Path, settings: ContinualSettings | None =
     s, tasks = resolve_settings(s, task, say)
     if callable(run):
         run = run(s, task)
+    if run is not None:
+        resolved.append(run)
     names, train, test = task.class_names, task.train, task.test
     shown = " ".join("(" + ", ".join(names[c] for c in t) + ")" for t in tasks)
     where = f" → {run.path}" if run is not None else ""
@@ -466,6 +505,8 @@ def train_continual(embeddings: str | Path, settings: ContinualSettings | None =
                 result = _run_one(s, name, protocol, tasks, train, test, layer, task.classes,
                                   device, say)
             result.meta["class_names"] = list(names)
+            if run is not None:
+                log_result(run.logger, result)
             if file is not None and run.writer:
                 result.save(file)
             results.append(result)

@@ -73,6 +73,9 @@ class RunDir:
         self.path = Path(path)
         self.writer = writer
         self._pending: dict[str, Any] | None = None  # the config to write on the first write
+        from narrows.runs.logger import RunLogger
+
+        self.logger: RunLogger = RunLogger()  # logs nothing until attach_logger
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -169,6 +172,38 @@ class RunDir:
                 shutil.rmtree(child)
             else:
                 child.unlink()
+
+    # -- logging ---------------------------------------------------------------------------
+    def attach_logger(self, kind: str | None, *, config: dict[str, Any] | None = None,
+                      project: str = "narrows", name: str | None = None) -> Any:
+        """Open the logger ``kind`` (``None``, ``"tensorboard"`` or ``"wandb"``; see
+        :func:`narrows.runs.logger.open_logger`) into this run as :attr:`logger`, and return it.
+
+        ``config`` (default: the run's options) is recorded; W&B names the run ``name``
+        (default: the directory's name) in ``project``. Only the writing rank logs; the others
+        get the no-op logger. The directory is claimed (created, its config written) first, so
+        call this once the command's options are valid. A logger attached before is closed.
+        """
+        from narrows.runs.logger import check_kind, open_logger
+
+        check_kind(kind)
+        if kind is not None and self.writer:
+            self.claim()
+            if config is None:
+                config = (self.read_config() or {}).get("options")
+        logger = open_logger(kind, self.path, config=config, project=project,
+                             name=name or self.path.name, writer=self.writer)
+        self.logger.close()
+        self.logger = logger
+        return logger
+
+    def close(self) -> None:
+        """Close the run's logger (flushing its files); idempotent. The run logs nothing
+        after this unless a logger is attached again."""
+        from narrows.runs.logger import RunLogger
+
+        logger, self.logger = self.logger, RunLogger()
+        logger.close()
 
     # -- config ----------------------------------------------------------------------------
     def read_config(self) -> dict[str, Any] | None:

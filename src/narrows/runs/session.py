@@ -103,8 +103,11 @@ def open_run(cfg: Any, command: str, default: Path, session: Session) -> RunDir:
     out = Path(cfg.out) if cfg.out else default
 
     def open_() -> RunDir:
-        return RunDir.open(out, command, cfgmod.to_dict(cfg), cfgmod.result_fields(cfg),
-                           overwrite=cfg.overwrite)
+        run = RunDir.open(out, command, cfgmod.to_dict(cfg), cfgmod.result_fields(cfg),
+                          overwrite=cfg.overwrite)
+        if getattr(cfg, "log", None):  # --log (LogOptions): the run's logger travels with it
+            run.attach_logger(cfg.log, project=cfg.log_project)
+        return run
 
     if not session.dist.enabled:
         return open_()

@@ -277,8 +277,13 @@ def _stop_if_not_finite(sums: dict[str, torch.Tensor], epoch: int, step: int,
 
 
 def train_epoch(p: Pretraining, trained: nn.Module, epoch: int, schedules: Schedules, *,
-                progress: bool, say: Say, estimate: bool) -> dict[str, Any]:
-    """One epoch; returns its row of ``metrics.jsonl`` (means of the terms over the steps)."""
+                progress: bool, say: Say, estimate: bool, logger: Any = None) -> dict[str, Any]:
+    """One epoch; returns its row of ``metrics.jsonl`` (means of the terms over the steps).
+
+    An active ``logger`` (:class:`narrows.runs.logger.RunLogger`) gets every step's loss terms,
+    learning rate, weight decay, teacher momentum and temperature as ``train/<name>`` at the
+    global step (gathered between the looks at the loss: no extra wait for the accelerator).
+    """
     from narrows.runtime import format_duration
 
     torch.manual_seed(derive_seed(p.seed, epoch, p.dist.rank, 3))  # drop-path masks
@@ -289,6 +294,8 @@ def train_epoch(p: Pretraining, trained: nn.Module, epoch: int, schedules: Sched
     if p.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(p.device)
     bar = _progress(loader, steps, epoch, p.options.epochs, progress and p.dist.is_main)
+    logging = logger is not None and logger.active
+    logged: list[tuple[int, dict[str, torch.Tensor]]] = []  # steps not yet logged
     started = time.perf_counter()
     for i, batch in enumerate(bar):
         if i >= steps:
@@ -297,8 +304,12 @@ def train_epoch(p: Pretraining, trained: nn.Module, epoch: int, schedules: Sched
         terms = train_step(p, trained, prepare_batch(batch, p, step), step, epoch, schedules)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.float()
+        if logging:
+            logged.append((step, terms))
         if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps:
             _stop_if_not_finite(sums, epoch, i, p.options, kept)
+            if logging:
+                _log_steps(logger, logged, schedules, epoch)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{sums['loss'].item() / (i + 1):.3f}")
         if estimate and i == 1:
@@ -316,6 +327,23 @@ def train_epoch(p: Pretraining, trained: nn.Module, epoch: int, schedules: Sched
     if p.device.type == "cuda":
         row["peak_memory_mb"] = torch.cuda.max_memory_allocated(p.device) / 2**20
     return row
+
+
+def _log_steps(logger: Any, logged: list[tuple[int, dict[str, torch.Tensor]]],
+               schedules: Schedules, epoch: int) -> None:
+    """Log the gathered steps' terms and schedules, and forget them."""
+    if not logged:
+        return
+    names = sorted(logged[0][1])
+    values = torch.stack([torch.stack([terms[n].float() for n in names])
+                          for _, terms in logged]).tolist()
+    for (step, _), row in zip(logged, values, strict=True):
+        logger.scalars({**dict(zip(names, row, strict=True)), "lr": float(schedules.lr[step]),
+                        "wd": float(schedules.wd[step]),
+                        "momentum": float(schedules.momentum[step]),
+                        "teacher_temp": float(schedules.teacher_temp[epoch])},
+                       step, prefix="train")
+    logged.clear()
 
 
 def _progress(loader: Any, steps: int, epoch: int, epochs: int, show: bool) -> Any:
@@ -437,8 +465,20 @@ def pretrain(options: SSLOptions, data: str, *, run: Any = None, seed: int = 0,
     With ``run`` (a :class:`narrows.runs.RunDir`), writes ``checkpoint.pt`` every epoch (and
     resumes from it), ``metrics.jsonl``, ``loss.png`` and ``pretraining.json``. The teacher's
     kNN top-1 is measured before training and at the end (and every ``knn_every`` epochs) when
-    ``options.knn`` is on.
+    ``options.knn`` is on. ``run.logger`` (see :meth:`RunDir.attach_logger`) gets every step's
+    terms and schedules (``train/...``), every epoch's row (``epoch/...`` at the epoch's
+    number) and the loss figure at the end; it is closed when this returns or fails.
     """
+    try:
+        return _pretrain(options, data, run=run, seed=seed, device=device, dist=dist,
+                         image_size=image_size, progress=progress, say=say)
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _pretrain(options: SSLOptions, data: str, *, run: Any, seed: int, device: torch.device | str,
+              dist: Distributed, image_size: int | None, progress: bool, say: Say) -> Any:
     from narrows.runs.results import provenance
     from narrows.ssl.result import PretrainResult
 
@@ -456,16 +496,21 @@ def pretrain(options: SSLOptions, data: str, *, run: Any = None, seed: int = 0,
             say(f"resuming {run.path} after epoch {start}")
     say(describe_plan(n_images, steps, options, dist))
     trained = _wrap(p)
+    logger = run.logger if run is not None else None
+    if logger is not None and logger.active and not logger.config_logged:
+        logger.config((run.read_config() or {}).get("options") or asdict_plain(options))
     if options.knn and "init" not in knn:
         knn["init"] = knn_of(p)
         say(f"teacher kNN top-1 at initialisation: {100 * knn['init']:.1f}%")
     for epoch in range(start, options.epochs):
         row = train_epoch(p, trained, epoch, schedules, progress=progress, say=say,
-                          estimate=epoch == start)
+                          estimate=epoch == start, logger=logger)
         last = epoch + 1 == options.epochs
         if options.knn and (last or (options.knn_every and (epoch + 1) % options.knn_every == 0)):
             knn[f"epoch {epoch + 1}"] = row["knn_top1"] = knn_of(p)
         rows.append(row)
+        if logger is not None:
+            logger.scalars(row, epoch + 1, prefix="epoch")
         if run is not None and run.writer:
             run.write_metrics(rows)
             save_state(p, run.file(CHECKPOINT), epoch + 1, rows, knn)
@@ -482,7 +527,9 @@ def pretrain(options: SSLOptions, data: str, *, run: Any = None, seed: int = 0,
                                                   seed=seed, options=asdict_plain(options)))
     if run is not None and run.writer:
         result.save(run.file(RESULT))
-        run.save_figure("loss.png", result.plot()[0])
+        figure = result.plot()[0]
+        run.logger.figure("loss", figure, options.epochs)
+        run.save_figure("loss.png", figure)
     return result
 
 

@@ -154,6 +154,7 @@ def train_one_epoch(
     *,
     progress: bool = False,
     dist: Distributed | None = None,
+    logger: Any = None,
 ) -> EpochStats:
     """One pass of ``model`` over ``loader`` (``epoch``: its 0-based number), stepping
     ``optimizer``; the learning rate follows the schedule of ``settings`` every step.
@@ -163,6 +164,10 @@ def train_one_epoch(
 
     A NaN or infinite loss raises :class:`Diverged` naming the first such step; the loss is
     looked at every ``CHECK_EVERY`` steps and at the last (all ranks agree under ``dist``).
+
+    With an active ``logger`` (a :class:`narrows.runs.logger.RunLogger`), every step's
+    ``train/loss`` and ``train/lr`` are logged at the global step ``epoch · steps + step``
+    (gathered between the looks at the loss, so logging adds no wait for the accelerator).
     """
     from tqdm.auto import tqdm
 
@@ -177,6 +182,8 @@ def train_one_epoch(
     # disable=None: bars on a terminal, none in logs and pipes
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{settings.epochs}", leave=False,
                disable=None if progress else True)
+    logging = logger is not None and logger.active
+    logged: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss) not yet logged
     for step, (images, labels) in enumerate(bar):
         lr = learning_rate(settings, epoch + step / steps)
         for group in optimizer.param_groups:
@@ -186,8 +193,12 @@ def train_one_epoch(
         loss, logits = loss_fn(model, inputs, labels)
         first_bad = torch.where(torch.isfinite(loss.detach()), first_bad,
                                 torch.clamp(first_bad, max=step))
+        if logging:
+            logged.append((epoch * steps + step, lr, loss.detach()))
         if step % CHECK_EVERY == CHECK_EVERY - 1 or step == steps - 1:
             _stop_if_bad(first_bad, steps, epoch, settings, dist)
+            if logging:
+                _log_steps(logger, logged)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -198,8 +209,20 @@ def train_one_epoch(
         if progress and step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
     _stop_if_bad(first_bad, steps, epoch, settings, dist)  # a loader shorter than announced
+    if logging:
+        _log_steps(logger, logged)
     seconds = time.perf_counter() - start
     return EpochStats(float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1), seen, seconds)
+
+
+def _log_steps(logger: Any, logged: list[tuple[int, float, torch.Tensor]]) -> None:
+    """Log the gathered steps' loss and learning rate, and forget them."""
+    if not logged:
+        return
+    losses = torch.stack([loss.float() for _, _, loss in logged]).tolist()
+    for (step, lr, _), loss in zip(logged, losses, strict=True):
+        logger.scalars({"loss": loss, "lr": lr}, step, prefix="train")
+    logged.clear()
 
 
 def fit(
@@ -225,7 +248,23 @@ def fit(
     replaces the cross-entropy (order losses, CSG, ...). ``settings`` (a :class:`TrainSettings`)
     hold the epochs, optimizer, schedule and batches; ``on_epoch_end(epoch, row)`` is called
     after each epoch with its 1-based number and metrics row. Returns the :class:`TrainResult`.
+
+    With ``run``, ``run.logger`` (see :meth:`RunDir.attach_logger`) gets the config, every
+    step's ``train/loss`` and ``train/lr``, every epoch's row as ``epoch/<name>`` at the
+    epoch's number and the curves figure; it is closed when ``fit`` returns or fails.
     """
+    try:
+        return _fit(model, data, settings, card=card, device=device, run=run, dist=dist,
+                    loss_fn=loss_fn, progress=progress, log=log, on_epoch_end=on_epoch_end)
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _fit(model: nn.Module, data: DataBundle, settings: TrainSettings, *, card: Any,
+         device: torch.device, run: RunDir | None, dist: Distributed, loss_fn: LossFn | None,
+         progress: bool, log: Callable[[str], None],
+         on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
     mixing = settings.mixup > 0 or settings.cutmix > 0
     if mixing and loss_fn is not None:
         raise UserError("--mixup/--cutmix need the plain cross-entropy, and this command "
@@ -264,6 +303,9 @@ def fit(
                                            "narrows_card": card.to_dict(), "epoch": 0})
     final: EvalResult | None = None
     show = progress and dist.is_main
+    logger = run.logger if run is not None else None
+    if logger is not None and logger.active and not logger.config_logged:
+        logger.config((run.read_config() or {}).get("options") or {})
     for epoch in range(start_epoch, settings.epochs):
         torch.manual_seed(derive_seed(settings.seed, epoch, dist.rank, 2))
         if mixing:  # timm's Mixup draws from numpy's global generator
@@ -279,7 +321,7 @@ def fit(
                 if run is not None and epoch > 0 else "")
         try:
             stats = train_one_epoch(trained, loader, optimizer, settings, epoch, normalizer,
-                                    device, loss_fn, progress=show, dist=dist)
+                                    device, loss_fn, progress=show, dist=dist, logger=logger)
         except Diverged as exc:
             raise Diverged(exc.happened, exc.lr, kept) from None
         stats = _reduce_stats(stats, dist, device)
@@ -304,6 +346,8 @@ def fit(
         rows.append(row)
         improved = final.top1 > best_top1
         best_top1 = max(best_top1, final.top1)
+        if logger is not None:
+            logger.scalars(row, epoch + 1, prefix="epoch")
         if run is not None and run.writer:
             _save_epoch(run, model, optimizer, card, epoch + 1, best_top1, rows, improved,
                         title=_curves_title(card, len(train_set), len(test_set)))
@@ -419,6 +463,7 @@ def _save_epoch(run: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer,
         from narrows.plotting import plot_training_curves
 
         fig, _ = plot_training_curves(rows, title=title)
+        run.logger.figure("curves", fig, epoch)
         run.save_figure("curves.png", fig)
         import matplotlib.pyplot as plt
 

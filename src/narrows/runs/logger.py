@@ -1,0 +1,274 @@
+"""Experiment logging to TensorBoard or Weights & Biases: one small interface for every loop.
+
+A :class:`RunLogger` takes scalars (``train/loss`` per step, ``epoch/test_top1`` per epoch),
+matplotlib figures and the resolved config. The base class logs nothing (logging is off by
+default); :func:`open_logger` picks :class:`TensorBoardLogger` (event files in
+``<run>/tensorboard/``) or :class:`WandbLogger`. Both packages are optional extras
+(``narrows[tensorboard]``, ``narrows[wandb]``); this module imports neither until asked.
+
+Only the writing rank of a distributed job should log: :meth:`narrows.runs.RunDir.
+attach_logger` opens a real logger on that rank only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from narrows.config import option
+from narrows.errors import MissingExtraError, UserError, optional_import
+
+LOG_CHOICES = ("tensorboard", "wandb")
+TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_id.txt"  # the W&B run id, so that a resumed run continues the same one
+
+
+LOGGING = "logging (TensorBoard, W&B)"
+
+
+@dataclasses.dataclass
+class LogOptions:
+    """The logging options of a long-running command (neither affects its results)."""
+
+    log: Literal["tensorboard", "wandb"] | None = option(
+        None, "also log scalars per step and epoch, figures and the config to TensorBoard "
+        "(event files in <out>/tensorboard/; needs pip install 'narrows[tensorboard]') or to "
+        "Weights & Biases (configure it, e.g. WANDB_MODE=offline, as W&B documents; needs "
+        "pip install 'narrows[wandb]'); off by default", affects_result=False, group=LOGGING)
+    log_project: str = option("narrows", "the W&B project the run is logged to (with --log "
+                              "wandb)", affects_result=False, group=LOGGING)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or ``None`` for anything else (text, bools, NaN, tensors of
+    more than one element)."""
+    if isinstance(value, bool):
+        return None
+    if not isinstance(value, numbers.Real):
+        item = getattr(value, "item", None)
+        size = getattr(value, "numel", getattr(value, "size", None))
+        size = size() if callable(size) else size
+        if not callable(item) or size != 1:
+            return None
+        value = item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def tagged(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numbers of ``values`` under ``prefix/name`` tags (others are left out)."""
+    out = {}
+    for name, value in values.items():
+        number = _number(value)
+        if number is not None:
+            out[f"{prefix}/{name}" if prefix else str(name)] = number
+    return out
+
+
+class RunLogger:
+    """Logs nothing: the logger of a run without ``--log`` (and of non-writing ranks).
+
+    Subclasses write to a backend; every method is safe to call after :meth:`close`.
+    """
+
+    active = False  # loops skip the work of gathering per-step values when False
+
+    def __init__(self) -> None:
+        self.config_logged = False
+        self.closed = False
+
+    def config(self, values: Mapping[str, Any]) -> None:
+        """Record the run's resolved config (options) once."""
+        self.config_logged = True
+        if not self.closed:
+            self._config(dict(values))
+
+    def scalars(self, values: Mapping[str, Any], step: int, *, prefix: str = "") -> None:
+        """Log the finite numbers of ``values`` at ``step`` as ``prefix/name`` (text, bools and
+        non-finite values are skipped)."""
+        numbers_ = tagged(values, prefix)
+        if numbers_ and not self.closed:
+            self._scalars(numbers_, int(step))
+
+    def figure(self, tag: str, fig: Any, step: int) -> None:
+        """Log the matplotlib figure ``fig`` as an image at ``step`` (the figure stays open:
+        the caller closes it)."""
+        if not self.closed:
+            self._figure(tag, fig, int(step))
+
+    def close(self) -> None:
+        """Flush and finish; idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._close()
+
+    # backends override these
+    def _config(self, values: dict[str, Any]) -> None:
+        pass
+
+    def _scalars(self, values: dict[str, float], step: int) -> None:
+        pass
+
+    def _figure(self, tag: str, fig: Any, step: int) -> None:
+        pass
+
+    def _close(self) -> None:
+        pass
+
+
+NullLogger = RunLogger
+"""The "off" logger (the base class itself)."""
+
+
+def _config_text(values: Mapping[str, Any]) -> str:
+    """The config as YAML, indented as a Markdown code block (TensorBoard's text tab)."""
+    import yaml
+
+    from narrows.runs.run import _plain
+
+    text = yaml.safe_dump(_plain(dict(values)), sort_keys=False, default_flow_style=False)
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+class TensorBoardLogger(RunLogger):
+    """Event files in ``directory`` (a run's ``tensorboard/`` folder), read by ``tensorboard
+    --logdir``; the config is a text entry named ``config``."""
+
+    active = True
+
+    def __init__(self, directory: str | Path) -> None:
+        super().__init__()
+        optional_import("tensorboard", extra="tensorboard", feature="`log` tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.directory = Path(directory)
+        self.writer = SummaryWriter(log_dir=str(self.directory))
+
+    def _config(self, values: dict[str, Any]) -> None:
+        self.writer.add_text("config", _config_text(values), global_step=0)
+
+    def _scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, global_step=step)
+
+    def _figure(self, tag: str, fig: Any, step: int) -> None:
+        self.writer.add_image(tag, _figure_pixels(fig), global_step=step, dataformats="HWC")
+
+    def _close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def _figure_pixels(fig: Any) -> Any:
+    """The RGB pixels (H, W, 3 uint8) of a matplotlib figure, drawn without closing it
+    (``SummaryWriter.add_figure`` would close it)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+class WandbLogger(RunLogger):
+    """A Weights & Biases run (``wandb.init``), resumed when ``directory`` was logged before.
+
+    The run id is kept in ``directory/wandb_id.txt``, so a resumed narrows run continues the
+    same W&B run and an overwritten one (emptied directory) starts a new one. Every value is
+    logged with a ``step`` key that W&B charts use as their x axis, so per-step and per-epoch
+    values (and the steps a resumed run repeats) may come in any order. W&B's own settings
+    (``WANDB_MODE=offline``, the entity ...) are the user's to set.
+    """
+
+    active = True
+
+    def __init__(self, directory: str | Path, project: str = "narrows", name: str | None = None,
+                 config: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.wandb = optional_import("wandb", extra="wandb", feature="`log` wandb")
+        self.directory = Path(directory)
+        self.run = self.wandb.init(project=project, name=name, dir=str(self.directory),
+                                   config=dict(config) if config is not None else None,
+                                   id=wandb_run_id(self.directory), resume="allow")
+        self.config_logged = config is not None
+        self.wandb.define_metric("step")
+        self.wandb.define_metric("*", step_metric="step")
+
+    def _config(self, values: dict[str, Any]) -> None:
+        self.run.config.update(values, allow_val_change=True)
+
+    def _scalars(self, values: dict[str, float], step: int) -> None:
+        self.wandb.log({**values, "step": step})
+
+    def _figure(self, tag: str, fig: Any, step: int) -> None:
+        self.wandb.log({tag: self.wandb.Image(fig), "step": step})
+
+    def _close(self) -> None:
+        self.run.finish()
+
+
+def wandb_run_id(directory: Path) -> str:
+    """The W&B run id of the run directory ``directory``: read from its ``wandb_id.txt``, or
+    made (random) and written there."""
+    import secrets
+
+    from narrows.runs.files import atomic_write_text
+
+    file = Path(directory) / WANDB_ID_FILE
+    if file.is_file():
+        text = file.read_text(encoding="utf-8").strip()
+        if text and all(c.isalnum() or c in "-_" for c in text):
+            return text
+    made = f"narrows-{secrets.token_hex(8)}"
+    atomic_write_text(file, made + "\n")
+    return made
+
+
+def check_kind(kind: str | None) -> None:
+    """Refuse a ``log`` value that names no backend, or one whose package is not installed
+    (found without importing it, so a command can refuse before it writes anything)."""
+    import importlib.util
+    import sys
+
+    if kind is not None and kind not in LOG_CHOICES:
+        raise UserError(f"unknown `log` {kind!r}", f"use one of: {', '.join(LOG_CHOICES)}")
+    loaded = sys.modules.get(kind, False) if kind is not None else True
+    if loaded is None or (loaded is False and importlib.util.find_spec(kind) is None):
+        raise MissingExtraError(kind, kind, f"`log` {kind}")
+
+
+def open_logger(kind: str | None, directory: str | Path, *,
+                config: Mapping[str, Any] | None = None, name: str | None = None,
+                project: str = "narrows", writer: bool = True) -> RunLogger:
+    """The logger ``kind`` (``None``: the no-op logger; else one of :data:`LOG_CHOICES`) of the
+    run directory ``directory``, with ``config`` recorded. TensorBoard writes to
+    ``directory/tensorboard/``; W&B logs ``name`` (default: the directory's name) in
+    ``project``. With ``writer=False`` (a non-writing rank) the kind and its package are
+    checked but nothing is opened. A missing package is a :class:`UserError` naming its extra.
+    """
+    check_kind(kind)
+    if kind is None:
+        return RunLogger()
+    if not writer:
+        optional_import(kind, extra=kind, feature=f"`log` {kind}")
+        return RunLogger()
+    directory = Path(directory)
+    logger: RunLogger
+    if kind == "tensorboard":
+        logger = TensorBoardLogger(directory / TENSORBOARD_DIR)
+    else:
+        logger = WandbLogger(directory, project=project, name=name or directory.name,
+                             config=config)
+    if config is not None and not logger.config_logged:
+        logger.config(config)
+    return logger
