@@ -20,8 +20,16 @@ OUT_COMMANDS = [c for c in app.COMMANDS if "out" in {f.name for f in dataclasses
 
 
 def _is_file_out(command: app.Command) -> bool:
+    return bool(_file_name(command))
+
+
+def _file_name(command: app.Command) -> str:
+    """A good file name for a FILE ``--out`` (FILE: a figure; FILE.html: that suffix), else ''."""
     field = next(f for f in dataclasses.fields(command.config) if f.name == "out")
-    return field.metadata.get("metavar") == "FILE"
+    metavar = field.metadata.get("metavar") or ""
+    if not metavar.startswith("FILE"):
+        return ""
+    return "out." + (metavar.partition(".")[2] or "png")
 
 
 DIR_COMMANDS = [c for c in OUT_COMMANDS if not _is_file_out(c)]
@@ -94,8 +102,8 @@ def read_only(tmp_path):
     locked.chmod(0o755)
 
 
-def _place(case: str, tmp_path: Path, request, figure: bool) -> str:
-    name = "fig.png" if figure else "run"
+def _place(case: str, tmp_path: Path, request, figure: str) -> str:
+    name = figure or "run"
     (tmp_path / "afile").write_text("x")
     if case == "existing-file":
         return str(tmp_path / "afile")
@@ -128,15 +136,17 @@ def _refused_cleanly(argv: list[str], tmp_path: Path, out: str, capsys) -> None:
 
 DIR_CASES = ["existing-file", "under-file", "proc", "immutable", "read-only"]
 FILE_CASES = ["existing-dir", "unknown-format", "under-file", "proc", "immutable", "read-only"]
-PLACES = ([(command, case, False) for case in DIR_CASES for command in DIR_COMMANDS]
-          + [(command, case, True) for case in FILE_CASES for command in FILE_COMMANDS])
+PLACES = ([(command, case, "") for case in DIR_CASES for command in DIR_COMMANDS]
+          + [(command, case, _file_name(command)) for case in FILE_CASES
+             for command in FILE_COMMANDS])
 
 
 @pytest.mark.parametrize(("command", "case", "figure"), PLACES,
                          ids=[f"{_id(c)}-{case}" for c, case, _ in PLACES])
 def test_bad_output_place_is_one_line(command, case, figure, inputs, tmp_path, monkeypatch,
                                       request, capsys):
-    """A directory ``--out`` (or a figure file ``--out`` for FILE_COMMANDS) in a bad place."""
+    """A directory ``--out`` (or a file ``--out`` for FILE_COMMANDS: a figure, a report) in a
+    bad place."""
     monkeypatch.chdir(tmp_path)
     out = _place(case, tmp_path, request, figure=figure)
     _refused_cleanly(_argv(command, inputs, out), tmp_path, out, capsys)
@@ -146,7 +156,7 @@ def test_bad_output_place_is_one_line(command, case, figure, inputs, tmp_path, m
 def test_the_same_command_line_passes_with_a_good_place(command, inputs, tmp_path):
     """Control: with a writable ``--out`` the command line passes every preflight check, so the
     refusals above are about ``--out`` alone."""
-    out = str(tmp_path / ("fig.png" if _is_file_out(command) else "run"))
+    out = str(tmp_path / (_file_name(command) or "run"))
     parsed, cfg = app.parse(_argv(command, inputs, out))
     assert parsed is command
     check(cfg)
@@ -158,5 +168,5 @@ def test_every_command_with_out_is_covered():
     named = {("train",), ("evaluate",), ("quickstart",), ("interactions", "run"),
              ("interactions", "plot"), ("attribution", "stats"), ("attribution", "explain"),
              ("attribution", "evaluate"), ("attribution", "sanity"), ("decompose", "extract"),
-             ("kvb", "embed"), ("kvb", "train"), ("kvb", "toy"), ("kvb", "sweep")}
+             ("kvb", "embed"), ("kvb", "train"), ("kvb", "toy"), ("kvb", "sweep"), ("report",)}
     assert named <= {c.words for c in OUT_COMMANDS}
