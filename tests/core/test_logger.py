@@ -264,6 +264,23 @@ def test_fit_logs_every_step_and_epoch_to_tensorboard(tmp_path):
     assert any(t.startswith("config") for t in acc.Tags()["tensors"])
 
 
+def test_a_resumed_fit_replaces_what_the_killed_run_logged_of_its_unfinished_epoch(tmp_path):
+    pytest.importorskip("tensorboard")
+    run = RunDir.open(tmp_path / "run", "train", {}, {})
+    run.attach_logger("tensorboard")
+    _tiny_fit(run, epochs=1)  # epoch 1 finished: steps 0-2
+    killed = run.attach_logger("tensorboard")  # the killed run's epoch 2: two steps logged
+    killed.scalars({"loss": 999.0}, 3, prefix="train")
+    killed.scalars({"loss": 999.0}, 4, prefix="train")
+    killed.close()
+    run.attach_logger("tensorboard")
+    _tiny_fit(run, epochs=2)  # resumes after epoch 1 and redoes epoch 2: steps 3-5
+
+    losses = _scalars(_events(tmp_path / "run" / "tensorboard"), "train/loss")
+    assert [s for s, _ in losses] == list(range(6))
+    assert 999.0 not in [v for _, v in losses]
+
+
 def test_fit_without_logger_writes_no_tensorboard(tmp_path):
     run = RunDir.open(tmp_path / "run", "train", {}, {})
     _tiny_fit(run, epochs=1)

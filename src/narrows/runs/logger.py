@@ -102,6 +102,13 @@ class RunLogger:
         if not self.closed:
             self._figure(tag, fig, int(step))
 
+    def resume_at(self, step: int) -> None:
+        """Say that a resumed run logs again from ``step``: what a killed run logged at this
+        step or later (the unfinished epoch it redoes) is dropped from the curves (TensorBoard;
+        W&B keeps every point it was sent)."""
+        if not self.closed:
+            self._resume_at(int(step))
+
     def close(self) -> None:
         """Flush and finish; idempotent."""
         if not self.closed:
@@ -116,6 +123,9 @@ class RunLogger:
         pass
 
     def _figure(self, tag: str, fig: Any, step: int) -> None:
+        pass
+
+    def _resume_at(self, step: int) -> None:
         pass
 
     def _close(self) -> None:
@@ -159,6 +169,15 @@ class TensorBoardLogger(RunLogger):
 
     def _figure(self, tag: str, fig: Any, step: int) -> None:
         self.writer.add_image(tag, _figure_pixels(fig), global_step=step, dataformats="HWC")
+
+    def _resume_at(self, step: int) -> None:
+        # TensorBoard discards earlier events at or after the step of a session START
+        # (what SummaryWriter(purge_step=...) writes when it opens)
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self.writer.file_writer.add_event(Event(step=step, file_version="brain.Event:2"))
+        self.writer.file_writer.add_event(Event(step=step,
+                                                session_log=SessionLog(status=SessionLog.START)))
 
     def _close(self) -> None:
         self.writer.flush()

@@ -317,6 +317,8 @@ def _fit(model: nn.Module, data: DataBundle, settings: TrainSettings, *, card: A
 
             random.seed(derive_seed(settings.seed, epoch, dist.rank, 4))
         loader = epoch_loader(train_set, settings, epoch, dist, pin=device.type == "cuda")
+        if logger is not None and epoch == start_epoch > 0:  # steps count from the start
+            logger.resume_at(epoch * len(loader))
         kept = (f"; the last good checkpoint, {run.file(LAST)} (epoch {epoch}), is kept"
                 if run is not None and epoch > 0 else "")
         try:
