@@ -24,3 +24,7 @@ def test_every_api_example_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "interactions" / "curve.csv").is_file()
     assert "kNN (T 0.07)" in out and "linear probe cls on" in out
     assert namespace["probe"].backbone_passes == 0  # the linear probe read kNN's feature cache
+    assert list((tmp_path / "logged" / "tensorboard").glob("events.out.tfevents.*"))
+    report = namespace["report"]
+    assert (tmp_path / "report.html").is_file() and report.path == Path("report.html")
+    assert "train" in report.commands and f"→ {report.path}" in out
