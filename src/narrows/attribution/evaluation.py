@@ -3,7 +3,8 @@
 :func:`evaluate_methods` is ``narrows attribution evaluate`` as a function. It caches into a
 :class:`~narrows.runs.RunDir`: each method's heatmaps in ``heatmaps_<method>.npz`` (with the
 image indices), each metric in ``metric_<method>_<metric>.json``; it writes results.csv,
-results.md, degradation.png, examples.png and (with sensitivity-n) sensitivity_n.png. Both
+results.md, degradation.png, examples.png, (with sensitivity-n) sensitivity_n.png,
+evaluation.json and the flat ``results.json`` (:func:`~narrows.runs.results.flat_summary`). Both
 caches carry the result header (:func:`narrows.runs.results.header`: ``narrows.<kind>/1`` and
 the provenance; the npz as a JSON string in its ``header`` array); caches written before
 headers existed still load.
@@ -12,6 +13,7 @@ headers existed still load.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +68,14 @@ class EvaluationResult:
 
         return "; ".join(f"{row.get('method', '?')}: {numbers(row)}" for row in self.rows)
 
+    def headline(self) -> dict[str, float | int | None]:
+        """The flat numbers of ``results.json``: each method's metrics as ``"<method>.<column>"``
+        (``iba.degradation_tile8``, ``random.bbox_ratio``...); NaN is None."""
+        return {f"{row.get('method', '?')}.{key}": _number(value)
+                for row in self.rows for key, value in row.items()
+                if key != "method" and isinstance(value, numbers.Real)
+                and not isinstance(value, bool)}
+
     def plot(self, ax: Any = None, subject: str | None = None) -> tuple[Any, Any]:
         """Each method's mean MoRF and LeRF curves (degradation.png); returns ``(fig, ax)``."""
         from narrows.attribution.report import draw_degradation
@@ -101,6 +111,13 @@ class EvaluationResult:
             return cls(rows=list(state["rows"]), curves=dict(state.get("curves", {})),
                        table=str(state.get("table", "")),
                        files=[Path(f) for f in state.get("files", [])], tile=state.get("tile"))
+
+
+def _number(value: numbers.Real) -> float | int | None:
+    """``value`` as a plain JSON number: None when it is not finite."""
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value) if math.isfinite(value) else None
 
 
 def resolve_metrics(dataset: Any, spec: str, metrics: list[str] | None = None,
@@ -164,8 +181,8 @@ def evaluate_methods(model: nn.Module, dataset: Any, indices: list[int], methods
                      tile: int | None = None, points: int | None = None,
                      n_sets: int | None = None, eval_batch_size: int | None = None,
                      device: Any = None, progress: bool = True, class_names: Any = None,
-                     name: str = "model", log: Any = print, options: Any = None
-                     ) -> EvaluationResult:
+                     name: str = "model", log: Any = print, options: Any = None,
+                     command: str = "attribution evaluate") -> EvaluationResult:
     """Compute each of ``methods``' heatmaps of the ``indices`` images of ``dataset`` (towards
     their labels), then each of ``metrics`` (default: degradation and bbox), caching both in
     ``out``; write the results table and figures there.
@@ -177,6 +194,7 @@ def evaluate_methods(model: nn.Module, dataset: Any, indices: list[int], methods
     :class:`~narrows.attribution.options.EvaluateOptions`, or the command's config) gives
     ``tile``, ``points``, ``n_sets`` and ``eval_batch_size`` where they are None and, without
     ``settings``, the methods' settings; the rest default as ``narrows attribution evaluate``.
+    The flat ``results.json`` names ``command`` (the run's command).
     """
     import numpy as np
 
@@ -235,11 +253,14 @@ def evaluate_methods(model: nn.Module, dataset: Any, indices: list[int], methods
     if "sensitivity-n" in metrics:
         draw_sensitivity(out, methods, subject=subject)
         files.append(out.file("sensitivity_n.png"))
-    files.append(out.file(RESULT_FILE))
+    files += [out.file(RESULT_FILE), out.file("results.json")]
     result = EvaluationResult(rows=rows, curves=curves, table=out.file("results.md").read_text(),
                               files=files, tile=tile)
     if out.writer:
+        from narrows.runs.results import flat_summary
+
         result.save(out.file(RESULT_FILE))
+        out.write_json("results.json", flat_summary(result, command=command))
     return result
 
 

@@ -3,8 +3,9 @@
 :func:`explain_images` is ``narrows attribution explain`` as a function. Into a
 :class:`~narrows.runs.RunDir` it writes ``items/<index>/`` (each image's
 :class:`~narrows.attribution.heatmap.AttributionResult`), ``heatmap_<index>.png``, with
-``gif`` ``iba_<index>.gif``, then ``heatmaps.npz`` and ``result/`` (all images). Images
-already done are skipped.
+``gif`` ``iba_<index>.gif``, then ``heatmaps.npz``, ``result/`` (all images) and the flat
+``results.json`` (:func:`~narrows.runs.results.flat_summary`). Images already done are
+skipped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def explain_images(model: nn.Module, dataset: Any, indices: list[int], method: s
                    out: RunDir, *, normalizer: Any, settings: MethodSettings | None = None,
                    statistics: Any = None, gif: bool | None = None, device: Any = None,
                    progress: bool = True, class_names: Any = None, name: str = "model",
-                   data: str = "", log: Any = print, options: Any = None) -> AttributionResult:
+                   data: str = "", log: Any = print, options: Any = None,
+                   command: str = "attribution explain") -> AttributionResult:
     """Heatmaps of ``method`` for the ``indices`` images of ``dataset`` (towards their labels),
     saved into ``out`` image by image (``gif``: IBA's steps as animated GIFs too).
 
@@ -36,7 +38,8 @@ def explain_images(model: nn.Module, dataset: Any, indices: list[int], method: s
     Returns the result of all images.
     ``options`` (an :class:`~narrows.attribution.options.ExplainOptions`, or the command's
     config) gives ``gif`` if None and, without ``settings``, the methods' settings; the rest
-    default as ``narrows attribution explain`` does.
+    default as ``narrows attribution explain`` does. ``command`` is what ``results.json``
+    names (the run's command).
     """
     import numpy as np
 
@@ -86,4 +89,7 @@ def explain_images(model: nn.Module, dataset: Any, indices: list[int], method: s
                                  meta={**meta, "indices": indices, "target_names": names,
                                        "class_names": list(class_names)})
     combined.save(out.file("result"))
+    from narrows.runs.results import flat_summary
+
+    out.write_json("results.json", flat_summary(combined, command=command))
     return combined

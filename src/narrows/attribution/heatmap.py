@@ -131,6 +131,18 @@ class AttributionResult:
         return (f"{self.meta.get('method', 'IBA')}: {n} heatmap{'s' if n != 1 else ''} of "
                 f"{size} in {self.units}, {span}")
 
+    def headline(self) -> dict[str, float | int | str]:
+        """The flat numbers of ``results.json``: ``method``, ``images``, ``units`` and the mean
+        heatmap value (``mean``; left out when there are no finite values)."""
+        heat = np.asarray(self.heatmaps, dtype=np.float64)
+        found: dict[str, float | int | str] = {"method": str(self.meta.get("method", "IBA")),
+                                                "images": int(heat.shape[0]),
+                                                "units": self.units}
+        finite = heat[np.isfinite(heat)]
+        if finite.size:
+            found["mean"] = float(finite.mean())
+        return found
+
     @property
     def units(self) -> str:
         """What the heatmap values measure (``meta["units"]``; IBA: bits per input pixel)."""

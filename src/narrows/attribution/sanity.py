@@ -3,7 +3,7 @@
 :func:`sanity_check` is ``narrows attribution sanity`` as a function: each method's
 :class:`~narrows.attribution.metrics.RandomisationResult` is cached in ``sanity_<method>.pt``
 of a :class:`~narrows.runs.RunDir`; the table goes to sanity.csv and sanity.md, the curves to
-sanity.png.
+sanity.png, the flat summary to results.json.
 """
 
 from __future__ import annotations
@@ -43,6 +43,19 @@ class SanityResult:
         """One line: each method's randomisation summary (the full table is :attr:`table`)."""
         return "; ".join(f"{method}: {result.summary()}" for method, result in
                          self.results.items())
+
+    def headline(self) -> dict[str, float | None]:
+        """The flat numbers of ``results.json``, per method: Spearman ρ and SSIM once every
+        layer is randomised (``"<method>.spearman_final"``, ``"<method>.ssim_final"``) and the
+        run-to-run Spearman ρ (``"<method>.spearman_run_to_run"``); NaN is None."""
+        found: dict[str, float | None] = {}
+        for method, result in self.results.items():
+            rows = result.to_rows()
+            final, floor = rows[-1], rows[0]
+            found[f"{method}.spearman_final"] = _finite(final["spearman_mean"])
+            found[f"{method}.ssim_final"] = _finite(final["ssim_mean"])
+            found[f"{method}.spearman_run_to_run"] = _finite(floor["spearman_mean"])
+        return found
 
     def plot(self, ax: Any = None) -> tuple[Any, Any]:
         """Every method's Spearman ρ and SSIM curves on two axes (``ax``: a pair of axes, or
@@ -84,6 +97,12 @@ class SanityResult:
             return cls(results={m: RandomisationResult(**r) for m, r in state["results"].items()},
                        table=str(state.get("table", "")),
                        files=[Path(f) for f in state.get("files", [])])
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float, or None when it is not finite (JSON has no NaN)."""
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def _iba(settings: MethodSettings, net: nn.Module, stats: Any, estimate: Any, run: RunDir,
@@ -151,7 +170,8 @@ def sanity_check(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                  settings: MethodSettings | None = None, statistics: Any = None,
                  estimate: Any = None, repeats: int | None = None, progress: bool = True,
                  name: str = "model", n_samples: int | None = None, log: Any = print,
-                 options: Any = None, normalizer: Any = None) -> SanityResult:
+                 options: Any = None, normalizer: Any = None,
+                 command: str = "attribution sanity") -> SanityResult:
     """Cascading randomisation of ``layers`` (top first; None: the model's top-level children
     with parameters, last called first) for each of ``methods`` on ``inputs`` (N, C, H, W;
     dataset ``indices``) towards ``labels``; ``repeats`` runs on the
@@ -163,7 +183,8 @@ def sanity_check(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     :class:`~narrows.attribution.options.SanityOptions`, or the command's config) gives
     ``repeats`` if None and, without ``settings``, the methods' settings; the rest default as
     ``narrows attribution sanity`` does. With ``normalizer`` (a Normalizer, callable or
-    ``Subject``) ``inputs`` are [0, 1] images, normalised first."""
+    ``Subject``) ``inputs`` are [0, 1] images, normalised first. The flat ``results.json``
+    (:func:`~narrows.runs.results.flat_summary`) names ``command`` (the run's command)."""
     if n_samples is None:
         from narrows.attribution.statistics import DEFAULT_N_SAMPLES
 
@@ -199,8 +220,13 @@ def sanity_check(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
         result.save(out.file(f"sanity_{method}.pt"))
         results[method] = result
     table = write_sanity(out, results, subject=f"{name}, {len(indices)} images")
-    return SanityResult(results=results, table=table, files=[
-        out.file("sanity.csv"), out.file("sanity.md"), out.file("sanity.png")])
+    result = SanityResult(results=results, table=table, files=[
+        out.file("sanity.csv"), out.file("sanity.md"), out.file("sanity.png"),
+        out.file("results.json")])
+    from narrows.runs.results import flat_summary
+
+    out.write_json("results.json", flat_summary(result, command=command))
+    return result
 
 
 def write_sanity(run: RunDir, results: dict[str, RandomisationResult],

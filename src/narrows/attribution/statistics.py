@@ -11,6 +11,7 @@ element is active when it is non-zero in more than 1% of the samples.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -179,6 +180,26 @@ class FeatureStatistics:
         if not self.matches(model):
             raise UserError(f"{source} were estimated on another model's weights (layer "
                             f"'{self.layer}')", fix)
+
+    def summary(self) -> str:
+        """One line: the layer, the sample count, the feature shape, the kind and the share of
+        active elements."""
+        shape = "×".join(str(v) for v in self.shape or ())
+        line = f"statistics of '{self.layer}': n={self.n:,}, features {shape or '?'}, {self.kind}"
+        if self.n >= 2 and self._mean is not None:
+            line += f", {100 * float(self.active.float().mean()):.1f}% of elements active"
+        return line
+
+    def headline(self) -> dict[str, float | int | str]:
+        """The flat numbers of ``results.json``: ``n``, ``layer``, ``kind``, ``elements`` and
+        ``active_fraction`` (elements non-zero in more than 1% of the samples)."""
+        found: dict[str, float | int | str] = {"n": self.n, "layer": self.layer,
+                                                "kind": self.kind}
+        if self.shape is not None:
+            found["elements"] = math.prod(self.shape)
+        if self.n >= 2 and self._mean is not None:
+            found["active_fraction"] = float(self.active.float().mean())
+        return found
 
     def __repr__(self) -> str:
         return (f"FeatureStatistics(kind={self.kind!r}, layer={self.layer!r}, shape={self.shape}, "

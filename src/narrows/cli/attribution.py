@@ -81,15 +81,18 @@ def checked_images(cfg, methods: list[str], net, dataset, normalizer):
 # -- stats -----------------------------------------------------------------------------------
 
 def execute_stats(cfg: StatsConfig) -> int:
+    from narrows.runs.results import flat_summary
+
     session = start(cfg)
     net, bundle, normalizer, name, stem = subject(cfg)
     run = session.open(cfg, "attribution stats", "attribution", "stats", stem)
     path = run.file("statistics.pt")
     reused = path.is_file()
     stats = statistics(cfg, net, bundle, normalizer, session, path, cfg.split)
+    run.write_json("results.json", flat_summary(stats, command="attribution stats"))
     print(f"{'reused' if reused else 'estimated'} statistics of {name}: n={stats.n:,}, "
           f"layer={stats.layer}, feature shape={tuple(stats.shape or ())}, kind={stats.kind}")
-    print(f"→ {path}")
+    print(f"→ {path}, {run.file('results.json')}")
     return 0
 
 

@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from narrows.decompose.csg import csg_orders, csg_topk, load_csg_subject
-from narrows.decompose.essential import EssentialResult, essential_markdown, plot_results
+from narrows.decompose.essential import (
+    CONDITIONS,
+    EssentialResult,
+    essential_markdown,
+    plot_results,
+)
 from narrows.decompose.indices import ClassIndices
 from narrows.decompose.options import EssentialOptions
 from narrows.decompose.rules import load_indices
@@ -103,6 +108,24 @@ class EssentialComparison:
                          f" / random {100 * rates['random'][lv]:.1f}%")
         return f"still correct at σ = {self.level:g}: " + "; ".join(parts)
 
+    def headline(self) -> dict[str, float | None]:
+        """The flat numbers of ``results.json``, per model (index set): the clean accuracy
+        (``"<name>.clean"``) and, at each noise level σ, how much accuracy noise on the
+        informative channels, the others and random ones takes away (``"<name>.drop_inf@<σ>"``,
+        ``drop_noninf``, ``drop_random``: clean rate minus noisy rate; None without images)."""
+        found: dict[str, float | None] = {}
+        for name, result in self.results.items():
+            if int(result.images.sum()) == 0:
+                found[f"{name}.clean"] = None
+                continue
+            rates = result.rates()
+            found[f"{name}.clean"] = rates["clean"][0]
+            for lv, sigma in enumerate(result.sigmas):
+                for condition in CONDITIONS:
+                    found[f"{name}.drop_{condition}@{sigma:g}"] = (
+                        rates["clean"][lv] - rates[condition][lv])
+        return found
+
     def plot(self, ax: Any = None) -> tuple[Any, Any]:
         """One panel per model; ``ax``: one axes per model (a sequence), or one axes for a
         single model; None makes the figure. Returns ``(fig, axes)``."""
@@ -132,11 +155,12 @@ class EssentialComparison:
                             "run 'narrows decompose essential' again on this --out")
         return cls({n: EssentialResult.load(path / f"essential_{n}.json") for n in names})
 
-    def save(self, run: Any) -> None:
+    def save(self, run: Any, *, command: str = "decompose essential") -> None:
         """``results_essential_features.json`` (upstream schema at :attr:`level`),
-        ``essential.csv``/``.md`` and ``essential.png`` into ``run`` (a RunDir); given a
-        directory path instead, also each model's ``essential_<name>.json`` (which a run keeps
-        as its cache), so that :meth:`load` can read it back."""
+        ``essential.csv``/``.md``, ``essential.png`` and the flat ``results.json``
+        (:func:`~narrows.runs.results.flat_summary`, naming ``command``) into ``run`` (a
+        RunDir); given a directory path instead, also each model's ``essential_<name>.json``
+        (which a run keeps as its cache), so that :meth:`load` can read it back."""
         from narrows.decompose.saving import as_run
         from narrows.plotting import pyplot
 
@@ -152,6 +176,9 @@ class EssentialComparison:
         fig, _ = plot_results(self.results)
         run.save_figure("essential.png", fig)
         pyplot().close(fig)
+        from narrows.runs.results import flat_summary
+
+        run.write_json("results.json", flat_summary(self, command=command))
 
 
 def essential_comparison(tested: Sequence[Tested], options: EssentialOptions | None = None, *,

@@ -9,6 +9,7 @@ model in ``mis_<name>.json`` of the run). The result is a :class:`MIComparison`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -128,6 +129,20 @@ class MIComparison:
             line += "; MIS " + ", ".join(f"{n} {v['mis']:.4f}" for n, v in self.mis.items())
         return line
 
+    def headline(self) -> dict[str, float | None]:
+        """The flat numbers of ``results.json``: each source's mean pairwise MI at each k,
+        with the diagonal as upstream (``"<source>.mi@<k>"``) and without it
+        (``"<source>.mi_no_diagonal@<k>"``), and each model's MIS (``"<model>.mis"``)."""
+        found: dict[str, float | None] = {}
+        for source, by_k in self.table.scores.items():
+            for k in self.table.ks:
+                if k in by_k:
+                    found[f"{source}.mi@{k}"] = _finite(by_k[k].get("upstream"))
+                    found[f"{source}.mi_no_diagonal@{k}"] = _finite(by_k[k].get("no_diagonal"))
+        for name, value in self.mis.items():
+            found[f"{name}.mis"] = _finite(value.get("mis"))
+        return found
+
     def plot(self, ax: Any = None, diagonal: bool = True) -> tuple[Any, Any]:
         """The upstream score (or without ``diagonal`` the corrected one) against k."""
         return self.table.plot("upstream" if diagonal else "no_diagonal", ax=ax)
@@ -145,10 +160,12 @@ class MIComparison:
         with reading(path, what, fix):
             return cls(MITable.from_json(data), dict(data.get("mis", {})))
 
-    def save(self, run: Any, diagonal: bool = True) -> None:
-        """``mutual_info.json`` (after the header)/``.csv``/``.md`` and ``mutual_info.png``
-        (the upstream score, or without ``diagonal`` the corrected one) into ``run`` (a
-        RunDir, or a directory path)."""
+    def save(self, run: Any, diagonal: bool = True, *,
+             command: str = "decompose mutual-info") -> None:
+        """``mutual_info.json`` (after the header)/``.csv``/``.md``, ``mutual_info.png`` (the
+        upstream score, or without ``diagonal`` the corrected one) and the flat
+        ``results.json`` (:func:`~narrows.runs.results.flat_summary`, naming ``command``) into
+        ``run`` (a RunDir, or a directory path)."""
         from narrows.decompose.saving import as_run, decompose_header
         from narrows.plotting import pyplot
 
@@ -162,6 +179,17 @@ class MIComparison:
         fig, _ = self.table.plot("upstream" if diagonal else "no_diagonal")
         run.save_figure("mutual_info.png", fig)
         pyplot().close(fig)
+        from narrows.runs.results import flat_summary
+
+        run.write_json("results.json", flat_summary(self, command=command))
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float, or None when it is missing or not finite (JSON has no NaN)."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def mutual_info_comparison(

@@ -28,7 +28,7 @@ _WHERE = {
     "RECIPES": "order_loss", "OrderLoss": "order_loss",
     "PlayerGrid": "players", "normalised_baseline": "players",
     "PRESETS": "presets",
-    "InteractionResult": "result", "plot_curves": "result",
+    "InteractionResult": "result", "InteractionComparison": "result", "plot_curves": "result",
     "reward": "rewards",
     "InteractionSettings": "runner", "multi_order": "runner",
     "UPSTREAM_RATIOS": "sampling", "order_of": "sampling",

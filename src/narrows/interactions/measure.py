@@ -68,14 +68,15 @@ def measure_into(run: Any, model: Any, dataset: Any, num_classes: int,
                  device: Any, dist: Any = None, progress: bool = True,
                  image_ids: list[int] | None = None, candidates: int | None = None,
                  say: Say = print, at_init: bool = False, class_names: Sequence[str] | None = None,
-                 split: str = "train") -> InteractionResult:
+                 split: str = "train", command: str = "interactions run") -> InteractionResult:
     """Plan, run with per-image resume and save the interactions of ``model`` in ``run`` (a
     :class:`narrows.runs.RunDir`) on ``dataset`` (``num_classes`` classes, normalised with
     ``mean``/``std``), as ``settings`` say; returns the result. ``image_ids`` (with their
     ``candidates`` count): images chosen before, with another model. ``at_init``: the model is
     untrained (named as the likely cause of a degenerate result); ``class_names`` and ``split``
     only word the message about the chosen images. Says one warning when the output does not depend on the patches
-    (then J is undefined and no curve is drawn)."""
+    (then J is undefined and no curve is drawn). Besides the result's files, ``run`` gets the
+    flat ``results.json`` (:func:`~narrows.runs.results.flat_summary`) naming ``command``."""
     from narrows.runtime import Distributed
 
     dist = dist or Distributed()
@@ -96,7 +97,10 @@ def measure_into(run: Any, model: Any, dataset: Any, num_classes: int,
                         images_dir=run.file("images"), dist=dist, progress=progress,
                         channels_last=_channels_last(device), at_init=at_init)
     if run.writer:
+        from narrows.runs.results import flat_summary
+
         result.save(run.path)
+        run.write_json("results.json", flat_summary(result, command=command))
         warning = result.warning()
         if warning and not warned:
             say(f"warning: no curve — {warning}")
@@ -195,7 +199,9 @@ def compare_models(entries: Sequence[tuple[str, str | None, str | None]], run: A
     returns the results in order. ``data`` (a data spec), ``image_size`` and ``split`` default
     to the first checkpoint's card and the training split; ``settings_of(meta)``
     makes a model's settings from its metadata; ``first`` is the first model's loaded subject
-    when the caller has it already."""
+    when the caller has it already. ``run`` gets the flat ``results.json`` of the
+    :class:`~narrows.interactions.result.InteractionComparison` (command ``interactions
+    compare``; each model's run has its own)."""
     from narrows.interactions.runner import select
     from narrows.models.subject import load_subject
     from narrows.runs import RunDir
@@ -236,4 +242,12 @@ def compare_models(entries: Sequence[tuple[str, str | None, str | None]], run: A
             image_ids=None if chosen_here else image_ids,
             candidates=None if chosen_here else candidates, say=say,
             at_init=checkpoint is None, class_names=list(info.class_names), split=split))
+    if dist.is_main and getattr(run, "writer", True):
+        from narrows.interactions.result import InteractionComparison
+        from narrows.runs.results import flat_summary
+
+        comparison = InteractionComparison(
+            {entry[0]: result for entry, result in zip(entries, results, strict=True)})
+        comparison.save_index(run.path)  # InteractionComparison.load(run.path) reads it all
+        run.write_json("results.json", flat_summary(comparison, command="interactions compare"))
     return results

@@ -21,6 +21,7 @@ import numpy as np
 from narrows.errors import UserError
 
 Normalize = Literal["sampled", "uniform"]
+COMPARISON = "comparison.json"  # the labels of an InteractionComparison, in order
 FORMAT_KIND, FORMAT_VERSION = "interactions", 1  # meta.json's "format": narrows.interactions/1
 
 
@@ -125,6 +126,12 @@ class InteractionResult:
         return "J (sampled): " + " ".join(f"{r:g}:{v:.2f}" for r, v in
                                           zip(self.ratios, self.J(), strict=True))
 
+    def headline(self) -> dict[str, float | int | None]:
+        """The flat numbers of ``results.json``: ``images`` and J (sampled) at each ratio r as
+        ``"J@<r>"`` (None where J is undefined, see :meth:`degenerate`)."""
+        return {"images": int(self.dv.shape[0]),
+                **{f"J@{r:g}": _finite(v) for r, v in zip(self.ratios, self.J(), strict=True)}}
+
     def curve_csv(self) -> str:
         """``curve_rows`` as CSV; an undefined value is an empty cell."""
         rows = self.curve_rows()
@@ -212,6 +219,77 @@ class InteractionResult:
         """J against the ratio r (x axis "0.0n … 1.0n"); returns ``(fig, ax)``."""
         return plot_curves([self], [label] if label else None, ax=ax, normalize=normalize,
                            debiased=debiased, errorbars=errorbars)
+
+
+@dataclass
+class InteractionComparison:
+    """The results of several models measured on the same images, pairs and contexts (what
+    ``narrows interactions compare`` makes), by label in the order given."""
+
+    results: dict[str, InteractionResult]
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """Each model's :meth:`InteractionResult.curve_rows`, labelled (``model``)."""
+        return [{"model": label, **row} for label, result in self.results.items()
+                for row in result.curve_rows()]
+
+    def summary(self) -> str:
+        """One line: each model's J (sampled) per ratio, or why it has no curve."""
+        return "; ".join(f"{label} {_brief(result)}" for label, result in self.results.items())
+
+    def headline(self) -> dict[str, float | int | None]:
+        """The flat numbers of ``results.json``: each model's J (sampled) at each ratio r as
+        ``"<label>.J@<r>"`` (None where J is undefined)."""
+        return {f"{label}.{key}": value for label, result in self.results.items()
+                for key, value in result.headline().items() if key.startswith("J@")}
+
+    def plot(self, ax: Any = None) -> tuple[Any, Any]:
+        """The models' J curves overlaid (:func:`plot_curves`); returns ``(fig, ax)``."""
+        return plot_curves(list(self.results.values()), list(self.results), ax=ax,
+                           title="multi-order interactions")
+
+    def save(self, directory: str | Path) -> Path:
+        """Each model's result into ``directory/<label>`` (see :meth:`InteractionResult.save`)
+        and ``directory/comparison.json``: the labels in order, under the narrows header."""
+        directory = Path(directory)
+        for label, result in self.results.items():
+            result.save(directory / label)
+        return self.save_index(directory)
+
+    def save_index(self, directory: str | Path) -> Path:
+        """Only ``directory/comparison.json`` (the results are saved already, each where
+        :func:`~narrows.interactions.measure.compare_models` measured it)."""
+        from narrows.runs.files import atomic_write_json
+        from narrows.runs.results import header
+
+        atomic_write_json(Path(directory) / COMPARISON,
+                          {**header("interactions_comparison", 1), "labels": list(self.results)})
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> InteractionComparison:
+        """The comparison :meth:`save` wrote into ``directory``."""
+        from narrows.runs.results import read_result_json
+
+        saved = read_result_json(directory, "interactions_comparison", 1, "interactions "
+                                 "comparison", "pass the --out of 'narrows interactions compare'",
+                                 file_name=COMPARISON, required_keys=("labels",))
+        return cls({label: InteractionResult.load(Path(directory) / label)
+                    for label in saved["labels"]})
+
+
+def _brief(result: InteractionResult) -> str:
+    """``J 0.05:1.20 0.5:0.90 …`` (sampled), or ``no curve``."""
+    if result.degenerate():
+        return "no curve"
+    return "J " + " ".join(f"{r:g}:{v:.2f}" for r, v in zip(result.ratios, result.J(),
+                                                            strict=True))
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float, or None when it is not finite (JSON has no NaN)."""
+    number = float(value)
+    return number if np.isfinite(number) else None
 
 
 def plot_curves(results: Sequence[InteractionResult], labels: Sequence[str] | None = None, *,

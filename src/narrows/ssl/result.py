@@ -53,6 +53,22 @@ class PretrainResult:
                      f"{100 * final:.1f}%")
         return text
 
+    def headline(self) -> dict[str, float | int | None]:
+        """The flat numbers of ``results.json``: ``epochs`` trained, the first and final
+        ``loss`` (``first_loss``, ``final_loss``), ``ln_k`` and, when measured, the teacher's
+        kNN top-1 at initialisation and at the end (``knn_top1_init``, ``knn_top1_final``)."""
+        found: dict[str, float | int | None] = {"epochs": len(self.metrics),
+                                                "ln_k": self.ln_k}
+        if self.metrics:
+            found["first_loss"] = _finite(self.metrics[0].get("loss"))
+            found["final_loss"] = _finite(self.metrics[-1].get("loss"))
+        if "init" in self.knn:
+            found["knn_top1_init"] = _finite(self.knn["init"])
+        later = [value for moment, value in self.knn.items() if moment != "init"]
+        if later:
+            found["knn_top1_final"] = _finite(later[-1])
+        return found
+
     def plot(self, ax: Any = None) -> tuple[Any, Any]:
         """Each loss term per epoch against ln K (the collapse level); returns ``(fig, ax)``."""
         from narrows.plotting import axes
@@ -96,3 +112,11 @@ class PretrainResult:
         origin = document.pop("provenance", {})
         document.pop("format", None)
         return cls(**document, provenance=origin)
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float, or None when it is missing or not finite (JSON has no NaN)."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None

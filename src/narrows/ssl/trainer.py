@@ -457,28 +457,30 @@ def knn_of(p: Pretraining) -> float:
 def pretrain(options: SSLOptions, data: str, *, run: Any = None, seed: int = 0,
              device: torch.device | str = "cpu", dist: Distributed = Distributed(),
              image_size: int | None = None, progress: bool = True,
-             say: Say = print) -> Any:
+             say: Say = print, command: str = "ssl train") -> Any:
     """Pretrain a ViT with UDI (or DINO), as ``options`` say, on the data spec ``data``
     (served at ``image_size`` for folder/ImageNet data, default the global crop size); returns
     a :class:`~narrows.ssl.result.PretrainResult`.
 
     With ``run`` (a :class:`narrows.runs.RunDir`), writes ``checkpoint.pt`` every epoch (and
-    resumes from it), ``metrics.jsonl``, ``loss.png`` and ``pretraining.json``. The teacher's
-    kNN top-1 is measured before training and at the end (and every ``knn_every`` epochs) when
+    resumes from it), ``metrics.jsonl``, ``loss.png``, ``pretraining.json`` and the flat
+    ``results.json`` (:func:`~narrows.runs.results.flat_summary`, naming ``command``). The
+    teacher's kNN top-1 is measured before training and at the end (and every ``knn_every`` epochs) when
     ``options.knn`` is on. ``run.logger`` (see :meth:`RunDir.attach_logger`) gets every step's
     terms and schedules (``train/...``), every epoch's row (``epoch/...`` at the epoch's
     number) and the loss figure at the end; it is closed when this returns or fails.
     """
     try:
         return _pretrain(options, data, run=run, seed=seed, device=device, dist=dist,
-                         image_size=image_size, progress=progress, say=say)
+                         image_size=image_size, progress=progress, say=say, command=command)
     finally:
         if run is not None:
             run.close()
 
 
 def _pretrain(options: SSLOptions, data: str, *, run: Any, seed: int, device: torch.device | str,
-              dist: Distributed, image_size: int | None, progress: bool, say: Say) -> Any:
+              dist: Distributed, image_size: int | None, progress: bool, say: Say,
+              command: str = "ssl train") -> Any:
     from narrows.runs.results import provenance
     from narrows.ssl.result import PretrainResult
 
@@ -499,6 +501,8 @@ def _pretrain(options: SSLOptions, data: str, *, run: Any, seed: int, device: to
     logger = run.logger if run is not None else None
     if logger is not None and logger.active and not logger.config_logged:
         logger.config((run.read_config() or {}).get("options") or asdict_plain(options))
+    if logger is not None and start > 0:  # drop what a killed run logged of the epoch redone
+        logger.resume_at(start * steps)
     if options.knn and "init" not in knn:
         knn["init"] = knn_of(p)
         say(f"teacher kNN top-1 at initialisation: {100 * knn['init']:.1f}%")
@@ -530,6 +534,9 @@ def _pretrain(options: SSLOptions, data: str, *, run: Any, seed: int, device: to
         figure = result.plot()[0]
         run.logger.figure("loss", figure, options.epochs)
         run.save_figure("loss.png", figure)
+        from narrows.runs.results import flat_summary
+
+        run.write_json("results.json", flat_summary(result, command=command))
     return result
 
 
