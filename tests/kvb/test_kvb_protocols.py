@@ -286,6 +286,7 @@ def test_cli_embed_then_train_writes_tables_and_resumes(random_checkpoint, tmp_p
     summary = json.loads((run / "results.json").read_text())  # flat: "<model>/<protocol>.<score>"
     assert isinstance(summary, dict) and all(not isinstance(v, (dict, list))
                                              for v in summary.values())
+    assert summary.pop("summary").count("final") == 6  # one line, every model and protocol
     assert {tuple(k.split(".")[0].split("/")) for k in summary} == {
         (m, p) for m in ("dkvb", "linear", "vq") for p in ("incremental", "iid")}
     assert len({v for k, v in summary.items() if k.endswith(".visits")}) == 1

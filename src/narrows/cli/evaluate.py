@@ -56,13 +56,12 @@ def execute(cfg: EvaluateConfig) -> int:
     result = evaluate(loaded.model.to(session.device), dataset, Normalizer(mean, std),
                       session.device, batch_size=cfg.batch_size, workers=cfg.workers,
                       dist=session.dist, progress=cfg.progress and session.dist.is_main)
-    record = {"checkpoint": str(cfg.checkpoint), "data": spec, "split": cfg.split,
-              "image_size": served.image_size,
-              **result.to_dict()}
-    run.write_json("results.json", record)
-    return session.done(f"{cfg.checkpoint} on {spec} ({cfg.split}, {result.n} images): "
-                        f"top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
-                        f"loss {result.loss:.4f} → {run.file('results.json')}")
+    line = (f"{cfg.checkpoint} on {spec} ({cfg.split}, {result.n} images): top-1 "
+            f"{100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  loss {result.loss:.4f}")
+    run.write_json("results.json", {"summary": line, "checkpoint": str(cfg.checkpoint),
+                                    "data": spec, "split": cfg.split,
+                                    "image_size": served.image_size, **result.to_dict()})
+    return session.done(f"{line} → {run.file('results.json')}")
 
 
 command(

@@ -97,6 +97,9 @@ def execute(cfg: QuickstartConfig) -> int:
     print("\n== quickstart finished; results:")
     for name, summary, seconds in summaries:
         print(f"  {name:<10} {summary}  [{seconds:.0f}s]")
+    run.write_json("results.json", {"command": "quickstart", "summary": f"{len(STEPS)} steps in "
+                                    f"{sum(s for *_, s in summaries):.0f} s",
+                                    **{name: summary for name, summary, _ in summaries}})
     report = write_report([run.path], run.file("report.html"), title="narrows quickstart")
     print(f"\nall of it on one page: {report.summary()}")
     return 0

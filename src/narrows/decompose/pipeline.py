@@ -119,7 +119,7 @@ def save_extraction(result: Extraction, run: Any) -> None:
     fig, _ = result.plot()
     run.save_figure("histogram.png", fig)
     _close(fig)
-    run.write_json("results.json", result.diagnostics())
+    run.write_json("results.json", {"summary": result.summary(), **result.diagnostics()})
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -147,8 +147,8 @@ class ValidationReport:
             run.save_figure("accuracy_vs_k.png", fig)
             _close(fig)
         seed = self.curve.meta.get("seed") if self.curve is not None else None
-        run.write_json("results.json",
-                       {**decompose_header("validation", self.results, seed), **self.results})
+        run.write_json("results.json", {**decompose_header("validation", self.results, seed),
+                                        "summary": self.summary(), **self.results})
 
     @classmethod
     def load(cls, path: str | Path) -> ValidationReport:
@@ -163,6 +163,7 @@ class ValidationReport:
         document = read_json_file(file, "validation results file", fix, required_keys=("n",))
         check_header(document, "decompose.validation", 1, str(file))
         results = strip_header(document)
+        results.pop("summary", None)  # made from the rest
         with reading(file, "validation results file", fix):
             curve = Curve.from_json(results["curve"]) if "curve" in results else None
         return cls(results, curve)

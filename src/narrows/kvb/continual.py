@@ -294,7 +294,7 @@ class ContinualRun:
         the list-shaped results.json)."""
         from narrows.runs.sweep import flatten_results
 
-        return flatten_results(self.scores(), None)
+        return {"summary": self.summary(), **flatten_results(self.scores(), None)}
 
     def scores(self) -> list[dict[str, Any]]:
         """Every result's scores, one entry per model and protocol (``results/*.json``; the

@@ -70,7 +70,7 @@ class ToyRun:
             flat[f"final_std_{key}"] = s["final_std"]
             flat[f"task1_after1_{key}"] = s["task1_after1"]
             flat[f"used_{key}"] = s["used"]
-        return {**flat, "seeds": [r.seed for r in self.results]}
+        return {"summary": self.summary(), **flat, "seeds": [r.seed for r in self.results]}
 
     def plot(self, ax: Any = None) -> tuple[Any, Any]:
         """The decision maps of every model and stage for the first seed (a grid of its own

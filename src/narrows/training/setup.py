@@ -204,6 +204,7 @@ def training_summary(result: Any, card: Any, spec: str) -> dict[str, Any]:
     """The flat ``results.json`` of a training run: its ``result`` (a
     :class:`narrows.training.TrainResult`), the model ``card`` and the data ``spec``."""
     return {
+        "summary": result.summary(),
         "model": card.architecture,
         "data": spec,
         "image_size": card.input_size,
