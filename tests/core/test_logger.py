@@ -181,18 +181,42 @@ def test_wandb_logs_through_the_module_and_resumes_the_same_run(tmp_path, monkey
     assert init["project"] == "proj" and init["name"] == "exp"
     assert init["config"] == {"lr": 0.1} and init["dir"] == str(tmp_path)
     assert init["resume"] == "allow" and init["id"]
-    assert ("*", {"step_metric": "step"}) in fake.metrics
-    assert fake.logs[0] == {"train/loss": 0.5, "step": 3}
+    # each prefix has its own x axis: epochs are not drawn against optimisation steps
+    assert ("train/*", {"step_metric": "train/step"}) in fake.metrics
+    assert fake.logs[0] == {"train/loss": 0.5, "train/step": 3}
     assert fake.logs[1]["step"] == 1 and isinstance(fake.logs[1]["curves"], fake.Image)
     assert fake.logs[1]["curves"].fig is fig
     assert "WANDB_MODE" not in __import__("os").environ
+
+    logger = open_logger("wandb", tmp_path)
+    logger.scalars({"test_top1": 0.9, "loss": 0.4}, 2, prefix="epoch")
+    logger.scalars({"loss": 0.3}, 40, prefix="train")
+    assert fake.logs[-2:] == [{"epoch/test_top1": 0.9, "epoch/loss": 0.4, "epoch/step": 2},
+                              {"train/loss": 0.3, "train/step": 40}]
+    assert ("epoch/*", {"step_metric": "epoch/step"}) in fake.metrics
+    logger.close()
 
     # a second open of the same run directory continues the same W&B run; another does not
     open_logger("wandb", tmp_path, config={"lr": 0.1}).close()
     open_logger("wandb", tmp_path / "other").close()
     ids = [i["id"] for i in fake.inits]
-    assert ids[0] == ids[1] != ids[2]
-    assert fake.inits[1]["name"] == tmp_path.name  # the directory's name by default
+    assert ids[0] == ids[1] == ids[2] != ids[3]
+    assert fake.inits[2]["name"] == tmp_path.name  # the directory's name by default
+
+
+def test_wandb_that_cannot_start_is_one_line_and_keeps_no_run_id(tmp_path, monkeypatch):
+    fake = FakeWandb()
+
+    def refuse(**kwargs):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.\nmore")
+
+    fake.init = refuse
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with pytest.raises(UserError) as caught:
+        open_logger("wandb", tmp_path)
+    assert "No API key configured" in caught.value.what and "more" not in caught.value.what
+    assert "WANDB_MODE=offline" in caught.value.fix
+    assert not (tmp_path / "wandb_id.txt").exists()
 
 
 def test_run_dir_attaches_claims_and_closes(tmp_path, monkeypatch):

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from narrows.config import option
-from narrows.errors import MissingExtraError, UserError, optional_import
+from narrows.errors import UserError, optional_import
 
 LOG_CHOICES = ("tensorboard", "wandb")
+FEATURES = {"tensorboard": "logging to TensorBoard", "wandb": "logging to W&B"}
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_id.txt"  # the W&B run id, so that a resumed run continues the same one
 
@@ -38,7 +39,9 @@ class LogOptions:
         None, "also log scalars per step and epoch, figures and the config to TensorBoard "
         "(event files in <out>/tensorboard/; needs pip install 'narrows[tensorboard]') or to "
         "Weights & Biases (configure it, e.g. WANDB_MODE=offline, as W&B documents; needs "
-        "pip install 'narrows[wandb]'); off by default", affects_result=False, group=LOGGING)
+        "pip install 'narrows[wandb]'); off by default. Under torchrun write --log-to (torchrun "
+        "reads --log as its own --log-dir)", affects_result=False, group=LOGGING,
+        short="--log-to")  # a second long name: no torchrun option starts with it
     log_project: str = option("narrows", "the W&B project the run is logged to (with --log "
                               "wandb)", affects_result=False, group=LOGGING)
 
@@ -154,7 +157,7 @@ class TensorBoardLogger(RunLogger):
 
     def __init__(self, directory: str | Path) -> None:
         super().__init__()
-        optional_import("tensorboard", extra="tensorboard", feature="`log` tensorboard")
+        optional_import("tensorboard", extra="tensorboard", feature=FEATURES["tensorboard"])
         from torch.utils.tensorboard import SummaryWriter
 
         self.directory = Path(directory)
@@ -203,10 +206,10 @@ class WandbLogger(RunLogger):
     """A Weights & Biases run (``wandb.init``), resumed when ``directory`` was logged before.
 
     The run id is kept in ``directory/wandb_id.txt``, so a resumed narrows run continues the
-    same W&B run and an overwritten one (emptied directory) starts a new one. Every value is
-    logged with a ``step`` key that W&B charts use as their x axis, so per-step and per-epoch
-    values (and the steps a resumed run repeats) may come in any order. W&B's own settings
-    (``WANDB_MODE=offline``, the entity ...) are the user's to set.
+    same W&B run and an overwritten one (emptied directory) starts a new one. Each prefix of
+    the tags (``train``, ``epoch``, ...) has its own x axis, ``<prefix>/step``, so per-step
+    and per-epoch values (and the steps a resumed run repeats) may come in any order. W&B's own
+    settings (``WANDB_MODE=offline``, the entity ...) are the user's to set.
     """
 
     active = True
@@ -214,20 +217,37 @@ class WandbLogger(RunLogger):
     def __init__(self, directory: str | Path, project: str = "narrows", name: str | None = None,
                  config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        self.wandb = optional_import("wandb", extra="wandb", feature="`log` wandb")
+        self.wandb = optional_import("wandb", extra="wandb", feature="logging to W&B")
         self.directory = Path(directory)
-        self.run = self.wandb.init(project=project, name=name, dir=str(self.directory),
-                                   config=dict(config) if config is not None else None,
-                                   id=wandb_run_id(self.directory), resume="allow")
+        run_id = wandb_run_id(self.directory)
+        try:
+            self.run = self.wandb.init(project=project, name=name, dir=str(self.directory),
+                                       config=dict(config) if config is not None else None,
+                                       id=run_id, resume="allow")
+        except Exception as exc:  # wandb's own errors: no API key, no network, ...
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            raise UserError(f"W&B could not start a run ({type(exc).__name__}: {reason})",
+                            "run 'wandb login', or set WANDB_MODE=offline to log on this "
+                            "machine only") from None
+        keep_run_id(self.directory, run_id)
         self.config_logged = config is not None
+        self.axes: set[str] = set()  # the prefixes whose x axis is defined
         self.wandb.define_metric("step")
-        self.wandb.define_metric("*", step_metric="step")
 
     def _config(self, values: dict[str, Any]) -> None:
         self.run.config.update(values, allow_val_change=True)
 
     def _scalars(self, values: dict[str, float], step: int) -> None:
-        self.wandb.log({**values, "step": step})
+        by_prefix: dict[str, dict[str, float]] = {}
+        for tag, value in values.items():
+            by_prefix.setdefault(tag.split("/", 1)[0] if "/" in tag else "", {})[tag] = value
+        for prefix, group in by_prefix.items():
+            axis = f"{prefix}/step" if prefix else "step"
+            if prefix and prefix not in self.axes:
+                self.axes.add(prefix)
+                self.wandb.define_metric(axis)
+                self.wandb.define_metric(f"{prefix}/*", step_metric=axis)
+            self.wandb.log({**group, axis: step})
 
     def _figure(self, tag: str, fig: Any, step: int) -> None:
         self.wandb.log({tag: self.wandb.Image(fig), "step": step})
@@ -238,32 +258,33 @@ class WandbLogger(RunLogger):
 
 def wandb_run_id(directory: Path) -> str:
     """The W&B run id of the run directory ``directory``: read from its ``wandb_id.txt``, or
-    made (random) and written there."""
+    a new random one (kept there by :func:`keep_run_id` once W&B has started)."""
     import secrets
-
-    from narrows.runs.files import atomic_write_text
 
     file = Path(directory) / WANDB_ID_FILE
     if file.is_file():
         text = file.read_text(encoding="utf-8").strip()
         if text and all(c.isalnum() or c in "-_" for c in text):
             return text
-    made = f"narrows-{secrets.token_hex(8)}"
-    atomic_write_text(file, made + "\n")
-    return made
+    return f"narrows-{secrets.token_hex(8)}"
+
+
+def keep_run_id(directory: Path, run_id: str) -> None:
+    """Write ``run_id`` to ``directory/wandb_id.txt`` (a resumed run reads it back)."""
+    from narrows.runs.files import atomic_write_text
+
+    file = Path(directory) / WANDB_ID_FILE
+    if not file.is_file() or file.read_text(encoding="utf-8").strip() != run_id:
+        atomic_write_text(file, run_id + "\n")
 
 
 def check_kind(kind: str | None) -> None:
     """Refuse a ``log`` value that names no backend, or one whose package is not installed
     (found without importing it, so a command can refuse before it writes anything)."""
-    import importlib.util
-    import sys
-
     if kind is not None and kind not in LOG_CHOICES:
         raise UserError(f"unknown `log` {kind!r}", f"use one of: {', '.join(LOG_CHOICES)}")
-    loaded = sys.modules.get(kind, False) if kind is not None else True
-    if loaded is None or (loaded is False and importlib.util.find_spec(kind) is None):
-        raise MissingExtraError(kind, kind, f"`log` {kind}")
+    if kind is not None:  # imported now, so that a broken install also fails before writing
+        optional_import(kind, extra=kind, feature=FEATURES[kind])
 
 
 def open_logger(kind: str | None, directory: str | Path, *,
@@ -279,7 +300,6 @@ def open_logger(kind: str | None, directory: str | Path, *,
     if kind is None:
         return RunLogger()
     if not writer:
-        optional_import(kind, extra=kind, feature=f"`log` {kind}")
         return RunLogger()
     directory = Path(directory)
     logger: RunLogger
