@@ -81,11 +81,14 @@ def _figure(run: RunDir, name: str, colour: str) -> None:
 
 
 def _train_run(path: Path, lr: float, colour: str) -> RunDir:
-    options = {"out": str(path), "lr": lr, "epochs": 2, "model": "tiny"}
+    # the runs differ in lr (a result option) and in device and log (not result options)
+    options = {"out": str(path), "lr": lr, "epochs": 2, "model": "tiny", "device": f"cuda:{lr}",
+               "log": "tensorboard" if lr > 0.1 else None}
     run = RunDir.open(path, "train", options, {"lr": lr, "epochs": 2})
     run.write_metrics([{"epoch": 1, "test_top1": 0.5}, {"epoch": 2, "test_top1": 0.75 + lr}])
     run.write_json("results.json", {"command": "train", "summary": f"tiny trained with lr {lr}",
-                                    "top1": 0.75 + lr, "final": {"loss": 1 / (3 + lr)}})
+                                    "top1": 0.75 + lr, "final": {"loss": 1 / (3 + lr)},
+                                    "image_size": 32})
     _figure(run, "curves.png", colour)
     return run
 
@@ -147,6 +150,8 @@ def test_runs_of_one_command_are_side_by_side_with_their_differing_options(runs)
     groups, names, *rows = table["rows"]
     assert groups == ["", "options that differ", "results"]
     assert "lr" in names and "epochs" not in names and "model" not in names  # same everywhere
+    assert "device" not in names and "log" not in names  # they change no result
+    assert "image_size" not in names  # the same result in every run: in each run's section
     assert "out" not in names  # a run's own path is its row name, not an option to compare
     assert "summary" not in names and "final.loss" in names  # nested results are flattened
     assert [row[0] for row in rows] == [str(runs[f"train-{i}"]) for i in range(3)]
@@ -177,7 +182,8 @@ def test_metrics_last_row_and_figure_cap(runs):
     assert _embedded(page)[0] == _figure_files(runs["evaluate"])["attention/layer0.png"]
     assert "2 more left out" in report.html
     assert report.summary().startswith("2 runs of 2 commands, 2 figures (2 left out)")
-    assert any(h.startswith("Metrics: last of 2 rows") for h in page.headings)
+    assert any(h.startswith("Metrics: the last of 2 rows") for h in page.headings)
+    assert "Figures (1 of 3)" in page.headings and "--max-figures" in report.html
     (metrics,) = [t["rows"] for t in page.tables if t["rows"][0] == ["epoch", "test_top1"]]
     assert metrics[1] == ["2", markdown_cell(0.95)]
 
@@ -222,3 +228,27 @@ def test_a_path_that_holds_no_run_is_refused(tmp_path):
             build_report([tmp_path / path])
     with pytest.raises(UserError, match="no run directories"):
         build_report([])
+
+
+def test_logger_folders_wide_figures_name_order_and_unfinished_runs(tmp_path):
+    from narrows.plotting import pyplot
+
+    run = RunDir.open(tmp_path / "run", "train", {}, {})
+    for name in ("heatmap_104.png", "heatmap_32.png", "heatmap_4.png"):
+        _figure(run, name, "red")
+    fig, ax = pyplot().subplots(figsize=(12, 1.5))  # a strip of panels
+    ax.plot([0, 1], [0, 1])
+    run.save_figure("strip.png", fig)
+    for copy in ("wandb/run-1/files/media/images/curves_4.png", "tensorboard/x.png"):
+        (run.path / copy).parent.mkdir(parents=True)
+        (run.path / copy).write_bytes((run.path / "heatmap_4.png").read_bytes())
+    run.write_metrics([{"epoch": 1, "test_top1": 0.5}, {"epoch": 2, "test_top1": 0.625}])
+    page = Page(build_report([run.path]).html)
+    assert [img["alt"] for img in page.images] == ["heatmap_4.png", "heatmap_32.png",
+                                                   "heatmap_104.png", "strip.png"]
+    html = build_report([run.path]).html
+    assert html.count('<figure class="wide">') == 1 and 'alt="strip.png"' in html.split(
+        '<figure class="wide">')[1][:2_000_000].split("</figure>")[0]
+    (summary,) = build_report([run.path]).runs
+    assert summary.summary.startswith("unfinished: 2 rows of metrics") and "0.625" in summary.summary
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from narrows.cli.app import command
-from narrows.config import option, positive
+from narrows.config import non_negative, option
 
 
 @dataclass
@@ -14,8 +14,8 @@ class ReportConfig:
                              "runs (every run under them)", positional=True, metavar="RUN_DIR")
     out: str = option("report.html", "the page to write", metavar="FILE.html")
     title: str | None = option(None, "the page's title [default: narrows report]")
-    max_figures: int = option(40, "figures shown per run (the others are counted)",
-                              check=positive)
+    max_figures: int = option(40, "figures shown per run, in name order (the others are "
+                              "counted); 0: none", check=non_negative)
 
 
 def execute(cfg: ReportConfig) -> int:

@@ -25,7 +25,7 @@ from narrows.runs.run import CONFIG_FILE, METRICS_FILE
 
 FIGURE_TYPES = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg",
                 ".jpeg": "image/jpeg"}
-SKIPPED_FOLDERS = {"tensorboard", "__pycache__"}
+SKIPPED_FOLDERS = {"tensorboard", "wandb", "__pycache__"}  # loggers' folders hold copies
 MAX_FIGURES = 40  # per run: a run with a thousand heatmaps must not make a 500 MB page
 MAX_ROWS = 50  # per table
 MAX_COLUMNS = 40  # per table
@@ -53,6 +53,8 @@ class Figure:
     name: str
     mime: str
     data: bytes
+    width: int = 0  # pixels, 0 when unknown
+    height: int = 0
 
 
 @dataclass
@@ -63,6 +65,7 @@ class RunPage:
     command: str
     narrows_version: str
     options: dict[str, Any]
+    result_options: dict[str, Any]  # the options that change results (not device, --log, ...)
     results: dict[str, Any]  # results.json flattened ("final.top1"), without its header
     summary: str
     provenance: dict[str, Any]  # from the first saved result with a header; may be empty
@@ -216,9 +219,12 @@ def read_run(path: str | Path, *, max_figures: int = MAX_FIGURES,
     last, n_metrics = _last_metrics(path / METRICS_FILE, notes)
     tables = [_read_table(f, max_rows) for f in sorted(path.glob("*.csv")) if f.is_file()]
     options = config.get("options") if isinstance(config.get("options"), dict) else {}
+    result_options = config.get("result_options")
+    summary = _summary_line(results) if results else _unfinished(last, n_metrics)
     return RunPage(path=path, command=str(config["command"]),
                    narrows_version=str(config.get("narrows_version", "?")), options=options,
-                   results=results, summary=_summary_line(results), provenance=origin,
+                   result_options=result_options if isinstance(result_options, dict) else options,
+                   results=results, summary=summary, provenance=origin,
                    provenance_file=origin_file, tables=tables, last_metrics=last,
                    metrics_rows=n_metrics, figures=figures, figures_left_out=left_out,
                    notes=notes)
@@ -258,6 +264,17 @@ def _summary_line(results: dict[str, Any]) -> str:
     return " · ".join(parts[:12]) + (" · …" if len(parts) > 12 else "")
 
 
+def _unfinished(last: dict[str, Any] | None, rows: int) -> str:
+    """The summary of a run without results.json: how far its metrics got, else nothing."""
+    if last is None:
+        return ""
+    from narrows.runs.tables import markdown_cell
+
+    shown = [f"{k} {markdown_cell(v)}" for k, v in last.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)][:6]
+    return f"unfinished: {rows:,} row{'s' * (rows != 1)} of metrics; the last: " + ", ".join(shown)
+
+
 def _find_provenance(run: Path, results: dict[str, Any] | None) -> tuple[dict[str, Any], str | None]:
     """The provenance header of results.json, else of the first small JSON file of the run
     that has one (top level first)."""
@@ -288,15 +305,35 @@ def _own_files(run: Path, suffixes: set[str] | None = None) -> list[Path]:
 
 def _figures(run: Path, files: list[Path], limit: int) -> tuple[list[Figure], int]:
     found = [f for f in files if f.suffix.lower() in FIGURE_TYPES]
-    found.sort(key=lambda f: f.relative_to(run).as_posix())
+    found.sort(key=lambda f: _natural(f.relative_to(run).as_posix()))
     kept, left_out = [], 0
     for file in found:
         if len(kept) >= limit or file.stat().st_size > MAX_FIGURE_BYTES:
             left_out += 1
             continue
+        data = file.read_bytes()
         kept.append(Figure(file.relative_to(run).as_posix(), FIGURE_TYPES[file.suffix.lower()],
-                           file.read_bytes()))
+                           data, *_size(data)))
     return kept, left_out
+
+
+def _size(data: bytes) -> tuple[int, int]:
+    """The width and height of an image file's bytes, or (0, 0)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, ValueError):
+        return 0, 0
+
+
+def _natural(name: str) -> list[Any]:
+    """A sort key that puts ``heatmap_32`` before ``heatmap_104``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
+            for part in re.split(r"(\d+)", name) if part]
 
 
 def _last_metrics(file: Path, notes: list[str]) -> tuple[dict[str, Any] | None, int]:

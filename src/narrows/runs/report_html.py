@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 from narrows.runs.tables import MISSING_MARKDOWN, markdown_cell
 
 if TYPE_CHECKING:
-    from narrows.runs.report import Report, RunPage, Table
+    from narrows.runs.report import Figure, Report, RunPage, Table
+
+MAX_SIDE_COLUMNS = 24  # results columns of a side-by-side table
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px;
@@ -28,6 +30,7 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 .scroll { overflow-x: auto; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; text-align: center; }
 figure img { max-width: 560px; max-height: 480px; border: 1px solid #eee; }
+figure.wide { display: block; } figure.wide img { max-width: 100%; max-height: none; }
 figcaption { font-size: 12px; color: #555; }
 section.run { border-top: 1px solid #e4e4e4; }
 """
@@ -92,6 +95,8 @@ def cell_text(value: Any) -> str:
         return MISSING_MARKDOWN
     if _is_number(value):
         return markdown_cell(value)
+    if isinstance(value, (list, tuple)) and all(_is_number(v) for v in value):
+        return _short("[" + ", ".join(markdown_cell(v) for v in value) + "]", 120)
     if isinstance(value, (list, tuple, dict)):
         return _short(json.dumps(value, default=str), 120)
     return str(value)
@@ -119,13 +124,23 @@ def _key_values(pairs: Sequence[tuple[str, Any]]) -> str:
     return f'<table class="kv"><tbody>{rows}</tbody></table>'
 
 
+def _differing(keys: Sequence[str], values: Any) -> list[str]:
+    """The ``keys`` whose ``values(key)`` (one per run) are not all the same."""
+    return [k for k in keys if len({json.dumps(v, sort_keys=True, default=str)
+                                    for v in values(k)}) > 1]
+
+
 def _side_by_side(runs: list[tuple[int, RunPage]]) -> str:
-    """One row per run: the options that differ between the runs, then the results."""
-    keys = list(dict.fromkeys(k for _, run in runs for k in run.options if k != "out"))
-    differing = [k for k in keys if len({json.dumps(run.options.get(k), sort_keys=True,
-                                                    default=str) for _, run in runs}) > 1]
-    results = list(dict.fromkeys(k for _, run in runs for k in run.results
-                                 if k not in ("command", "summary")))
+    """One row per run: the options that differ between the runs (those that change results),
+    then the results that differ (all of them when none does), at most
+    :data:`MAX_SIDE_COLUMNS`."""
+    keys = list(dict.fromkeys(k for _, run in runs for k in run.result_options if k != "out"))
+    differing = _differing(keys, lambda k: [run.result_options.get(k) for _, run in runs])
+    every = list(dict.fromkeys(k for _, run in runs for k in run.results
+                               if k not in ("command", "summary")))
+    results = _differing(every, lambda k: [run.results.get(k) for _, run in runs]) or every
+    left = max(0, len(results) - MAX_SIDE_COLUMNS)
+    results = results[:MAX_SIDE_COLUMNS]
     head = ('<tr><th></th>'
             + (f'<th colspan="{len(differing)}">options that differ</th>' if differing else "")
             + (f'<th colspan="{len(results)}">results</th>' if results else "") + "</tr>")
@@ -134,8 +149,10 @@ def _side_by_side(runs: list[tuple[int, RunPage]]) -> str:
         f'<tr><td><a href="#{run_id(n)}">{escape(str(run.path))}</a></td>'
         + "".join(_td(run.options.get(k)) for k in differing)
         + "".join(_td(run.results.get(k)) for k in results) + "</tr>" for n, run in runs)
+    note = (f'<p class="note">{left:,} more results are in each run\'s section below</p>'
+            if left else "")
     return (f'<h3>Side by side</h3><div class="scroll"><table class="side-by-side"><thead>'
-            f"{head}<tr>{names}</tr></thead><tbody>{body}</tbody></table></div>")
+            f"{head}<tr>{names}</tr></thead><tbody>{body}</tbody></table></div>{note}")
 
 
 # -- one run -----------------------------------------------------------------------------------
@@ -151,15 +168,18 @@ def _run_section(number: int, run: RunPage) -> str:
     if results:
         parts.append("<h4>Results</h4>" + _key_values(results))
     if run.last_metrics is not None:
-        parts.append(f"<h4>Metrics: last of {run.metrics_rows:,} rows</h4>"
+        parts.append(f"<h4>Metrics: the last of {_count(run.metrics_rows, 'row')}</h4>"
                      + _table(list(run.last_metrics), [list(run.last_metrics.values())]))
     parts += [_csv_table(table) for table in run.tables]
     if run.figures or run.figures_left_out:
-        parts.append(f"<h4>Figures ({len(run.figures) + run.figures_left_out})</h4>")
-        parts += [_figure(f.name, f.mime, f.data) for f in run.figures]
+        total = len(run.figures) + run.figures_left_out
+        shown = f"{len(run.figures):,} of {total:,}" if run.figures_left_out else f"{total:,}"
+        parts.append(f"<h4>Figures ({shown})</h4>")
+        parts += [_figure(f) for f in run.figures]
         if run.figures_left_out:
-            parts.append(f'<p class="note">{run.figures_left_out:,} more left out (a run shows '
-                         "its first figures only, and no file over 20 MB)</p>")
+            parts.append(f'<p class="note">{run.figures_left_out:,} more left out: a run shows '
+                         "its first figures in name order (raise --max-figures for more) and no "
+                         "file over 20 MB</p>")
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -188,7 +208,9 @@ def _csv_table(table: Table) -> str:
     return (f"<h4>{escape(table.name)}{text}</h4>" + _table(table.columns, table.rows))
 
 
-def _figure(name: str, mime: str, data: bytes) -> str:
-    source = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-    return (f'<figure><img src="{source}" alt="{escape(name)}" loading="lazy">'
-            f"<figcaption>{escape(name)}</figcaption></figure>")
+def _figure(figure: Figure) -> str:
+    """An embedded image; a wide one (a strip of panels) takes the page's width."""
+    source = f"data:{figure.mime};base64,{base64.b64encode(figure.data).decode('ascii')}"
+    wide = ' class="wide"' if figure.width > 2 * max(figure.height, 1) else ""
+    return (f'<figure{wide}><img src="{source}" alt="{escape(figure.name)}" loading="lazy">'
+            f"<figcaption>{escape(figure.name)}</figcaption></figure>")
