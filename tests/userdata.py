@@ -106,6 +106,10 @@ def make_cifar10_tree(root: Path, *, per_batch: int = 8, test: int = 20) -> str:
 
 
 if __name__ == "__main__":
+    if any(arg.startswith("-") for arg in sys.argv[1:]):
+        print("usage: python tests/userdata.py [DIR]   (writes split/, flat/, imagenet/ and "
+              "cifar/ under DIR, default ./userdata)")
+        raise SystemExit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "userdata")
     for name, make in (("split", make_folder_split), ("flat", make_flat_folder),
                        ("imagenet", make_imagenet_tree), ("cifar", make_cifar10_tree)):

@@ -70,9 +70,11 @@ class TrainResult:
     def summary(self) -> str:
         """One line: the final and best test top-1 and where the weights are."""
         if self.final is None:
-            return f"trained {self.epochs} epochs; weights in {self.last_checkpoint}"
+            return (f"trained {self.epochs} epoch{'s' * (self.epochs != 1)}; weights in "
+                    f"{self.last_checkpoint}")
         return (f"done: test top-1 {100 * self.final.top1:.2f}% (best {100 * self.best_top1:.2f}%) "
-                f"after {self.epochs} epochs; weights in {self.best_checkpoint}")
+                f"after {self.epochs} epoch{'s' * (self.epochs != 1)}; weights in "
+                f"{self.best_checkpoint}")
 
 
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
