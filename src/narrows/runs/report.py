@@ -53,8 +53,6 @@ class Figure:
     name: str
     mime: str
     data: bytes
-    width: int = 0  # pixels, 0 when unknown
-    height: int = 0
 
 
 @dataclass
@@ -311,23 +309,9 @@ def _figures(run: Path, files: list[Path], limit: int) -> tuple[list[Figure], in
         if len(kept) >= limit or file.stat().st_size > MAX_FIGURE_BYTES:
             left_out += 1
             continue
-        data = file.read_bytes()
         kept.append(Figure(file.relative_to(run).as_posix(), FIGURE_TYPES[file.suffix.lower()],
-                           data, *_size(data)))
+                           file.read_bytes()))
     return kept, left_out
-
-
-def _size(data: bytes) -> tuple[int, int]:
-    """The width and height of an image file's bytes, or (0, 0)."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError, ValueError):
-        return 0, 0
 
 
 def _natural(name: str) -> list[Any]:

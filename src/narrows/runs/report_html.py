@@ -29,8 +29,8 @@ th, td { border: 1px solid #ddd; padding: 2px 8px; text-align: left; vertical-al
 th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .scroll { overflow-x: auto; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; text-align: center; }
-figure img { max-width: 560px; max-height: 480px; border: 1px solid #eee; }
-figure.wide { display: block; } figure.wide img { max-width: 100%; max-height: none; }
+figure { max-width: calc(100% - 1em); }
+figure img { max-width: 100%; max-height: 900px; border: 1px solid #eee; }
 figcaption { font-size: 12px; color: #555; }
 section.run { border-top: 1px solid #e4e4e4; }
 """
@@ -139,6 +139,7 @@ def _side_by_side(runs: list[tuple[int, RunPage]]) -> str:
     every = list(dict.fromkeys(k for _, run in runs for k in run.results
                                if k not in ("command", "summary")))
     results = _differing(every, lambda k: [run.results.get(k) for _, run in runs]) or every
+    results = [k for k in results if k not in differing]  # an option's column says it already
     left = max(0, len(results) - MAX_SIDE_COLUMNS)
     results = results[:MAX_SIDE_COLUMNS]
     head = ('<tr><th></th>'
@@ -209,8 +210,7 @@ def _csv_table(table: Table) -> str:
 
 
 def _figure(figure: Figure) -> str:
-    """An embedded image; a wide one (a strip of panels) takes the page's width."""
+    """An embedded image at its own size, or the page's width when it is wider."""
     source = f"data:{figure.mime};base64,{base64.b64encode(figure.data).decode('ascii')}"
-    wide = ' class="wide"' if figure.width > 2 * max(figure.height, 1) else ""
-    return (f'<figure{wide}><img src="{source}" alt="{escape(figure.name)}" loading="lazy">'
+    return (f'<figure><img src="{source}" alt="{escape(figure.name)}" loading="lazy">'
             f"<figcaption>{escape(figure.name)}</figcaption></figure>")
