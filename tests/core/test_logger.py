@@ -300,9 +300,11 @@ def test_a_resumed_fit_replaces_what_the_killed_run_logged_of_its_unfinished_epo
     run.attach_logger("tensorboard")
     _tiny_fit(run, epochs=2)  # resumes after epoch 1 and redoes epoch 2: steps 3-5
 
-    losses = _scalars(_events(tmp_path / "run" / "tensorboard"), "train/loss")
+    events = _events(tmp_path / "run" / "tensorboard")
+    losses = _scalars(events, "train/loss")
     assert [s for s, _ in losses] == list(range(6))
     assert 999.0 not in [v for _, v in losses]
+    assert len(events.Tensors("config/text_summary")) == 1  # written once, not per resume
 
 
 def test_fit_without_logger_writes_no_tensorboard(tmp_path):

@@ -161,6 +161,8 @@ class TensorBoardLogger(RunLogger):
         from torch.utils.tensorboard import SummaryWriter
 
         self.directory = Path(directory)
+        # a resumed run's config is in the event files already
+        self.config_logged = any(self.directory.glob("events.out.tfevents.*"))
         self.writer = SummaryWriter(log_dir=str(self.directory))
 
     def _config(self, values: dict[str, Any]) -> None:
