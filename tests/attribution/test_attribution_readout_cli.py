@@ -193,3 +193,19 @@ def test_readout_for_another_class_count_is_refused(trained, random_checkpoint) 
     other = _net(random_checkpoint(TINY.replace("classes=2", "classes=3")))
     with pytest.raises(UserError, match=r"'logits' gives \(3,\), the readout expects \(2,\)"):
         load_readout(trained[0] / "readout.pt", other, check_weights=False)
+
+
+def test_readout_training_logs_each_step_to_tensorboard(checkpoint, tmp_path):
+    accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "logged"
+    assert main([*_train_args(checkpoint, out), "--log", "tensorboard"]) == 0
+    events = accumulator.EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == list(range(8))  # 32 images / 8 per batch × 2 epochs
+    history = json.loads((out / "results.json").read_text())
+    assert history["summary"].startswith("done: loss")
+    (last,) = [e.value for e in events.Scalars("epoch/loss")][-1:]
+    assert last == pytest.approx(history["final"]["loss"], rel=1e-6)
+

@@ -392,7 +392,7 @@ def train_readout(model: nn.Module, readout: ReadoutBottleneck,
                   seed: int = 0, progress: bool = True,
                   log: Callable[[str], Any] | None = print,
                   on_epoch: Callable[[list[dict[str, Any]]], Any] | None = None,
-                  ) -> list[dict[str, Any]]:
+                  logger: Any = None) -> list[dict[str, Any]]:
     """Train the ``readout`` net of the classifier ``model``: loss = CE(noisy logits, label) +
     β·mean(capacity) with β = ``beta``, Adam with learning rate ``lr``, for ``epochs`` epochs.
 
@@ -403,7 +403,9 @@ def train_readout(model: nn.Module, readout: ReadoutBottleneck,
     atomically after every epoch, and a present one is resumed from at the next epoch; a
     resumed run then equals an uninterrupted one (on CPU). Returns the per-epoch metrics of
     all epochs (including resumed ones): loss, ce, capacity (mean nats), samples, seconds.
-    ``on_epoch(history)`` is called after each epoch's checkpoint is written.
+    ``on_epoch(history)`` is called after each epoch's checkpoint is written. An active
+    ``logger`` (:class:`narrows.runs.logger.RunLogger`) gets each step's loss, cross-entropy
+    and capacity as ``train/...`` (steps counted from the start, when the loader has a length).
     """
     from tqdm.auto import tqdm
 
@@ -435,9 +437,14 @@ def train_readout(model: nn.Module, readout: ReadoutBottleneck,
             started = time.perf_counter()
             sums = {"loss": 0.0, "ce": 0.0, "capacity": 0.0}
             seen = 0
-            batches = tqdm(data_loader_factory(epoch), desc=f"readout {epoch + 1}/{epochs}",
+            loader = data_loader_factory(epoch)
+            first = epoch * len(loader) if hasattr(loader, "__len__") else None  # global step
+            logging = logger is not None and logger.active and first is not None
+            if logging and epoch == start_epoch > 0:
+                logger.resume_at(first)  # drop what a killed run logged of this epoch
+            batches = tqdm(loader, desc=f"readout {epoch + 1}/{epochs}",
                            leave=False, disable=None if progress else True)
-            for batch in batches:
+            for step, batch in enumerate(batches):
                 if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                     raise UserError("readout training needs (images, labels) batches",
                                     "make data_loader_factory(epoch) yield (images, labels)")
@@ -453,10 +460,13 @@ def train_readout(model: nn.Module, readout: ReadoutBottleneck,
                 loss.backward()
                 optimizer.step()
                 n = int(labels.shape[0])
-                sums["loss"] += float(loss.detach()) * n
-                sums["ce"] += float(ce.detach()) * n
-                sums["capacity"] += float(cap_mean.detach()) * n
+                values = {"loss": float(loss.detach()), "ce": float(ce.detach()),
+                          "capacity": float(cap_mean.detach())}
+                for name, value in values.items():
+                    sums[name] += value * n
                 seen += n
+                if logging:
+                    logger.scalars(values, first + step, prefix="train")
             if seen == 0:
                 raise UserError(f"epoch {epoch + 1} had no batches",
                                 "make data_loader_factory(epoch) yield at least one batch")

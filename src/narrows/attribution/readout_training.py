@@ -134,12 +134,23 @@ def _loader_factory(options: ReadoutOptions, dataset: Any, normalizer: Any, devi
 
     from narrows.runtime import derive_seed
 
-    def factory(epoch: int):
+    class Batches:
+        """One epoch's batches, with their count (the logger's step numbers need it)."""
+
+        def __init__(self, loader: Any) -> None:
+            self.loader = loader
+
+        def __len__(self) -> int:
+            return len(self.loader)
+
+        def __iter__(self):
+            for images, labels in self.loader:
+                yield normalizer(images.to(device)), labels.to(device)
+
+    def factory(epoch: int) -> Batches:
         generator = torch.Generator().manual_seed(derive_seed(options.seed, epoch, 1))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=options.batch_size,
-                                             shuffle=True, generator=generator)
-        for images, labels in loader:
-            yield normalizer(images.to(device)), labels.to(device)
+        return Batches(torch.utils.data.DataLoader(dataset, batch_size=options.batch_size,
+                                                   shuffle=True, generator=generator))
 
     return factory
 
@@ -246,7 +257,8 @@ def _train_readout_run(model: nn.Module, bundle: Any, out: RunDir,
                             epochs=options.epochs, beta=options.beta, lr=options.lr,
                             device=device, out_dir=out.path, seed=options.seed,
                             progress=progress, log=log,
-                            on_epoch=lambda h: (write_curves(out, h), log_epoch(out.logger, h)))
+                            on_epoch=lambda h: (write_curves(out, h), log_epoch(out.logger, h)),
+                            logger=out.logger)
     write_curves(out, history)
     images = bundle.split("test")[0][0]
     training = {"data": bundle.info.spec, "epochs": options.epochs, "lr": options.lr,
@@ -255,5 +267,7 @@ def _train_readout_run(model: nn.Module, bundle: Any, out: RunDir,
                 "statistics_samples": stats.logits.n, "final": history[-1]}
     path = save_readout(out.file(READOUT_FILE), readout, input_shape=tuple(images.shape),
                         card=card, checkpoint=checkpoint, training=training)
-    out.write_json("results.json", {"model": name, "readout": str(path), **training})
-    return ReadoutRun(path=path, history=history, training=training)
+    result = ReadoutRun(path=path, history=history, training=training)
+    out.write_json("results.json", {"summary": result.summary(), "model": name,
+                                    "readout": str(path), **training})
+    return result
