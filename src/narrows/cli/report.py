@@ -31,7 +31,7 @@ command(
     description="Reads what the runs saved (config.yaml, results.json, metrics.jsonl, CSV "
     "tables, figures) and writes one HTML file with every figure embedded: no network, no "
     "scripts, so it can be mailed or archived. Per run: command, options, provenance, summary "
-    "line, tables and figures; several runs of one command also get a side-by-side table of "
-    "the options that differ and their results.",
+    "line, tables and figures; several runs of one command also get a side-by-side table: the "
+    "options that change results and differ between them, and the results that differ.",
     epilog="examples:\n  narrows report runs/quickstart --out quickstart.html\n"
     "  narrows report runs/train/a runs/train/b runs/train/c --title 'learning rates'")
