@@ -200,6 +200,9 @@ def test_sweep_runs_the_grid_and_skips_finished_runs(tmp_path, capsys, monkeypat
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["status"] for r in rows] == ["done before", "done before", "done"]
     assert "finished before, skipped" in capsys.readouterr().out
+    summary = json.loads((out / "results.json").read_text())  # the sweep's own flat summary
+    assert summary["command"] == "kvb sweep" and summary["summary"].endswith("0 failed")
+    assert (summary["runs"], summary["done"], summary["done_before"]) == (3, 1, 2)
 
 
 def test_sweep_wandb_without_the_package_is_a_one_line_error(tmp_path, capsys, monkeypatch):

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from narrows.config import option_mapping
 from narrows.errors import UserError
+from narrows.runs.results import flat_summary
 from narrows.runs.tables import csv_text, markdown_text
 
 RESULTS = "results.json"
@@ -92,6 +93,12 @@ class SweepResult:
         before = sum(1 for r in self.rows if r.get("status") == "done before")
         return (f"sweep {self.path.name}: {len(self.rows)} run(s), {done} done, {before} done "
                 f"before, {len(self.failures)} failed")
+
+    def headline(self) -> dict[str, int]:
+        """The counts of :meth:`summary` (the sweep's ``results.json``)."""
+        statuses = [str(r.get("status")) for r in self.rows]
+        return {"runs": len(self.rows), "done": statuses.count("done"),
+                "done_before": statuses.count("done before"), "failed": len(self.failures)}
 
     def table(self) -> str:
         """The results table as Markdown."""
@@ -371,6 +378,7 @@ def run_sweep(plan: SweepPlan, *, run_command: str = "sweep",
             logged.finish()
         run.write_text("results.csv", csv_table(result.rows))
         run.write_text("results.md", markdown_table(result.rows))
+        run.write_json(RESULTS, flat_summary(result, command=run_command))
     say(f"\n{markdown_table(result.rows)}\n\n→ {run.file('results.csv')}, results.md")
     if result.failures:  # a run refused its options: the sweep's user error, exit code 2
         raise UserError(f"{len(result.failures)} of {len(plan.runs)} run(s) failed (first: "
