@@ -307,6 +307,15 @@ def test_a_resumed_fit_replaces_what_the_killed_run_logged_of_its_unfinished_epo
     assert len(events.Tensors("config/text_summary")) == 1  # written once, not per resume
 
 
+def test_a_finished_fit_given_a_logger_again_writes_no_event_file(tmp_path):
+    pytest.importorskip("tensorboard")
+    run = RunDir.open(tmp_path / "run", "train", {}, {})
+    _tiny_fit(run, epochs=1)
+    run.attach_logger("tensorboard")
+    _tiny_fit(run, epochs=1)  # nothing left to train: no curve point, so no config-only file
+    assert not list((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
 def test_fit_without_logger_writes_no_tensorboard(tmp_path):
     run = RunDir.open(tmp_path / "run", "train", {}, {})
     _tiny_fit(run, epochs=1)

@@ -151,22 +151,35 @@ def _config_text(values: Mapping[str, Any]) -> str:
 
 class TensorBoardLogger(RunLogger):
     """Event files in ``directory`` (a run's ``tensorboard/`` folder), read by ``tensorboard
-    --logdir``; the config is a text entry named ``config``."""
+    --logdir``; the config is a text entry named ``config``. Nothing is written before the first
+    point or figure (a finished run given ``--log`` again leaves no config-only event file)."""
 
     active = True
 
     def __init__(self, directory: str | Path) -> None:
         super().__init__()
         optional_import("tensorboard", extra="tensorboard", feature=FEATURES["tensorboard"])
-        from torch.utils.tensorboard import SummaryWriter
-
         self.directory = Path(directory)
         # a resumed run's config is in the event files already
         self.config_logged = any(self.directory.glob("events.out.tfevents.*"))
-        self.writer = SummaryWriter(log_dir=str(self.directory))
+        self._writer: Any = None
+        self._config_text: str | None = None  # written with the first point
+
+    @property
+    def writer(self) -> Any:
+        """The ``SummaryWriter``, opened on first use."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.directory))
+            if self._config_text is not None:
+                self._writer.add_text("config", self._config_text, global_step=0)
+        return self._writer
 
     def _config(self, values: dict[str, Any]) -> None:
-        self.writer.add_text("config", _config_text(values), global_step=0)
+        self._config_text = _config_text(values)
+        if self._writer is not None:
+            self._writer.add_text("config", self._config_text, global_step=0)
 
     def _scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -185,8 +198,9 @@ class TensorBoardLogger(RunLogger):
                                                 session_log=SessionLog(status=SessionLog.START)))
 
     def _close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
 
 
 def _figure_pixels(fig: Any) -> Any:
