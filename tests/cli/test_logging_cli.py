@@ -30,7 +30,7 @@ def test_train_logs_its_curves_to_tensorboard(tmp_path):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # one loss per optimisation step (3 batches of 40 images, 2 epochs), one point per epoch
     assert [e.step for e in events.Scalars("train/loss")] == list(range(6))
-    assert [e.step for e in events.Scalars("epoch/test_top1")] == [1, 2]
+    assert [e.step for e in events.Scalars("epoch/test_top1")] == [2, 5]  # their last steps
     assert [round(e.value, 5) for e in events.Scalars("epoch/test_top1")] == [
         round(row["test_top1"], 5) for row in metrics]
     assert "curves" in events.Tags()["images"]
@@ -45,7 +45,9 @@ def test_ssl_train_logs_its_curves_to_tensorboard(tmp_path):
     events = _events(out / "tensorboard")
     scalars = events.Tags()["scalars"]
     assert any(tag.startswith("train/") and "loss" in tag for tag in scalars), scalars
-    assert [e.step for e in events.Scalars("epoch/epoch")] == [1, 2]
+    assert [e.value for e in events.Scalars("epoch/epoch")] == [1, 2]
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert [e.step for e in events.Scalars("epoch/epoch")] == [len(steps) // 2 - 1, steps[-1]]
 
 
 @pytest.mark.parametrize("kind, extra", [("tensorboard", "narrows[tensorboard]"),

@@ -225,14 +225,22 @@ def test_run_dir_attaches_claims_and_closes(tmp_path, monkeypatch):
     run = RunDir.open(tmp_path / "run", "train", {"lr": 0.2}, {"lr": 0.2})
     assert not run.logger.active and not (tmp_path / "run").exists()
     logger = run.attach_logger("wandb", project="p")
-    assert run.logger is logger and (tmp_path / "run" / "config.yaml").is_file()
+    # nothing is written or started before the first value: a refused command leaves nothing
+    assert run.logger is logger and not (tmp_path / "run").exists() and not fake.inits
+    logger.scalars({"loss": 1.0}, 0, prefix="train")
+    assert (tmp_path / "run" / "config.yaml").is_file()
     assert fake.inits[0]["config"] == {"lr": 0.2}  # the run's options by default
     run.close()
     run.close()
-    assert fake.finished == 1 and not run.logger.active
+    assert fake.finished == 1
+    # the run keeps its logger: used again (a second fit), it continues the same W&B run
+    logger.scalars({"loss": 0.5}, 1, prefix="train")
+    run.close()
+    assert len(fake.inits) == 2 and fake.inits[0]["id"] == fake.inits[1]["id"]
+    assert fake.finished == 2
     # a non-writing rank opens nothing
     other = RunDir(tmp_path / "rank1", writer=False)
-    assert not other.attach_logger("wandb").active and len(fake.inits) == 1
+    assert not other.attach_logger("wandb").active and len(fake.inits) == 2
 
 
 # -- the loops --------------------------------------------------------------------------------
@@ -269,7 +277,7 @@ def test_fit_logs_every_step_and_epoch_to_tensorboard(tmp_path):
     run = RunDir.open(tmp_path / "run", "train", {"epochs": 2}, {"epochs": 2})
     logger = run.attach_logger("tensorboard")
     result = _tiny_fit(run)
-    assert logger.closed and run.logger is not logger  # fit closed it
+    assert run.logger is logger and logger.backend is None  # fit closed its backend
 
     acc = _events(tmp_path / "run" / "tensorboard")
     losses = _scalars(acc, "train/loss")
@@ -278,13 +286,13 @@ def test_fit_logs_every_step_and_epoch_to_tensorboard(tmp_path):
     lrs = [v for _, v in _scalars(acc, "train/lr")]
     assert lrs[0] == pytest.approx(0.05) and lrs[-1] < lrs[0]  # the cosine schedule
     top1 = _scalars(acc, "epoch/test_top1")
-    assert [s for s, _ in top1] == [1, 2]
+    assert [s for s, _ in top1] == [2, 5]  # each epoch at its last step (3 steps an epoch)
     assert [v for _, v in top1] == pytest.approx([r["test_top1"] for r in result.metrics])
     train_loss = [v for _, v in _scalars(acc, "epoch/train_loss")]
     assert train_loss == pytest.approx([r["train_loss"] for r in result.metrics])
     # the epoch's mean loss is the mean of its steps' losses (all batches of 8)
     assert train_loss[0] == pytest.approx(sum(v for _, v in losses[:3]) / 3, rel=1e-5)
-    assert [e.step for e in acc.Images("curves")] == [1, 2]
+    assert [e.step for e in acc.Images("curves")] == [2, 5]
     assert any(t.startswith("config") for t in acc.Tags()["tensors"])
 
 
@@ -335,7 +343,7 @@ def test_ssl_pretraining_logs_steps_and_epochs(tmp_path):
     logger = run.attach_logger("tensorboard")
     result = trainer.pretrain(options, "shapes:classes=2,size=32,train=32,test=16", run=run,
                               progress=False, say=lambda *a: None)
-    assert logger.closed and not run.logger.active  # closed and detached
+    assert logger.backend is None  # closed; it opens again if the run trains again
     acc = _events(tmp_path / "ssl" / "tensorboard")
     steps = len(_scalars(acc, "train/loss"))
     assert steps >= 2 and steps % 2 == 0
@@ -343,12 +351,12 @@ def test_ssl_pretraining_logs_steps_and_epochs(tmp_path):
     for name in ("lr", "momentum", "teacher_temp"):
         assert len(_scalars(acc, f"train/{name}")) == steps
     epoch_loss = _scalars(acc, "epoch/loss")
-    assert [s for s, _ in epoch_loss] == [1, 2]
+    assert [s for s, _ in epoch_loss] == [steps // 2 - 1, steps - 1]
     assert [v for _, v in epoch_loss] == pytest.approx([r["loss"] for r in result.metrics])
     per_epoch = steps // 2
     first = [v for _, v in _scalars(acc, "train/loss")[:per_epoch]]
     assert epoch_loss[0][1] == pytest.approx(sum(first) / per_epoch, rel=1e-5)
-    assert [e.step for e in acc.Images("loss")] == [2]
+    assert [e.step for e in acc.Images("loss")] == [steps - 1]
 
 
 class Recorder(RunLogger):
@@ -367,18 +375,16 @@ class Recorder(RunLogger):
         self.figures.append((tag, step))
 
 
-def test_readout_epochs_are_logged_with_their_curves():
+def test_readout_curves_are_logged_at_the_epoch_s_last_step():
     from narrows.attribution.readout_training import log_epoch
     from narrows.plotting import pyplot
 
     history = [{"epoch": 1, "loss": 3.0, "ce": 2.0, "capacity": 0.5, "samples": 32},
                {"epoch": 2, "loss": 2.0, "ce": 1.5, "capacity": 0.25, "samples": 32}]
     recorder, before = Recorder(), len(pyplot().get_fignums())
-    log_epoch(recorder, history)
-    assert sorted(recorder.values) == [("epoch/capacity", 2, 0.25), ("epoch/ce", 2, 1.5),
-                                       ("epoch/epoch", 2, 2.0), ("epoch/loss", 2, 2.0),
-                                       ("epoch/samples", 2, 32.0)]
-    assert recorder.figures == [("readout_curves", 2)]
+    log_epoch(recorder, history, steps_per_epoch=4)
+    assert recorder.values == []  # the numbers are train_readout's to log
+    assert recorder.figures == [("readout_curves", 7)]  # the last step of epoch 2
     assert len(pyplot().get_fignums()) == before  # its own figure is closed
 
 
@@ -401,3 +407,44 @@ def test_kvb_results_are_logged_per_phase_and_task():
     assert got[("final/dkvb-incremental/accuracy", 2)] == pytest.approx(0.75)
     assert got[("final/dkvb-incremental/forgetting", 2)] == pytest.approx(0.25)
     assert got[("final/dkvb-incremental/task2", 2)] == pytest.approx(1.0)
+
+
+def test_a_run_trained_twice_logs_both_times(tmp_path):
+    pytest.importorskip("tensorboard")
+    run = RunDir.open(tmp_path / "run", "train", {}, {})
+    run.attach_logger("tensorboard")
+    _tiny_fit(run, epochs=1)
+    _tiny_fit(run, epochs=2)  # staged training from Python: the second fit logs too
+    losses = _scalars(_events(tmp_path / "run" / "tensorboard"), "train/loss")
+    assert [s for s, _ in losses] == list(range(6))
+
+
+def test_a_command_refused_before_training_leaves_nothing_with_log(tmp_path, capsys):
+    from narrows.cli import main
+
+    out = tmp_path / "csg"
+    assert main(["train", "--resume", "--data", "shapes:classes=2,size=16,train=8,test=8",
+                 "--out", str(out), "--log", "tensorboard", "--threads", "1",
+                 "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_resume_keeps_finished_epochs_when_an_epoch_is_one_step(tmp_path):
+    pytest.importorskip("tensorboard")
+    from narrows.runs.logger import TensorBoardLogger
+
+    killed = TensorBoardLogger(tmp_path)
+    for epoch in range(3):  # one step an epoch; the third epoch's row came before the kill
+        killed.scalars({"loss": 1.0 + epoch}, epoch, prefix="train")
+        killed.scalars({"top1": 0.1 * (epoch + 1)}, epoch, prefix="epoch")
+    killed.close()
+    resumed = TensorBoardLogger(tmp_path)
+    resumed.resume_at(2)  # two epochs were checkpointed
+    resumed.scalars({"loss": 9.0}, 2, prefix="train")
+    resumed.scalars({"top1": 0.9}, 2, prefix="epoch")
+    resumed.close()
+    acc = _events(tmp_path)
+    assert _scalars(acc, "epoch/top1") == [(0, pytest.approx(0.1)), (1, pytest.approx(0.2)),
+                                           (2, pytest.approx(0.9))]
+    assert [v for _, v in _scalars(acc, "train/loss")] == [1.0, 2.0, 9.0]
+

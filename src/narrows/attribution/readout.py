@@ -405,7 +405,8 @@ def train_readout(model: nn.Module, readout: ReadoutBottleneck,
     all epochs (including resumed ones): loss, ce, capacity (mean nats), samples, seconds.
     ``on_epoch(history)`` is called after each epoch's checkpoint is written. An active
     ``logger`` (:class:`narrows.runs.logger.RunLogger`) gets each step's loss, cross-entropy
-    and capacity as ``train/...`` (steps counted from the start, when the loader has a length).
+    and capacity as ``train/...`` and each epoch's metrics as ``epoch/...`` at its last step
+    (steps counted from the start, when the loader has a length).
     """
     from tqdm.auto import tqdm
 
@@ -473,6 +474,8 @@ def train_readout(model: nn.Module, readout: ReadoutBottleneck,
             metrics = {"epoch": epoch + 1, **{k: v / seen for k, v in sums.items()},
                        "samples": seen, "seconds": time.perf_counter() - started}
             history.append(metrics)
+            if logging:  # at the epoch's last step: one x axis, which a resume's purge keeps
+                logger.scalars(metrics, first + step, prefix="epoch")
             if path is not None:
                 atomic_torch_save(path, {"format": _FORMAT, "epoch": epoch,
                                          "readout": readout.state_dict(),

@@ -179,20 +179,20 @@ def write_curves(run: Any, history: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
-def log_epoch(logger: Any, history: list[dict[str, Any]]) -> None:
-    """Log the last epoch of ``history`` to ``logger`` (a :class:`narrows.runs.logger.
-    RunLogger`): its numbers as ``epoch/<name>`` and the curves so far, at the epoch."""
+def log_epoch(logger: Any, history: list[dict[str, Any]], steps_per_epoch: int) -> None:
+    """Log the curves of ``history`` so far to ``logger`` (a :class:`narrows.runs.logger.
+    RunLogger`) at the last step of its last epoch (the epoch's numbers are logged by
+    :func:`~narrows.attribution.readout.train_readout`)."""
     if not logger.active or not history:
         return
     from narrows.plotting import pyplot
 
-    epoch = int(history[-1]["epoch"])
-    logger.scalars(history[-1], epoch, prefix="epoch")
+    step = int(history[-1]["epoch"]) * steps_per_epoch - 1
     fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.4))
     try:
         draw_curves(axes, history)
         fig.tight_layout()
-        logger.figure("readout_curves", fig, epoch)
+        logger.figure("readout_curves", fig, step)
     finally:
         pyplot().close(fig)
 
@@ -253,11 +253,13 @@ def _train_readout_run(model: nn.Module, bundle: Any, out: RunDir,
     log(f"cost: {len(dataset):,} images × {options.epochs} epochs × 2 forwards = "
         f"{2 * len(dataset) * options.epochs:,} forwards (+ the backward from the logits to "
         f"'{readout.layer}' per image)" + (f"; {done} epochs done" if done else ""))
+    steps_per_epoch = -(-len(dataset) // options.batch_size)  # the loader keeps the last batch
     history = train_readout(model, readout, _loader_factory(options, dataset, normalizer, device),
                             epochs=options.epochs, beta=options.beta, lr=options.lr,
                             device=device, out_dir=out.path, seed=options.seed,
                             progress=progress, log=log,
-                            on_epoch=lambda h: (write_curves(out, h), log_epoch(out.logger, h)),
+                            on_epoch=lambda h: (write_curves(out, h),
+                                                log_epoch(out.logger, h, steps_per_epoch)),
                             logger=out.logger)
     write_curves(out, history)
     images = bundle.split("test")[0][0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -270,6 +270,49 @@ class WandbLogger(RunLogger):
 
     def _close(self) -> None:
         self.run.finish()
+
+
+class RunDirLogger(RunLogger):
+    """The logger a run directory carries (:meth:`narrows.runs.RunDir.attach_logger`): it opens
+    its backend on first use, so a command refused before it trains writes and starts nothing,
+    and opens it again after :meth:`close`, so a run trained twice (from Python) logs twice.
+
+    ``open_backend()`` opens the backend (claiming the directory first).
+    """
+
+    active = True
+
+    def __init__(self, open_backend: Callable[[], RunLogger]) -> None:
+        super().__init__()
+        self.open_backend = open_backend
+        self.backend: RunLogger | None = None
+
+    def _open(self) -> RunLogger:
+        if self.backend is None:
+            self.backend = self.open_backend()
+            self.config_logged = self.backend.config_logged
+        return self.backend
+
+    def config(self, values: Mapping[str, Any]) -> None:
+        backend = self._open()
+        if not backend.config_logged:  # a resumed TensorBoard run has it already
+            backend.config(values)
+        self.config_logged = True
+
+    def scalars(self, values: Mapping[str, Any], step: int, *, prefix: str = "") -> None:
+        self._open().scalars(values, step, prefix=prefix)
+
+    def figure(self, tag: str, fig: Any, step: int) -> None:
+        self._open().figure(tag, fig, step)
+
+    def resume_at(self, step: int) -> None:
+        self._open().resume_at(step)
+
+    def close(self) -> None:
+        """Flush and finish the backend, if open; the next use opens it again."""
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            backend.close()
 
 
 def wandb_run_id(directory: Path) -> str:

@@ -176,34 +176,34 @@ class RunDir:
     # -- logging ---------------------------------------------------------------------------
     def attach_logger(self, kind: str | None, *, config: dict[str, Any] | None = None,
                       project: str = "narrows", name: str | None = None) -> Any:
-        """Open the logger ``kind`` (``None``, ``"tensorboard"`` or ``"wandb"``; see
-        :func:`narrows.runs.logger.open_logger`) into this run as :attr:`logger`, and return it.
+        """Give this run the logger ``kind`` (``None``, ``"tensorboard"`` or ``"wandb"``; see
+        :func:`narrows.runs.logger.open_logger`) as :attr:`logger`, and return it.
 
-        ``config`` (default: the run's options) is recorded; W&B names the run ``name``
+        The kind and its package are checked now; the backend opens (claiming the directory)
+        when the first value is logged, so a command refused before it trains leaves nothing.
+        ``config`` (default: the run's options) is recorded then; W&B names the run ``name``
         (default: the directory's name) in ``project``. Only the writing rank logs; the others
-        get the no-op logger. The directory is claimed (created, its config written) first, so
-        call this once the command's options are valid. A logger attached before is closed.
+        get the no-op logger. A logger attached before is closed.
         """
-        from narrows.runs.logger import check_kind, open_logger
+        from narrows.runs.logger import RunDirLogger, RunLogger, check_kind, open_logger
 
         check_kind(kind)
-        if kind is not None and self.writer:
+
+        def open_backend() -> RunLogger:
             self.claim()
-            if config is None:
-                config = (self.read_config() or {}).get("options")
-        logger = open_logger(kind, self.path, config=config, project=project,
-                             name=name or self.path.name, writer=self.writer)
+            options = config if config is not None else (self.read_config() or {}).get("options")
+            return open_logger(kind, self.path, config=options, project=project,
+                               name=name or self.path.name)
+
         self.logger.close()
-        self.logger = logger
-        return logger
+        self.logger = (RunDirLogger(open_backend) if kind is not None and self.writer
+                       else RunLogger())
+        return self.logger
 
     def close(self) -> None:
-        """Close the run's logger (flushing its files); idempotent. The run logs nothing
-        after this unless a logger is attached again."""
-        from narrows.runs.logger import RunLogger
-
-        logger, self.logger = self.logger, RunLogger()
-        logger.close()
+        """Flush and finish the run's logger backend, if open; idempotent. Logging to the run
+        again opens it again (a new event file; the same W&B run)."""
+        self.logger.close()
 
     # -- config ----------------------------------------------------------------------------
     def read_config(self) -> dict[str, Any] | None:

@@ -514,7 +514,7 @@ def _pretrain(options: SSLOptions, data: str, *, run: Any, seed: int, device: to
             knn[f"epoch {epoch + 1}"] = row["knn_top1"] = knn_of(p)
         rows.append(row)
         if logger is not None:
-            logger.scalars(row, epoch + 1, prefix="epoch")
+            logger.scalars(row, (epoch + 1) * steps - 1, prefix="epoch")  # at its last step
         if run is not None and run.writer:
             run.write_metrics(rows)
             save_state(p, run.file(CHECKPOINT), epoch + 1, rows, knn)
@@ -532,7 +532,7 @@ def _pretrain(options: SSLOptions, data: str, *, run: Any, seed: int, device: to
     if run is not None and run.writer:
         result.save(run.file(RESULT))
         figure = result.plot()[0]
-        run.logger.figure("loss", figure, options.epochs)
+        run.logger.figure("loss", figure, options.epochs * steps - 1)
         run.save_figure("loss.png", figure)
         from narrows.runs.results import flat_summary
 

@@ -350,11 +350,14 @@ def _fit(model: nn.Module, data: DataBundle, settings: TrainSettings, *, card: A
         rows.append(row)
         improved = final.top1 > best_top1
         best_top1 = max(best_top1, final.top1)
+        # one x axis for everything: the epoch's values at the step of its last batch (a
+        # resume's purge then keeps finished epochs and drops the unfinished one)
+        at_step = (epoch + 1) * len(loader) - 1
         if logger is not None:
-            logger.scalars(row, epoch + 1, prefix="epoch")
+            logger.scalars(row, at_step, prefix="epoch")
         if run is not None and run.writer:
             _save_epoch(run, model, optimizer, card, epoch + 1, best_top1, rows, improved,
-                        title=_curves_title(card, len(train_set), len(test_set)))
+                        title=_curves_title(card, len(train_set), len(test_set)), step=at_step)
         if dist.is_main:
             log(_epoch_line(row, settings.epochs))
         if on_epoch_end is not None:
@@ -446,7 +449,7 @@ def _reduce_stats(stats: EpochStats, dist: Distributed, device: torch.device) ->
 
 def _save_epoch(run: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer, card: Any,
                 epoch: int, best_top1: float, rows: list[dict[str, Any]], improved: bool,
-                title: str | None = None) -> None:
+                title: str | None = None, step: int = 0) -> None:
     from narrows.runs.files import atomic_torch_save
 
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -467,7 +470,7 @@ def _save_epoch(run: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer,
         from narrows.plotting import plot_training_curves
 
         fig, _ = plot_training_curves(rows, title=title)
-        run.logger.figure("curves", fig, epoch)
+        run.logger.figure("curves", fig, step)
         run.save_figure("curves.png", fig)
         import matplotlib.pyplot as plt
 
