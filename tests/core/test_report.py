@@ -249,3 +249,21 @@ def test_logger_folders_name_order_and_unfinished_runs(tmp_path):
     (summary,) = build_report([run.path]).runs
     assert summary.summary.startswith("unfinished: 2 rows of metrics") and "0.625" in summary.summary
 
+
+def test_odd_run_directories_become_notes_not_crashes(tmp_path):
+    import json
+
+    run = RunDir.open(tmp_path / "odd", "kvb train", {1: 2, "lr": 0.1}, {})
+    run.write_json("results.json", [{"model": "dkvb", "protocol": "iid",
+                                     "final_accuracy": 0.5}])  # an older list-shaped file
+    (run.path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (run.path / "gone.json").symlink_to(tmp_path / "nowhere.json")
+    (run.path / "huge.csv").write_text("a\n" + "x" * 200_000 + "\n")  # over csv's field limit
+    (run.path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": float("nan")}))
+    report = build_report([run.path])
+    (page,) = report.runs
+    assert page.results == {"dkvb/iid.final_accuracy": 0.5}
+    assert page.figures == [] and page.figures_left_out == 0  # a dangling link is no file
+    assert any("huge.csv" in note for note in page.notes)
+    Page(report.html)  # and the page parses
+

@@ -59,24 +59,19 @@ def execute_compare(cfg: CompareConfig) -> int:
         model_entries,
         settings_from_preset,
     )
-    from narrows.interactions.result import plot_curves
     from narrows.models.subject import load_subject
 
     entries = model_entries(cfg.models)
-    labels = [entry[0] for entry in entries]
     session = start(cfg)
     first = load_subject(entries[0][1], entries[0][2], cfg.data, cfg.image_size)
     check_settings(settings_from_preset(cfg, seed=cfg.seed), first.bundle.split(cfg.split))
     run = session.open(cfg, "interactions compare", "interactions", "compare")
-    results = compare_models(entries, run, data=first.bundle.info.spec,
-                             image_size=cfg.image_size,
-                             settings_of=lambda meta: settings_from_preset(
-                                 cfg, seed=cfg.seed, extra_meta=meta),
-                             device=session.device, dist=session.dist, progress=cfg.progress,
-                             say=session.say, split=cfg.split, first=first)
+    compare_models(entries, run, data=first.bundle.info.spec, image_size=cfg.image_size,
+                   settings_of=lambda meta: settings_from_preset(cfg, seed=cfg.seed,
+                                                                 extra_meta=meta),
+                   device=session.device, dist=session.dist, progress=cfg.progress,
+                   say=session.say, split=cfg.split, first=first)
     if run.writer:
-        fig, _ = plot_curves(results, labels, title="multi-order interactions")
-        run.save_figure("compare.png", fig)
         session.say(f"\n→ {run.file('compare.png')}")
     return session.done()
 

@@ -93,7 +93,9 @@ def train_csg(model: Any, card: Any, data: Any, settings: Any,
     indices.meta.update(model=card.architecture, data=spec, checkpoint=str(run.file("csg.pt")))
     indices.save(run.file("indices_csg.json"))
     _draw_gate(run, gate, result.metrics, data.info.class_names)
-    summary = {"model": card.architecture, "data": spec, "epochs": result.epochs,
+    line = (f"{result.summary()}; gate density {density(gate):.3f}, top-{options.k} gates in "
+            f"{run.file('indices_csg.json')}")
+    summary = {"summary": line, "model": card.architecture, "data": spec, "epochs": result.epochs,
                "std_top1": result.final.top1 if result.final else None,
                "best_top1": result.best_top1, "gate_density": density(gate),
                "csg": str(run.file("csg.pt")), "indices": str(run.file("indices_csg.json"))}

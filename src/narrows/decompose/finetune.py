@@ -118,7 +118,8 @@ def subject_card(subject: Any, checkpoint: str | None = None,
 def finetune_summary(result: Any, *, name: str, indices: str, k: int,
                      checkpoint: str | Path) -> dict[str, Any]:
     """The flat ``results.json`` of a fine-tuning run (``result``: its ``TrainResult``)."""
-    return {"model": name, "indices": indices, "k": k, "epochs": result.epochs,
+    return {"summary": result.summary(), "model": name, "indices": indices, "k": k,
+            "epochs": result.epochs,
             "best_top1": result.best_top1,
             "final": result.final.to_dict() if result.final else None,
             "per_epoch_test_top1": [r["test_top1"] for r in result.metrics],

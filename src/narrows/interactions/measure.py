@@ -199,7 +199,8 @@ def compare_models(entries: Sequence[tuple[str, str | None, str | None]], run: A
     returns the results in order. ``data`` (a data spec), ``image_size`` and ``split`` default
     to the first checkpoint's card and the training split; ``settings_of(meta)``
     makes a model's settings from its metadata; ``first`` is the first model's loaded subject
-    when the caller has it already. ``run`` gets the flat ``results.json`` of the
+    when the caller has it already. ``run`` gets the overlay ``compare.png``, the labels'
+    ``comparison.json`` and, last, the flat ``results.json`` of the
     :class:`~narrows.interactions.result.InteractionComparison` (command ``interactions
     compare``; each model's run has its own)."""
     from narrows.interactions.runner import select
@@ -249,5 +250,8 @@ def compare_models(entries: Sequence[tuple[str, str | None, str | None]], run: A
         comparison = InteractionComparison(
             {entry[0]: result for entry, result in zip(entries, results, strict=True)})
         comparison.save_index(run.path)  # InteractionComparison.load(run.path) reads it all
+        fig, _ = comparison.plot()
+        run.save_figure("compare.png", fig)
+        # last: a run directory with results.json is a finished one (narrows sweep)
         run.write_json("results.json", flat_summary(comparison, command="interactions compare"))
     return results

@@ -274,8 +274,10 @@ class InteractionComparison:
         saved = read_result_json(directory, "interactions_comparison", 1, "interactions "
                                  "comparison", "pass the --out of 'narrows interactions compare'",
                                  file_name=COMPARISON, required_keys=("labels",))
-        return cls({label: InteractionResult.load(Path(directory) / label)
-                    for label in saved["labels"]})
+        from narrows.runs.run import safe_name
+
+        labels = [safe_name(str(label), "model label") for label in saved["labels"]]
+        return cls({label: InteractionResult.load(Path(directory) / label) for label in labels})
 
 
 def _brief(result: InteractionResult) -> str:

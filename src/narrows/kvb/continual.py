@@ -369,7 +369,6 @@ class ContinualRun:
         run.write_text("table.csv", csv)
         run.write_text("table.md", comparison_table(self.results) + "\n" + md)
         run.write_text("accuracy_matrix.csv", _long_csv(self.results))
-        run.write_json("results.json", self.flat())
         for r in self.results:
             if not run.exists(f"results/{r.model}-{r.protocol}.json"):
                 run.write_json(f"results/{r.model}-{r.protocol}.json", r.document())
@@ -378,6 +377,7 @@ class ContinualRun:
                           ("accuracy_matrices.png", plot_matrices(self.results))):
             run.save_figure(name, fig)
             pyplot().close(fig)
+        run.write_json("results.json", self.flat())  # last: it marks a finished run
 
 
 RUN_FILE, RUN_FORMAT_KIND = "continual.json", "kvb.run"

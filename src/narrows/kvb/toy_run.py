@@ -114,8 +114,8 @@ class ToyRun:
             if not (run.exists(f"seeds/seed{result.seed}.json")
                     and run.exists(f"seeds/seed{result.seed}_maps.pt")):
                 _save_seed(run, result)
-        run.write_json(RESULTS, self.flat())
         run.write_json(RUN_FILE, self.document())
+        run.write_json(RESULTS, self.flat())  # last: it marks a finished run
 
     def document(self) -> dict[str, Any]:
         """``toy.json``: the header (the settings as options) and the seeds."""

@@ -215,7 +215,8 @@ def read_run(path: str | Path, *, max_figures: int = MAX_FIGURES,
     files = _own_files(path)
     figures, left_out = _figures(path, files, max_figures)
     last, n_metrics = _last_metrics(path / METRICS_FILE, notes)
-    tables = [_read_table(f, max_rows) for f in sorted(path.glob("*.csv")) if f.is_file()]
+    tables = [table for f in sorted(path.glob("*.csv")) if f.is_file()
+              if (table := _read_table(f, max_rows, notes)) is not None]
     options = config.get("options") if isinstance(config.get("options"), dict) else {}
     result_options = config.get("result_options")
     summary = _summary_line(results) if results else _unfinished(last, n_metrics)
@@ -236,6 +237,10 @@ def _read_json(file: Path, notes: list[str]) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         notes.append(f"{file.name} is damaged ({type(exc).__name__})")
         return None
+    if isinstance(data, list):  # kvb train's older results.json: one entry per model
+        from narrows.runs.sweep import flatten_results
+
+        return flatten_results(data, None)
     return data if isinstance(data, dict) else {"value": data}
 
 
@@ -281,12 +286,20 @@ def _find_provenance(run: Path, results: dict[str, Any] | None) -> tuple[dict[st
     candidates = sorted(_own_files(run, suffixes={".json"}),
                         key=lambda f: (len(f.relative_to(run).parts), str(f)))
     candidates = [f for f in candidates if f.name != "results.json"
-                  and f.stat().st_size <= MAX_HEADER_JSON_BYTES]
+                  and _size_of(f) <= MAX_HEADER_JSON_BYTES]
     for file in candidates[:MAX_HEADER_FILES]:
         document = _read_json(file, [])
         if document is not None and isinstance(document.get("provenance"), dict):
             return document["provenance"], str(file.relative_to(run))
     return {}, None
+
+
+def _size_of(file: Path) -> float:
+    """The size of ``file`` in bytes, or infinity when it cannot be read."""
+    try:
+        return file.stat().st_size
+    except OSError:
+        return math.inf
 
 
 def _own_files(run: Path, suffixes: set[str] | None = None) -> list[Path]:
@@ -297,7 +310,8 @@ def _own_files(run: Path, suffixes: set[str] | None = None) -> list[Path]:
         subfolders[:] = sorted(s for s in subfolders if not _skipped(s)
                                and _run_config(Path(folder) / s) is None)
         files += [Path(folder) / n for n in sorted(names) if not n.startswith(".")
-                  and (suffixes is None or Path(n).suffix.lower() in suffixes)]
+                  and (suffixes is None or Path(n).suffix.lower() in suffixes)
+                  and (Path(folder) / n).is_file()]  # no dangling links
     return files
 
 
@@ -306,11 +320,16 @@ def _figures(run: Path, files: list[Path], limit: int) -> tuple[list[Figure], in
     found.sort(key=lambda f: _natural(f.relative_to(run).as_posix()))
     kept, left_out = [], 0
     for file in found:
-        if len(kept) >= limit or file.stat().st_size > MAX_FIGURE_BYTES:
+        try:
+            if len(kept) >= limit or file.stat().st_size > MAX_FIGURE_BYTES:
+                left_out += 1
+                continue
+            data = file.read_bytes()
+        except OSError:  # a dangling link, no permission: counted, not shown
             left_out += 1
             continue
         kept.append(Figure(file.relative_to(run).as_posix(), FIGURE_TYPES[file.suffix.lower()],
-                           file.read_bytes()))
+                           data))
     return kept, left_out
 
 
@@ -324,8 +343,12 @@ def _last_metrics(file: Path, notes: list[str]) -> tuple[dict[str, Any] | None, 
     """The last row of ``metrics.jsonl`` and how many rows it has."""
     if not file.is_file():
         return None, 0
-    lines = [line for line in file.read_text(encoding="utf-8", errors="replace").splitlines()
-             if line.strip()]
+    try:
+        text = file.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        notes.append(f"{file.name} cannot be read ({type(exc).__name__})")
+        return None, 0
+    lines = [line for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
         try:
             row = json.loads(line)
@@ -354,14 +377,19 @@ def _number(text: str) -> Any:
     return text
 
 
-def _read_table(file: Path, max_rows: int) -> Table:
+def _read_table(file: Path, max_rows: int, notes: list[str]) -> Table | None:
+    """The table of a CSV file, or ``None`` (and a note) when it cannot be read."""
     rows: list[list[Any]] = []
     total = 0
-    with open(file, newline="", encoding="utf-8", errors="replace") as fh:
-        reader = csv.reader(fh)
-        columns = next(reader, [])
-        for row in reader:
-            total += 1
-            if len(rows) < max_rows:
-                rows.append([_number(cell) for cell in row[:MAX_COLUMNS]])
+    try:
+        with open(file, newline="", encoding="utf-8", errors="replace") as fh:
+            reader = csv.reader(fh)
+            columns = next(reader, [])
+            for row in reader:
+                total += 1
+                if len(rows) < max_rows:
+                    rows.append([_number(cell) for cell in row[:MAX_COLUMNS]])
+    except (csv.Error, OSError) as exc:
+        notes.append(f"{file.name} cannot be read as a table ({type(exc).__name__})")
+        return None
     return Table(file.name, columns[:MAX_COLUMNS], rows, total, len(columns))

@@ -120,7 +120,7 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], head: str = ""
 
 
 def _key_values(pairs: Sequence[tuple[str, Any]]) -> str:
-    rows = "".join(f"<tr><th>{escape(k)}</th>{_td(v)}</tr>" for k, v in pairs)
+    rows = "".join(f"<tr><th>{escape(str(k))}</th>{_td(v)}</tr>" for k, v in pairs)
     return f'<table class="kv"><tbody>{rows}</tbody></table>'
 
 
@@ -145,7 +145,7 @@ def _side_by_side(runs: list[tuple[int, RunPage]]) -> str:
     head = ('<tr><th></th>'
             + (f'<th colspan="{len(differing)}">options that differ</th>' if differing else "")
             + (f'<th colspan="{len(results)}">results</th>' if results else "") + "</tr>")
-    names = "".join(f"<th>{escape(c)}</th>" for c in ["run", *differing, *results])
+    names = "".join(f"<th>{escape(str(c))}</th>" for c in ["run", *differing, *results])
     body = "".join(
         f'<tr><td><a href="#{run_id(n)}">{escape(str(run.path))}</a></td>'
         + "".join(_td(run.options.get(k)) for k in differing)

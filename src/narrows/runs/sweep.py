@@ -334,7 +334,8 @@ def run_sweep(plan: SweepPlan, *, run_command: str = "sweep",
               default_project: str = "narrows", say: Callable[[str], Any] = print) -> SweepResult:
     """Run every unfinished run of ``plan`` in turn, into the run directory ``plan.out`` opened
     for ``run_command`` with ``options`` recorded; runs that finished before are skipped.
-    After each run ``results.csv`` and ``results.md`` are rewritten. ``wandb``: the imported
+    After each run ``results.csv`` and ``results.md`` are rewritten, and ``results.json`` (the
+    flat summary) once all ran. ``wandb``: the imported
     module to log each new run to (project ``wandb_project``, else the sweep file's, else
     ``default_project``). A run that refuses its options is recorded as failed and the sweep goes on;
     at the end any failure is one :class:`UserError`."""
@@ -348,6 +349,8 @@ def run_sweep(plan: SweepPlan, *, run_command: str = "sweep",
                       {"command": sweep_doc["command"], "options": sweep.options},
                       overwrite=overwrite)
     say(f"sweep '{sweep.name}': {len(plan.runs)} run(s) of {plan.label} → {run.path}")
+    if run.writer:  # an earlier pass's summary would call this unfinished pass finished
+        (run.path / RESULTS).unlink(missing_ok=True)
     result = SweepResult(run.path)
     for i, planned in enumerate(plan.runs, 1):
         combo, path = planned.combo, planned.path
@@ -378,7 +381,7 @@ def run_sweep(plan: SweepPlan, *, run_command: str = "sweep",
             logged.finish()
         run.write_text("results.csv", csv_table(result.rows))
         run.write_text("results.md", markdown_table(result.rows))
-        run.write_json(RESULTS, flat_summary(result, command=run_command))
+    run.write_json(RESULTS, flat_summary(result, command=run_command))  # once every run ran
     say(f"\n{markdown_table(result.rows)}\n\n→ {run.file('results.csv')}, results.md")
     if result.failures:  # a run refused its options: the sweep's user error, exit code 2
         raise UserError(f"{len(result.failures)} of {len(plan.runs)} run(s) failed (first: "
