@@ -108,7 +108,7 @@ def test_missing_package_names_its_extra(tmp_path, monkeypatch, kind):
     with pytest.raises(UserError, match=rf"narrows\[{kind}\]"):
         open_logger(kind, tmp_path)
     with pytest.raises(UserError, match=rf"narrows\[{kind}\]"):  # every rank checks it
-        open_logger(kind, tmp_path, writer=False)
+        RunDir(tmp_path / "rank1", writer=False).attach_logger(kind)
     assert not (tmp_path / "tensorboard").exists()
 
 

@@ -70,8 +70,8 @@ class EvaluationResult:
 
     def headline(self) -> dict[str, float | int | None]:
         """The flat numbers of ``results.json``: each method's metrics as ``"<method>.<column>"``
-        (``iba.degradation_tile8``, ``random.bbox_ratio``...); NaN is None."""
-        return {f"{row.get('method', '?')}.{key}": _number(value)
+        (``iba.degradation_tile8``, ``random.bbox_ratio``...)."""
+        return {f"{row.get('method', '?')}.{key}": value
                 for row in self.rows for key, value in row.items()
                 if key != "method" and isinstance(value, numbers.Real)
                 and not isinstance(value, bool)}
@@ -111,13 +111,6 @@ class EvaluationResult:
             return cls(rows=list(state["rows"]), curves=dict(state.get("curves", {})),
                        table=str(state.get("table", "")),
                        files=[Path(f) for f in state.get("files", [])], tile=state.get("tile"))
-
-
-def _number(value: numbers.Real) -> float | int | None:
-    """``value`` as a plain JSON number: None when it is not finite."""
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    return float(value) if math.isfinite(value) else None
 
 
 def resolve_metrics(dataset: Any, spec: str, metrics: list[str] | None = None,

@@ -47,14 +47,14 @@ class SanityResult:
     def headline(self) -> dict[str, float | None]:
         """The flat numbers of ``results.json``, per method: Spearman ρ and SSIM once every
         layer is randomised (``"<method>.spearman_final"``, ``"<method>.ssim_final"``) and the
-        run-to-run Spearman ρ (``"<method>.spearman_run_to_run"``); NaN is None."""
+        run-to-run Spearman ρ (``"<method>.spearman_run_to_run"``)."""
         found: dict[str, float | None] = {}
         for method, result in self.results.items():
             rows = result.to_rows()
             final, floor = rows[-1], rows[0]
-            found[f"{method}.spearman_final"] = _finite(final["spearman_mean"])
-            found[f"{method}.ssim_final"] = _finite(final["ssim_mean"])
-            found[f"{method}.spearman_run_to_run"] = _finite(floor["spearman_mean"])
+            found[f"{method}.spearman_final"] = float(final["spearman_mean"])
+            found[f"{method}.ssim_final"] = float(final["ssim_mean"])
+            found[f"{method}.spearman_run_to_run"] = float(floor["spearman_mean"])
         return found
 
     def plot(self, ax: Any = None) -> tuple[Any, Any]:
@@ -97,12 +97,6 @@ class SanityResult:
             return cls(results={m: RandomisationResult(**r) for m, r in state["results"].items()},
                        table=str(state.get("table", "")),
                        files=[Path(f) for f in state.get("files", [])])
-
-
-def _finite(value: Any) -> float | None:
-    """``value`` as a float, or None when it is not finite (JSON has no NaN)."""
-    number = float(value)
-    return number if math.isfinite(number) else None
 
 
 def _iba(settings: MethodSettings, net: nn.Module, stats: Any, estimate: Any, run: RunDir,

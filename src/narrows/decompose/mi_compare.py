@@ -9,7 +9,6 @@ model in ``mis_<name>.json`` of the run). The result is a :class:`MIComparison`.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -137,10 +136,10 @@ class MIComparison:
         for source, by_k in self.table.scores.items():
             for k in self.table.ks:
                 if k in by_k:
-                    found[f"{source}.mi@{k}"] = _finite(by_k[k].get("upstream"))
-                    found[f"{source}.mi_no_diagonal@{k}"] = _finite(by_k[k].get("no_diagonal"))
+                    found[f"{source}.mi@{k}"] = by_k[k].get("upstream")
+                    found[f"{source}.mi_no_diagonal@{k}"] = by_k[k].get("no_diagonal")
         for name, value in self.mis.items():
-            found[f"{name}.mis"] = _finite(value.get("mis"))
+            found[f"{name}.mis"] = value.get("mis")
         return found
 
     def plot(self, ax: Any = None, diagonal: bool = True) -> tuple[Any, Any]:
@@ -182,14 +181,6 @@ class MIComparison:
         from narrows.runs.results import flat_summary
 
         run.write_json("results.json", flat_summary(self, command=command))
-
-
-def _finite(value: Any) -> float | None:
-    """``value`` as a float, or None when it is missing or not finite (JSON has no NaN)."""
-    if value is None:
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
 
 
 def mutual_info_comparison(

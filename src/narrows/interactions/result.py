@@ -128,9 +128,9 @@ class InteractionResult:
 
     def headline(self) -> dict[str, float | int | None]:
         """The flat numbers of ``results.json``: ``images`` and J (sampled) at each ratio r as
-        ``"J@<r>"`` (None where J is undefined, see :meth:`degenerate`)."""
+        ``"J@<r>"`` (NaN where J is undefined, see :meth:`degenerate`; None in results.json)."""
         return {"images": int(self.dv.shape[0]),
-                **{f"J@{r:g}": _finite(v) for r, v in zip(self.ratios, self.J(), strict=True)}}
+                **{f"J@{r:g}": float(v) for r, v in zip(self.ratios, self.J(), strict=True)}}
 
     def curve_csv(self) -> str:
         """``curve_rows`` as CSV; an undefined value is an empty cell."""
@@ -286,12 +286,6 @@ def _brief(result: InteractionResult) -> str:
         return "no curve"
     return "J " + " ".join(f"{r:g}:{v:.2f}" for r, v in zip(result.ratios, result.J(),
                                                             strict=True))
-
-
-def _finite(value: Any) -> float | None:
-    """``value`` as a float, or None when it is not finite (JSON has no NaN)."""
-    number = float(value)
-    return number if np.isfinite(number) else None
 
 
 def plot_curves(results: Sequence[InteractionResult], labels: Sequence[str] | None = None, *,

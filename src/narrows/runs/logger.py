@@ -135,8 +135,34 @@ class RunLogger:
         pass
 
 
-NullLogger = RunLogger
-"""The "off" logger (the base class itself)."""
+class StepBuffer:
+    """Per-step values of a training loop, kept on the device and logged together under
+    ``prefix`` by :meth:`flush`, which the loop calls where it already looks at the loss: one
+    transfer per flush instead of a wait for the accelerator at every step."""
+
+    def __init__(self, logger: RunLogger | None, prefix: str = "train") -> None:
+        self.logger, self.prefix = logger, prefix
+        self.active = logger is not None and logger.active
+        self.rows: list[tuple[int, Mapping[str, Any], dict[str, float]]] = []
+
+    def add(self, step: int, tensors: Mapping[str, Any], **numbers: float) -> None:
+        """Keep ``step``'s one-element ``tensors`` and plain ``numbers`` (when logging)."""
+        if self.active:
+            self.rows.append((step, tensors, numbers))
+
+    def flush(self) -> None:
+        """Log the kept steps, and forget them."""
+        if not self.rows:
+            return
+        import torch
+
+        names = sorted(self.rows[0][1])
+        values = torch.stack([torch.stack([tensors[n].detach().float().reshape(()) for n in names])
+                              for _, tensors, _ in self.rows]).tolist()
+        for (step, _, numbers_), row in zip(self.rows, values, strict=True):
+            self.logger.scalars({**dict(zip(names, row, strict=True)), **numbers_}, step,
+                                prefix=self.prefix)
+        self.rows.clear()
 
 
 def _config_text(values: Mapping[str, Any]) -> str:
@@ -233,7 +259,7 @@ class WandbLogger(RunLogger):
     def __init__(self, directory: str | Path, project: str = "narrows", name: str | None = None,
                  config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        self.wandb = optional_import("wandb", extra="wandb", feature="logging to W&B")
+        self.wandb = optional_import("wandb", extra="wandb", feature=FEATURES["wandb"])
         self.directory = Path(directory)
         run_id = wandb_run_id(self.directory)
         try:
@@ -338,8 +364,8 @@ def keep_run_id(directory: Path, run_id: str) -> None:
 
 
 def check_kind(kind: str | None) -> None:
-    """Refuse a ``log`` value that names no backend, or one whose package is not installed
-    (found without importing it, so a command can refuse before it writes anything)."""
+    """Refuse a ``log`` value that names no backend, or one whose package does not import (so
+    a command can refuse before it writes anything)."""
     if kind is not None and kind not in LOG_CHOICES:
         raise UserError(f"unknown `log` {kind!r}", f"use one of: {', '.join(LOG_CHOICES)}")
     if kind is not None:  # imported now, so that a broken install also fails before writing
@@ -348,17 +374,14 @@ def check_kind(kind: str | None) -> None:
 
 def open_logger(kind: str | None, directory: str | Path, *,
                 config: Mapping[str, Any] | None = None, name: str | None = None,
-                project: str = "narrows", writer: bool = True) -> RunLogger:
+                project: str = "narrows") -> RunLogger:
     """The logger ``kind`` (``None``: the no-op logger; else one of :data:`LOG_CHOICES`) of the
     run directory ``directory``, with ``config`` recorded. TensorBoard writes to
     ``directory/tensorboard/``; W&B logs ``name`` (default: the directory's name) in
-    ``project``. With ``writer=False`` (a non-writing rank) the kind and its package are
-    checked but nothing is opened. A missing package is a :class:`UserError` naming its extra.
+    ``project``. A missing package is a :class:`UserError` naming its extra.
     """
     check_kind(kind)
     if kind is None:
-        return RunLogger()
-    if not writer:
         return RunLogger()
     directory = Path(directory)
     logger: RunLogger

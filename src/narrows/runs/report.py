@@ -211,8 +211,8 @@ def read_run(path: str | Path, *, max_figures: int = MAX_FIGURES,
                         if k not in ("format", "provenance")})
     if document is None and not (path / "results.json").exists():
         notes.append("no results.json (the run is unfinished, or its command writes none)")
-    origin, origin_file = _find_provenance(path, document)
     files = _own_files(path)
+    origin, origin_file = _find_provenance(path, document, files)
     figures, left_out = _figures(path, files, max_figures)
     last, n_metrics = _last_metrics(path / METRICS_FILE, notes)
     tables = [table for f in sorted(path.glob("*.csv")) if f.is_file()
@@ -278,12 +278,13 @@ def _unfinished(last: dict[str, Any] | None, rows: int) -> str:
     return f"unfinished: {rows:,} row{'s' * (rows != 1)} of metrics; the last: " + ", ".join(shown)
 
 
-def _find_provenance(run: Path, results: dict[str, Any] | None) -> tuple[dict[str, Any], str | None]:
-    """The provenance header of results.json, else of the first small JSON file of the run
-    that has one (top level first)."""
+def _find_provenance(run: Path, results: dict[str, Any] | None,
+                     files: list[Path]) -> tuple[dict[str, Any], str | None]:
+    """The provenance header of results.json, else of the first small JSON file among the
+    run's ``files`` that has one (top level first)."""
     if results is not None and isinstance(results.get("provenance"), dict):
         return results["provenance"], "results.json"
-    candidates = sorted(_own_files(run, suffixes={".json"}),
+    candidates = sorted((f for f in files if f.suffix.lower() == ".json"),
                         key=lambda f: (len(f.relative_to(run).parts), str(f)))
     candidates = [f for f in candidates if f.name != "results.json"
                   and _size_of(f) <= MAX_HEADER_JSON_BYTES]
@@ -302,7 +303,7 @@ def _size_of(file: Path) -> float:
         return math.inf
 
 
-def _own_files(run: Path, suffixes: set[str] | None = None) -> list[Path]:
+def _own_files(run: Path) -> list[Path]:
     """The files of ``run`` (sorted), without hidden and tensorboard folders and without the
     runs nested inside it (they have their own section)."""
     files = []
@@ -310,7 +311,6 @@ def _own_files(run: Path, suffixes: set[str] | None = None) -> list[Path]:
         subfolders[:] = sorted(s for s in subfolders if not _skipped(s)
                                and _run_config(Path(folder) / s) is None)
         files += [Path(folder) / n for n in sorted(names) if not n.startswith(".")
-                  and (suffixes is None or Path(n).suffix.lower() in suffixes)
                   and (Path(folder) / n).is_file()]  # no dangling links
     return files
 

@@ -103,12 +103,25 @@ def without_header(document: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in document.items() if k not in ("format", "provenance")}
 
 
+def json_value(value: Any) -> Any:
+    """A headline value as plain JSON: numpy and torch scalars as Python numbers, NaN and ±inf
+    as None (JSON has no NaN); anything else unchanged."""
+    import math
+
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def flat_summary(result: Any, *, command: str) -> dict[str, Any]:
     """A run directory's ``results.json`` for ``result``: the command, its summary line and
-    the numbers of its ``headline()`` (flat ``name -> number``), when it has one."""
+    the numbers of its ``headline()`` (flat ``name -> number``, see :func:`json_value`), when
+    it has one."""
     headline = getattr(result, "headline", None)
-    return {"command": command, "summary": result.summary(),
-            **(dict(headline()) if callable(headline) else {})}
+    numbers = {k: json_value(v) for k, v in headline().items()} if callable(headline) else {}
+    return {"command": command, "summary": result.summary(), **numbers}
 
 
 class JsonResult:

@@ -60,13 +60,13 @@ class PretrainResult:
         found: dict[str, float | int | None] = {"epochs": len(self.metrics),
                                                 "ln_k": self.ln_k}
         if self.metrics:
-            found["first_loss"] = _finite(self.metrics[0].get("loss"))
-            found["final_loss"] = _finite(self.metrics[-1].get("loss"))
+            found["first_loss"] = self.metrics[0].get("loss")
+            found["final_loss"] = self.metrics[-1].get("loss")
         if "init" in self.knn:
-            found["knn_top1_init"] = _finite(self.knn["init"])
+            found["knn_top1_init"] = self.knn["init"]
         later = [value for moment, value in self.knn.items() if moment != "init"]
         if later:
-            found["knn_top1_final"] = _finite(later[-1])
+            found["knn_top1_final"] = later[-1]
         return found
 
     def plot(self, ax: Any = None) -> tuple[Any, Any]:
@@ -112,11 +112,3 @@ class PretrainResult:
         origin = document.pop("provenance", {})
         document.pop("format", None)
         return cls(**document, provenance=origin)
-
-
-def _finite(value: Any) -> float | None:
-    """``value`` as a float, or None when it is missing or not finite (JSON has no NaN)."""
-    if value is None:
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None

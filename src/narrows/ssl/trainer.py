@@ -294,8 +294,9 @@ def train_epoch(p: Pretraining, trained: nn.Module, epoch: int, schedules: Sched
     if p.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(p.device)
     bar = _progress(loader, steps, epoch, p.options.epochs, progress and p.dist.is_main)
-    logging = logger is not None and logger.active
-    logged: list[tuple[int, dict[str, torch.Tensor]]] = []  # steps not yet logged
+    from narrows.runs.logger import StepBuffer
+
+    logged = StepBuffer(logger)
     started = time.perf_counter()
     for i, batch in enumerate(bar):
         if i >= steps:
@@ -304,12 +305,13 @@ def train_epoch(p: Pretraining, trained: nn.Module, epoch: int, schedules: Sched
         terms = train_step(p, trained, prepare_batch(batch, p, step), step, epoch, schedules)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.float()
-        if logging:
-            logged.append((step, terms))
+        if logged.active:  # the schedules' values are read only when logging
+            logged.add(step, terms, lr=float(schedules.lr[step]), wd=float(schedules.wd[step]),
+                       momentum=float(schedules.momentum[step]),
+                       teacher_temp=float(schedules.teacher_temp[epoch]))
         if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps:
             _stop_if_not_finite(sums, epoch, i, p.options, kept)
-            if logging:
-                _log_steps(logger, logged, schedules, epoch)
+            logged.flush()
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{sums['loss'].item() / (i + 1):.3f}")
         if estimate and i == 1:
@@ -327,23 +329,6 @@ def train_epoch(p: Pretraining, trained: nn.Module, epoch: int, schedules: Sched
     if p.device.type == "cuda":
         row["peak_memory_mb"] = torch.cuda.max_memory_allocated(p.device) / 2**20
     return row
-
-
-def _log_steps(logger: Any, logged: list[tuple[int, dict[str, torch.Tensor]]],
-               schedules: Schedules, epoch: int) -> None:
-    """Log the gathered steps' terms and schedules, and forget them."""
-    if not logged:
-        return
-    names = sorted(logged[0][1])
-    values = torch.stack([torch.stack([terms[n].float() for n in names])
-                          for _, terms in logged]).tolist()
-    for (step, _), row in zip(logged, values, strict=True):
-        logger.scalars({**dict(zip(names, row, strict=True)), "lr": float(schedules.lr[step]),
-                        "wd": float(schedules.wd[step]),
-                        "momentum": float(schedules.momentum[step]),
-                        "teacher_temp": float(schedules.teacher_temp[epoch])},
-                       step, prefix="train")
-    logged.clear()
 
 
 def _progress(loader: Any, steps: int, epoch: int, epochs: int, show: bool) -> Any:
@@ -468,7 +453,7 @@ def pretrain(options: SSLOptions, data: str, *, run: Any = None, seed: int = 0,
     teacher's kNN top-1 is measured before training and at the end (and every ``knn_every`` epochs) when
     ``options.knn`` is on. ``run.logger`` (see :meth:`RunDir.attach_logger`) gets every step's
     terms and schedules (``train/...``), every epoch's row (``epoch/...`` at the epoch's
-    number) and the loss figure at the end; it is closed when this returns or fails.
+    last step) and the loss figure at the end; it is closed when this returns or fails.
     """
     try:
         return _pretrain(options, data, run=run, seed=seed, device=device, dist=dist,

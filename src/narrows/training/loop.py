@@ -184,8 +184,9 @@ def train_one_epoch(
     # disable=None: bars on a terminal, none in logs and pipes
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{settings.epochs}", leave=False,
                disable=None if progress else True)
-    logging = logger is not None and logger.active
-    logged: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss) not yet logged
+    from narrows.runs.logger import StepBuffer
+
+    logged = StepBuffer(logger)
     for step, (images, labels) in enumerate(bar):
         lr = learning_rate(settings, epoch + step / steps)
         for group in optimizer.param_groups:
@@ -195,12 +196,10 @@ def train_one_epoch(
         loss, logits = loss_fn(model, inputs, labels)
         first_bad = torch.where(torch.isfinite(loss.detach()), first_bad,
                                 torch.clamp(first_bad, max=step))
-        if logging:
-            logged.append((epoch * steps + step, lr, loss.detach()))
+        logged.add(epoch * steps + step, {"loss": loss}, lr=lr)
         if step % CHECK_EVERY == CHECK_EVERY - 1 or step == steps - 1:
             _stop_if_bad(first_bad, steps, epoch, settings, dist)
-            if logging:
-                _log_steps(logger, logged)
+            logged.flush()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -211,20 +210,9 @@ def train_one_epoch(
         if progress and step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
     _stop_if_bad(first_bad, steps, epoch, settings, dist)  # a loader shorter than announced
-    if logging:
-        _log_steps(logger, logged)
+    logged.flush()
     seconds = time.perf_counter() - start
     return EpochStats(float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1), seen, seconds)
-
-
-def _log_steps(logger: Any, logged: list[tuple[int, float, torch.Tensor]]) -> None:
-    """Log the gathered steps' loss and learning rate, and forget them."""
-    if not logged:
-        return
-    losses = torch.stack([loss.float() for _, _, loss in logged]).tolist()
-    for (step, lr, _), loss in zip(logged, losses, strict=True):
-        logger.scalars({"loss": loss, "lr": lr}, step, prefix="train")
-    logged.clear()
 
 
 def fit(
