@@ -25,7 +25,6 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
-	$(BIN)/python benchmarks/logging_overhead.py
 	$(BIN)/python benchmarks/interactions.py
 	$(BIN)/python benchmarks/attribution.py
 	$(BIN)/python benchmarks/ssl_train.py

@@ -4,9 +4,11 @@ ours: ``narrows.training.train_one_epoch`` over the digits train split (data loa
 augmentation, normalisation, the schedule, optimizer step and metrics included).
 bare: forward + loss + backward of the same model and batch size on pre-loaded, pre-normalised
 tensors, nothing else.
+logged: ours with a TensorBoard logger (``--log tensorboard``: every step's loss and learning
+rate, kept on the device and written at the loop's existing looks at the loss).
 
-The two are interleaved (bare, ours, bare, ours, ...) so that machine load hits both alike;
-the ratio of medians is printed. Target: >= 0.9.
+The three are interleaved (bare, ours, logged, bare, ...) so that machine load hits them alike;
+the ratios of medians are printed. Targets: ours / bare >= 0.9, logged / ours >= 0.95.
 
     python benchmarks/train_throughput.py [--model resnet20_cifar] [--repeats 5]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
@@ -57,7 +60,7 @@ def main() -> None:
 
     threads = set_threads(args.threads)
     data = load(args.data)
-    settings = TrainSettings(epochs=args.repeats + 1, batch_size=args.batch_size)
+    settings = TrainSettings(epochs=2 * args.repeats + 1, batch_size=args.batch_size)
     normalizer = Normalizer(data.info.mean, data.info.std)
     model = create(args.model, num_classes=data.info.num_classes)
     optimizer = make_optimizer(model, settings)
@@ -72,14 +75,20 @@ def main() -> None:
     if batches[-1][1].shape[0] == 1:
         batches.pop()
 
+    from narrows.runs.logger import TensorBoardLogger
+
     bare_epoch(model, batches[:3])  # warm-up
-    ours, bare = [], []
-    for epoch in range(args.repeats):
-        bare.append(bare_epoch(model, batches))
-        loader = epoch_loader(train_set, settings, epoch, dist=_single(), pin=False)
-        stats = train_one_epoch(model, loader, optimizer, settings, epoch, normalizer, device,
-                                cross_entropy())
-        ours.append(stats.images_per_second)
+    ours, bare, logged = [], [], []
+    with tempfile.TemporaryDirectory() as folder:
+        logger = TensorBoardLogger(folder)
+        for repeat in range(args.repeats):
+            bare.append(bare_epoch(model, batches))
+            for epoch, log, speeds in ((2 * repeat, None, ours), (2 * repeat + 1, logger, logged)):
+                loader = epoch_loader(train_set, settings, epoch, dist=_single(), pin=False)
+                stats = train_one_epoch(model, loader, optimizer, settings, epoch, normalizer,
+                                        device, cross_entropy(), logger=log)
+                speeds.append(stats.images_per_second)
+        logger.close()
     ratio = statistics.median(ours) / statistics.median(bare)
     print(f"model {args.model}, data {args.data}, batch {args.batch_size}, {threads} threads, "
           f"{len(train_set)} images per epoch, {args.repeats} interleaved epochs")
@@ -87,7 +96,11 @@ def main() -> None:
           f"(runs: {', '.join(f'{v:.0f}' for v in bare)})")
     print(f"narrows training loop : {statistics.median(ours):8.1f} img/s  "
           f"(runs: {', '.join(f'{v:.0f}' for v in ours)})")
+    print(f"with --log tensorboard: {statistics.median(logged):8.1f} img/s  "
+          f"(runs: {', '.join(f'{v:.0f}' for v in logged)})")
     print(f"ratio (ours / bare)   : {ratio:.3f}   target >= 0.9")
+    print(f"ratio (logged / ours) : {statistics.median(logged) / statistics.median(ours):.3f}   "
+          "target >= 0.95")
 
 
 def _single():
